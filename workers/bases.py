@@ -1,0 +1,192 @@
+"""Stage base classes: the message semantics of each stage, so engines only model.
+
+A concrete engine subclasses one of these and fills in the model part:
+``TTSEngine.synthesize``, ``CoeffsEngine.frames``, ``MotionEngine.animate`` and
+``RenderEngine.render``. The base turns stage messages into those calls and the
+results back into messages (the session clock, frame coverage, final markers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from giris.workers.coefficients import N_CHANNELS, frame_range
+from giris.workers.engine import Engine, EngineError, Output, StageInput
+
+
+#: per-utterance style that rides along from ``say`` to ``motion``
+PASS_THROUGH = ("emotion", "intensity")
+
+
+# --------------------------------------------------------------------------- tts
+@dataclass
+class SpeechChunk:
+    """A piece of synthesized speech with the phonemes spoken in it."""
+
+    pcm: np.ndarray  # int16 (n,)
+    sample_rate: int
+    #: [(ipa, start_sample_relative_to_chunk, n_samples)], or None when unknown
+    phonemes: list[tuple[str, int, int]] | None = None
+    text: str = ""
+
+
+@dataclass
+class TTSSession:
+    spec: dict
+    #: next sample on the session clock (audio of successive utterances is laid end to end)
+    clock: int = 0
+    chunks: int = 0
+    extra: Any = None
+
+
+class TTSEngine(Engine):
+    """Text → streaming audio chunks on the session clock."""
+
+    stage = "tts"
+    sample_rate: int = 22050
+
+    def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
+        """Yield speech for ``text`` chunk by chunk, the first one as early as possible."""
+        raise NotImplementedError
+
+    def open_tts_session(self, spec: Mapping[str, Any]) -> Any:
+        """Per-session extra state (a voice choice, ...); raise EngineError for a bad spec."""
+        return None
+
+    def open_session(self, spec: Mapping[str, Any]) -> TTSSession:
+        s = TTSSession(spec=dict(spec), clock=int(spec.get("resume_sample", 0)))
+        s.extra = self.open_tts_session(spec)
+        return s
+
+    def process(self, item: StageInput, state: TTSSession) -> Iterator[Output]:
+        if item.type == "say":
+            text = str(item.meta.get("text", ""))
+            chunks = self.synthesize(text, state, item.meta)
+        elif item.type == "audio_in":
+            pcm = np.asarray(item.tensors[0]).astype(np.int16, copy=False).reshape(-1)
+            sr = int(item.meta.get("sample_rate", self.sample_rate))
+            chunks = iter([SpeechChunk(pcm=pcm, sample_rate=sr, phonemes=None)])
+        else:
+            raise EngineError(f"tts cannot take {item.type!r}", code="bad_message")
+        utterance = int(item.meta.get("utterance", 0))
+        style = {k: item.meta[k] for k in PASS_THROUGH if k in item.meta}
+        pending: SpeechChunk | None = None
+        for chunk in chunks:
+            if pending is not None:
+                yield self._emit(pending, state, utterance, False, style)
+            pending = chunk
+        if pending is None:  # nothing to say: an empty final chunk still ends the utterance
+            pending = SpeechChunk(np.zeros(0, np.int16), self.sample_rate, [], "")
+        final = item.type == "say" or bool(item.meta.get("final", True))
+        yield self._emit(pending, state, utterance, final, style)
+
+    def _emit(self, chunk: SpeechChunk, state: TTSSession, utterance: int, final: bool,
+              style: dict) -> Output:
+        start = state.clock
+        state.clock += int(chunk.pcm.shape[0])
+        seq = state.chunks
+        state.chunks += 1
+        phonemes = None if chunk.phonemes is None else [[p, int(a), int(n)] for p, a, n in chunk.phonemes]
+        return Output(
+            type="audio", seq=seq, pts=start / chunk.sample_rate,
+            meta={"utterance": utterance, "sample_rate": int(chunk.sample_rate),
+                  "start_sample": start, "final": final, "text": chunk.text,
+                  "phonemes": phonemes, **style},
+            tensors=[np.ascontiguousarray(chunk.pcm, dtype=np.int16)],
+            to_client=True,
+        )
+
+
+# ------------------------------------------------------------------------ coeffs
+class CoeffsEngine(Engine):
+    """Audio chunk (+ phonemes) → one 73-vector per video frame it covers."""
+
+    stage = "coeffs"
+
+    def frames(self, pcm: np.ndarray, sample_rate: int, start_sample: int,
+               phonemes: list | None, frames: range, fps: float, state: Any,
+               final: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Return (coefficients float32 (len(frames), 73), prosody float32 (len(frames), 3))."""
+        raise NotImplementedError
+
+    def process(self, item: StageInput, state: Any) -> Iterator[Output]:
+        meta = item.meta
+        pcm = np.asarray(item.tensors[0]).reshape(-1) if item.tensors else np.zeros(0, np.int16)
+        sr = int(meta["sample_rate"])
+        fps = float(self.fps_of(state))
+        covered = frame_range(int(meta["start_sample"]), int(pcm.shape[0]), sr, fps)
+        coeffs, prosody = self.frames(pcm, sr, int(meta["start_sample"]), meta.get("phonemes"),
+                                      covered, fps, state, bool(meta.get("final")))
+        if len(covered) == 0 and not meta.get("final"):
+            return
+        out_meta = {"utterance": meta.get("utterance", 0), "fps": fps,
+                    "first_frame": covered.start, "final": bool(meta.get("final")),
+                    **{k: meta[k] for k in PASS_THROUGH if k in meta}}
+        yield Output(type="coeffs", seq=covered.start, pts=covered.start / fps, meta=out_meta,
+                     tensors=[np.ascontiguousarray(coeffs, np.float32).reshape(len(covered), N_CHANNELS),
+                              np.ascontiguousarray(prosody, np.float32).reshape(len(covered), 3)])
+
+    @staticmethod
+    def fps_of(state: Any) -> float:
+        spec = getattr(state, "spec", None) or (state if isinstance(state, dict) else {})
+        return float(spec.get("fps", 25))
+
+
+# ------------------------------------------------------------------------ motion
+class MotionEngine(Engine):
+    """Coefficient frames + prosody → the same frames with head, blinks, brows, emotion."""
+
+    stage = "motion"
+
+    def animate(self, coeffs: np.ndarray, prosody: np.ndarray, first_frame: int, fps: float,
+                state: Any, meta: Mapping[str, Any]) -> np.ndarray:
+        raise NotImplementedError
+
+    def process(self, item: StageInput, state: Any) -> Iterator[Output]:
+        coeffs = np.array(item.tensors[0], np.float32, copy=True).reshape(-1, N_CHANNELS)
+        prosody = (np.asarray(item.tensors[1], np.float32).reshape(-1, 3) if len(item.tensors) > 1
+                   else np.zeros((coeffs.shape[0], 3), np.float32))
+        meta = dict(item.meta)
+        out = self.animate(coeffs, prosody, int(meta["first_frame"]), float(meta["fps"]), state, meta)
+        yield Output(type="coeffs", seq=item.seq, pts=item.pts, meta=meta,
+                     tensors=[np.ascontiguousarray(out, np.float32)], to_client=True)
+
+
+# ------------------------------------------------------------------------ render
+class RenderEngine(Engine):
+    """Coefficient frames + the session's avatar → RGB frames, written into pool slots."""
+
+    stage = "render"
+
+    def frame_shape(self, state: Any) -> tuple[int, int, int]:
+        size = int(state.spec.get("size", 512)) if hasattr(state, "spec") else 512
+        return (size, size, 3)
+
+    def render(self, state: Any, coeffs: np.ndarray, out: np.ndarray) -> None:
+        """Draw one frame for the 73-vector ``coeffs`` into ``out`` (uint8 H×W×3)."""
+        raise NotImplementedError
+
+    def render_batch(self, jobs: Sequence[tuple[Any, np.ndarray, np.ndarray]]) -> None:
+        """Draw several frames (maybe of several sessions) at once; override to batch."""
+        for state, row, out in jobs:
+            self.render(state, row, out)
+
+    def process(self, item: StageInput, state: Any) -> Iterator[Output]:
+        coeffs = np.asarray(item.tensors[0], np.float32).reshape(-1, N_CHANNELS)
+        meta = item.meta
+        fps = float(meta["fps"])
+        first = int(meta["first_frame"])
+        n = coeffs.shape[0]
+        final = bool(meta.get("final"))
+        for i in range(n):
+            out = self.ctx.alloc(self.frame_shape(state), np.uint8)
+            self.render(state, coeffs[i], out)
+            k = first + i
+            yield Output(type="frame", seq=k, pts=k / fps,
+                         meta={"utterance": meta.get("utterance", 0), "final": final and i == n - 1},
+                         tensors=[out])
+        if n == 0 and final:
+            yield Output(type="mark", seq=first, pts=first / fps,
+                         meta={"utterance": meta.get("utterance", 0), "final": True})

@@ -1,0 +1,112 @@
+"""The engine interface: what a stage's model implements, free of sockets and pools.
+
+A stage worker (``giris.workers.stage``) owns the sockets, the tensor pools and the
+session table; it hands each engine plain numpy arrays and routes what the engine
+yields. Engines are found by name through the entry-point group ``giris.engines``.
+
+Messages between stages (``StageInput.type`` → what the stage yields):
+
+* ``tts``    ``say`` {utterance, text, emotion?, intensity?, rate?}
+             ``audio_in`` [int16 pcm (n,)] {utterance, sample_rate, final}
+             ``cancel`` {utterance}
+             → ``audio`` [int16 pcm (n,)] {utterance, sample_rate, start_sample, final,
+               text, phonemes: [[ipa, start_rel_sample, n_samples], ...] or None}
+               (sent downstream *and* to the client; ``start_sample`` is on the session clock)
+* ``coeffs`` ``audio`` → ``coeffs`` [float32 (n, 73) coefficients, float32 (n, 3) prosody]
+             {utterance, fps, first_frame, final, emotion?, intensity?}
+* ``motion`` ``coeffs`` → ``coeffs`` [float32 (n, 73)] (same meta; pose/blinks/brows filled;
+             sent downstream and to the client)
+* ``render`` ``coeffs`` → one ``frame`` [uint8 (H, W, 3)] per row, ``seq`` = frame index,
+             meta {utterance, final}; a ``mark`` {utterance, final} when a final block has
+             no rows, so the end of every utterance is seen downstream.
+
+``pts`` is seconds on the session clock: ``start_sample / sample_rate`` for audio,
+``frame / fps`` for coefficients and frames.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Mapping
+
+import numpy as np
+
+from giris.runtime.errors import GirisError
+
+log = logging.getLogger("giris.engine")
+
+
+class EngineError(GirisError):
+    """Raised by an engine for a request it cannot serve (bad avatar, unknown voice...).
+
+    The worker turns it into an ``error`` event for that session; the worker lives on.
+    """
+
+
+@dataclass
+class StageInput:
+    type: str
+    seq: int
+    pts: float
+    meta: dict
+    tensors: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class Output:
+    type: str
+    seq: int
+    pts: float
+    meta: dict
+    tensors: list[np.ndarray] = field(default_factory=list)
+    #: also deliver to the client (audio chunks, final coefficients)
+    to_client: bool = False
+    #: deliver to the next stage (the last stage's outputs always go to the client)
+    downstream: bool = True
+
+
+@dataclass
+class EngineContext:
+    """What the worker lends an engine."""
+
+    stage: str
+    device: str = "cpu"
+    #: ``alloc(shape, dtype) -> ndarray``: an output buffer, inside a shared-memory pool
+    #: slot when the stage has a pool (so the frame is never copied), else plain memory.
+    alloc: Callable[[tuple, Any], np.ndarray] = lambda shape, dtype: np.empty(shape, dtype)
+    log: logging.Logger = log
+
+
+class Engine:
+    """One model behind one stage. Load once in ``__init__``; sessions are cheap."""
+
+    stage: ClassVar[str] = ""
+
+    def __init__(self, options: Mapping[str, Any], context: EngineContext) -> None:
+        self.options = dict(options)
+        self.ctx = context
+
+    def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
+        """Bytes a session with ``spec`` will hold, per device (``"cpu"``, ``"cuda:0"``)."""
+        return {}
+
+    def open_session(self, spec: Mapping[str, Any]) -> Any:
+        """Build per-session state; raise :class:`EngineError` for an unusable spec."""
+        return {}
+
+    def process(self, item: StageInput, state: Any) -> Iterator[Output]:
+        """Yield outputs as soon as each is ready (a generator: streaming, cancellable)."""
+        raise NotImplementedError
+
+    def cancel(self, state: Any, utterance: int) -> None:
+        """Forget queued work of ``utterance`` (the worker already stops its generator)."""
+
+    def held(self, state: Any) -> dict[str, int]:
+        """Bytes the session actually holds now, per device (defaults to the estimate)."""
+        return {}
+
+    def close_session(self, state: Any) -> None:
+        """Drop everything the session held."""
+
+    def warmup(self) -> None:
+        """Run once before the worker reports ready, so the first request is not slow."""
