@@ -1,0 +1,439 @@
+"""The client SDK: ``Client(endpoint).open_session(...)`` → ``Session`` → ``say(text)``.
+
+One background I/O thread owns the DEALER socket: it sends requests, heartbeats while
+sessions are open (so the server keeps them), and sorts what arrives into per-request
+replies and per-session queues. The caller's thread never touches the socket, and every
+wait is bounded: a silent server raises :class:`ServerGone`, never hangs.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import zmq
+
+from giris.runtime import protocol as P
+from giris.runtime.errors import GirisError, ServerGone, Timeout, from_wire
+from giris.runtime.transport import PoolSet, recv, send
+
+_SENTINEL = object()
+
+
+# ---------------------------------------------------------------------- stream items
+@dataclass
+class AudioChunk:
+    pcm: np.ndarray  # int16 (n,)
+    sample_rate: int
+    start_sample: int
+    pts: float
+    seq: int
+    utterance: int
+    final: bool
+    text: str = ""
+    phonemes: list | None = None
+
+
+@dataclass
+class Coefficients:
+    values: np.ndarray  # float32 (n, 73): see giris.workers.coefficients.CHANNELS
+    first_frame: int
+    fps: float
+    pts: float
+    utterance: int
+    final: bool
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        from giris.workers.coefficients import CHANNELS
+
+        return CHANNELS
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # uint8 (H, W, 3) RGB
+    index: int
+    pts: float
+    utterance: int
+    final: bool
+    _release: Any = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Zero-copy frames: give the slot back (also done when the Frame is collected)."""
+        r, self._release = self._release, None
+        if r is not None:
+            r()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+@dataclass
+class Event:
+    kind: str
+    meta: dict
+
+
+Item = AudioChunk | Coefficients | Frame | Event
+
+
+# ---------------------------------------------------------------------- the client
+class Client:
+    """A connection to a Giris server (``ipc://``, ``tcp://`` with CURVE, or ``inproc://``)."""
+
+    def __init__(self, endpoint: str, *, server_key: bytes | str | None = None,
+                 client_keys: tuple[bytes, bytes] | str | os.PathLike | None = None,
+                 context: zmq.Context | None = None, timeout: float = 30.0,
+                 heartbeat: float = 2.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self._ctx = context or zmq.Context.instance()
+        self._reqs = itertools.count(1)
+        self._waiters: dict[int, list] = {}
+        self._sessions: dict[str, "queue.Queue[P.Message]"] = {}
+        self._lock = threading.Lock()
+        self._outbox: "queue.Queue[list]" = queue.Queue()
+        self._closed = threading.Event()
+        self._last_heard = time.monotonic()
+        self.pools = PoolSet()
+        self._keys = _curve_keys(server_key, client_keys)
+        name = f"inproc://giris-client-{id(self)}-{os.getpid()}"
+        self._wake_addr = name
+        self._wake_recv = self._ctx.socket(zmq.PULL)
+        self._wake_recv.bind(name)
+        self._wake = self._ctx.socket(zmq.PUSH)
+        self._wake.setsockopt(zmq.LINGER, 0)
+        self._wake.connect(name)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._io, name="giris-client-io", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error:
+            raise self._error
+
+    # ------------------------------------------------------------------ public
+    def open_session(self, avatar: str | bytes | os.PathLike | None = None, *,
+                     voice: str | None = None, emotion: str | None = None,
+                     intensity: float | None = None, fps: float | None = None,
+                     size: int | None = None, rate: float | None = None, realtime: bool = False,
+                     zero_copy: bool = False, want: Sequence[str] = ("audio", "frames"),
+                     seed: int | None = None, timeout: float | None = None) -> "Session":
+        """Open a session. ``avatar``: image bytes, an image path, or a bundled avatar name."""
+        spec: dict[str, Any] = {"voice": voice, "emotion": emotion, "intensity": intensity,
+                                "fps": fps, "size": size, "rate": rate, "realtime": realtime,
+                                "zero_copy": zero_copy, "want": list(want), "seed": seed}
+        msg = P.Message(P.OPEN_SESSION, meta={"spec": {k: v for k, v in spec.items() if v is not None}})
+        if isinstance(avatar, (bytes, bytearray, memoryview)):
+            msg.add_inline(np.frombuffer(bytes(avatar), np.uint8))
+        elif avatar is not None and (isinstance(avatar, os.PathLike) or os.path.sep in str(avatar)
+                                     or Path(str(avatar)).suffix):
+            msg.add_inline(np.frombuffer(Path(avatar).read_bytes(), np.uint8))
+        elif avatar is not None:
+            msg.meta["spec"]["avatar_name"] = str(avatar)
+        reply = self.request(msg, timeout=timeout or max(self.timeout, 120.0))
+        token = reply.session
+        self._sessions.setdefault(token, queue.Queue())
+        return Session(self, token, reply.meta.get("spec", {}))
+
+    def status(self, timeout: float | None = None) -> dict:
+        return self.request(P.Message(P.STATUS), timeout=timeout).meta["status"]
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._poke()
+        self._thread.join(5)
+        self.pools.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+    def request(self, msg: P.Message, timeout: float | None = None) -> P.Message:
+        """Send and wait for the reply; an error event raises the typed exception."""
+        if self._closed.is_set():
+            raise ServerGone("client is closed")
+        req = next(self._reqs)
+        msg.meta["req"] = req
+        waiter: list = [threading.Event(), None]
+        self._waiters[req] = waiter
+        self.post(msg)
+        limit = self.timeout if timeout is None else timeout
+        if not waiter[0].wait(limit):
+            self._waiters.pop(req, None)
+            if time.monotonic() - self._last_heard > limit:
+                raise ServerGone(f"no answer from {self.endpoint} in {limit:g} s")
+            raise Timeout(f"{msg.type} got no reply in {limit:g} s")
+        reply: P.Message = waiter[1]
+        if reply.type == P.EVENT and reply.meta.get("kind") == "error":
+            raise from_wire(reply.meta)
+        return reply
+
+    def post(self, msg: P.Message) -> None:
+        frames = [bytes(f) if not isinstance(f, bytes) else f for f in P.encode(msg)]
+        self._outbox.put(frames)
+        self._poke()
+
+    def _poke(self) -> None:
+        with self._lock:
+            try:
+                self._wake.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def next_message(self, token: str, timeout: float) -> P.Message:
+        q = self._sessions.get(token)
+        if q is None:
+            raise GirisError("session is closed", code="unknown_session")
+        try:
+            return q.get(timeout=timeout)
+        except queue.Empty:
+            if self._closed.is_set() or time.monotonic() - self._last_heard > timeout:
+                raise ServerGone(f"server silent for {timeout:g} s") from None
+            raise Timeout(f"nothing arrived in {timeout:g} s") from None
+
+    def _io(self) -> None:
+        try:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, os.urandom(16))
+            sock.setsockopt(zmq.RCVHWM, 0)
+            if self._keys:
+                server_key, public, secret = self._keys
+                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+            sock.connect(self.endpoint)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_recv, zmq.POLLIN)
+        next_beat = time.monotonic() + self.heartbeat
+        try:
+            while not self._closed.is_set():
+                ready = dict(poller.poll(int(self.heartbeat * 500)))
+                if self._wake_recv in ready:
+                    while True:
+                        try:
+                            self._wake_recv.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                while True:
+                    try:
+                        frames = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    sock.send_multipart(frames, copy=False)
+                if sock in ready:
+                    for _ in range(512):
+                        try:
+                            msg = recv(sock, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        except GirisError:
+                            continue
+                        self._dispatch(msg)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat
+                    if self._sessions:
+                        send(sock, P.Message(P.HEARTBEAT))
+        finally:
+            sock.close(0)
+            self._wake_recv.close(0)
+            with self._lock:
+                self._wake.close(0)
+
+    def _dispatch(self, msg: P.Message) -> None:
+        self._last_heard = time.monotonic()
+        req = msg.meta.get("req") if msg.type in (P.REPLY, P.EVENT, P.HEARTBEAT) else None
+        if req is not None and req in self._waiters:
+            waiter = self._waiters.pop(req)
+            waiter[1] = msg
+            waiter[0].set()
+            return
+        if msg.type == P.HEARTBEAT:
+            return
+        q = self._sessions.get(msg.session)
+        if q is not None:
+            q.put(msg)
+        elif msg.tensors:  # a stray zero-copy frame of a closed session: give it back
+            self._release_refs(msg.session, msg.tensors)
+
+    def _release_refs(self, token: str, refs: list[P.TensorRef]) -> None:
+        pooled = [{"pool": r.pool, "slot": r.slot, "lease": r.lease} for r in refs if r.pool]
+        if pooled and not self._closed.is_set():
+            self.post(P.Message(P.RELEASE, session=token, meta={"refs": pooled}))
+
+    def _forget(self, token: str) -> None:
+        self._sessions.pop(token, None)
+
+
+# ---------------------------------------------------------------------- a session
+class Session:
+    """One avatar: ``say`` streams its voice and frames; ``close`` frees all it held."""
+
+    def __init__(self, client: Client, token: str, spec: dict) -> None:
+        self.client = client
+        self.token = token
+        self.spec = spec
+        self._backlog: dict[int | None, list[P.Message]] = {}
+        self.events: list[Event] = []
+        self.closed = False
+
+    @property
+    def fps(self) -> float:
+        return float(self.spec.get("fps", 25))
+
+    def say(self, text: str, *, emotion: str | None = None, intensity: float | None = None,
+            rate: float | None = None, timeout: float | None = None) -> Iterator[Item]:
+        """Speak ``text``: yields AudioChunk, Coefficients (if wanted), Frame and Event items
+        as they stream, and ends when the utterance is done."""
+        utt = self.start_say(text, emotion=emotion, intensity=intensity, rate=rate)
+        return self.stream(utt, timeout=timeout)
+
+    def start_say(self, text: str, *, emotion: str | None = None, intensity: float | None = None,
+                  rate: float | None = None) -> int:
+        meta = {"text": text, "emotion": emotion, "intensity": intensity, "rate": rate}
+        reply = self.client.request(P.Message(P.SAY, session=self.token,
+                                              meta={k: v for k, v in meta.items() if v is not None}))
+        return int(reply.meta["utterance"])
+
+    def coefficients(self, text: str, **kw: Any) -> Iterator[Coefficients]:
+        """Only the coefficient stream (for clients that drive their own 3D avatar)."""
+        for item in self.say(text, **kw):
+            if isinstance(item, Coefficients):
+                yield item
+            elif isinstance(item, Frame):
+                item.release()
+
+    def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
+                   final: bool = False) -> int:
+        """Live audio in (mono int16): the avatar lip-syncs to it. Returns the utterance id."""
+        msg = P.Message(P.AUDIO_IN, session=self.token,
+                        meta={"sample_rate": int(sample_rate), "final": bool(final),
+                              **({"utterance": utterance} if utterance is not None else {})})
+        msg.add_inline(np.ascontiguousarray(pcm, np.int16).reshape(-1))
+        return int(self.client.request(msg).meta["utterance"])
+
+    def cancel(self, utterance: int | None = None) -> list[int]:
+        reply = self.client.request(P.Message(P.CANCEL, session=self.token,
+                                              meta={"utterance": utterance}))
+        return list(reply.meta.get("cancelled", []))
+
+    def stream(self, utterance: int, timeout: float | None = None) -> Iterator[Item]:
+        """Items of ``utterance`` until its ``utterance_done``; errors raise typed exceptions."""
+        limit = timeout or self.client.timeout
+        while True:
+            msg = self._next(utterance, limit)
+            if msg.type == P.EVENT:
+                kind = msg.meta.get("kind")
+                ev = Event(kind, msg.meta)
+                if kind == "utterance_done":
+                    if msg.meta.get("error") and not msg.meta.get("complete"):
+                        continue  # the error event itself was raised already
+                    yield ev
+                    return
+                if kind == "error":
+                    raise from_wire(msg.meta)
+                if kind == "session_closed":
+                    self.closed = True
+                    raise GirisError(f"session closed by the server ({msg.meta.get('reason')})",
+                                     code="session_closed")
+                self.events.append(ev)
+                yield ev
+                continue
+            item = self._item(msg)
+            if item is not None:
+                yield item
+
+    def _next(self, utterance: int, timeout: float) -> P.Message:
+        for key in (utterance, None):
+            if self._backlog.get(key):
+                return self._backlog[key].pop(0)
+        while True:
+            msg = self.client.next_message(self.token, timeout)
+            utt = msg.meta.get("utterance")
+            if isinstance(utt, list):
+                utt = None
+            if utt is None or utt == utterance:
+                return msg
+            self._backlog.setdefault(utt, []).append(msg)
+
+    def _item(self, msg: P.Message) -> Item | None:
+        m = msg.meta
+        if msg.type == P.AUDIO:
+            return AudioChunk(pcm=msg.inline_array(msg.tensors[0]), sample_rate=int(m["sample_rate"]),
+                              start_sample=int(m["start_sample"]), pts=msg.pts, seq=msg.seq,
+                              utterance=int(m.get("utterance", 0)), final=bool(m.get("final")),
+                              text=m.get("text", ""), phonemes=m.get("phonemes"))
+        if msg.type == P.COEFFS:
+            return Coefficients(values=msg.inline_array(msg.tensors[0]), first_frame=int(m["first_frame"]),
+                                fps=float(m["fps"]), pts=msg.pts, utterance=int(m.get("utterance", 0)),
+                                final=bool(m.get("final")))
+        if msg.type == P.FRAME:
+            ref = msg.tensors[0]
+            release = None
+            if ref.pool is not None:  # zero-copy: a view straight into the server's pool
+                image = self.client.pools.array(msg, ref)
+                release = lambda: self.client._release_refs(self.token, [ref])  # noqa: E731
+            else:
+                image = msg.inline_array(ref)
+            return Frame(image=image, index=msg.seq, pts=msg.pts, utterance=int(m.get("utterance", 0)),
+                         final=bool(m.get("final")), _release=release)
+        return None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.client.request(P.Message(P.CLOSE_SESSION, session=self.token), timeout=10)
+        finally:
+            self.client._forget(self.token)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _curve_keys(server_key: Any, client_keys: Any) -> tuple[bytes, bytes, bytes] | None:
+    if server_key is None:
+        return None
+    from giris.runtime.keys import load_keypair
+
+    if isinstance(server_key, (str, os.PathLike)) and os.path.exists(server_key):
+        server_key = load_keypair(server_key)[0]
+    if isinstance(server_key, str):
+        server_key = server_key.encode()
+    if client_keys is None:
+        import zmq as _z
+
+        public, secret = _z.curve_keypair()
+    elif isinstance(client_keys, tuple):
+        public, secret = client_keys
+    else:
+        public, secret = load_keypair(client_keys)
+    if secret is None:
+        raise GirisError("client key file has no secret key", code="bad_key")
+    return server_key, public, secret

@@ -1,0 +1,212 @@
+"""Configuration: one dataclass tree with working defaults, loadable from TOML.
+
+With no file at all the defaults serve the default pipeline (Piper → visemes → prosody
+motion → warp renderer) on the CPU over a private ``ipc://`` socket.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STAGES = ("tts", "coeffs", "motion", "render")
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
+          "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
+
+
+def parse_bytes(value: Any) -> int:
+    """``8GiB``, ``512 MB``, ``1e9`` or an int -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class StageConfig:
+    engine: str
+    #: "cpu" or "cuda:N"; a cuda stage gets CUDA_VISIBLE_DEVICES=N before torch loads
+    device: str = "cpu"
+    #: CPU cores to pin the worker to; None = the supervisor spreads stages round-robin,
+    #: [] = no pinning
+    cpus: list[int] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    #: slots of the stage's output pool (0: outputs travel inline in the message)
+    pool_slots: int = 0
+    pool_slot_bytes: int = 0
+    #: what the producer does when every slot is busy: "block" (up to block_timeout) or "drop"
+    backpressure: str = "block"
+    block_timeout: float = 5.0
+
+
+@dataclass
+class ServerConfig:
+    #: ipc://PATH (default, in the private run dir), tcp://HOST:PORT (needs CURVE keys or
+    #: insecure = true), or inproc://NAME (embedded)
+    endpoint: str = ""
+    run_dir: str = ""
+    curve_secret_key: str = ""
+    #: a directory (or one file) of allowed client public keys
+    curve_client_keys: str = ""
+    insecure: bool = False
+    metrics_host: str = "127.0.0.1"
+    #: 0 = off
+    metrics_port: int = 0
+    #: largest message a client may send (an avatar image travels in one)
+    max_message_bytes: int = 24 * 1024 * 1024
+
+
+@dataclass
+class Timeouts:
+    worker_heartbeat: float = 0.5
+    #: a worker silent this long is hung and gets killed and restarted
+    worker_timeout: float = 10.0
+    #: time a worker has to load its models and report ready
+    worker_start: float = 180.0
+    #: a session whose client sent nothing (not even a heartbeat) this long is closed
+    client_idle: float = 30.0
+    #: an utterance cut by a stage restart that shows no progress this long is reported lost
+    lost_after: float = 5.0
+    #: how long a request that needs every stage may take (opening a session)
+    request: float = 60.0
+    shutdown: float = 10.0
+
+
+@dataclass
+class RestartConfig:
+    backoff_initial: float = 0.25
+    backoff_max: float = 8.0
+    #: more than this many crashes within window seconds marks the stage failed
+    max_restarts: int = 5
+    window: float = 60.0
+
+
+@dataclass
+class Limits:
+    max_sessions: int = 16
+    max_sessions_per_client: int = 8
+    max_text_chars: int = 2000
+    max_image_bytes: int = 12 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    #: requests (say, audio_in, cancel) per second per session, averaged over a second
+    max_requests_per_second: float = 20.0
+    min_size: int = 64
+    max_size: int = 1024
+    max_fps: float = 60.0
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    limits: Limits = field(default_factory=Limits)
+    #: device -> bytes sessions may hold there ("cpu", "cuda:0"); absent = unlimited
+    budgets: dict[str, int] = field(default_factory=dict)
+    #: the pipeline in order; names are free, the defaults are tts, coeffs, motion, render
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    #: session defaults, overridable per session
+    defaults: dict[str, Any] = field(default_factory=lambda: {
+        "fps": 25, "size": 512, "emotion": "neutral", "intensity": 0.6, "avatar_name": "astronaut"})
+
+    def stage_names(self) -> list[str]:
+        return list(self.stages)
+
+
+def default_stages(max_size: int = 1024) -> dict[str, StageConfig]:
+    return {
+        "tts": StageConfig(engine="piper"),
+        "coeffs": StageConfig(engine="visemes"),
+        "motion": StageConfig(engine="prosody"),
+        "render": StageConfig(engine="warp", pool_slots=48, pool_slot_bytes=max_size * max_size * 3),
+    }
+
+
+def default_config() -> Config:
+    cfg = Config()
+    cfg.stages = default_stages(cfg.limits.max_size)
+    return cfg
+
+
+def load(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file (if any), then ``overrides`` (a nested mapping)."""
+    data: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    if overrides:
+        data = _merge(data, overrides)
+    return from_mapping(data)
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    cfg = Config()
+    unknown = set(data) - {f.name for f in fields(Config)}
+    if unknown:
+        raise ValueError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    for name in ("server", "timeouts", "restart", "limits"):
+        if name in data:
+            setattr(cfg, name, _fill(type(getattr(cfg, name)), data[name], name))
+    cfg.budgets = {str(k): parse_bytes(v) for k, v in dict(data.get("budgets", {})).items()}
+    if "defaults" in data:
+        cfg.defaults.update(dict(data["defaults"]))
+    stages = data.get("stages")
+    if stages:
+        cfg.stages = {}
+        for name, sc in stages.items():
+            sc = dict(sc)
+            if "pool_slot_bytes" in sc:
+                sc["pool_slot_bytes"] = parse_bytes(sc["pool_slot_bytes"])
+            cfg.stages[name] = _fill(StageConfig, sc, f"stages.{name}")
+    else:
+        cfg.stages = default_stages(cfg.limits.max_size)
+    for name, sc in cfg.stages.items():
+        if sc.backpressure not in ("block", "drop"):
+            raise ValueError(f"stages.{name}.backpressure must be 'block' or 'drop'")
+    return cfg
+
+
+def _fill(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"[{where}] must be a table")
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{where}]: {', '.join(sorted(unknown))}")
+    obj = cls(**{k: copy.deepcopy(v) for k, v in values.items() if k != "engine"},
+              **({"engine": values["engine"]} if "engine" in values else {}))
+    return obj
+
+
+def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def to_mapping(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (for passing to workers and printing)."""
+    def conv(x: Any) -> Any:
+        if is_dataclass(x):
+            return {f.name: conv(getattr(x, f.name)) for f in fields(x)}
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return x
+    return conv(cfg)

@@ -1,0 +1,244 @@
+"""The wire protocol: every message type, the header schema, packing and validation.
+
+A message is a ZeroMQ multipart message ``[header, *buffers]``:
+
+* ``header`` is a msgpack map::
+
+      {"v": 1, "type": str, "session": str, "seq": int, "pts": float,
+       "meta": {...}, "tensors": [ref, ...]}
+
+* each ``ref`` says where a tensor's bytes are::
+
+      {"pool": str | None, "generation": int, "slot": int, "offset": int,
+       "nbytes": int, "dtype": str, "shape": [int], "strides": [int] | None,
+       "device": "cpu" | "cuda:N", "frame": int | None, "lease": int}
+
+  ``pool = None`` means the bytes travel inline as buffer number ``frame`` (1-based
+  frame index in the multipart message); otherwise they lie in slot ``slot`` of the named
+  shared-memory (or CUDA IPC) pool at byte ``offset``; ``generation`` must match the pool's
+  (it changes when the producing stage restarts) and ``lease`` the slot's (it changes on
+  every allocation), else the reference is stale and refused.
+
+Nothing else in the project packs or unpacks bytes: every process imports this module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import msgpack
+import numpy as np
+
+from giris.runtime.errors import ProtocolError
+
+VERSION = 1
+
+# Client -> server
+OPEN_SESSION = "open_session"
+CLOSE_SESSION = "close_session"
+SAY = "say"
+AUDIO_IN = "audio_in"
+CANCEL = "cancel"
+RELEASE = "release"
+HEARTBEAT = "heartbeat"
+STATUS = "status"
+# Server -> client
+REPLY = "reply"
+AUDIO = "audio"
+COEFFS = "coeffs"
+FRAME = "frame"
+EVENT = "event"
+# Between stages only
+MARK = "mark"
+# Supervisor <-> worker control
+READY = "ready"
+STOP = "stop"
+
+CLIENT_TYPES = frozenset({OPEN_SESSION, CLOSE_SESSION, SAY, AUDIO_IN, CANCEL, RELEASE,
+                          HEARTBEAT, STATUS})
+TYPES = CLIENT_TYPES | {REPLY, AUDIO, COEFFS, FRAME, EVENT, MARK, READY, STOP}
+
+#: event kinds carried in ``meta["kind"]`` of an ``event``
+EVENT_KINDS = ("error", "budget_exceeded", "stage_restarted", "stage_failed",
+               "session_closed", "utterance_done")
+
+MAX_HEADER_BYTES = 256 * 1024
+MAX_FRAMES = 64
+MAX_TENSORS = 16
+MAX_DIMS = 8
+DTYPES = frozenset({"uint8", "int8", "int16", "uint16", "int32", "int64", "float16",
+                    "float32", "float64", "bool"})
+
+
+@dataclass
+class TensorRef:
+    """Where one tensor's bytes are: inline in the message, or in a pool slot."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    pool: str | None = None
+    generation: int = 0
+    slot: int = -1
+    offset: int = 0
+    strides: tuple[int, ...] | None = None
+    device: str = "cpu"
+    frame: int | None = None
+    #: the slot's lease number: bumps on every allocation, so a stale reference is refused
+    lease: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"pool": self.pool, "generation": self.generation, "slot": self.slot,
+                "offset": self.offset, "nbytes": self.nbytes, "dtype": self.dtype,
+                "shape": list(self.shape),
+                "strides": None if self.strides is None else list(self.strides),
+                "device": self.device, "frame": self.frame, "lease": self.lease}
+
+    @classmethod
+    def from_wire(cls, d: Any, n_buffers: int) -> "TensorRef":
+        if not isinstance(d, dict):
+            raise ProtocolError("tensor reference must be a map")
+        try:
+            dtype = str(d["dtype"])
+            shape = tuple(int(x) for x in d["shape"])
+            nbytes = int(d["nbytes"])
+            pool = d.get("pool")
+            frame = d.get("frame")
+            strides = d.get("strides")
+            ref = cls(dtype=dtype, shape=shape, nbytes=nbytes,
+                      pool=None if pool is None else str(pool),
+                      generation=int(d.get("generation", 0)), slot=int(d.get("slot", -1)),
+                      offset=int(d.get("offset", 0)),
+                      strides=None if strides is None else tuple(int(x) for x in strides),
+                      device=str(d.get("device", "cpu")),
+                      frame=None if frame is None else int(frame),
+                      lease=int(d.get("lease", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"bad tensor reference: {e}") from None
+        if dtype not in DTYPES:
+            raise ProtocolError(f"unsupported dtype {dtype!r}")
+        if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
+            raise ProtocolError(f"bad shape {shape}")
+        if math.prod(shape) * np.dtype(dtype).itemsize != nbytes:
+            raise ProtocolError(f"nbytes {nbytes} does not match shape {shape} of {dtype}")
+        if ref.pool is None and (ref.frame is None or not 1 <= ref.frame <= n_buffers):
+            raise ProtocolError("inline tensor names a missing buffer")
+        if ref.offset < 0:
+            raise ProtocolError("negative offset")
+        return ref
+
+
+@dataclass
+class Message:
+    type: str
+    session: str = ""
+    seq: int = 0
+    pts: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: list[TensorRef] = field(default_factory=list)
+    #: inline buffers (frames 1..n of the multipart message)
+    buffers: list[Any] = field(default_factory=list)
+
+    def add_inline(self, array: np.ndarray) -> TensorRef:
+        """Attach ``array`` as an inline buffer (small tensors, or remote clients)."""
+        a = np.ascontiguousarray(array)
+        self.buffers.append(memoryview(a).cast("B") if a.nbytes else b"")
+        ref = TensorRef(dtype=a.dtype.name, shape=tuple(a.shape), nbytes=a.nbytes,
+                        frame=len(self.buffers))
+        self.tensors.append(ref)
+        return ref
+
+    def inline_array(self, ref: TensorRef) -> np.ndarray:
+        """The array behind an inline reference (a view on the received buffer)."""
+        buf = self.buffers[ref.frame - 1]  # type: ignore[operator]
+        mv = memoryview(buf)
+        if mv.nbytes != ref.nbytes:
+            raise ProtocolError("inline buffer size does not match its reference")
+        return np.frombuffer(mv, dtype=ref.dtype).reshape(ref.shape)
+
+
+def encode(msg: Message) -> list[Any]:
+    """Message -> multipart frames (header first, buffers as separate zero-copy frames)."""
+    header = {"v": VERSION, "type": msg.type, "session": msg.session, "seq": int(msg.seq),
+              "pts": float(msg.pts), "meta": msg.meta,
+              "tensors": [t.to_wire() for t in msg.tensors]}
+    return [msgpack.packb(header, use_bin_type=True), *msg.buffers]
+
+
+def decode(frames: Sequence[Any], max_bytes: int = 64 * 1024 * 1024) -> Message:
+    """Multipart frames -> validated Message; anything malformed raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"too many frames ({len(frames)} > {MAX_FRAMES})", code="too_large")
+    raw = _bytes_of(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("header too large", code="too_large")
+    buffers = [_buffer_of(f) for f in frames[1:]]
+    total = len(raw) + sum(memoryview(b).nbytes for b in buffers)
+    if total > max_bytes:
+        raise ProtocolError(f"message of {total} bytes exceeds the limit of {max_bytes}",
+                            code="too_large", limit=max_bytes, size=total)
+    try:
+        h = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ProtocolError(f"header is not msgpack: {type(e).__name__}") from None
+    if not isinstance(h, dict):
+        raise ProtocolError("header must be a map")
+    v = h.get("v")
+    if v != VERSION:
+        raise ProtocolError(f"unsupported protocol version {v!r} (this server speaks {VERSION})",
+                            code="unsupported_version", supported=VERSION)
+    typ = h.get("type")
+    if typ not in TYPES:
+        raise ProtocolError(f"unknown message type {typ!r}", code="unknown_type")
+    session = h.get("session", "")
+    seq = h.get("seq", 0)
+    pts = h.get("pts", 0.0)
+    meta = h.get("meta", {})
+    tensors = h.get("tensors", [])
+    if not isinstance(session, str) or len(session) > 128:
+        raise ProtocolError("session must be a short string")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise ProtocolError("seq must be an integer")
+    if not isinstance(pts, (int, float)) or isinstance(pts, bool) or not math.isfinite(pts):
+        raise ProtocolError("pts must be a finite number")
+    if not isinstance(meta, dict):
+        raise ProtocolError("meta must be a map")
+    if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
+        raise ProtocolError("tensors must be a short list")
+    refs = [TensorRef.from_wire(t, len(buffers)) for t in tensors]
+    return Message(type=typ, session=session, seq=seq, pts=float(pts), meta=meta,
+                   tensors=refs, buffers=buffers)
+
+
+def event(kind: str, session: str = "", **meta: Any) -> Message:
+    return Message(type=EVENT, session=session, meta={"kind": kind, **meta})
+
+
+def error(err: Any, session: str = "", req: Any = None) -> Message:
+    """An ``event`` of kind ``error`` from a GirisError (or its wire dict)."""
+    payload = err.to_wire() if hasattr(err, "to_wire") else dict(err)
+    meta = {"kind": "error", **payload}
+    if req is not None:
+        meta["req"] = req
+    return Message(type=EVENT, session=session, meta=meta)
+
+
+def _bytes_of(frame: Any) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    if hasattr(frame, "bytes"):  # zmq.Frame
+        return frame.bytes
+    return bytes(frame)
+
+
+def _buffer_of(frame: Any) -> Any:
+    if hasattr(frame, "buffer"):  # zmq.Frame: a zero-copy view
+        return frame.buffer
+    return frame
+
+
+def frames_nbytes(frames: Iterable[Any]) -> int:
+    return sum(memoryview(f).nbytes if not hasattr(f, "buffer") else len(f.buffer) for f in frames)

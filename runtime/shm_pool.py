@@ -1,0 +1,282 @@
+"""CPU tensor pools: fixed-size slots in one POSIX shared-memory segment.
+
+The supervisor creates every pool before it spawns workers and unlinks them at shutdown;
+workers and local clients only attach. The segment is a plain file under ``/dev/shm``
+mapped with ``mmap``: unlike ``multiprocessing.shared_memory`` nothing registers it with
+Python's resource tracker, so no process but the supervisor can ever unlink it.
+
+Layout: a 64-byte header, a slot table (one 32-byte record per slot) and the slots,
+page aligned. Each record holds the slot's state (free/busy), its lease number (bumped
+on every allocation, so stale references are refused), the pid of the process holding
+it, the tag of the session that owns it, and when it was taken.
+
+Concurrency: each pool has exactly one producer, the only process that turns a slot
+from free to busy; consumers (and the supervisor, reclaiming) only turn busy to free,
+after checking the lease. Single aligned stores are atomic on the platforms we run on.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from giris.runtime.errors import GirisError
+from giris.runtime.protocol import TensorRef
+
+SHM_DIR = Path("/dev/shm")
+MAGIC = b"GIRISPL1"
+HEADER = np.dtype([("magic", "S8"), ("n_slots", "<u4"), ("pad", "<u4"),
+                   ("slot_bytes", "<u8"), ("generation", "<u8"), ("data_offset", "<u8"),
+                   ("reserved", "<u8", 3)])
+SLOT = np.dtype([("state", "<u4"), ("lease", "<u4"), ("holder", "<i4"), ("pad", "<u4"),
+                 ("owner", "<u8"), ("stamp", "<f8")])
+FREE, BUSY = 0, 1
+PAGE = mmap.PAGESIZE
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+class PoolFull(GirisError):
+    """No free slot before the deadline: the consumer is behind (backpressure)."""
+
+    code = "pool_full"
+
+
+class StaleReference(GirisError):
+    """The reference names a slot that was freed and reused, or an older pool generation."""
+
+    code = "stale_reference"
+
+
+@dataclass
+class Slot:
+    index: int
+    lease: int
+    array: np.ndarray  # uint8 view of the whole slot
+
+
+def session_tag(token: str) -> int:
+    """A stable 63-bit tag for a session token (0 is 'no owner')."""
+    import hashlib
+
+    return (int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
+            >> 1) or 1
+
+
+class SlotPool:
+    """A mapped pool. Use :meth:`create` (supervisor) or :meth:`attach` (everyone else)."""
+
+    def __init__(self, name: str, mm: mmap.mmap, owner: bool) -> None:
+        self.name = name
+        self._mm = mm
+        self._owner = owner
+        self._header = np.ndarray((), HEADER, buffer=mm, offset=0)
+        if bytes(self._header["magic"]) != MAGIC:
+            raise GirisError(f"{name} is not a Giris pool", code="bad_pool")
+        self.n_slots = int(self._header["n_slots"])
+        self.slot_bytes = int(self._header["slot_bytes"])
+        self._data_offset = int(self._header["data_offset"])
+        self.table = np.ndarray((self.n_slots,), SLOT, buffer=mm, offset=HEADER.itemsize)
+        self._data = np.ndarray((self.n_slots, self.slot_bytes), np.uint8, buffer=mm,
+                                offset=self._data_offset)
+        self._cursor = 0
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, name: str, slot_bytes: int, n_slots: int) -> "SlotPool":
+        if not _NAME.match(name):
+            raise ValueError(f"bad pool name {name!r}")
+        slot_bytes = -(-int(slot_bytes) // 64) * 64
+        data_offset = -(-(HEADER.itemsize + SLOT.itemsize * n_slots) // PAGE) * PAGE
+        size = data_offset + slot_bytes * n_slots
+        path = SHM_DIR / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        h = np.ndarray((), HEADER, buffer=mm, offset=0)
+        h["n_slots"], h["slot_bytes"], h["generation"] = n_slots, slot_bytes, 1
+        h["data_offset"] = data_offset
+        h["magic"] = MAGIC  # last: a reader never sees a half-written header as valid
+        return cls(name, mm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "SlotPool":
+        if not _NAME.match(name):
+            raise GirisError(f"bad pool name {name!r}", code="bad_pool")
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR)
+        except FileNotFoundError:
+            raise GirisError(f"no pool named {name!r}", code="bad_pool") from None
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, mm, owner=False)
+
+    def close(self) -> None:
+        """Unmap (views handed out keep the mapping alive until they are gone)."""
+        self._header = self.table = self._data = None  # type: ignore[assignment]
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with it
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(SHM_DIR / self.name)
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------ slots
+    @property
+    def generation(self) -> int:
+        return int(self._header["generation"])
+
+    def in_use(self) -> int:
+        return int(np.count_nonzero(self.table["state"] == BUSY))
+
+    def try_alloc(self, owner: int = 0) -> Slot | None:
+        free = np.flatnonzero(self.table["state"] == FREE)
+        if free.size == 0:
+            return None
+        after = free[free >= self._cursor]
+        i = int(after[0] if after.size else free[0])
+        self._cursor = (i + 1) % self.n_slots
+        rec = self.table[i]
+        lease = (int(rec["lease"]) + 1) & 0xFFFFFFFF or 1
+        rec["lease"] = lease
+        rec["holder"] = self._pid
+        rec["owner"] = owner
+        rec["stamp"] = time.monotonic()
+        rec["state"] = BUSY
+        return Slot(i, lease, self._data[i])
+
+    def alloc(self, owner: int = 0, timeout: float | None = 1.0) -> Slot:
+        """Take a free slot, waiting up to ``timeout`` seconds (None: forever)."""
+        slot = self.try_alloc(owner)
+        if slot is not None:
+            return slot
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0002
+        while True:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+            slot = self.try_alloc(owner)
+            if slot is not None:
+                return slot
+            if deadline is not None and time.monotonic() >= deadline:
+                raise PoolFull(f"pool {self.name}: all {self.n_slots} slots busy",
+                               pool=self.name, slots=self.n_slots)
+
+    def release(self, index: int, lease: int) -> bool:
+        """Give a slot back; False when the lease no longer matches (already reclaimed)."""
+        if not 0 <= index < self.n_slots:
+            return False
+        rec = self.table[index]
+        if int(rec["lease"]) != lease or int(rec["state"]) != BUSY:
+            return False
+        rec["state"] = FREE
+        return True
+
+    def hold(self, index: int, lease: int, pid: int | None = None) -> None:
+        """Mark the slot as held by ``pid`` (the consumer), so its death frees it."""
+        rec = self.table[index]
+        if int(rec["lease"]) == lease:
+            rec["holder"] = os.getpid() if pid is None else pid
+
+    # ------------------------------------------------------------------ references
+    def ref(self, slot: Slot, array: np.ndarray, device: str = "cpu") -> TensorRef:
+        """The reference to ``array``, which must lie inside ``slot``."""
+        base = self._data[slot.index].__array_interface__["data"][0]
+        addr = array.__array_interface__["data"][0]
+        off = addr - base
+        if not 0 <= off <= self.slot_bytes - array.nbytes:
+            raise ValueError("array does not lie inside the slot")
+        return TensorRef(dtype=array.dtype.name, shape=tuple(array.shape), nbytes=array.nbytes,
+                         pool=self.name, generation=self.generation, slot=slot.index,
+                         offset=self._data_offset + slot.index * self.slot_bytes + off,
+                         strides=tuple(array.strides), device=device, lease=slot.lease)
+
+    def array(self, ref: TensorRef) -> np.ndarray:
+        """A zero-copy view of the referenced tensor; refuses stale or out-of-range refs."""
+        self.check(ref)
+        start = ref.offset - self._data_offset - ref.slot * self.slot_bytes
+        if ref.nbytes > self.slot_bytes - start or start < 0:
+            raise StaleReference("reference out of the slot's bounds")
+        raw = self._data[ref.slot, start:start + ref.nbytes]
+        return raw.view(ref.dtype).reshape(ref.shape)
+
+    def check(self, ref: TensorRef) -> None:
+        if ref.generation != self.generation:
+            raise StaleReference(f"pool {self.name} is at generation {self.generation}, "
+                                 f"reference has {ref.generation}")
+        if not 0 <= ref.slot < self.n_slots:
+            raise StaleReference("no such slot")
+        rec = self.table[ref.slot]
+        if int(rec["lease"]) != ref.lease or int(rec["state"]) != BUSY:
+            raise StaleReference(f"slot {ref.slot} of {self.name} was released")
+
+    # ------------------------------------------------------------------ supervisor side
+    def reclaim(self, holder: int | None = None, owner: int | None = None,
+                older_than: float | None = None) -> int:
+        """Free busy slots held by a dead ``holder`` pid and/or owned by a closed session."""
+        busy = self.table["state"] == BUSY
+        mask = busy.copy()
+        if holder is not None:
+            mask &= self.table["holder"] == holder
+        if owner is not None:
+            mask &= self.table["owner"] == owner
+        if older_than is not None:
+            mask &= self.table["stamp"] < time.monotonic() - older_than
+        idx = np.flatnonzero(mask)
+        self.table["state"][idx] = FREE
+        return int(idx.size)
+
+    def reset(self) -> None:
+        """New generation, every slot free: the producer restarted."""
+        self._header["generation"] = self.generation + 1
+        self.table["state"] = FREE
+
+    def owned_by(self, owner: int) -> int:
+        return int(np.count_nonzero((self.table["state"] == BUSY) & (self.table["owner"] == owner)))
+
+
+def clean_stale(prefix: str = "giris-") -> list[str]:
+    """Unlink pools left by supervisors that died without cleaning (SIGKILL).
+
+    Pool names are ``giris-<pid>-<run>-<stage>``; a pool whose pid is no longer alive is
+    stale.
+    """
+    removed = []
+    for path in SHM_DIR.glob(prefix + "*"):
+        parts = path.name.split("-")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

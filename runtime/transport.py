@@ -1,0 +1,89 @@
+"""Sockets and tensors on the wire: send/receive Messages, resolve tensor references.
+
+The only place that touches ZeroMQ frames for data; pools are looked up by name and
+attached once per process (``PoolSet``), so a reference costs a dict lookup.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import zmq
+
+from giris.runtime.errors import GirisError
+from giris.runtime.protocol import Message, TensorRef, decode, encode
+from giris.runtime.shm_pool import SlotPool
+
+
+def send(sock: zmq.Socket, msg: Message, flags: int = 0) -> None:
+    sock.send_multipart(encode(msg), flags=flags, copy=False)
+
+
+def recv(sock: zmq.Socket, max_bytes: int = 64 * 1024 * 1024, flags: int = 0) -> Message:
+    return decode(sock.recv_multipart(flags=flags, copy=False), max_bytes=max_bytes)
+
+
+def socket(ctx: zmq.Context, kind: int, linger: int = 0, **opts: Any) -> zmq.Socket:
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, linger)
+    for k, v in opts.items():
+        s.setsockopt(getattr(zmq, k.upper()), v)
+    return s
+
+
+def ipc_path(endpoint: str) -> str | None:
+    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+
+
+class PoolSet:
+    """Pools this process has attached, by name (attach once, cache: mapping is not free)."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, SlotPool] = {}
+
+    def add(self, pool: SlotPool) -> None:
+        self.pools[pool.name] = pool
+
+    def get(self, name: str) -> SlotPool:
+        pool = self.pools.get(name)
+        if pool is None:
+            if not name.startswith("giris-"):
+                raise GirisError(f"refusing to attach foreign pool {name!r}", code="bad_pool")
+            pool = self.pools[name] = SlotPool.attach(name)
+        return pool
+
+    def array(self, msg: Message, ref: TensorRef) -> np.ndarray:
+        if ref.pool is None:
+            return msg.inline_array(ref)
+        if ref.device != "cpu":
+            raise GirisError(f"a {ref.device} tensor needs the CUDA pool", code="bad_pool")
+        return self.get(ref.pool).array(ref)
+
+    def arrays(self, msg: Message) -> list[np.ndarray]:
+        return [self.array(msg, r) for r in msg.tensors]
+
+    def release(self, ref: TensorRef) -> bool:
+        if ref.pool is None:
+            return False
+        pool = self.pools.get(ref.pool)
+        return bool(pool and pool.release(ref.slot, ref.lease))
+
+    def release_all(self, msg: Message) -> None:
+        for ref in msg.tensors:
+            self.release(ref)
+
+    def close(self) -> None:
+        for p in self.pools.values():
+            p.close()
+        self.pools.clear()
+
+
+def private_dir(base: str | None = None) -> str:
+    """A fresh mode-0700 directory for ipc sockets (owner-only, so only we can connect)."""
+    import tempfile
+
+    root = base or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = tempfile.mkdtemp(prefix="giris-", dir=root if os.path.isdir(root) else None)
+    os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,185 @@
+"""Results on their way to clients: frames, audio, coefficients and events.
+
+Frames arrive as pool references. A zero-copy session gets the reference and releases
+the slot itself; any other client gets the bytes and the slot is freed at once. Live
+(``realtime``) sessions are paced to the wall clock: frame ``k`` leaves at
+``t0 + (k - k0) / fps``; an offline consumer takes frames as fast as they come.
+
+This module also keeps each utterance's books: its end (``utterance_done``), and what a
+stage restart or failure cut from it.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from giris.runtime import protocol as P
+from giris.runtime.errors import GirisError, StageFailed
+from giris.supervisor.sessions import SessionRecord, Utterance
+
+if TYPE_CHECKING:
+    from giris.supervisor.process import WorkerHandle
+    from giris.supervisor.supervisor import Supervisor
+
+log = logging.getLogger("giris.delivery")
+
+
+class Delivery:
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+        #: (due, order, token, message, refs to release after sending)
+        self.paced: list[tuple[float, int, str, P.Message, list]] = []
+        self._order = itertools.count()
+        self.clock: dict[str, tuple[float, int, float]] = {}  # token -> (t0, k0, last_due)
+        self.frames_out = 0
+        self.errors: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ results
+    def on_result(self, msg: P.Message) -> None:
+        sup = self.sup
+        rec = sup.registry.lookup(msg.session)
+        utt = rec.utterances.get(msg.meta.get("utterance")) if rec else None
+        if rec is None or utt is None or utt.cancelled:
+            sup.pools.release_all(msg)  # closed, cancelled or finished: nothing may linger
+            return
+        now = time.monotonic()
+        utt.last_progress = now
+        want = rec.spec.get("want", ())
+        if msg.type == P.EVENT:  # an engine error for this utterance ends it
+            self.count_error(str(msg.meta.get("code", "internal")))
+            self.send(rec, msg)
+            self.utterance_done(rec, utt, complete=False, error=msg.meta.get("code"))
+            return
+        if msg.type == P.AUDIO:
+            end = int(msg.meta.get("start_sample", 0)) + (msg.tensors[0].shape[0] if msg.tensors else 0)
+            rec.audio_end = max(rec.audio_end, end)
+            if "audio" in want:
+                self.send(rec, msg)
+        elif msg.type == P.COEFFS:
+            if "coeffs" in want:
+                self.send(rec, msg)
+        elif msg.type == P.FRAME:
+            utt.frames += 1
+            rec.frames_out += 1
+            rec.last_frame = max(rec.last_frame, msg.seq)
+            self.frames_out += 1
+            if utt.first_frame_at is None:
+                utt.first_frame_at = now
+                if sup.metrics is not None:
+                    sup.metrics.on_first_frame(now - utt.said_at)
+            if sup.metrics is not None:
+                sup.metrics.on_frame()
+            if "frames" in want:
+                self.send_frame(rec, msg)
+            else:
+                sup.pools.release_all(msg)
+        if msg.type in (P.FRAME, P.MARK) and msg.meta.get("final"):  # the last stage's end
+            self.utterance_done(rec, utt, complete=not utt.interrupted)
+
+    def send_frame(self, rec: SessionRecord, msg: P.Message) -> None:
+        refs = [r for r in msg.tensors if r.pool is not None]
+        if rec.zero_copy:
+            for r in refs:  # the client holds the slot now, until it releases it
+                self.sup.pools.get(r.pool).hold(r.slot, r.lease, pid=0)
+            self.send(rec, msg)
+            return
+        try:
+            arrays = self.sup.pools.arrays(msg)
+        except GirisError as e:
+            log.warning("frame lost", extra={"error": str(e)})
+            self.sup.pools.release_all(msg)
+            return
+        out = P.Message(msg.type, msg.session, msg.seq, msg.pts, msg.meta)
+        for a in arrays:
+            # A copy: zmq sends large frames from the caller's buffer later, on its own
+            # thread, and the slot is free for the producer the moment it is released.
+            out.add_inline(a.copy())
+        self.sup.pools.release_all(msg)
+        self.send(rec, out)
+
+    def send(self, rec: SessionRecord, msg: P.Message) -> None:
+        if not rec.realtime:
+            self.sup.gateway.to(rec.client, msg)
+            return
+        now = time.monotonic()
+        t0, k0, last_due = self.clock.get(rec.token, (now, 0, now))
+        if msg.type == P.FRAME:
+            fps = float(rec.spec.get("fps", 25))
+            due = t0 + (msg.seq - k0) / fps
+            if due < now - 1.5 / fps or due > now + 5.0:  # stream (re)starts: re-anchor the clock
+                t0, k0, due = now, msg.seq, now
+        else:
+            due = last_due  # events and audio keep their place behind paced frames
+        due = max(due, last_due)
+        self.clock[rec.token] = (t0, k0, due)
+        if due <= now and not self.paced:
+            self.sup.gateway.to(rec.client, msg)
+        else:
+            heapq.heappush(self.paced, (due, next(self._order), rec.token, msg, []))
+
+    def next_due(self) -> float:
+        if not self.paced:
+            return 1.0
+        return max(0.0, self.paced[0][0] - time.monotonic())
+
+    def tick(self, now: float) -> None:
+        while self.paced and self.paced[0][0] <= now + 0.0005:
+            _, _, token, msg, _ = heapq.heappop(self.paced)
+            rec = self.sup.registry.lookup(token)
+            if rec is not None:
+                self.sup.gateway.to(rec.client, msg)
+        lost_after = self.sup.config.timeouts.lost_after
+        for rec in self.sup.registry:
+            for utt in list(rec.utterances.values()):
+                if utt.interrupted and now - utt.last_progress > lost_after:
+                    self.utterance_done(rec, utt, complete=False, lost=True)
+
+    def flush(self) -> None:
+        self.tick(float("inf"))
+        self.paced.clear()
+
+    def forget(self, rec: SessionRecord) -> None:
+        self.clock.pop(rec.token, None)
+        if any(p[2] == rec.token for p in self.paced):
+            self.paced = [p for p in self.paced if p[2] != rec.token]
+            heapq.heapify(self.paced)
+
+    # ------------------------------------------------------------------ utterances
+    def utterance_done(self, rec: SessionRecord, utt: Utterance, complete: bool, **extra: Any) -> None:
+        if rec.utterances.pop(utt.id, None) is None:
+            return
+        ev = P.event("utterance_done", session=rec.token, utterance=utt.id, frames=utt.frames,
+                     complete=complete, **extra)
+        if extra.get("cancelled"):
+            self.sup.gateway.to(rec.client, ev)  # a cancel is answered at once, never paced
+        else:
+            self.send(rec, ev)
+
+    def stage_down(self, w: "WorkerHandle") -> None:
+        """A stage died: what is in flight may be cut; mark it so it cannot hang a client."""
+        for rec in self.sup.registry:
+            for utt in rec.utterances.values():
+                utt.interrupted = True
+                utt.last_progress = time.monotonic()
+
+    def stage_restarted(self, w: "WorkerHandle") -> None:
+        for rec in self.sup.registry:
+            self.send(rec, P.event("stage_restarted", session=rec.token, stage=w.stage,
+                                   restarts=w.restarts, last_frame=rec.last_frame,
+                                   interrupted=sorted(rec.utterances)))
+
+    def stage_failed(self, w: "WorkerHandle") -> None:
+        err = StageFailed(f"stage {w.stage} crashed {w.restarts + 1} times and was given up",
+                          stage=w.stage)
+        for rec in self.sup.registry:
+            self.sup.gateway.to(rec.client, P.error(err, session=rec.token))
+            for utt in list(rec.utterances.values()):
+                self.utterance_done(rec, utt, complete=False, error="stage_failed")
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+        if self.sup.metrics is not None:
+            self.sup.metrics.on_error(code)

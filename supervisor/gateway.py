@@ -1,0 +1,372 @@
+"""The client-facing ROUTER socket: validate every request, answer every one.
+
+Whatever a client sends, it gets an answer (a ``reply`` or an ``error`` event) and the
+server goes on serving everyone else. Sessions are bound to the connection that opened
+them (and, over CURVE, to the client's public key): another client's token reads as
+unknown.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zmq
+
+from giris.runtime import protocol as P
+from giris.runtime.errors import BadInput, GirisError, LimitExceeded, ProtocolError, StageFailed
+from giris.runtime.transport import ipc_path, send
+from giris.supervisor.sessions import SessionRecord, Utterance
+
+if TYPE_CHECKING:
+    from giris.supervisor.supervisor import Supervisor
+
+log = logging.getLogger("giris.gateway")
+
+SPEC_KEYS = {"avatar_name", "voice", "emotion", "intensity", "fps", "size", "rate", "realtime",
+             "zero_copy", "want", "seed"}
+WANTS = {"audio", "coeffs", "frames"}
+
+
+class Gateway:
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+        self.sock: zmq.Socket = None  # type: ignore[assignment]
+        self.authenticator: Any = None
+
+    # ------------------------------------------------------------------ socket
+    def bind(self, endpoint: str) -> None:
+        cfg = self.sup.config.server
+        self.sock = self.sup.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 10000)
+        if endpoint.startswith("tcp://"):
+            if cfg.curve_secret_key:
+                from giris.supervisor.security import enable_curve
+
+                self.authenticator = enable_curve(self.sup.ctx, self.sock, cfg.curve_secret_key,
+                                                  cfg.curve_client_keys)
+            elif not cfg.insecure:
+                raise GirisError("a tcp:// endpoint needs CURVE keys (server.curve_secret_key) "
+                                 "or an explicit --insecure", code="insecure_endpoint")
+            else:
+                log.warning("serving tcp WITHOUT encryption or authentication",
+                            extra={"endpoint": endpoint})
+        path = ipc_path(endpoint)
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if os.path.exists(path):
+                os.unlink(path)  # a stale socket of a dead server
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(endpoint)
+        finally:
+            os.umask(old)
+        if path:
+            os.chmod(path, 0o600)  # owner only, whatever the directory allows
+
+    def close(self) -> None:
+        if self.sock is not None:
+            path = ipc_path(self.sup.endpoint)
+            self.sock.close(0)
+            if path and os.path.exists(path):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        if self.authenticator is not None:
+            self.authenticator.stop()
+
+    def drain(self, limit: int = 256) -> None:
+        max_bytes = self.sup.config.server.max_message_bytes
+        for _ in range(limit):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            client = frames[0].bytes
+            user = None
+            if self.authenticator is not None:
+                try:
+                    user = frames[-1].get("User-Id") or None
+                except (zmq.ZMQError, AttributeError):
+                    user = None
+            req = None
+            try:
+                msg = P.decode(frames[1:], max_bytes=max_bytes)
+                req = msg.meta.get("req")
+                if msg.type not in P.CLIENT_TYPES:
+                    raise ProtocolError(f"clients cannot send {msg.type!r}", code="unknown_type")
+                self.handle(client, user, msg)
+            except GirisError as e:
+                self.sup.delivery.count_error(e.code)
+                self.to(client, P.error(e, req=req if _plain(req) else None))
+            except Exception as e:  # noqa: BLE001 - no request may take the server down
+                log.exception("request failed")
+                self.to(client, P.error(GirisError(f"internal error: {type(e).__name__}"),
+                                        req=req if _plain(req) else None))
+
+    def to(self, client: bytes, msg: P.Message) -> None:
+        try:
+            self.sock.send_multipart([client, *P.encode(msg)], copy=False)
+        except zmq.ZMQError as e:
+            log.debug("client unreachable", extra={"error": str(e)})
+
+    def reply(self, client: bytes, req: Any, session: str = "", **meta: Any) -> None:
+        self.to(client, P.Message(P.REPLY, session=session, meta={"req": req, "ok": True, **meta}))
+
+    # ------------------------------------------------------------------ requests
+    def handle(self, client: bytes, user: str | None, msg: P.Message) -> None:
+        now = time.monotonic()
+        for rec in self.sup.registry.of_client(client):
+            rec.last_seen = now
+        req = msg.meta.get("req")
+        if msg.type == P.HEARTBEAT:
+            self.to(client, P.Message(P.HEARTBEAT, meta={"req": req}))
+        elif msg.type == P.STATUS:
+            self.reply(client, req, status=self.sup.status())
+        elif msg.type == P.OPEN_SESSION:
+            self.open_session(client, user, msg)
+        else:
+            rec = self.sup.registry.owned(msg.session, client, user)
+            if msg.type == P.CLOSE_SESSION:
+                self.close_session(rec, reason="closed", notify=False)
+                self.reply(client, req, session=rec.token)
+            elif msg.type == P.RELEASE:
+                self.release(rec, msg)
+            elif msg.type == P.SAY:
+                rec.rate_check(self.sup.config.limits.max_requests_per_second, now)
+                self.say(rec, msg)
+            elif msg.type == P.AUDIO_IN:
+                rec.rate_check(self.sup.config.limits.max_requests_per_second * 5, now)
+                self.audio_in(rec, msg)
+            elif msg.type == P.CANCEL:
+                self.cancel(rec, msg)
+
+    def _check_stages(self) -> None:
+        failed = self.sup.failed_stages()
+        if failed:
+            raise StageFailed(f"stage(s) {', '.join(failed)} failed and are not restarted",
+                              stages=failed)
+        if self.sup.stopping:
+            raise GirisError("server is shutting down", code="shutting_down")
+
+    def open_session(self, client: bytes, user: str | None, msg: P.Message) -> None:
+        sup, limits = self.sup, self.sup.config.limits
+        req = msg.meta.get("req")
+        self._check_stages()
+        if any(w.state != "ready" for w in sup.workers):
+            raise GirisError("a stage is restarting; try again shortly", code="stage_unavailable")
+        if len(sup.registry) >= limits.max_sessions:
+            raise LimitExceeded(f"server holds its maximum of {limits.max_sessions} sessions",
+                                limit=limits.max_sessions)
+        if len(sup.registry.of_client(client)) >= limits.max_sessions_per_client:
+            raise LimitExceeded(f"at most {limits.max_sessions_per_client} sessions per client",
+                                limit=limits.max_sessions_per_client)
+        spec = self.validate_spec(msg.meta.get("spec", {}))
+        avatar = None
+        if msg.tensors:
+            a = sup.pools.array(msg, msg.tensors[0]) if msg.tensors[0].pool is None else None
+            if a is None or a.dtype != np.uint8 or a.ndim != 1:
+                raise BadInput("the avatar travels inline as encoded image bytes (uint8, 1-D)")
+            if a.nbytes > limits.max_image_bytes:
+                raise LimitExceeded(f"avatar image of {a.nbytes} bytes exceeds {limits.max_image_bytes}",
+                                    code="too_large", limit=limits.max_image_bytes)
+            avatar = a.tobytes()
+        spec["max_image_pixels"] = limits.max_image_pixels
+
+        def control(estimate_only: bool, **extra: Any) -> P.Message:
+            m = P.Message(P.OPEN_SESSION, meta={"spec": spec, "estimate_only": estimate_only, **extra})
+            if avatar is not None:
+                m.buffers.append(avatar)
+            return m
+
+        def estimated(replies: dict[str, dict]) -> None:
+            err = _first_error(replies)
+            if err:
+                return self.to(client, P.error(err, req=req))
+            total: dict[str, int] = {}
+            for r in replies.values():
+                for dev, n in (r.get("estimate") or {}).items():
+                    total[dev] = total.get(dev, 0) + int(n)
+            try:
+                sup.registry.admit(total)
+            except GirisError as e:
+                sup.delivery.count_error(e.code)
+                return self.to(client, P.error(e, req=req))
+            rec = SessionRecord(token=sup.registry.new_token(), client=client, user=user,
+                                spec=spec, avatar=avatar, estimate=total)
+            sup.registry.add(rec)  # reserves the budget while stages open it
+
+            def opened(replies: dict[str, dict]) -> None:
+                err = _first_error(replies)
+                if err or sup.registry.lookup(rec.token) is None:
+                    self.close_session(rec, reason="failed", notify=False)
+                    return self.to(client, P.error(err or {"code": "unknown_session",
+                                                            "message": "session closed while opening"},
+                                                   req=req))
+                log.info("session opened", extra={"session": rec.token[:8], "spec": _brief(spec)})
+                self.reply(client, req, session=rec.token, spec=spec, estimate=total)
+
+            sup.fan_out(P.Message(P.OPEN_SESSION, session=rec.token,
+                                  meta={"spec": spec, "tag": rec.tag},
+                                  buffers=[avatar] if avatar is not None else []), opened)
+
+        sup.fan_out(control(True), estimated)
+
+    def validate_spec(self, raw: Any) -> dict[str, Any]:
+        limits = self.sup.config.limits
+        if not isinstance(raw, dict):
+            raise BadInput("spec must be a map")
+        unknown = set(raw) - SPEC_KEYS
+        if unknown:
+            raise BadInput(f"unknown session option(s): {', '.join(sorted(map(str, unknown)))}")
+        spec = dict(self.sup.config.defaults)
+        spec.update({k: v for k, v in raw.items() if v is not None})
+        fps = _number(spec, "fps", 1, limits.max_fps)
+        size = _number(spec, "size", limits.min_size, limits.max_size)
+        if size != int(size) or int(size) % 2:
+            raise BadInput("size must be an even integer")
+        spec["size"], spec["fps"] = int(size), fps
+        _number(spec, "intensity", 0.0, 1.0)
+        if "rate" in spec:
+            _number(spec, "rate", 0.25, 4.0)
+        for key in ("emotion", "voice", "avatar_name"):
+            if key in spec and not isinstance(spec[key], str):
+                raise BadInput(f"{key} must be a string")
+        want = spec.get("want", ["audio", "frames"])
+        if not isinstance(want, list) or not set(want) <= WANTS:
+            raise BadInput(f"want must be a list drawn from {sorted(WANTS)}")
+        spec["want"] = list(want)
+        for key in ("realtime", "zero_copy"):
+            spec[key] = bool(spec.get(key, False))
+        return spec
+
+    def say(self, rec: SessionRecord, msg: P.Message) -> None:
+        self._check_stages()
+        text = msg.meta.get("text")
+        limit = self.sup.config.limits.max_text_chars
+        if not isinstance(text, str) or not text.strip():
+            raise BadInput("text must be a non-empty string")
+        if len(text) > limit:
+            raise LimitExceeded(f"text of {len(text)} characters exceeds {limit}",
+                                code="too_large", limit=limit, size=len(text))
+        meta: dict[str, Any] = {"text": text}
+        for key in ("emotion", "intensity", "rate"):
+            if msg.meta.get(key) is not None:
+                meta[key] = msg.meta[key]
+        if "intensity" in meta:
+            _number(meta, "intensity", 0.0, 1.0)
+        if "rate" in meta:
+            _number(meta, "rate", 0.25, 4.0)
+        if "emotion" in meta and not isinstance(meta["emotion"], str):
+            raise BadInput("emotion must be a string")
+        utt = self.new_utterance(rec)
+        meta["utterance"] = utt.id
+        send(self.sup.first_stage_socket(), P.Message(P.SAY, session=rec.token, seq=utt.id, meta=meta))
+        self.reply(rec.client, msg.meta.get("req"), session=rec.token, utterance=utt.id)
+
+    def audio_in(self, rec: SessionRecord, msg: P.Message) -> None:
+        self._check_stages()
+        if len(msg.tensors) != 1 or msg.tensors[0].pool is not None:
+            raise BadInput("audio_in carries one inline int16 tensor")
+        pcm = msg.inline_array(msg.tensors[0])
+        if pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise BadInput("audio_in must be mono int16 PCM")
+        sr = msg.meta.get("sample_rate")
+        if not isinstance(sr, int) or not 8000 <= sr <= 96000:
+            raise BadInput("sample_rate must be an integer in 8000..96000")
+        utt_id = msg.meta.get("utterance")
+        if utt_id is None:
+            utt = self.new_utterance(rec)
+        else:
+            utt = rec.utterances.get(utt_id) if isinstance(utt_id, int) else None
+            if utt is None or utt.cancelled:
+                raise BadInput("unknown or finished utterance for audio_in")
+        final = bool(msg.meta.get("final", False))
+        out = P.Message(P.AUDIO_IN, session=rec.token, seq=utt.id,
+                        meta={"utterance": utt.id, "sample_rate": sr, "final": final})
+        out.add_inline(pcm)
+        send(self.sup.first_stage_socket(), out)
+        self.reply(rec.client, msg.meta.get("req"), session=rec.token, utterance=utt.id)
+
+    def cancel(self, rec: SessionRecord, msg: P.Message) -> None:
+        utt = msg.meta.get("utterance")
+        targets = [u for u in rec.utterances.values() if utt is None or u.id == utt]
+        send(self.sup.first_stage_socket(), P.Message(P.CANCEL, session=rec.token,
+                                                      meta={"utterance": utt}))
+        self.reply(rec.client, msg.meta.get("req"), session=rec.token,
+                   cancelled=[u.id for u in targets])
+        for u in targets:
+            u.cancelled = True
+            self.sup.delivery.utterance_done(rec, u, complete=False, cancelled=True)
+
+    def release(self, rec: SessionRecord, msg: P.Message) -> None:
+        refs = msg.meta.get("refs")
+        if not isinstance(refs, list):
+            raise BadInput("release needs refs")
+        for r in refs[:256]:
+            try:
+                pool = self.sup.pools.pools.get(str(r["pool"]))
+                slot, lease = int(r["slot"]), int(r["lease"])
+            except (KeyError, TypeError, ValueError):
+                raise BadInput("bad release reference") from None
+            if pool is None or not 0 <= slot < pool.n_slots:
+                continue
+            if int(pool.table[slot]["owner"]) == rec.tag:  # only your own slots
+                pool.release(slot, lease)
+
+    def new_utterance(self, rec: SessionRecord) -> Utterance:
+        now = time.monotonic()
+        utt = Utterance(id=rec.next_utterance, said_at=now, last_progress=now)
+        rec.next_utterance += 1
+        rec.utterances[utt.id] = utt
+        return utt
+
+    # ------------------------------------------------------------------ endings
+    def close_session(self, rec: SessionRecord, reason: str, notify: bool = True) -> None:
+        sup = self.sup
+        if sup.registry.remove(rec.token) is None:
+            return
+        sup.tell_workers(P.Message(P.CLOSE_SESSION, session=rec.token, meta={"req": None}))
+        sup.delivery.forget(rec)
+        for pool in sup.pools.pools.values():
+            pool.reclaim(owner=rec.tag)
+        if notify:
+            self.to(rec.client, P.event("session_closed", session=rec.token, reason=reason))
+        log.info("session closed", extra={"session": rec.token[:8], "reason": reason})
+
+    def tick(self, now: float) -> None:
+        idle = self.sup.config.timeouts.client_idle
+        for rec in self.sup.registry:
+            if now - rec.last_seen > idle:
+                self.close_session(rec, reason="idle")
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (int, str))
+
+
+def _number(d: dict, key: str, lo: float, hi: float) -> float:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise BadInput(f"{key} must be a number in {lo:g}..{hi:g}, got {v!r}")
+    return float(v)
+
+
+def _first_error(replies: dict[str, dict]) -> dict | None:
+    for stage, r in replies.items():
+        if not r.get("ok"):
+            err = dict(r.get("error") or {"code": "internal", "message": f"{stage} failed"})
+            err.setdefault("details", {})
+            err["details"] = dict(err["details"] or {}, stage=stage)
+            return err
+    return None
+
+
+def _brief(spec: dict) -> str:
+    return ",".join(f"{k}={spec[k]}" for k in ("size", "fps", "emotion") if k in spec)

@@ -1,0 +1,109 @@
+"""One worker OS process: spawn (pinned, dying with us), watch, stop."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from giris.supervisor.restart import RestartPolicy
+
+PR_SET_PDEATHSIG = 1
+
+STARTING, READY, BACKOFF, FAILED, STOPPED = "starting", "ready", "backoff", "failed", "stopped"
+
+
+def _child_setup(cpus: list[int] | None) -> Any:
+    def setup() -> None:
+        # Die with the supervisor, whatever kills it: no orphan may hold a GPU or a slot.
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:
+                pass
+    return setup
+
+
+@dataclass
+class WorkerHandle:
+    """A stage replica: its spec, its current process, its restart history."""
+
+    stage: str
+    index: int
+    spec: dict[str, Any]
+    cpus: list[int] | None
+    device: str
+    policy: RestartPolicy
+    proc: subprocess.Popen | None = None
+    state: str = STOPPED
+    restarts: int = 0
+    started_at: float = 0.0
+    last_beat: float = 0.0
+    restart_at: float = 0.0
+    beat: dict[str, Any] = field(default_factory=dict)
+    identity: bytes = b""
+    last_exit: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def spawn(self, env_extra: dict[str, str] | None = None) -> None:
+        env = dict(os.environ)
+        if self.device.startswith("cuda"):
+            # Before the child imports torch: the stage sees only its own GPU, as cuda:0.
+            env["CUDA_VISIBLE_DEVICES"] = self.device.partition(":")[2] or "0"
+        self.identity = f"{self.stage}.{self.index}.{time.monotonic_ns()}".encode()
+        spec = dict(self.spec, identity=self.identity.decode())
+        if self.device.startswith("cuda"):
+            spec["device"] = "cuda:0"
+        env["GIRIS_WORKER"] = json.dumps(spec)
+        env.update(env_extra or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "giris.workers.stage"], env=env, stdin=subprocess.DEVNULL,
+            preexec_fn=_child_setup(self.cpus), close_fds=True)
+        self.state = STARTING
+        self.started_at = self.last_beat = time.monotonic()
+        self.beat = {}
+
+    def poll(self) -> int | None:
+        """Exit code if the process has ended (reaped), else None."""
+        if self.proc is None:
+            return None
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def terminate(self, timeout: float) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.state = STOPPED
+
+    def describe(self) -> dict[str, Any]:
+        return {"stage": self.stage, "replica": self.index, "pid": self.pid, "state": self.state,
+                "restarts": self.restarts, "cpus": self.cpus, "device": self.device,
+                "engine": self.spec.get("engine"), "sessions": self.beat.get("sessions", 0),
+                "queued": self.beat.get("queued", 0), "processed": self.beat.get("processed", 0),
+                "dropped": self.beat.get("dropped", 0), "held": self.beat.get("held", {}),
+                "last_exit": self.last_exit}

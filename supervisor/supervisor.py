@@ -1,0 +1,359 @@
+"""The supervisor: owns the pools, the sockets, the workers and the session registry.
+
+One thread runs one loop over three sockets (clients' ROUTER, workers' control ROUTER,
+the results sink PULL) plus timers (heartbeats, restarts, idle sessions, pacing). Client
+requests are handled by :mod:`gateway`, results on their way out by :mod:`delivery`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from giris.runtime import protocol as P
+from giris.runtime.config import Config
+from giris.runtime.errors import GirisError
+from giris.runtime.shm_pool import SlotPool, clean_stale
+from giris.runtime.transport import PoolSet, private_dir, recv, send, socket
+from giris.supervisor.delivery import Delivery
+from giris.supervisor.gateway import Gateway
+from giris.supervisor.process import BACKOFF, FAILED, READY, STARTING, STOPPED, WorkerHandle
+from giris.supervisor.restart import RestartPolicy
+from giris.supervisor.sessions import SessionRegistry
+
+log = logging.getLogger("giris.supervisor")
+
+
+@dataclass
+class Pending:
+    """A request fanned out to every worker, waiting for all their replies."""
+
+    waiting: set[bytes]
+    on_done: Callable[[dict[str, dict]], None]
+    deadline: float
+    replies: dict[str, dict] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, config: Config, context: zmq.Context | None = None,
+                 notifier: Any = None, metrics: Any = None, log_level: str = "WARNING",
+                 log_json: bool = False) -> None:
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self.notifier = notifier
+        self.metrics = metrics
+        self.log_level, self.log_json = log_level, log_json
+        self.registry = SessionRegistry(config.budgets)
+        self.pools = PoolSet()
+        self.workers: list[WorkerHandle] = []
+        self.pending: dict[int, Pending] = {}
+        self._req = itertools.count(1)
+        self._stop = threading.Event()
+        self.stopping = False
+        self.started_at = time.monotonic()
+        self.loop_beat = time.monotonic()
+        self.run_dir = ""
+        self.endpoint = ""
+        self._own_run_dir = False
+        self.gateway = Gateway(self)
+        self.delivery = Delivery(self)
+        self.announced_ready = False
+
+    # ------------------------------------------------------------------ start-up
+    def start(self, wait: bool = True) -> None:
+        cfg = self.config
+        if not cfg.stages:
+            raise GirisError("no stages configured", code="bad_config")
+        self.run_dir = cfg.server.run_dir or private_dir()
+        self._own_run_dir = not cfg.server.run_dir
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        removed = clean_stale()
+        if removed:
+            log.info("removed stale pools", extra={"pools": removed})
+        run_id = os.urandom(3).hex()
+        self.pool_prefix = f"giris-{os.getpid()}-{run_id}"
+        self.control = socket(self.ctx, zmq.ROUTER, router_mandatory=0)
+        self.control.bind(f"ipc://{self.run_dir}/control.sock")
+        self.sink = socket(self.ctx, zmq.PULL, rcvhwm=0)
+        self.sink.bind(f"ipc://{self.run_dir}/sink.sock")
+        self.endpoint = cfg.server.endpoint or f"ipc://{self.run_dir}/gateway.sock"
+        self.gateway.bind(self.endpoint)
+        names = cfg.stage_names()
+        cpus = sorted(os.sched_getaffinity(0))
+        for i, name in enumerate(names):
+            sc = cfg.stages[name]
+            pool_name = None
+            if sc.pool_slots > 0:
+                pool = SlotPool.create(f"{self.pool_prefix}-{name}", sc.pool_slot_bytes, sc.pool_slots)
+                self.pools.add(pool)
+                pool_name = pool.name
+            last = i == len(names) - 1
+            spec = {
+                "stage": name, "index": 0, "engine": sc.engine, "options": sc.options,
+                "device": sc.device, "control": f"ipc://{self.run_dir}/control.sock",
+                "input": f"ipc://{self.run_dir}/stage-{name}.sock",
+                "output": None if last else f"ipc://{self.run_dir}/stage-{names[i + 1]}.sock",
+                "sink": f"ipc://{self.run_dir}/sink.sock", "pool": pool_name, "last": last,
+                "backpressure": sc.backpressure, "block_timeout": sc.block_timeout,
+                "heartbeat": cfg.timeouts.worker_heartbeat, "log_level": self.log_level,
+                "log_json": self.log_json,
+            }
+            pin = sc.cpus if sc.cpus is not None else [cpus[i % len(cpus)]]
+            rc = cfg.restart
+            self.workers.append(WorkerHandle(
+                stage=name, index=0, spec=spec, cpus=pin or None, device=sc.device,
+                policy=RestartPolicy(rc.backoff_initial, rc.backoff_max, rc.max_restarts, rc.window)))
+        for w in self.workers:
+            w.spawn()
+        log.info("starting", extra={"endpoint": self.endpoint, "stages": ",".join(names)})
+        if wait:
+            self.wait_ready(cfg.timeouts.worker_start)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Run the loop until every stage is ready or failed (so start-up is observable)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(w.state in (READY, FAILED) for w in self.workers):
+                return all(w.state == READY for w in self.workers)
+            self.step(0.05)
+        raise GirisError(f"stages not ready after {timeout:g} s: " + ", ".join(
+            w.stage for w in self.workers if w.state != READY), code="start_timeout")
+
+    # ------------------------------------------------------------------ loop
+    def serve_forever(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.step(0.05)
+        finally:
+            self.shutdown()
+
+    def request_stop(self) -> None:
+        """Signal-safe: the loop notices within one tick."""
+        self._stop.set()
+
+    def step(self, max_wait: float) -> None:
+        wait = min(max_wait, self.delivery.next_due())
+        poller = zmq.Poller()
+        for s in (self.control, self.sink, self.gateway.sock):
+            poller.register(s, zmq.POLLIN)
+        ready = dict(poller.poll(max(0, int(wait * 1000))))
+        if self.control in ready:
+            self._drain(self.control, self.on_control, raw=True)
+        if self.sink in ready:
+            self._drain(self.sink, self.delivery.on_result)
+        if self.gateway.sock in ready:
+            self.gateway.drain()
+        self.tick()
+
+    def _drain(self, sock: zmq.Socket, handler: Callable, raw: bool = False, limit: int = 256) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                if raw:
+                    handler(frames[0].bytes, P.decode(frames[1:]))
+                else:
+                    handler(P.decode(frames))
+            except GirisError as e:
+                log.warning("dropped bad internal message", extra={"error": str(e)})
+            except Exception:  # noqa: BLE001 - the loop must survive any one message
+                log.exception("handler failed")
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.loop_beat = now
+        self.check_workers(now)
+        self.gateway.tick(now)
+        self.delivery.tick(now)
+        for req, p in list(self.pending.items()):
+            if now > p.deadline:
+                del self.pending[req]
+                p.on_done({"__timeout__": {"ok": False, "error": GirisError(
+                    "stages did not answer in time", code="timeout").to_wire()}})
+        if self.notifier is not None:
+            self.notifier.tick(self, now)
+        if self.metrics is not None:
+            self.metrics.tick(self, now)
+
+    # ------------------------------------------------------------------ workers
+    def worker_by_identity(self, identity: bytes) -> WorkerHandle | None:
+        for w in self.workers:
+            if w.identity == identity:
+                return w
+        return None
+
+    def on_control(self, identity: bytes, msg: P.Message) -> None:
+        w = self.worker_by_identity(identity)
+        if w is None:
+            return
+        now = time.monotonic()
+        w.last_beat = now
+        if msg.type == P.READY:
+            self.on_worker_ready(w, msg)
+        elif msg.type == P.HEARTBEAT:
+            w.beat = msg.meta
+            if self.metrics is not None:
+                self.metrics.on_heartbeat(w, msg.meta)
+        elif msg.type == P.REPLY:
+            p = self.pending.get(msg.meta.get("req"))
+            if p is not None and identity in p.waiting:
+                p.waiting.discard(identity)
+                p.replies[w.stage] = msg.meta
+                if not p.waiting:
+                    del self.pending[msg.meta["req"]]
+                    p.on_done(p.replies)
+
+    def on_worker_ready(self, w: WorkerHandle, msg: P.Message) -> None:
+        restarted = w.restarts > 0 and w.state == STARTING
+        reply = P.Message(P.REPLY, meta={"sessions": []})
+        for rec in self.registry:
+            entry = {"token": rec.token, "tag": rec.tag,
+                     "spec": dict(rec.spec, resume_sample=rec.audio_end)}
+            if rec.avatar is not None:
+                reply.buffers.append(rec.avatar)
+                entry["avatar_buffer"] = len(reply.buffers) - 1
+            reply.meta["sessions"].append(entry)
+        self.control.send_multipart([w.identity, *P.encode(reply)])
+        w.state = READY
+        log.info("stage ready", extra={"stage": w.stage, "pid": w.pid,
+                                        "load_s": round(msg.meta.get("load_s", 0), 3)})
+        if restarted:
+            self.delivery.stage_restarted(w)
+        if not self.announced_ready and all(x.state == READY for x in self.workers):
+            self.announced_ready = True
+            if self.notifier is not None:
+                self.notifier.ready()
+
+    def check_workers(self, now: float) -> None:
+        for w in self.workers:
+            if w.state in (STARTING, READY):
+                code = w.poll()
+                if code is not None:
+                    self.on_worker_exit(w, code, now)
+                elif w.state == READY and now - w.last_beat > self.config.timeouts.worker_timeout:
+                    log.warning("stage hung, killing", extra={"stage": w.stage, "pid": w.pid})
+                    w.kill()
+                    self.on_worker_exit(w, w.poll(), now, hung=True)
+                elif w.state == STARTING and now - w.started_at > self.config.timeouts.worker_start:
+                    w.kill()
+                    self.on_worker_exit(w, w.poll(), now, hung=True)
+            elif w.state == BACKOFF and now >= w.restart_at and not self.stopping:
+                w.restarts += 1
+                w.spawn()
+
+    def on_worker_exit(self, w: WorkerHandle, code: int | None, now: float, hung: bool = False) -> None:
+        pid = w.pid
+        w.last_exit = code
+        for pool in self.pools.pools.values():
+            pool.reclaim(holder=pid)
+        for req, p in list(self.pending.items()):
+            if w.identity in p.waiting:
+                p.waiting.discard(w.identity)
+                p.replies[w.stage] = {"ok": False, "error": GirisError(
+                    f"stage {w.stage} died", code="stage_restarted").to_wire()}
+                if not p.waiting:
+                    del self.pending[req]
+                    p.on_done(p.replies)
+        if self.stopping:
+            w.state = STOPPED
+            return
+        delay = w.policy.record_crash(now)
+        log.warning("stage exited", extra={"stage": w.stage, "pid": pid, "code": code, "hung": hung,
+                                            "restart_in": delay})
+        if self.metrics is not None:
+            self.metrics.on_restart(w.stage)
+        if delay is None:
+            w.state = FAILED
+            self.delivery.stage_failed(w)
+        else:
+            w.state = BACKOFF
+            w.restart_at = now + delay
+            self.delivery.stage_down(w)
+
+    def failed_stages(self) -> list[str]:
+        return [w.stage for w in self.workers if w.state == FAILED]
+
+    def fan_out(self, msg: P.Message, on_done: Callable[[dict[str, dict]], None],
+                timeout: float | None = None) -> None:
+        """Send ``msg`` to every worker; ``on_done(replies by stage)`` once all answered."""
+        req = next(self._req)
+        msg.meta["req"] = req
+        targets = {w.identity for w in self.workers if w.state == READY}
+        self.pending[req] = Pending(targets, on_done,
+                                    time.monotonic() + (timeout or self.config.timeouts.request))
+        frames = P.encode(msg)
+        for ident in targets:
+            self.control.send_multipart([ident, *frames])
+        if not targets:
+            p = self.pending.pop(req)
+            p.on_done({})
+
+    def tell_workers(self, msg: P.Message) -> None:
+        frames = P.encode(msg)
+        for w in self.workers:
+            if w.state == READY:
+                self.control.send_multipart([w.identity, *frames])
+
+    def first_stage_socket(self) -> zmq.Socket:
+        if not hasattr(self, "_first"):
+            self._first = socket(self.ctx, zmq.PUSH, linger=0, sndhwm=0)
+            self._first.connect(self.workers[0].spec["input"])
+        return self._first
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        used = self.registry.usage()
+        devices = sorted(set(used) | set(self.config.budgets))
+        return {
+            "state": "stopping" if self.stopping else ("serving" if self.announced_ready else "starting"),
+            "endpoint": self.endpoint, "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "workers": [w.describe() for w in self.workers],
+            "sessions": len(self.registry),
+            "budgets": {d: {"used": used.get(d, 0), "limit": self.config.budgets.get(d)} for d in devices},
+            "pools": {p.name: {"slots": p.n_slots, "in_use": p.in_use(), "slot_bytes": p.slot_bytes}
+                      for p in self.pools.pools.values()},
+            "frames_out": self.delivery.frames_out,
+        }
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self) -> None:
+        if getattr(self, "_down", False):
+            return
+        self._down = True
+        self.stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping()
+        for rec in list(self.registry):
+            self.gateway.close_session(rec, reason="shutdown")
+        for w in self.workers:
+            if w.state in (READY, STARTING):
+                try:
+                    self.control.send_multipart([w.identity, *P.encode(P.Message(P.STOP))])
+                except zmq.ZMQError:
+                    pass
+        deadline = time.monotonic() + self.config.timeouts.shutdown
+        for w in self.workers:
+            w.terminate(max(0.1, deadline - time.monotonic()))
+        for w in self.workers:
+            w.kill()
+        self.delivery.flush()
+        for pool in list(self.pools.pools.values()):
+            pool.unlink()
+        self.pools.close()
+        self.gateway.close()
+        for s in (self.control, self.sink, getattr(self, "_first", None)):
+            if s is not None:
+                s.close(0)
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info("stopped")

@@ -1,0 +1,396 @@
+"""The stage worker: one process per stage replica, spawned by the supervisor.
+
+It loads its engine once, then loops: read control (sessions opening and closing) and
+input (work), advance each busy session's engine generator by one output in turn (so a
+long utterance of one session never starves another, and a ``cancel`` takes effect
+between two chunks), route each output downstream and/or to the client, heartbeat.
+
+Engines see numpy arrays only; this module owns sockets, pools and the session table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import zmq
+
+from giris.runtime import protocol as P
+from giris.runtime.errors import GirisError
+from giris.runtime.logs import setup_logging
+from giris.runtime.shm_pool import PoolFull, Slot, SlotPool, session_tag
+from giris.runtime.transport import PoolSet, recv, send, socket
+from giris.workers.engine import EngineContext, Output, StageInput
+from giris.workers.registry import engine_class
+
+log = logging.getLogger("giris.worker")
+MAX_DRAIN = 64
+
+
+@dataclass
+class WorkerSession:
+    token: str
+    tag: int
+    state: Any
+    queue: deque = field(default_factory=deque)
+    gen: Iterator[Output] | None = None
+    current: P.Message | None = None
+    started: float = 0.0
+    #: pool slots allocated for this session and not yet sent
+    allocs: dict[int, Slot] = field(default_factory=dict)
+
+
+class StageWorker:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.stage: str = spec["stage"]
+        self.last: bool = bool(spec["last"])
+        self.ctx = zmq.Context()
+        self.pools = PoolSet()
+        self.pool: SlotPool | None = None
+        if spec.get("pool"):
+            self.pool = SlotPool.attach(spec["pool"])
+            self.pools.add(self.pool)
+        self.sessions: dict[str, WorkerSession] = {}
+        self.current: WorkerSession | None = None
+        self.stats = {"processed": 0, "outputs": 0, "dropped": 0, "errors": 0}
+        self.latencies: list[float] = []
+        self.running = True
+        self.scratch: set[int] = set()
+
+    # ------------------------------------------------------------------ start-up
+    def start(self) -> None:
+        sp = self.spec
+        self.control = socket(self.ctx, zmq.DEALER, identity=sp["identity"].encode())
+        self.control.connect(sp["control"])
+        context = EngineContext(stage=self.stage, device=sp.get("device", "cpu"),
+                                alloc=self.alloc, log=logging.getLogger(f"giris.engine.{self.stage}"))
+        t0 = time.monotonic()
+        self.engine = engine_class(sp["engine"])(sp.get("options") or {}, context)
+        self.engine.warmup()
+        load_s = time.monotonic() - t0
+        self.input = socket(self.ctx, zmq.PULL, rcvhwm=0)
+        self.input.bind(sp["input"])
+        self.sink = socket(self.ctx, zmq.PUSH, linger=2000, sndhwm=0)
+        self.sink.connect(sp["sink"])
+        if self.last:
+            self.output = self.sink
+        else:
+            self.output = socket(self.ctx, zmq.PUSH, linger=2000, sndhwm=0)
+            self.output.connect(sp["output"])
+        send(self.control, P.Message(P.READY, meta={"pid": os.getpid(), "load_s": load_s}))
+        # The supervisor answers with the open sessions to restore before any work is read.
+        if not self.control.poll(int(sp.get("ready_timeout", 60) * 1000)):
+            raise SystemExit("supervisor did not answer READY")
+        reply = recv(self.control)
+        for entry, avatar in _with_avatars(reply):
+            self.open(entry["token"], int(entry["tag"]), _spec(entry["spec"], avatar), None)
+        log.info("ready", extra={"stage": self.stage, "load_s": round(load_s, 3),
+                                 "restored": len(self.sessions)})
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.input, zmq.POLLIN)
+        hb = float(self.spec.get("heartbeat", 0.5))
+        next_beat = time.monotonic()
+        parent = os.getppid()
+        while self.running:
+            busy = any(s.gen is not None or s.queue for s in self.sessions.values())
+            now = time.monotonic()
+            if now >= next_beat:
+                if os.getppid() != parent:  # the supervisor is gone: so are we
+                    break
+                self.heartbeat()
+                next_beat = now + hb
+            timeout = 0 if busy else max(0, int((next_beat - now) * 1000))
+            ready = dict(poller.poll(timeout))
+            if self.control in ready:
+                self.drain_control()
+            if self.input in ready:
+                self.drain_input()
+            if busy:
+                self.step_all()
+
+    def drain_control(self) -> None:
+        while True:
+            try:
+                msg = recv(self.control, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except GirisError as e:
+                log.warning("bad control message", extra={"error": str(e)})
+                continue
+            self.on_control(msg)
+
+    def on_control(self, msg: P.Message) -> None:
+        req = msg.meta.get("req")
+        avatar = bytes(msg.buffers[0]) if msg.buffers else None
+        if msg.type == P.OPEN_SESSION and msg.meta.get("estimate_only"):
+            try:
+                est = self.engine.estimate(_spec(msg.meta["spec"], avatar))
+                self.reply(req, ok=True, estimate=est)
+            except Exception as e:  # noqa: BLE001 - reported to the supervisor
+                self.reply(req, ok=False, error=_wire(e))
+        elif msg.type == P.OPEN_SESSION:
+            self.open(msg.session, int(msg.meta["tag"]), _spec(msg.meta["spec"], avatar), req)
+        elif msg.type == P.CLOSE_SESSION:
+            self.close(msg.session)
+            self.reply(req, ok=True)
+        elif msg.type == P.STOP:
+            self.running = False
+
+    def open(self, token: str, tag: int, spec: dict, req: Any) -> None:
+        try:
+            state = self.engine.open_session(spec)
+        except Exception as e:  # noqa: BLE001 - an unusable spec must not kill the worker
+            if req is not None:
+                self.reply(req, ok=False, error=_wire(e))
+            else:
+                log.warning("could not restore session", extra={"error": str(e)})
+            return
+        old = self.sessions.pop(token, None)
+        if old is not None:
+            self._drop(old)
+        self.sessions[token] = WorkerSession(token, tag, state)
+        if req is not None:
+            self.reply(req, ok=True, held=self._held(state))
+
+    def close(self, token: str) -> None:
+        s = self.sessions.pop(token, None)
+        if s is not None:
+            self._drop(s)
+
+    def _drop(self, s: WorkerSession) -> None:
+        if s.gen is not None:
+            s.gen.close()
+        if s.current is not None:
+            self.pools.release_all(s.current)
+        for m in s.queue:
+            self.pools.release_all(m)
+        s.queue.clear()
+        self._free_allocs(s)
+        try:
+            self.engine.close_session(s.state)
+        except Exception:  # noqa: BLE001
+            log.exception("close_session failed")
+
+    def drain_input(self) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                msg = recv(self.input, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except GirisError as e:
+                self.stats["errors"] += 1
+                log.warning("dropped malformed message", extra={"error": str(e)})
+                continue
+            s = self.sessions.get(msg.session)
+            if s is None:  # closed meanwhile: nothing may linger
+                self.pools.release_all(msg)
+                continue
+            if msg.type == P.CANCEL:
+                self.cancel(s, msg)
+            else:
+                s.queue.append(msg)
+
+    def cancel(self, s: WorkerSession, msg: P.Message) -> None:
+        utt = msg.meta.get("utterance")
+        if s.current is not None and (utt is None or s.current.meta.get("utterance") == utt):
+            self._finish(s)
+        keep = deque()
+        for m in s.queue:
+            if utt is None or m.meta.get("utterance") == utt:
+                self.pools.release_all(m)
+            else:
+                keep.append(m)
+        s.queue = keep
+        try:
+            self.engine.cancel(s.state, utt)
+        except Exception:  # noqa: BLE001
+            log.exception("cancel failed")
+        if not self.last:
+            send(self.output, msg)
+
+    # ------------------------------------------------------------------ work
+    def step_all(self) -> None:
+        for s in list(self.sessions.values()):
+            if s.token not in self.sessions:
+                continue
+            if s.gen is None:
+                if not s.queue:
+                    continue
+                self._begin(s, s.queue.popleft())
+                if s.gen is None:
+                    continue
+            self.current = s
+            try:
+                out = next(s.gen)  # type: ignore[arg-type]
+            except StopIteration:
+                self.latencies.append(time.monotonic() - s.started)
+                self.stats["processed"] += 1
+                self._finish(s)
+                continue
+            except Exception as e:  # noqa: BLE001 - the engine failed this item only
+                self.stats["errors"] += 1
+                if not isinstance(e, GirisError):
+                    log.exception("engine failed", extra={"stage": self.stage})
+                self.error_to_client(s, e)
+                self._finish(s)
+                continue
+            finally:
+                self.current = None
+            self.route(s, out)
+
+    def _begin(self, s: WorkerSession, msg: P.Message) -> None:
+        try:
+            arrays = self.pools.arrays(msg)
+        except GirisError as e:
+            self.stats["dropped"] += 1
+            log.warning("dropped input", extra={"error": str(e)})
+            self.pools.release_all(msg)
+            return
+        item = StageInput(type=msg.type, seq=msg.seq, pts=msg.pts, meta=msg.meta, tensors=arrays)
+        s.current = msg
+        s.started = time.monotonic()
+        s.gen = iter(self.engine.process(item, s.state))
+
+    def _finish(self, s: WorkerSession) -> None:
+        if s.gen is not None:
+            s.gen.close()
+        s.gen = None
+        if s.current is not None:
+            self.pools.release_all(s.current)
+        s.current = None
+        self._free_allocs(s)
+
+    def _free_allocs(self, s: WorkerSession) -> None:
+        for slot in s.allocs.values():
+            self.pool.release(slot.index, slot.lease)  # type: ignore[union-attr]
+        s.allocs.clear()
+
+    def alloc(self, shape: tuple, dtype: Any) -> np.ndarray:
+        """An output buffer inside a pool slot (zero-copy to the consumer)."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        s = self.current
+        if self.pool is None or s is None or nbytes > self.pool.slot_bytes:
+            return np.empty(shape, dtype)
+        timeout = 0.0 if self.spec.get("backpressure") == "drop" else float(self.spec.get("block_timeout", 5.0))
+        try:
+            slot = self.pool.alloc(owner=s.tag, timeout=timeout)
+        except PoolFull:
+            if self.spec.get("backpressure") != "drop":
+                raise
+            arr = np.empty(shape, dtype)
+            self.scratch.add(arr.__array_interface__["data"][0])
+            return arr
+        arr = slot.array[:nbytes].view(dtype).reshape(shape)
+        s.allocs[arr.__array_interface__["data"][0]] = slot
+        return arr
+
+    def route(self, s: WorkerSession, out: Output) -> None:
+        msg = P.Message(type=out.type, session=s.token, seq=out.seq, pts=out.pts, meta=out.meta)
+        client_copy = None
+        for t in out.tensors:
+            addr = t.__array_interface__["data"][0] if t.nbytes else 0
+            if addr in self.scratch:  # backpressure policy "drop": the consumer is behind
+                self.scratch.discard(addr)
+                self.stats["dropped"] += 1
+                return
+            slot = s.allocs.pop(addr, None)
+            if slot is not None:
+                msg.tensors.append(self.pool.ref(slot, t, self.spec.get("device", "cpu")))  # type: ignore[union-attr]
+            else:
+                msg.add_inline(t)
+        self.stats["outputs"] += 1
+        if self.last or out.downstream:
+            send(self.output, msg)
+        if out.to_client and not self.last:
+            if any(r.pool for r in msg.tensors):  # one consumer per slot: the client gets a copy
+                client_copy = P.Message(msg.type, msg.session, msg.seq, msg.pts, msg.meta)
+                for t in out.tensors:
+                    client_copy.add_inline(t)
+            send(self.sink, client_copy or msg)
+
+    def error_to_client(self, s: WorkerSession, exc: BaseException) -> None:
+        msg = P.error(_error(exc), session=s.token)
+        msg.meta["stage"] = self.stage
+        if s.current is not None and "utterance" in s.current.meta:
+            msg.meta["utterance"] = s.current.meta["utterance"]
+        send(self.sink, msg)
+
+    # ------------------------------------------------------------------ control replies
+    def reply(self, req: Any, **meta: Any) -> None:
+        send(self.control, P.Message(P.REPLY, meta={"req": req, **meta}))
+
+    def heartbeat(self) -> None:
+        held: dict[str, int] = {}
+        for s in self.sessions.values():
+            for dev, n in self._held(s.state).items():
+                held[dev] = held.get(dev, 0) + int(n)
+        lat, self.latencies = self.latencies[-256:], []
+        send(self.control, P.Message(P.HEARTBEAT, meta={
+            "pid": os.getpid(), "sessions": len(self.sessions),
+            "queued": sum(len(s.queue) for s in self.sessions.values()),
+            "held": held, "latencies": lat, **self.stats}))
+
+    def _held(self, state: Any) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in (self.engine.held(state) or {}).items()}
+        except Exception:  # noqa: BLE001
+            return {}
+
+    def shutdown(self) -> None:
+        for token in list(self.sessions):
+            self.close(token)
+        self.pools.close()
+        self.ctx.destroy(linger=500)
+
+
+def _spec(spec: dict, avatar: bytes | None) -> dict:
+    spec = dict(spec)
+    if avatar is not None:
+        spec["avatar"] = avatar
+    return spec
+
+
+def _with_avatars(reply: P.Message) -> Iterator[tuple[dict, bytes | None]]:
+    for entry in reply.meta.get("sessions", []):
+        i = entry.get("avatar_buffer")
+        yield entry, (bytes(reply.buffers[i]) if i is not None else None)
+
+
+def _error(e: BaseException) -> GirisError:
+    if isinstance(e, GirisError):
+        return e
+    return GirisError(f"{type(e).__name__}: {e}", code="internal")
+
+
+def _wire(e: BaseException) -> dict:
+    return _error(e).to_wire()
+
+
+def main() -> None:
+    spec = json.loads(os.environ["GIRIS_WORKER"])
+    setup_logging(spec.get("log_level", "WARNING"), spec.get("log_json", False))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    worker = StageWorker(spec)
+    try:
+        worker.start()
+        worker.run()
+    finally:
+        worker.shutdown()
+
+
+if __name__ == "__main__":
+    main()
