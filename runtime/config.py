@@ -210,3 +210,12 @@ def to_mapping(cfg: Config) -> dict[str, Any]:
             return [conv(v) for v in x]
         return x
     return conv(cfg)
+
+
+def default_endpoint() -> str:
+    """Where ``giris serve`` listens and ``giris status`` looks when told nothing:
+    ``ipc://$XDG_RUNTIME_DIR/giris/gateway.sock`` (or under /tmp/giris-UID), owner only."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "giris" if base and os.path.isdir(base) else Path(f"/tmp/giris-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return f"ipc://{path}/gateway.sock"

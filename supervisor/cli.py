@@ -1,0 +1,277 @@
+"""``giris``: say (text → MP4), serve (the server), status, keys, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from giris.runtime.config import Config, default_endpoint, load
+from giris.runtime.errors import GirisError
+from giris.runtime.logs import setup_logging
+
+log = logging.getLogger("giris.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="giris", description="Real-time talking-avatar runtime.")
+    p.add_argument("--log-level", default=os.environ.get("GIRIS_LOG_LEVEL", "WARNING"))
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("say", help="speak TEXT with the avatar and write an MP4")
+    s.add_argument("text")
+    s.add_argument("-o", "--output", default="giris.mp4")
+    s.add_argument("--avatar", help="portrait image path, or a bundled avatar name")
+    s.add_argument("--emotion")
+    s.add_argument("--intensity", type=float)
+    s.add_argument("--voice", help="voice name or .onnx path")
+    s.add_argument("--rate", type=float, help="speaking rate (1.0 normal)")
+    s.add_argument("--size", type=int)
+    s.add_argument("--fps", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--coeffs", help="also write the coefficient stream (CSV)")
+    s.add_argument("--connect", help="use a running server at this endpoint instead of embedding")
+    s.add_argument("--server-key", help="server public key file (tcp with CURVE)")
+    s.add_argument("--client-key", help="client key file (tcp with CURVE)")
+    s.add_argument("--config", help="TOML config for the embedded runtime")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("serve", help="run the server in the foreground")
+    v.add_argument("--config")
+    v.add_argument("--endpoint", help="ipc://PATH or tcp://HOST:PORT (overrides the config)")
+    v.add_argument("--insecure", action="store_true", help="allow tcp without CURVE (not advised)")
+    v.add_argument("--metrics-port", type=int, help="Prometheus port on the metrics host (0 = off)")
+
+    st = sub.add_parser("status", help="workers, sessions and budgets of a running server")
+    st.add_argument("--endpoint", default=None)
+    st.add_argument("--server-key")
+    st.add_argument("--client-key")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--timeout", type=float, default=5.0)
+
+    k = sub.add_parser("keys", help="generate a CURVE key pair")
+    k.add_argument("--dir", default=".")
+    k.add_argument("--name", default="giris")
+
+    b = sub.add_parser("bench", help="run a benchmark from perf/ (from the repo root)")
+    b.add_argument("name")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = p.parse_args(argv)
+    setup_logging(args.log_level, args.log_json)
+    try:
+        return {"say": cmd_say, "serve": cmd_serve, "status": cmd_status, "keys": cmd_keys,
+                "bench": cmd_bench}[args.cmd](args)
+    except GirisError as e:
+        print(f"giris: error [{e.code}]: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------- say
+def cmd_say(args: argparse.Namespace) -> int:
+    from giris.runtime.client import AudioChunk, Client, Coefficients, Frame
+    from giris.runtime.media import Mp4Writer, write_coefficients
+
+    want = ["audio", "frames"] + (["coeffs"] if args.coeffs else [])
+    opts = dict(voice=args.voice, emotion=args.emotion, intensity=args.intensity, fps=args.fps,
+                size=args.size, rate=args.rate, want=want, seed=args.seed)
+    runtime = client = None
+    t0 = time.monotonic()
+    progress = Progress(enabled=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("GIRIS_PROGRESS")))
+    try:
+        if args.connect:
+            client = Client(args.connect, server_key=args.server_key, client_keys=args.client_key)
+        else:
+            from giris.runtime.embed import Runtime
+
+            progress.note("loading models")
+            runtime = Runtime(load(args.config) if args.config else None).start()
+            client = runtime.client
+        assert client is not None
+        session = client.open_session(args.avatar, **opts)
+        fps = session.fps
+        writer = None
+        coeff_rows: list = []
+        audio_end = frames = 0
+        sample_rate = 0
+        size = int(session.spec.get("size", 512))
+        first_frame_s = None
+        for item in session.say(args.text, timeout=120):
+            if isinstance(item, AudioChunk):
+                if writer is None:
+                    sample_rate = item.sample_rate
+                    writer = Mp4Writer(args.output, fps=fps, width=size, height=size,
+                                       sample_rate=sample_rate)
+                writer.add_audio(item.pcm, item.start_sample)
+                audio_end = max(audio_end, item.start_sample + len(item.pcm))
+            elif isinstance(item, Frame):
+                if first_frame_s is None:
+                    first_frame_s = time.monotonic() - t0
+                writer.add_frame(item.image, item.index)  # type: ignore[union-attr]
+                item.release()
+                frames += 1
+            elif isinstance(item, Coefficients):
+                coeff_rows.append(item)
+            expected = math.ceil(audio_end * fps / sample_rate) if sample_rate else 0
+            progress.update(frames, expected, audio_end / sample_rate if sample_rate else 0.0)
+        session.close()
+        if writer is None:
+            raise GirisError("nothing was synthesized", code="internal")
+        writer.close()
+        if args.coeffs:
+            write_coefficients(args.coeffs, coeff_rows)
+        progress.done()
+        print(json.dumps({"output": args.output, "frames": frames, "fps": fps,
+                          "audio_s": round(audio_end / sample_rate, 3),
+                          "first_frame_s": round(first_frame_s or 0, 3),
+                          "wall_s": round(time.monotonic() - t0, 3)}))
+        return 0
+    finally:
+        if runtime is not None:
+            runtime.stop()
+        elif client is not None:
+            client.close()
+
+
+class Progress:
+    """A one-line progress bar on stderr (only on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.last = 0.0
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[K{text}…")
+            sys.stderr.flush()
+
+    def update(self, frames: int, expected: int, audio_s: float) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.1:
+            return
+        self.last = now
+        width = 30
+        done = int(width * frames / expected) if expected else 0
+        sys.stderr.write(f"\r\033[K[{'#' * done}{'.' * (width - done)}] frames {frames}/{expected} "
+                         f"audio {audio_s:.1f} s")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------- serve
+def serve_config(args: argparse.Namespace) -> Config:
+    cfg = load(args.config) if args.config else load()
+    if args.endpoint:
+        cfg.server.endpoint = args.endpoint
+    if args.insecure:
+        cfg.server.insecure = True
+    if args.metrics_port is not None:
+        cfg.server.metrics_port = args.metrics_port
+    if not cfg.server.endpoint:
+        cfg.server.endpoint = default_endpoint()
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from giris.supervisor.service import ServiceHooks
+    from giris.supervisor.supervisor import Supervisor
+
+    cfg = serve_config(args)
+    hooks = ServiceHooks.create(cfg)
+    sup = Supervisor(cfg, notifier=hooks.notifier, metrics=hooks.metrics,
+                     log_level=args.log_level, log_json=args.log_json)
+    signal.signal(signal.SIGTERM, lambda *_: sup.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: sup.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: hooks.request_reload())
+    hooks.reload_from = (args, serve_config)
+    try:
+        sup.start(wait=False)
+        print(f"giris: serving on {sup.endpoint}", file=sys.stderr, flush=True)
+        if hooks.metrics is not None and hooks.metrics_port:
+            print(f"giris: metrics on http://{cfg.server.metrics_host}:{hooks.metrics_port}/metrics",
+                  file=sys.stderr, flush=True)
+        sup.serve_forever()
+    finally:
+        sup.shutdown()
+        hooks.close()
+    return 0
+
+
+# ---------------------------------------------------------------------- status
+def cmd_status(args: argparse.Namespace) -> int:
+    from giris.runtime.client import Client
+
+    endpoint = args.endpoint or default_endpoint()
+    with Client(endpoint, server_key=args.server_key, client_keys=args.client_key,
+                timeout=args.timeout) as c:
+        st = c.status(timeout=args.timeout)
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    print(f"giris {st['state']} on {st['endpoint']} (pid {st['pid']}, up {st['uptime_s']:.0f} s), "
+          f"{st['sessions']} session(s), {st['frames_out']} frames out")
+    rows = [("stage", "engine", "pid", "state", "restarts", "cpus", "device", "sessions", "queued")]
+    for w in st["workers"]:
+        rows.append((w["stage"], str(w["engine"]), str(w["pid"]), w["state"], str(w["restarts"]),
+                     ",".join(map(str, w["cpus"] or [])) or "-", w["device"], str(w["sessions"]),
+                     str(w["queued"])))
+    _table(rows)
+    if st["budgets"]:
+        print()
+        _table([("device", "used", "budget")] + [
+            (d, _size(b["used"]), _size(b["limit"]) if b["limit"] else "unlimited")
+            for d, b in st["budgets"].items()])
+    if st["pools"]:
+        print()
+        _table([("pool", "slots", "in use")] + [(n, str(p["slots"]), str(p["in_use"]))
+                                                 for n, p in st["pools"].items()])
+    return 0
+
+
+def _table(rows: list[tuple]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _size(n: Any) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---------------------------------------------------------------------- keys, bench
+def cmd_keys(args: argparse.Namespace) -> int:
+    from giris.runtime.keys import main as keys_main
+
+    return keys_main(["--dir", args.dir, "--name", args.name])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not Path("perf/__main__.py").exists():
+        raise GirisError("run `giris bench` from the repository root (perf/ is not installed)",
+                         code="bad_input")
+    sys.path.insert(0, os.getcwd())
+    from perf.__main__ import main as perf_main
+
+    return perf_main([args.name, *args.rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

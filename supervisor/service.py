@@ -1,0 +1,113 @@
+"""What ``giris serve`` adds around the supervisor: systemd notify, metrics, reload.
+
+The supervisor calls ``notifier.tick`` and ``metrics.tick`` from its loop, so a loop
+that hangs stops the watchdog pings, and systemd restarts the service.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from giris.runtime.config import Config
+
+if TYPE_CHECKING:
+    from giris.supervisor.supervisor import Supervisor
+
+log = logging.getLogger("giris.service")
+
+
+class SystemdHooks:
+    """READY=1 once every stage has loaded, STATUS= and WATCHDOG=1 from the loop."""
+
+    def __init__(self, notifier: Any) -> None:
+        self.n = notifier
+        self.interval = notifier.watchdog_interval()
+        self.next_watchdog = 0.0
+        self.next_status = 0.0
+        self.reload_requested = False
+        self.reloader: Any = None
+
+    def ready(self) -> None:
+        self.n.ready()
+
+    def stopping(self) -> None:
+        self.n.stopping()
+
+    def tick(self, sup: "Supervisor", now: float) -> None:
+        if self.interval and now >= self.next_watchdog:
+            self.n.watchdog()  # only from the loop: a hung loop stops pinging
+            self.next_watchdog = now + self.interval
+        if now >= self.next_status:
+            self.next_status = now + 2.0
+            states: dict[str, int] = {}
+            for w in sup.workers:
+                states[w.state] = states.get(w.state, 0) + 1
+            workers = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+            self.n.status(f"{len(sup.registry)} session(s); workers: {workers}; "
+                          f"{sup.delivery.frames_out} frames out")
+        if self.reload_requested and self.reloader is not None:
+            self.reload_requested = False
+            self.n.reloading()
+            try:
+                self.reloader(sup)
+            finally:
+                self.n.ready()
+
+
+class ServiceHooks:
+    def __init__(self) -> None:
+        self.notifier: SystemdHooks | None = None
+        self.metrics: Any = None
+        self.metrics_port = 0
+        self._stop_metrics: Any = None
+        self.reload_from: Any = None
+
+    @classmethod
+    def create(cls, cfg: Config) -> "ServiceHooks":
+        hooks = cls()
+        try:
+            from giris.supervisor.notify import Notifier
+        except ImportError:  # pragma: no cover - during development only
+            Notifier = None  # type: ignore[assignment]
+        if Notifier is not None:
+            hooks.notifier = SystemdHooks(Notifier.from_env())
+            hooks.notifier.reloader = hooks.reload
+        if cfg.server.metrics_port:
+            from giris.supervisor.metrics_hooks import MetricsHooks
+
+            hooks.metrics = MetricsHooks(cfg)
+            hooks.metrics_port, hooks._stop_metrics = hooks.metrics.serve(
+                cfg.server.metrics_host, cfg.server.metrics_port)
+        return hooks
+
+    def request_reload(self) -> None:
+        """SIGHUP: signal-safe; the loop reloads on its next tick."""
+        if self.notifier is not None:
+            self.notifier.reload_requested = True
+
+    def reload(self, sup: "Supervisor") -> None:
+        """Reload what can change without restarting stages: limits, budgets, timeouts,
+        restart policy and session defaults. Stage and server settings need a restart."""
+        if self.reload_from is None:
+            return
+        args, make = self.reload_from
+        try:
+            new = make(args)
+        except Exception as e:  # noqa: BLE001 - a bad file keeps the old config
+            log.error("reload failed, keeping the running config", extra={"error": str(e)})
+            return
+        cfg = sup.config
+        cfg.limits, cfg.timeouts, cfg.restart, cfg.defaults = new.limits, new.timeouts, new.restart, new.defaults
+        cfg.budgets = new.budgets
+        sup.registry.budgets = dict(new.budgets)
+        for w in sup.workers:
+            p = w.policy
+            p.backoff_initial, p.backoff_max = new.restart.backoff_initial, new.restart.backoff_max
+            p.max_restarts, p.window = new.restart.max_restarts, new.restart.window
+        log.warning("reloaded limits, budgets, timeouts, restart policy and defaults",
+                    extra={"at": time.time()})
+
+    def close(self) -> None:
+        if self._stop_metrics is not None:
+            self._stop_metrics()

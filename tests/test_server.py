@@ -1,0 +1,343 @@
+"""The runtime as a user meets it: a real server, real workers, real sockets.
+
+These use the small test engines (fast, and able to crash or hang on cue); the default
+engines are tested end to end in test_say_e2e.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import msgpack
+import numpy as np
+import psutil
+import pytest
+import zmq
+
+from giris.runtime import protocol as P
+from giris.runtime.client import Event, Frame
+from giris.runtime.errors import (BadInput, BudgetExceeded, GirisError, LimitExceeded,
+                                  SessionNotFound, StageFailed)
+from tests.conftest import collect, shm_segments, small_stages
+
+WORD_S = 0.2
+
+
+def eventually(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True  # test-source speaks each word for 0.2 s of tone
+
+
+def test_say_streams_audio_then_frames_with_one_clock(make_server):
+    srv = make_server()
+    s = srv.client().open_session(want=["audio", "frames", "coeffs"])
+    out = collect(s, "one two three")
+    audio = out["audio"]
+    assert [a.seq for a in audio] == [0, 1, 2]
+    samples = sum(len(a.pcm) for a in audio)
+    assert samples == 3 * int(WORD_S * 16000)
+    n = math.ceil(samples / 16000 * 25)
+    assert [f[0] for f in out["frames"]] == list(range(n))
+    assert out["frames"][-1][2] is True
+    assert sum(c.values.shape[0] for c in out["coeffs"]) == n
+    done = out["events"][-1]
+    assert done.kind == "utterance_done" and done.meta["complete"] and done.meta["frames"] == n
+    # a second utterance continues the session clock: no frame index repeats
+    out2 = collect(s, "four")
+    assert out2["audio"][0].start_sample == samples
+    assert out2["frames"][0][0] == n
+
+
+def test_zero_copy_client_reads_the_pool_and_releases(make_server):
+    srv = make_server()
+    c = srv.client()
+    s = c.open_session(zero_copy=True)
+    seen = []
+    for item in s.say("alpha beta"):
+        if isinstance(item, Frame):
+            assert not item.image.flags.owndata  # a view into the shared pool
+            seen.append(item.index)
+            item.release()
+    assert seen == list(range(len(seen))) and len(seen) == 10
+    assert eventually(lambda: list(srv.status()["pools"].values())[0]["in_use"] == 0)
+
+
+@pytest.mark.parametrize("stage", ["tts", "coeffs", "motion", "render"])
+def test_sigkill_of_a_stage_mid_stream_restarts_it_and_the_session_goes_on(make_server, stage):
+    srv = make_server()
+    c = srv.client()
+    s = c.open_session()
+    before = {w["stage"]: w for w in srv.status()["workers"]}
+    victim = before[stage]["pid"]
+    indexes: list[int] = []
+    events: list[Event] = []
+    killed = False
+    text = " ".join(["SLOW"] * 40)  # 8 s of audio, produced slowly, so the kill lands mid-stream
+    for item in s.say(text, timeout=30):
+        if isinstance(item, Frame):
+            indexes.append(item.index)
+            item.release()
+            if not killed and len(indexes) >= 5:
+                os.kill(victim, signal.SIGKILL)
+                killed = True
+        elif isinstance(item, Event):
+            events.append(item)
+    kinds = [e.kind for e in events]
+    assert "stage_restarted" in kinds, kinds
+    restarted = next(e for e in events if e.kind == "stage_restarted")
+    assert restarted.meta["stage"] == stage
+    after = {w["stage"]: w for w in srv.status()["workers"]}
+    assert after[stage]["pid"] != victim and after[stage]["restarts"] == 1
+    assert after[stage]["state"] == "ready"
+    # no index twice, always increasing; any gap lies after the reported last frame
+    assert indexes == sorted(set(indexes))
+    gaps = [(a, b) for a, b in zip(indexes, indexes[1:]) if b != a + 1]
+    for a, _ in gaps:
+        assert a >= restarted.meta["last_frame"] - 64
+    # and the session keeps working after the restart
+    out = collect(s, "after restart")
+    assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
+    assert out["frames"][0][0] > (indexes[-1] if indexes else -1)
+
+
+def test_hung_stage_is_killed_and_restarted(make_server):
+    srv = make_server()
+    s = srv.client().open_session()
+    tts_pid = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "tts")
+    utt = s.start_say("hello HANG")
+    items = list(s.stream(utt, timeout=30))
+    done = items[-1]
+    assert done.kind == "utterance_done" and not done.meta["complete"]
+    assert any(isinstance(i, Event) and i.kind == "stage_restarted" for i in items)
+    w = next(w for w in srv.status()["workers"] if w["stage"] == "tts")
+    assert w["pid"] != tts_pid and w["state"] == "ready"
+    assert len(collect(s, "still here")["frames"]) == 10
+
+
+def test_crash_looping_stage_is_marked_failed_and_server_stays_up(make_server):
+    srv = make_server({"stages": small_stages(motion={"engine": "test-relay",
+                                                     "options": {"crash_on_start": True}}),
+                       "restart": {"backoff_initial": 0.05, "backoff_max": 0.1, "max_restarts": 2}},
+                      wait=False)
+    st = srv.wait_serving(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = srv.status()
+        if any(w["state"] == "failed" for w in st["workers"]):
+            break
+        time.sleep(0.1)
+    motion = next(w for w in st["workers"] if w["stage"] == "motion")
+    assert motion["state"] == "failed" and motion["restarts"] == 2
+    with pytest.raises(StageFailed) as e:
+        srv.clients[0].open_session()
+    assert "motion" in str(e.value)
+    assert srv.status()["state"] in ("serving", "starting")  # still answering
+
+
+def test_budget_refuses_the_session_that_would_exceed_it_with_figures(make_server):
+    mb = 1024 * 1024
+    srv = make_server({"stages": small_stages(render={"options": {"estimate_bytes": 100 * mb}}),
+                       "budgets": {"cpu": 250 * mb}})
+    c = srv.client()
+    a, b = c.open_session(), c.open_session()
+    with pytest.raises(BudgetExceeded) as e:
+        c.open_session()
+    d = e.value.details
+    assert d["device"] == "cpu" and d["requested"] == 100 * mb
+    assert d["in_use"] == 200 * mb and d["budget"] == 250 * mb
+    assert srv.status()["budgets"]["cpu"] == {"used": 200 * mb, "limit": 250 * mb}
+    assert len(collect(a, "still streaming")["frames"]) == 10  # the others keep running
+    b.close()
+    c.open_session()  # room again once one closed
+
+
+def test_close_idle_and_sigterm_free_everything(make_server):
+    srv = make_server({"timeouts": {"client_idle": 1.5},
+                       "stages": small_stages(render={"options": {"render_s": 0.005}})})
+    st = srv.status()
+    pool = list(st["pools"])[0]
+    worker_pids = [w["pid"] for w in st["workers"]]
+    c = srv.client(heartbeat=0.3)
+    s = c.open_session(zero_copy=True)
+    utt = s.start_say("hold these frames please")  # frames held by the client, never released
+    held = []
+    for item in s.stream(utt):
+        if isinstance(item, Frame):
+            held.append(item)
+            item._release = None  # keep the slot: the session's close must free it
+    assert srv.status()["pools"][pool]["in_use"] > 0
+    s.close()
+    assert eventually(lambda: srv.status()["pools"][pool]["in_use"] == 0)
+    # idle: a client that opens a session and then goes silent (no heartbeats)
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(srv.endpoint)
+    raw.send_multipart(P.encode(P.Message(P.OPEN_SESSION, meta={"req": 1, "spec": {"zero_copy": True}})))
+    assert raw.poll(20000)
+    token = P.decode(raw.recv_multipart()).session
+    raw.send_multipart(P.encode(P.Message(P.SAY, session=token, meta={"req": 2, "text": "a b c d"})))
+    deadline = time.monotonic() + 15
+    closed = False
+    while time.monotonic() < deadline and not closed:
+        if raw.poll(500):
+            m = P.decode(raw.recv_multipart())
+            closed = m.type == P.EVENT and m.meta.get("kind") == "session_closed"
+    raw.close()
+    assert closed, "idle session was not closed"
+    assert srv.status()["sessions"] == 0
+    # frames rendered while the close travelled come back as they arrive
+    assert eventually(lambda: srv.status()["pools"][pool]["in_use"] == 0)
+    # SIGTERM: exit 0, no segment, no child left
+    s2 = c.open_session()
+    s2.start_say("bye bye")
+    server_pid = srv.proc.pid
+    assert shm_segments(server_pid)
+    assert srv.stop(signal.SIGTERM) == 0
+    assert shm_segments(server_pid) == []
+    time.sleep(0.2)
+    assert not [p for p in worker_pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def _raw(srv):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(srv.endpoint)
+    return sock
+
+
+def _ask(sock, frames):
+    sock.send_multipart(frames)
+    assert sock.poll(10000), "no answer"
+    return P.decode(sock.recv_multipart())
+
+
+def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(make_server):
+    srv = make_server({"limits": {"max_text_chars": 100},
+                       "server": {"max_message_bytes": 1024 * 1024}})
+    good = srv.client().open_session()
+    sock = _raw(srv)
+    cases = {
+        "random bytes": [os.urandom(64)],
+        "msgpack but not a map": [msgpack.packb([1, 2, 3])],
+        "wrong version": [msgpack.packb({"v": 99, "type": "say"})],
+        "unknown type": [msgpack.packb({"v": 1, "type": "explode"})],
+        "server-only type": [msgpack.packb({"v": 1, "type": "frame"})],
+        "truncated multipart": [msgpack.packb({"v": 1, "type": "say", "tensors": [
+            {"dtype": "uint8", "shape": [4], "nbytes": 4, "frame": 1}]})],
+        "lying tensor size": [msgpack.packb({"v": 1, "type": "say", "tensors": [
+            {"dtype": "uint8", "shape": [8], "nbytes": 4, "frame": 1}]}), b"1234"],
+        "made-up token": P.encode(P.Message(P.SAY, session="not-a-session", meta={"text": "hi"})),
+        "foreign token": P.encode(P.Message(P.SAY, session=good.token, meta={"text": "hi"})),
+        "oversized payload": [msgpack.packb({"v": 1, "type": "open_session"}), b"x" * (2 * 1024 * 1024)],
+    }
+    codes = {}
+    for name, frames in cases.items():
+        m = _ask(sock, frames)
+        assert m.type == P.EVENT and m.meta["kind"] == "error", name
+        assert m.meta["message"], name
+        codes[name] = m.meta["code"]
+    assert codes["random bytes"] == "bad_message"
+    assert codes["wrong version"] == "unsupported_version"
+    assert codes["unknown type"] == codes["server-only type"] == "unknown_type"
+    assert codes["made-up token"] == codes["foreign token"] == "unknown_session"
+    assert codes["oversized payload"] == "too_large"
+    sock.close()
+    with pytest.raises(LimitExceeded):
+        good.start_say("word " * 50)
+    with pytest.raises(BadInput):
+        good.start_say("   ")
+    with pytest.raises(BadInput):
+        srv.clients[0].open_session(size=63)
+    with pytest.raises(BadInput):
+        srv.clients[0].open_session(fps=0)
+    with pytest.raises(GirisError) as e:
+        srv.clients[0].open_session(b"not an image")
+    assert e.value.code == "bad_image"
+    with pytest.raises(GirisError) as e:
+        srv.clients[0].open_session(voice="nobody")
+    assert e.value.code == "unknown_voice"
+    # another client cannot touch the first one's session with its token
+    other = srv.client()
+    from giris.runtime.client import Session
+
+    stolen = Session(other, good.token, {})
+    other._sessions[good.token] = __import__("queue").Queue()
+    with pytest.raises(SessionNotFound):
+        stolen.start_say("mine now")
+    with pytest.raises(SessionNotFound):
+        stolen.close()
+    assert len(collect(good, "still fine")["frames"]) == 10
+    assert srv.status()["sessions"] == 1
+
+
+def test_cancel_stops_an_utterance_midway(make_server):
+    srv = make_server()
+    s = srv.client().open_session()
+    utt = s.start_say(" ".join(["SLOW"] * 50))
+    frames = 0
+    for item in s.stream(utt):
+        if isinstance(item, Frame):
+            frames += 1
+            item.release()
+            if frames == 3:
+                assert s.cancel(utt) == [utt]
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            assert item.meta["cancelled"] and not item.meta["complete"]
+    assert frames < 100
+    assert len(collect(s, "next one")["frames"]) == 10
+
+
+def test_realtime_session_is_paced_to_the_wall_clock(make_server):
+    srv = make_server()
+    s = srv.client().open_session(realtime=True, fps=25)
+    t = []
+    for item in s.say("one two three four five"):
+        if isinstance(item, Frame):
+            t.append(time.monotonic())
+    assert len(t) == 25
+    span = t[-1] - t[0]
+    assert 0.85 <= span <= 1.3, span  # 24 intervals of 40 ms
+
+
+def test_asyncio_twin(make_server):
+    import asyncio
+
+    from giris.runtime.aio import AsyncClient
+
+    srv = make_server()
+
+    async def run() -> list[int]:
+        async with AsyncClient(srv.endpoint) as c:
+            s = await c.open_session()
+            idx = [item.index async for item in s.say("async works") if isinstance(item, Frame)]
+            await s.close()
+            return idx
+
+    assert asyncio.run(run()) == list(range(10))
+
+
+def test_rate_limit_per_session(make_server):
+    srv = make_server({"limits": {"max_requests_per_second": 3}})
+    s = srv.client().open_session()
+    with pytest.raises(LimitExceeded) as e:
+        for _ in range(10):
+            s.start_say("x")
+    assert e.value.code == "rate_limited"
+
+
+def test_session_limits(make_server):
+    srv = make_server({"limits": {"max_sessions": 3, "max_sessions_per_client": 2}})
+    a, b = srv.client(), srv.client()
+    a.open_session(), a.open_session()
+    with pytest.raises(LimitExceeded):
+        a.open_session()
+    b.open_session()
+    with pytest.raises(LimitExceeded):
+        b.open_session()
