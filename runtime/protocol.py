@@ -67,8 +67,9 @@ MAX_HEADER_BYTES = 256 * 1024
 MAX_FRAMES = 64
 MAX_TENSORS = 16
 MAX_DIMS = 8
-DTYPES = frozenset({"uint8", "int8", "int16", "uint16", "int32", "int64", "float16",
-                    "float32", "float64", "bool"})
+ITEMSIZE = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "uint16": 2, "float16": 2,
+            "int32": 4, "float32": 4, "int64": 8, "float64": 8}
+DTYPES = frozenset(ITEMSIZE)
 
 
 @dataclass
@@ -120,7 +121,7 @@ class TensorRef:
             raise ProtocolError(f"unsupported dtype {dtype!r}")
         if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
             raise ProtocolError(f"bad shape {shape}")
-        if math.prod(shape) * np.dtype(dtype).itemsize != nbytes:
+        if math.prod(shape) * ITEMSIZE[dtype] != nbytes:
             raise ProtocolError(f"nbytes {nbytes} does not match shape {shape} of {dtype}")
         if ref.pool is None and (ref.frame is None or not 1 <= ref.frame <= n_buffers):
             raise ProtocolError("inline tensor names a missing buffer")

@@ -83,6 +83,10 @@ class SlotPool:
         self.table = np.ndarray((self.n_slots,), SLOT, buffer=mm, offset=HEADER.itemsize)
         self._data = np.ndarray((self.n_slots, self.slot_bytes), np.uint8, buffer=mm,
                                 offset=self._data_offset)
+        # column views: indexing a plain array is much cheaper than a structured record
+        self._state = self.table["state"]
+        self._lease = self.table["lease"]
+        self._base = self._data.__array_interface__["data"][0]
         self._cursor = 0
         self._pid = os.getpid()
 
@@ -125,6 +129,7 @@ class SlotPool:
     def close(self) -> None:
         """Unmap (views handed out keep the mapping alive until they are gone)."""
         self._header = self.table = self._data = None  # type: ignore[assignment]
+        self._state = self._lease = None  # type: ignore[assignment]
         try:
             self._mm.close()
         except BufferError:
@@ -145,19 +150,22 @@ class SlotPool:
         return int(np.count_nonzero(self.table["state"] == BUSY))
 
     def try_alloc(self, owner: int = 0) -> Slot | None:
-        free = np.flatnonzero(self.table["state"] == FREE)
-        if free.size == 0:
-            return None
-        after = free[free >= self._cursor]
-        i = int(after[0] if after.size else free[0])
+        state = self._state
+        i = self._cursor
+        if state[i] != FREE:  # the common case: the next slot in turn is free
+            free = np.flatnonzero(state == FREE)
+            if free.size == 0:
+                return None
+            after = free[free >= i]
+            i = int(after[0] if after.size else free[0])
         self._cursor = (i + 1) % self.n_slots
-        rec = self.table[i]
-        lease = (int(rec["lease"]) + 1) & 0xFFFFFFFF or 1
-        rec["lease"] = lease
-        rec["holder"] = self._pid
-        rec["owner"] = owner
-        rec["stamp"] = time.monotonic()
-        rec["state"] = BUSY
+        table = self.table
+        lease = (int(self._lease[i]) + 1) & 0xFFFFFFFF or 1
+        self._lease[i] = lease
+        table["holder"][i] = self._pid
+        table["owner"][i] = owner
+        table["stamp"][i] = time.monotonic()
+        state[i] = BUSY  # last: the slot is whole before anyone can see it busy
         return Slot(i, lease, self._data[i])
 
     def alloc(self, owner: int = 0, timeout: float | None = 1.0) -> Slot:
@@ -181,10 +189,9 @@ class SlotPool:
         """Give a slot back; False when the lease no longer matches (already reclaimed)."""
         if not 0 <= index < self.n_slots:
             return False
-        rec = self.table[index]
-        if int(rec["lease"]) != lease or int(rec["state"]) != BUSY:
+        if self._lease[index] != lease or self._state[index] != BUSY:
             return False
-        rec["state"] = FREE
+        self._state[index] = FREE
         return True
 
     def hold(self, index: int, lease: int, pid: int | None = None) -> None:
@@ -196,9 +203,7 @@ class SlotPool:
     # ------------------------------------------------------------------ references
     def ref(self, slot: Slot, array: np.ndarray, device: str = "cpu") -> TensorRef:
         """The reference to ``array``, which must lie inside ``slot``."""
-        base = self._data[slot.index].__array_interface__["data"][0]
-        addr = array.__array_interface__["data"][0]
-        off = addr - base
+        off = array.__array_interface__["data"][0] - self._base - slot.index * self.slot_bytes
         if not 0 <= off <= self.slot_bytes - array.nbytes:
             raise ValueError("array does not lie inside the slot")
         return TensorRef(dtype=array.dtype.name, shape=tuple(array.shape), nbytes=array.nbytes,
@@ -221,8 +226,7 @@ class SlotPool:
                                  f"reference has {ref.generation}")
         if not 0 <= ref.slot < self.n_slots:
             raise StaleReference("no such slot")
-        rec = self.table[ref.slot]
-        if int(rec["lease"]) != ref.lease or int(rec["state"]) != BUSY:
+        if self._lease[ref.slot] != ref.lease or self._state[ref.slot] != BUSY:
             raise StaleReference(f"slot {ref.slot} of {self.name} was released")
 
     # ------------------------------------------------------------------ supervisor side

@@ -16,8 +16,14 @@ from giris.runtime.protocol import Message, TensorRef, decode, encode
 from giris.runtime.shm_pool import SlotPool
 
 
+#: pyzmq copies frames under this size anyway; copy=False only pays off above it
+ZERO_COPY_MIN = 64 * 1024
+
+
 def send(sock: zmq.Socket, msg: Message, flags: int = 0) -> None:
-    sock.send_multipart(encode(msg), flags=flags, copy=False)
+    frames = encode(msg)
+    big = any(not isinstance(f, bytes) and memoryview(f).nbytes >= ZERO_COPY_MIN for f in frames[1:])
+    sock.send_multipart(frames, flags=flags, copy=not big)
 
 
 def recv(sock: zmq.Socket, max_bytes: int = 64 * 1024 * 1024, flags: int = 0) -> Message:

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m perf NAME [--json]`` from the repository root."""
