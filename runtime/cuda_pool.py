@@ -1,0 +1,155 @@
+"""GPU tensor pools: one device allocation per producing stage, shared by CUDA IPC.
+
+The producer allocates its pool once at start-up and exports one IPC memory handle and
+one IPC event per slot; consumers open the handle once per pool generation and cache it
+(opening costs ~10 ms to hundreds of ms), so per message only an offset moves. Ordering
+is on the device: the producer records the slot's event on its stream after writing;
+the consumer makes its stream wait on that event. No host synchronisation.
+
+Bookkeeping (free/busy, leases, owners, holders) is a CPU :class:`SlotPool` created by
+the supervisor, exactly as for CPU pools, so release, reclaim and backpressure are the
+same code. The handles live in a small "card" segment beside it (``NAME.card``): the
+generation, the memory handle, and the event handles. A producer that restarts writes a
+new card with a new generation; references to the old memory are refused as stale.
+
+Needs CuPy (``pip install giris[gpu]``); torch sees the arrays through
+``__cuda_array_interface__`` / DLPack.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from giris.runtime.errors import GirisError
+from giris.runtime.protocol import TensorRef
+from giris.runtime.shm_pool import SHM_DIR, Slot, SlotPool, StaleReference
+
+HANDLE = 64  # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
+CARD = struct.Struct("<8sQQQI")  # magic, generation, slot_bytes, n_slots, device
+MAGIC = b"GIRISGPU"
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError:
+        raise GirisError("GPU pools need CuPy: pip install 'giris[gpu]'", code="engine_unavailable") from None
+    return cupy
+
+
+def cuda_available() -> bool:
+    try:
+        cupy = _cupy()
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no driver, no device, no CuPy: all mean "no"
+        return False
+
+
+@dataclass
+class _Opened:
+    generation: int
+    base: Any  # cupy MemoryPointer of the whole pool
+    events: list[int]
+    nbytes: int
+
+
+class CudaSlotPool:
+    """The producer's side: device memory, events, and the card that shares them."""
+
+    def __init__(self, table: SlotPool, slot_bytes: int, device: int = 0) -> None:
+        cupy = _cupy()
+        self.table = table
+        self.name = table.name
+        self.device = device
+        self.slot_bytes = -(-int(slot_bytes) // 256) * 256  # keep every slot 256-byte aligned
+        cupy.cuda.Device(device).use()
+        rt = cupy.cuda.runtime
+        self.nbytes = self.slot_bytes * table.n_slots
+        self.memory = cupy.cuda.alloc(self.nbytes)
+        self.events = [rt.eventCreateWithFlags(rt.eventDisableTiming | rt.eventInterprocess)
+                       for _ in range(table.n_slots)]
+        generation = table.generation + 1
+        table.reset()  # a new generation: references into older memory are stale
+        mem_handle = rt.ipcGetMemHandle(self.memory.ptr)
+        ev_handles = b"".join(rt.ipcGetEventHandle(e) for e in self.events)
+        card = CARD.pack(MAGIC, generation, self.slot_bytes, table.n_slots, device) + mem_handle + ev_handles
+        tmp = SHM_DIR / f"{self.name}.card.tmp{os.getpid()}"
+        tmp.write_bytes(card)
+        os.replace(tmp, SHM_DIR / f"{self.name}.card")  # atomic: readers never see half a card
+
+    @classmethod
+    def for_stage(cls, table_name: str, slot_bytes: int, device: int = 0) -> "CudaSlotPool":
+        return cls(SlotPool.attach(table_name), slot_bytes, device)
+
+    def alloc(self, shape: tuple, dtype: Any, owner: int = 0, timeout: float | None = 1.0) -> tuple[Slot, Any]:
+        """A free slot and a CuPy array over it, to render into on the current stream."""
+        cupy = _cupy()
+        slot = self.table.alloc(owner=owner, timeout=timeout)
+        dt = cupy.dtype(dtype)
+        n = math.prod(shape) * dt.itemsize
+        if n > self.slot_bytes:
+            self.table.release(slot.index, slot.lease)
+            raise GirisError(f"{n} bytes do not fit a {self.slot_bytes}-byte slot", code="too_large")
+        ptr = self.memory + slot.index * self.slot_bytes
+        return slot, cupy.ndarray(shape, dt, memptr=ptr)
+
+    def publish(self, slot: Slot, array: Any) -> TensorRef:
+        """Record the slot's event on the current stream and make the reference."""
+        cupy = _cupy()
+        stream = cupy.cuda.get_current_stream()
+        cupy.cuda.runtime.eventRecord(self.events[slot.index], stream.ptr)
+        return TensorRef(dtype=str(array.dtype), shape=tuple(array.shape), nbytes=int(array.nbytes),
+                         pool=self.name, generation=self.table.generation, slot=slot.index,
+                         offset=slot.index * self.slot_bytes, strides=tuple(array.strides),
+                         device=f"cuda:{self.device}", lease=slot.lease)
+
+
+class CudaPoolCache:
+    """The consumer's side: handles opened once per pool generation, then only offsets."""
+
+    def __init__(self) -> None:
+        self.opened: dict[str, _Opened] = {}
+        self.tables: dict[str, SlotPool] = {}
+
+    def _open(self, name: str) -> _Opened:
+        cupy = _cupy()
+        rt = cupy.cuda.runtime
+        card = (SHM_DIR / f"{name}.card").read_bytes()
+        magic, generation, slot_bytes, n_slots, device = CARD.unpack_from(card)
+        if magic != MAGIC:
+            raise GirisError(f"{name} has no valid CUDA card", code="bad_pool")
+        cached = self.opened.get(name)
+        if cached is not None and cached.generation == generation:
+            return cached
+        if cached is not None:  # the producer restarted: drop the old mapping
+            rt.ipcCloseMemHandle(cached.base.ptr)
+        off = CARD.size
+        ptr = rt.ipcOpenMemHandle(card[off:off + HANDLE], rt.cudaIpcMemLazyEnablePeerAccess)
+        nbytes = slot_bytes * n_slots
+        mem = cupy.cuda.UnownedMemory(ptr, nbytes, self)
+        events = [rt.ipcOpenEventHandle(card[off + HANDLE * (1 + i): off + HANDLE * (2 + i)])
+                  for i in range(n_slots)]
+        self.opened[name] = _Opened(generation, cupy.cuda.MemoryPointer(mem, 0), events, nbytes)
+        return self.opened[name]
+
+    def array(self, ref: TensorRef) -> Any:
+        """A CuPy view of the referenced slot, ordered after the producer's writes."""
+        cupy = _cupy()
+        pool = self._open(ref.pool)  # type: ignore[arg-type]
+        if ref.generation != pool.generation:
+            raise StaleReference(f"{ref.pool}: generation {ref.generation} is gone")
+        table = self.tables.get(ref.pool) or self.tables.setdefault(ref.pool, SlotPool.attach(ref.pool))  # type: ignore[arg-type]
+        table.check(ref)
+        if ref.offset + ref.nbytes > pool.nbytes:
+            raise StaleReference("reference out of the pool's bounds")
+        stream = cupy.cuda.get_current_stream()
+        cupy.cuda.runtime.streamWaitEvent(stream.ptr, pool.events[ref.slot], 0)
+        return cupy.ndarray(ref.shape, cupy.dtype(ref.dtype), memptr=pool.base + ref.offset,
+                            strides=ref.strides)
+
+    def release(self, ref: TensorRef) -> bool:
+        table = self.tables.get(ref.pool or "")
+        return bool(table and table.release(ref.slot, ref.lease))
