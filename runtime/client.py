@@ -420,7 +420,7 @@ class Session:
 def _curve_keys(server_key: Any, client_keys: Any) -> tuple[bytes, bytes, bytes] | None:
     if server_key is None:
         return None
-    from giris.runtime.keys import load_keypair
+    from zmq.auth import load_certificate as load_keypair
 
     if isinstance(server_key, (str, os.PathLike)) and os.path.exists(server_key):
         server_key = load_keypair(server_key)[0]

@@ -1,0 +1,46 @@
+"""Embedding: the runtime inside a product's process, no network socket."""
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from giris.runtime import Runtime
+from giris.runtime.client import Frame
+from giris.runtime.config import from_mapping, load, parse_bytes
+from tests.conftest import collect, shm_segments, small_stages
+
+
+def test_runtime_context_manager_streams_and_cleans_up():
+    cfg = from_mapping({"stages": small_stages(), "defaults": {"size": 64}})
+    with Runtime(cfg) as rt:
+        assert rt.config.server.endpoint.startswith("inproc://")
+        children = [p.pid for p in psutil.Process().children()]
+        assert len(children) == 4
+        s = rt.open_session(want=["audio", "frames", "coeffs"])
+        out = collect(s, "embedded and fast")
+        assert [f[0] for f in out["frames"]] == list(range(15))
+        assert out["coeffs"] and out["audio"]
+        st = rt.status()
+        assert st["sessions"] == 1 and st["state"] == "serving"
+        assert shm_segments(os.getpid())
+        s.close()
+    assert shm_segments(os.getpid()) == []
+    assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_config_loading(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[budgets]\ncpu = "2GiB"\n"cuda:0" = "512 MB"\n[limits]\nmax_sessions = 3\n'
+                 '[stages.tts]\nengine = "test-source"\ncpus = [0]\n')
+    cfg = load(p)
+    assert cfg.budgets == {"cpu": 2 * 1024**3, "cuda:0": 512 * 10**6}
+    assert cfg.limits.max_sessions == 3
+    assert list(cfg.stages) == ["tts"] and cfg.stages["tts"].cpus == [0]
+    assert list(load().stages) == ["tts", "coeffs", "motion", "render"]
+    with pytest.raises(ValueError):
+        from_mapping({"limits": {"max_sesions": 3}})
+    with pytest.raises(ValueError):
+        from_mapping({"bogus": {}})
+    assert parse_bytes("1.5 KiB") == 1536

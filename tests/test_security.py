@@ -1,0 +1,98 @@
+"""Remote clients over TCP: CURVE-encrypted, allow-listed, and unable to touch each
+other's sessions. Loopback only."""
+from __future__ import annotations
+
+import socket as pysocket
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from giris.runtime.client import Client, Frame, Session
+from giris.runtime.errors import GirisError, SessionNotFound
+from tests.conftest import Server, collect
+
+
+def _free_port() -> int:
+    with pysocket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Path]:
+    d = tmp_path / "keys"
+    (d / "allowed").mkdir(parents=True)
+    (d / "other").mkdir()
+    zmq.auth.create_certificates(d, "server")
+    zmq.auth.create_certificates(d / "allowed", "alice")
+    zmq.auth.create_certificates(d / "allowed", "bob")
+    zmq.auth.create_certificates(d / "other", "mallory")
+    # the allow-list directory holds public keys only
+    allow = d / "allow"
+    allow.mkdir()
+    for name in ("alice", "bob"):
+        (allow / f"{name}.key").write_bytes((d / "allowed" / f"{name}.key").read_bytes())
+    return {"server_secret": d / "server.key_secret", "server_public": d / "server.key",
+            "allow": allow, "alice": d / "allowed" / "alice.key_secret",
+            "bob": d / "allowed" / "bob.key_secret", "mallory": d / "other" / "mallory.key_secret"}
+
+
+def test_curve_server_admits_only_allowed_keys(make_server, keys):
+    port = _free_port()
+    srv = make_server({"server": {"endpoint": f"tcp://127.0.0.1:{port}",
+                                  "curve_secret_key": str(keys["server_secret"]),
+                                  "curve_client_keys": str(keys["allow"])}}, wait=False)
+    srv.endpoint = f"tcp://127.0.0.1:{port}"
+    alice = Client(srv.endpoint, server_key=str(keys["server_public"]), client_keys=str(keys["alice"]),
+                   timeout=20)
+    srv.clients.append(alice)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if alice.status(timeout=2)["state"] == "serving":
+                break
+        except GirisError:
+            if time.monotonic() > deadline:
+                raise
+    s = alice.open_session()
+    assert len(collect(s, "secret words")["frames"]) == 10
+
+    # an unknown key and no key at all: nothing comes back, not even an error
+    for client_keys in (str(keys["mallory"]), None):
+        intruder = Client(srv.endpoint, server_key=str(keys["server_public"]), client_keys=client_keys,
+                          timeout=2)
+        with pytest.raises(GirisError) as e:
+            intruder.status(timeout=2)
+        assert e.value.code in ("server_gone", "timeout")
+        intruder.close()
+    plain = Client(srv.endpoint, timeout=2)  # no CURVE at all
+    with pytest.raises(GirisError):
+        plain.status(timeout=2)
+    plain.close()
+
+    # bob is allowed in, but alice's token is worthless to him
+    bob = Client(srv.endpoint, server_key=str(keys["server_public"]), client_keys=str(keys["bob"]),
+                 timeout=20)
+    srv.clients.append(bob)
+    stolen = Session(bob, s.token, {})
+    bob._sessions[s.token] = __import__("queue").Queue()
+    for attempt in (lambda: stolen.start_say("hijack"), stolen.cancel, stolen.close):
+        with pytest.raises(SessionNotFound):
+            attempt()
+    # and alice keeps streaming
+    frames = [i for i in s.say("still mine") if isinstance(i, Frame)]
+    assert len(frames) == 10
+
+
+def test_tcp_without_curve_needs_insecure(make_server, tmp_path):
+    port = _free_port()
+    srv = make_server({"server": {"endpoint": f"tcp://127.0.0.1:{port}"}}, wait=False)
+    assert srv.proc.wait(60) != 0
+    assert "insecure" in srv.logs()
+    srv2 = make_server({"server": {"endpoint": f"tcp://127.0.0.1:{port}", "insecure": True}}, wait=False)
+    srv2.endpoint = f"tcp://127.0.0.1:{port}"
+    srv2.wait_serving()
+    assert "WITHOUT encryption" in srv2.logs()
