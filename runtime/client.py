@@ -304,15 +304,18 @@ class Session:
         return float(self.spec.get("fps", 25))
 
     def say(self, text: str, *, emotion: str | None = None, intensity: float | None = None,
-            rate: float | None = None, timeout: float | None = None) -> Iterator[Item]:
+            rate: float | None = None, timeout: float | None = None,
+            batch: bool = False) -> Iterator[Item]:
         """Speak ``text``: yields AudioChunk, Coefficients (if wanted), Frame and Event items
-        as they stream, and ends when the utterance is done."""
-        utt = self.start_say(text, emotion=emotion, intensity=intensity, rate=rate)
+        as they stream, and ends when the utterance is done. ``batch=True`` synthesizes the
+        whole text before animating anything (the non-streaming baseline of the benchmarks)."""
+        utt = self.start_say(text, emotion=emotion, intensity=intensity, rate=rate, batch=batch)
         return self.stream(utt, timeout=timeout)
 
     def start_say(self, text: str, *, emotion: str | None = None, intensity: float | None = None,
-                  rate: float | None = None) -> int:
-        meta = {"text": text, "emotion": emotion, "intensity": intensity, "rate": rate}
+                  rate: float | None = None, batch: bool = False) -> int:
+        meta = {"text": text, "emotion": emotion, "intensity": intensity, "rate": rate,
+                "batch": batch or None}
         reply = self.client.request(P.Message(P.SAY, session=self.token,
                                               meta={k: v for k, v in meta.items() if v is not None}))
         return int(reply.meta["utterance"])

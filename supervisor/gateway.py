@@ -256,7 +256,7 @@ class Gateway:
             raise LimitExceeded(f"text of {len(text)} characters exceeds {limit}",
                                 code="too_large", limit=limit, size=len(text))
         meta: dict[str, Any] = {"text": text}
-        for key in ("emotion", "intensity", "rate"):
+        for key in ("emotion", "intensity", "rate", "batch"):
             if msg.meta.get(key) is not None:
                 meta[key] = msg.meta[key]
         if "intensity" in meta:

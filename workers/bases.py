@@ -72,6 +72,8 @@ class TTSEngine(Engine):
             raise EngineError(f"tts cannot take {item.type!r}", code="bad_message")
         utterance = int(item.meta.get("utterance", 0))
         style = {k: item.meta[k] for k in PASS_THROUGH if k in item.meta}
+        if item.meta.get("batch"):  # the non-streaming baseline: all speech, then one chunk
+            chunks = iter([_join(list(chunks), self.sample_rate)])
         pending: SpeechChunk | None = None
         for chunk in chunks:
             if pending is not None:
@@ -97,6 +99,22 @@ class TTSEngine(Engine):
             tensors=[np.ascontiguousarray(chunk.pcm, dtype=np.int16)],
             to_client=True,
         )
+
+
+def _join(chunks: list[SpeechChunk], sample_rate: int) -> SpeechChunk:
+    """Many chunks as one (phoneme offsets shifted): the batch baseline's single block."""
+    if not chunks:
+        return SpeechChunk(np.zeros(0, np.int16), sample_rate, [], "")
+    phonemes: list | None = []
+    offset = 0
+    for c in chunks:
+        if c.phonemes is None or phonemes is None:
+            phonemes = None
+        else:
+            phonemes.extend((p, a + offset, n) for p, a, n in c.phonemes)
+        offset += int(c.pcm.shape[0])
+    return SpeechChunk(np.concatenate([c.pcm for c in chunks]).astype(np.int16),
+                       chunks[0].sample_rate, phonemes, " ".join(c.text for c in chunks))
 
 
 # ------------------------------------------------------------------------ coeffs

@@ -1,0 +1,83 @@
+"""``python -m perf ttff``: time to first frame, streaming vs batch, same run, same server.
+
+Request sent → first rendered frame at the client, through a running ``giris serve``
+(real Piper → visemes → motion → warp renderer, client over ipc). Streaming is the
+product: the first clause is synthesized, animated and rendered while the rest is still
+being spoken. The batch baseline synthesizes the whole text, then computes all
+coefficients, then renders (``say(..., batch=True)``); its first frame is counted, which
+flatters batch (a classic offline pipeline hands out nothing before the last frame).
+Each utterance is cancelled once its first frame is in, so the next one starts clean.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from perf.common import emit_json, machine, pct, table
+from perf.server import BenchServer
+
+TEXTS = [
+    "Hello there, and welcome to the show.",
+    "Good morning, everyone. Today we talk about real-time avatars.",
+    "I can hear you clearly. Let me think about that for a moment. Here is what I found.",
+    "Thank you for waiting, it took a while. The weather will be sunny tomorrow. "
+    "Rain comes back on Friday. Bring an umbrella just in case.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman. "
+    "Every morning he rowed out before dawn. He knew every rock and every current. "
+    "One day the sea was strangely calm. He cast his net and waited.",
+]
+
+
+def first_frame_ms(session, text: str, batch: bool) -> float:
+    from giris.runtime.client import Event, Frame
+
+    t0 = time.perf_counter()
+    utt = session.start_say(text, batch=batch)
+    first = None
+    for item in session.stream(utt, timeout=120):
+        if isinstance(item, Frame):
+            if first is None:
+                first = (time.perf_counter() - t0) * 1000
+                session.cancel(utt)
+            item.release()
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            break
+    if first is None:
+        raise RuntimeError("no frame came back")
+    return first
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf ttff")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--config", help="server config (default engines otherwise)")
+    args = ap.parse_args(argv)
+    stream: list[float] = []
+    batch: list[float] = []
+    rows = [("sentences", "stream p50 ms", "batch p50 ms", "batch / stream")]
+    with BenchServer(args.config) as srv:
+        s = srv.client.open_session(size=args.size)
+        first_frame_ms(s, "Warm up.", False)
+        for n, text in enumerate(TEXTS, 1):
+            st, bt = [], []
+            for _ in range(args.repeat):
+                st.append(first_frame_ms(s, text, False))
+                bt.append(first_frame_ms(s, text, True))
+            stream += st
+            batch += bt
+            rows.append((str(n), pct(st, 50), pct(bt, 50), f"{pct(bt, 50) / pct(st, 50):.1f}×"))
+        s.close()
+    res = {"stream_p50_ms": pct(stream, 50), "stream_p95_ms": pct(stream, 95),
+           "batch_p50_ms": pct(batch, 50), "batch_p95_ms": pct(batch, 95)}
+    rows.append(("all p50", res["stream_p50_ms"], res["batch_p50_ms"],
+                 f"{res['batch_p50_ms'] / res['stream_p50_ms']:.1f}×"))
+    rows.append(("all p95", res["stream_p95_ms"], res["batch_p95_ms"],
+                 f"{res['batch_p95_ms'] / res['stream_p95_ms']:.1f}×"))
+    print(f"perf ttff — request → first {args.size}² frame at the client ({machine()})")
+    table(rows)
+    print("goal: batch/stream ≥ 10×, stream p50 ≤ 100 ms")
+    if args.json:
+        emit_json(res)
+    return 0
