@@ -196,6 +196,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sup.request_stop())
     signal.signal(signal.SIGINT, lambda *_: sup.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: hooks.request_reload())
+    if os.environ.get("GIRIS_TEST_HOOKS") == "1":
+        # Tests only: SIGUSR2 blocks the supervisor loop for 3 s (its threads run on), to
+        # show that a hung loop stops the systemd watchdog pings.
+        signal.signal(signal.SIGUSR2, lambda *_: time.sleep(3.0))
     hooks.reload_from = (args, serve_config)
     try:
         sup.start(wait=False)

@@ -65,14 +65,11 @@ class ServiceHooks:
 
     @classmethod
     def create(cls, cfg: Config) -> "ServiceHooks":
+        from giris.supervisor.notify import Notifier
+
         hooks = cls()
-        try:
-            from giris.supervisor.notify import Notifier
-        except ImportError:  # pragma: no cover - during development only
-            Notifier = None  # type: ignore[assignment]
-        if Notifier is not None:
-            hooks.notifier = SystemdHooks(Notifier.from_env())
-            hooks.notifier.reloader = hooks.reload
+        hooks.notifier = SystemdHooks(Notifier.from_env())
+        hooks.notifier.reloader = hooks.reload
         if cfg.server.metrics_port:
             from giris.supervisor.metrics_hooks import MetricsHooks
 

@@ -4,7 +4,8 @@
 ``HANG`` stops it answering, ``SLOW`` makes each chunk take ``slow_s``.
 ``test-relay`` (coeffs or motion): audio -> one row per frame (jawOpen = loudness);
 coefficients pass through. ``test-frames`` (render): frames whose pixels encode jawOpen.
-Option ``crash_on_start`` makes any of them die while loading (a crash loop);
+Option ``crash_on_start`` makes any of them die while loading (a crash loop), ``load_s``
+makes loading take that long;
 ``estimate_bytes`` sets what a session is said to cost on ``estimate_device``.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ class _Misbehaving:
     def _setup(self, options: Mapping[str, Any]) -> None:
         if options.get("crash_on_start"):
             os._exit(17)
+        time.sleep(float(options.get("load_s", 0.0)))  # a model that takes a while to load
         self.estimate_bytes = int(options.get("estimate_bytes", 0))
         self.estimate_device = str(options.get("estimate_device", "cpu"))
 
