@@ -1,0 +1,108 @@
+"""ZeroMQ CURVE key files: generate a pair, load a pair, load an allow-list.
+
+The files are the ones ``zmq.auth.create_certificates`` writes (ZPL text, readable by
+czmq and every pyzmq tool): ``NAME.key`` holds the public key only and may be handed out;
+``NAME.key_secret`` holds both keys and must stay private. We generate into a private
+(0700) scratch directory and move the files into place, so the secret file is never
+readable by others, not even for the moment between ``open`` and ``chmod``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import zmq.auth
+
+from giris.runtime.errors import GirisError
+
+PUBLIC_SUFFIX = ".key"
+SECRET_SUFFIX = ".key_secret"
+
+
+def generate_keypair(directory: str | os.PathLike, name: str = "giris",
+                     overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (0644) and ``NAME.key_secret`` (0600) in ``directory``
+    (created 0700 if missing) and return their paths (public, secret).
+
+    Refuses to replace existing files unless ``overwrite``: a silently replaced server key
+    locks every client out."""
+    if not name or os.sep in name or name.startswith("."):
+        raise GirisError(f"bad key name {name!r}", code="bad_input")
+    d = Path(directory)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    public, secret = d / (name + PUBLIC_SUFFIX), d / (name + SECRET_SUFFIX)
+    if not overwrite and (public.exists() or secret.exists()):
+        raise GirisError(f"{public} or {secret} already exists (remove it first)", code="bad_input")
+    scratch = tempfile.mkdtemp(prefix=".giris-keys-", dir=d)  # mode 0700
+    try:
+        pub_tmp, sec_tmp = zmq.auth.create_certificates(scratch, name)
+        os.chmod(sec_tmp, 0o600)
+        os.chmod(pub_tmp, 0o644)
+        os.replace(sec_tmp, secret)
+        os.replace(pub_tmp, public)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return public, secret
+
+
+def load_keypair(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
+    """``(public, secret)`` from ``NAME.key_secret`` or ``NAME.key``. Given the public
+    file, the secret comes from the ``.key_secret`` beside it when there is one, else None
+    (enough for a client to name the server it trusts)."""
+    p = Path(path)
+    try:
+        public, secret = zmq.auth.load_certificate(p)
+        if secret is None and p.name.endswith(PUBLIC_SUFFIX):
+            sibling = p.with_name(p.name + "_secret")
+            if sibling.exists():
+                pub2, secret = zmq.auth.load_certificate(sibling)
+                if pub2 != public:
+                    raise GirisError(f"{p} and {sibling} hold different public keys", code="bad_key")
+    except (OSError, ValueError) as e:
+        raise GirisError(f"cannot load the key {str(p)!r}: {e}", code="bad_key") from None
+    return public, secret
+
+
+def load_public_keys(source: str | os.PathLike) -> set[bytes]:
+    """The allow-list: public keys of every ``*.key`` file in a directory, or of one file
+    (either kind). Secret files in a directory are skipped; they are not an allow-list."""
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.name.endswith(PUBLIC_SUFFIX) and f.is_file())
+    elif p.is_file():
+        files = [p]
+    else:
+        raise GirisError(f"no key file or directory at {str(p)!r}", code="bad_key")
+    keys: set[bytes] = set()
+    for f in files:
+        try:
+            keys.add(zmq.auth.load_certificate(f)[0])
+        except (OSError, ValueError) as e:
+            raise GirisError(f"cannot load the key {str(f)!r}: {e}", code="bad_key") from None
+    return keys
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``giris keys [--dir DIR] [--name NAME] [--force]``: generate a pair, print the paths."""
+    p = argparse.ArgumentParser(prog="giris keys", description="Generate a ZeroMQ CURVE key pair.")
+    p.add_argument("--dir", default=".", help="where to write the files (default: here)")
+    p.add_argument("--name", default="giris", help="file name stem (default: giris)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    args = p.parse_args(argv)
+    try:
+        public, secret = generate_keypair(args.dir, args.name, overwrite=args.force)
+    except (GirisError, OSError) as e:
+        print(f"giris keys: {e}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}  (give to peers; servers list client keys in curve_client_keys)")
+    print(f"secret key: {secret}  (keep private, mode 0600)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
