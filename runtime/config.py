@@ -65,6 +65,9 @@ class ServerConfig:
     metrics_port: int = 0
     #: largest message a client may send (an avatar image travels in one)
     max_message_bytes: int = 24 * 1024 * 1024
+    #: permissions of an ipc:// gateway socket: owner only by default; 0o660 lets the
+    #: service's group connect too
+    ipc_mode: int = 0o600
 
 
 @dataclass
@@ -155,9 +158,14 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     unknown = set(data) - {f.name for f in fields(Config)}
     if unknown:
         raise ValueError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    sizes = {"server": ("max_message_bytes",), "limits": ("max_image_bytes",)}
     for name in ("server", "timeouts", "restart", "limits"):
         if name in data:
-            setattr(cfg, name, _fill(type(getattr(cfg, name)), data[name], name))
+            section = dict(data[name])
+            for key in sizes.get(name, ()):
+                if key in section:
+                    section[key] = parse_bytes(section[key])
+            setattr(cfg, name, _fill(type(getattr(cfg, name)), section, name))
     cfg.budgets = {str(k): parse_bytes(v) for k, v in dict(data.get("budgets", {})).items()}
     if "defaults" in data:
         cfg.defaults.update(dict(data["defaults"]))

@@ -67,7 +67,7 @@ class Gateway:
         finally:
             os.umask(old)
         if path:
-            os.chmod(path, 0o600)  # owner only, whatever the directory allows
+            os.chmod(path, cfg.ipc_mode)  # owner only unless configured, whatever the dir allows
 
     def close(self) -> None:
         if self.sock is not None:
