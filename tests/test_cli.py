@@ -1,0 +1,37 @@
+"""The ``giris`` command as an operator types it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def giris(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "giris.supervisor.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_status_table_and_json(make_server):
+    srv = make_server()
+    r = giris("status", "--endpoint", srv.endpoint, "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert [w["stage"] for w in st["workers"]] == ["tts", "coeffs", "motion", "render"]
+    for w in st["workers"]:
+        assert w["pid"] > 0 and w["state"] == "ready" and w["restarts"] == 0 and w["cpus"]
+    r = giris("status", "--endpoint", srv.endpoint)
+    assert r.returncode == 0 and "render" in r.stdout and "test-frames" in r.stdout
+
+
+def test_status_of_a_missing_server_fails_cleanly(tmp_path: Path):
+    r = giris("status", "--endpoint", f"ipc://{tmp_path}/nobody.sock", "--timeout", "1")
+    assert r.returncode == 2
+    assert "error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_keys_writes_a_pair(tmp_path: Path):
+    r = giris("keys", "--dir", str(tmp_path), "--name", "alice")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "alice.key").exists()
+    assert (tmp_path / "alice.key_secret").stat().st_mode & 0o077 == 0
