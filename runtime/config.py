@@ -104,7 +104,7 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     #: requests (say, audio_in, cancel) per second per session, averaged over a second
     max_requests_per_second: float = 20.0
-    min_size: int = 64
+    min_size: int = 128
     max_size: int = 1024
     max_fps: float = 60.0
 

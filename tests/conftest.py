@@ -70,6 +70,7 @@ class Server:
         cfg = {"server": {"endpoint": self.endpoint}, "defaults": {"size": 64},
                "timeouts": {"worker_heartbeat": 0.2, "worker_timeout": 3.0, "client_idle": 30.0,
                             "lost_after": 2.0},
+               "limits": {"min_size": 32},
                "restart": {"backoff_initial": 0.1, "backoff_max": 0.5, "max_restarts": 5, "window": 60.0},
                "stages": small_stages()}
         for k, v in config.items():

@@ -1,0 +1,249 @@
+"""The ``warp`` render engine, without the runtime: avatar, landmarks, rig and frames."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from giris.workers import landmarks as LM
+from giris.workers.coefficients import INDEX, N_CHANNELS, zeros
+from giris.workers.engine import EngineContext, EngineError
+from giris.workers.face_rig import fit_rig, rigged_channels
+from giris.workers.render_warp import ASSETS, WarpRenderEngine, bundled_avatars
+
+SIZE = 256
+
+
+def row(**values: float) -> np.ndarray:
+    r = zeros(1)[0]
+    for name, v in values.items():
+        r[INDEX[name]] = v
+    return r
+
+
+@pytest.fixture(scope="module")
+def engine() -> WarpRenderEngine:
+    return WarpRenderEngine({}, EngineContext(stage="render"))
+
+
+@pytest.fixture(scope="module")
+def session(engine):
+    return engine.open_session({"size": SIZE})
+
+
+@pytest.fixture(scope="module")
+def neutral(engine, session) -> np.ndarray:
+    out = np.zeros((SIZE, SIZE, 3), np.uint8)
+    engine.render(session, row(), out)
+    return out
+
+
+def frame(engine, session, **values: float) -> np.ndarray:
+    out = np.zeros((SIZE, SIZE, 3), np.uint8)
+    engine.render(session, row(**values), out)
+    return out
+
+
+def box_diff(a: np.ndarray, b: np.ndarray, pts: np.ndarray, pad: float) -> float:
+    lo = np.maximum(np.floor(pts.min(0) - pad).astype(int), 0)
+    hi = np.ceil(pts.max(0) + pad).astype(int)
+    sa = a[lo[1]:hi[1], lo[0]:hi[0]].astype(np.int16)
+    sb = b[lo[1]:hi[1], lo[0]:hi[0]].astype(np.int16)
+    return float(np.abs(sa - sb).mean())
+
+
+def test_bundled_avatar_has_one_face():
+    assert "astronaut" in bundled_avatars()
+    data = (ASSETS / "astronaut.png").read_bytes()
+    assert len(data) < 1_000_000
+    rgb = LM.decode_image(data)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    lm = LM.find_face(rgb)
+    assert lm.shape == (68, 2)
+    assert (lm >= 0).all() and (lm[:, 0] < rgb.shape[1]).all() and (lm[:, 1] < rgb.shape[0]).all()
+    # eyes above the nose above the mouth above the chin
+    assert lm[36:48, 1].mean() < lm[30, 1] < lm[48:68, 1].mean() < lm[8, 1]
+
+
+def test_session_fits_the_face(session):
+    assert session.image.shape == (SIZE, SIZE, 3)
+    rig = session.rig
+    assert 0.1 * SIZE < rig.iod < 0.5 * SIZE
+    x0, y0, x1, y1 = session.roi
+    assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+
+
+def test_neutral_is_the_source(engine, session, neutral):
+    assert neutral.shape == (SIZE, SIZE, 3) and neutral.dtype == np.uint8
+    assert np.abs(neutral.astype(np.int16) - session.image).max() <= 1
+
+
+def test_tiny_motion_is_still_close_to_the_source(engine, session):
+    out = frame(engine, session, jawOpen=0.01)
+    diff = np.abs(out.astype(np.int16) - session.image)
+    assert diff.mean() < 0.5
+
+
+def test_jaw_open_changes_the_mouth_not_the_corners(engine, session, neutral):
+    out = frame(engine, session, jawOpen=1.0)
+    lm = session.rig.landmarks
+    assert box_diff(out, neutral, lm[48:68], 2) > 25  # the mouth opened: a dark cavity
+    mouth = out[int(lm[62, 1]):int(lm[66, 1]) + int(0.3 * session.rig.iod),
+                int(lm[60, 0]):int(lm[64, 0])].astype(np.float32)
+    assert mouth.mean() < neutral.astype(np.float32).mean()
+    c = 12
+    for corner in (np.s_[:c, :c], np.s_[:c, -c:], np.s_[-c:, :c], np.s_[-c:, -c:]):
+        assert np.array_equal(out[corner], neutral[corner])
+    # the chin moved down: the area under the chin changed
+    assert box_diff(out, neutral, lm[6:11], 4) > 5
+
+
+def test_blink_changes_the_eyes(engine, session, neutral):
+    out = frame(engine, session, eyeBlinkLeft=1.0, eyeBlinkRight=1.0)
+    lm = session.rig.landmarks
+    for eye in (lm[36:42], lm[42:48]):
+        assert box_diff(out, neutral, eye, 1) > 8
+    # the mouth did not move
+    assert box_diff(out, neutral, lm[48:68], 0) < 1.0
+
+
+def test_one_eye_blink_leaves_the_other(engine, session, neutral):
+    out = frame(engine, session, eyeBlinkLeft=1.0)  # the subject's left: image right
+    lm = session.rig.landmarks
+    assert box_diff(out, neutral, lm[42:48], 1) > 8
+    assert box_diff(out, neutral, lm[36:42], 1) < 2
+
+
+def test_head_yaw_moves_the_face(engine, session, neutral):
+    lm = session.rig.landmarks
+    right = frame(engine, session, headYaw=0.3)
+    left = frame(engine, session, headYaw=-0.3)
+    assert box_diff(right, neutral, lm, 0) > 8
+    # positive yaw turns the nose to the image's right: the rig says so, and the frame's
+    # face pixels move that way (the nose tip region of `right` matches `neutral` shifted)
+    t_right = session.rig.targets(row(headYaw=0.3))
+    t_left = session.rig.targets(row(headYaw=-0.3))
+    assert t_right[30, 0] > lm[30, 0] + 3 > t_left[30, 0] + 6
+    assert not np.array_equal(left, right)
+
+
+def test_render_writes_into_a_view_in_place(engine, session, neutral):
+    big = np.zeros((2, SIZE, SIZE + 10, 3), np.uint8)
+    view = big[1, :, 5:SIZE + 5]           # not contiguous: a strided view into a bigger buffer
+    before = id(view)
+    engine.render(session, row(jawOpen=0.6), view)
+    assert id(view) == before
+    assert big[1, :, 5:SIZE + 5].any() and not big[0].any()
+    assert not big[1, :, :5].any() and not big[1, :, SIZE + 5:].any()
+    expected = frame(engine, session, jawOpen=0.6)
+    assert np.array_equal(view, expected)
+
+
+def test_render_batch_matches_render(engine, session):
+    rows = [row(jawOpen=0.3), row(mouthSmileLeft=0.8, headRoll=0.1), row(eyeBlinkRight=0.7)]
+    outs = [np.zeros((SIZE, SIZE, 3), np.uint8) for _ in rows]
+    engine.render_batch([(session, r, o) for r, o in zip(rows, outs)])
+    for r, o in zip(rows, outs):
+        single = np.zeros_like(o)
+        engine.render(session, r, single)
+        assert np.array_equal(o, single)
+
+
+def test_every_rigged_channel_moves_something(session):
+    rig = session.rig
+    rest = rig.targets(row())
+    for name in rigged_channels():
+        moved = rig.targets(row(**{name: 1.0}))
+        assert np.abs(moved - rest).max() > 0.3, name
+    for name in ("headYaw", "headPitch", "headRoll", "headTx", "headTy", "headTz"):
+        moved = rig.targets(row(**{name: 0.2}))
+        assert np.abs(moved - rest).max() > 1.0, name
+
+
+def test_wild_coefficients_do_not_break_the_frame(engine, session):
+    r = np.ones(N_CHANNELS, np.float32)
+    r[INDEX["headYaw"]:] = [0.6, 0.5, 0.5, 0.5, 0.5, 0.5]
+    out = np.zeros((SIZE, SIZE, 3), np.uint8)
+    engine.render(session, r, out)
+    assert out.std() > 10
+
+
+def test_other_sizes_and_estimate(engine):
+    s = engine.open_session({"size": 128, "avatar_name": "astronaut"})
+    out = np.zeros((128, 128, 3), np.uint8)
+    engine.render(s, row(jawOpen=0.5), out)
+    assert engine.frame_shape(s) == (128, 128, 3)
+    est = engine.estimate({"size": 512})
+    assert set(est) == {"cpu"} and 1_000_000 < est["cpu"] < 100_000_000
+    assert engine.estimate({"size": 1024})["cpu"] > est["cpu"]
+    engine.close_session(s)
+
+
+def test_avatar_bytes_are_accepted(engine):
+    data = (ASSETS / "astronaut.png").read_bytes()
+    s = engine.open_session({"avatar": data, "size": 160})
+    assert s.image.shape == (160, 160, 3)
+
+
+@pytest.mark.parametrize("spec, code", [
+    ({"avatar": b"\x89PNG\r\n\x1a\n" + b"\x00" * 200}, "bad_image"),
+    ({"avatar": b"not an image at all, really"}, "bad_image"),
+    ({"avatar_name": "nobody"}, "bad_input"),
+    ({"avatar_name": "../assets/astronaut"}, "bad_input"),
+    ({"size": 64}, "bad_input"),
+    ({"size": 4096}, "bad_input"),
+    ({"size": "big"}, "bad_input"),
+])
+def test_bad_specs(engine, spec, code):
+    with pytest.raises(EngineError) as err:
+        engine.open_session(spec)
+    assert err.value.code == code
+
+
+def test_faceless_images(engine):
+    flat = np.full((200, 200, 3), 128, np.uint8)
+    noise = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    for img in (flat, noise):
+        with pytest.raises(EngineError) as err:
+            engine.open_session({"avatar": LM.encode_png(img)})
+        assert err.value.code == "no_face"
+
+
+def test_tiny_image_is_a_clear_error(engine):
+    tiny = np.full((16, 16, 3), 200, np.uint8)
+    with pytest.raises(EngineError) as err:
+        engine.open_session({"avatar": LM.encode_png(tiny)})
+    assert err.value.code == "bad_image" and "small" in str(err.value)
+
+
+def test_two_similar_faces_are_ambiguous():
+    rgb = LM.decode_image((ASSETS / "astronaut.png").read_bytes())
+    twice = np.concatenate([rgb, rgb], axis=1)
+    with pytest.raises(EngineError) as err:
+        LM.find_face(twice)
+    assert err.value.code == "many_faces"
+
+
+def test_a_dominant_face_wins():
+    boxes = [((0, 0, 100, 100), 1.2), ((300, 0, 340, 40), 1.0), ((150, 150, 250, 250), 0.1)]
+    assert LM.choose_face(boxes) == (0, 0, 100, 100)
+    with pytest.raises(EngineError) as err:
+        LM.choose_face([((0, 0, 100, 100), 1.2), ((300, 0, 390, 90), 0.9)])
+    assert err.value.code == "many_faces"
+    with pytest.raises(EngineError) as err:
+        LM.choose_face([((0, 0, 100, 100), -0.2)])
+    assert err.value.code == "no_face"
+
+
+def test_png_round_trip():
+    img = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    assert np.array_equal(LM.decode_image(LM.encode_png(img)), img)
+
+
+def test_rig_fit_is_scale_invariant():
+    rgb = LM.decode_image((ASSETS / "astronaut.png").read_bytes())
+    lm = LM.find_face(rgb)
+    a, b = fit_rig(lm), fit_rig(lm * 2.0)
+    assert b.iod == pytest.approx(2 * a.iod, rel=1e-4)
+    np.testing.assert_allclose(a.rest, b.rest, atol=1e-4)
+    r = row(jawOpen=0.7, headYaw=0.2)
+    np.testing.assert_allclose(b.targets(r), 2 * a.targets(r), atol=1e-2)

@@ -1,0 +1,308 @@
+"""A 3D face rig on the 68 dlib landmarks: blendshapes and head pose → 2D landmark targets.
+
+* **Lifting.** The detected landmarks give x and y; depth comes from a generic mean-face
+  template (``TEMPLATE_Z``, authored for this module: inter-ocular units, z towards the
+  viewer, 0 at the outer eye corners; nose tip +0.55, chin +0.25, jaw angle about −0.9)
+  scaled by the detected inter-ocular distance. The source face is assumed roughly frontal
+  (its in-plane roll is measured from the eyes and honoured).
+* **Blendshapes.** Each ARKit channel is a 3D displacement field on the 68 points
+  (``CHANNEL_MOVES``), written in a face frame (x towards the image's right, i.e. the
+  subject's *left*; y up; z towards the viewer; inter-ocular units), rotated into the image
+  by the face's roll and scaled to pixels once per session. Eyelid channels are relative to
+  the avatar's own eye opening. Per frame ``targets = rest + Σ w_c · D_c``, plus two
+  couplings that are not linear: ``mouthClose`` closes the lips by the fraction it gives of
+  the gap ``jawOpen`` made, and the upper lid travels only ``BLINK_WARP`` of the way on a
+  blink (the renderer draws the rest of the lid: squashing an eye to nothing with a smooth
+  warp folds the image).
+* **Extra points.** Besides the 68 landmarks the rig moves a skull arc (forehead, top and
+  sides of the head, rigid with the head) and three neck points (a fraction
+  ``NECK_FOLLOW`` of the head motion), so hair and neck follow the head smoothly.
+* **Head pose.** Right-handed, y up, z towards the viewer (as in ``motion_prosody``):
+  positive ``headYaw`` turns the nose towards the image's right, positive ``headPitch`` is
+  chin down, positive ``headRoll`` turns the face counter-clockwise on screen. Rotation is
+  about a pivot ``PIVOT`` behind and below the eyes (the top of the neck); ``headTx``/``headTy``
+  (image right / up) and ``headTz`` (towards the viewer: a weak-perspective scale with the
+  camera ``CAMERA_DISTANCE`` inter-ocular units away) are in inter-ocular units. Projection
+  is orthographic after that scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from giris.workers.coefficients import BLENDSHAPES, INDEX, N_BLENDSHAPES
+
+# ------------------------------------------------------------------- the depth template
+_JAW_Z = [0.25 - 1.15 * abs((k - 8) / 8.0) ** 1.5 for k in range(17)]
+TEMPLATE_Z = np.array(
+    _JAW_Z
+    # brows 17-21 (image left) and 22-26 (image right): outer behind, inner forward
+    + [-0.28, -0.10, 0.02, 0.10, 0.15, 0.15, 0.10, 0.02, -0.10, -0.28]
+    # nose bridge 27-30, nostrils 31-35
+    + [0.12, 0.25, 0.40, 0.55, 0.24, 0.32, 0.40, 0.32, 0.24]
+    # eyes 36-41, 42-47: outer corner, upper lid, upper lid, inner corner, lower, lower
+    + [-0.12, 0.04, 0.06, 0.0, 0.04, 0.02, 0.0, 0.06, 0.04, -0.12, 0.02, 0.04]
+    # outer lips 48-59
+    + [0.10, 0.24, 0.31, 0.34, 0.31, 0.24, 0.10, 0.22, 0.28, 0.30, 0.28, 0.22]
+    # inner lips 60-67
+    + [0.12, 0.26, 0.29, 0.26, 0.12, 0.25, 0.27, 0.25],
+    np.float32)
+assert TEMPLATE_Z.shape == (68,)
+
+#: head rotation pivot, face frame (from the eye midpoint): below the eyes, behind the face
+PIVOT = (0.0, -0.9, -1.3)
+#: camera distance for headTz's weak perspective, inter-ocular units
+CAMERA_DISTANCE = 10.0
+#: share of a blink done by warping the upper lid (the renderer draws the rest)
+BLINK_WARP = 0.45
+#: share of the head motion the neck points follow
+NECK_FOLLOW = 0.3
+
+# landmark groups, image-left (subject's Right, "R") and image-right (subject's Left, "L")
+JAW = list(range(17))
+R_EYE_UP, R_EYE_LO = [37, 38], [41, 40]
+L_EYE_UP, L_EYE_LO = [43, 44], [47, 46]
+
+
+def _sym(moves: dict[int, tuple[float, float, float]]) -> dict[int, tuple[float, float, float]]:
+    """Mirror a subject's-Left move table (image right side) to the subject's Right side."""
+    mirror = {**{k: 16 - k for k in range(17)},
+              **{17 + i: 26 - i for i in range(10)},
+              27: 27, 28: 28, 29: 29, 30: 30, 31: 35, 32: 34, 33: 33, 34: 32, 35: 31,
+              36: 45, 37: 44, 38: 43, 39: 42, 40: 47, 41: 46,
+              42: 39, 43: 38, 44: 37, 45: 36, 46: 41, 47: 40,
+              48: 54, 49: 53, 50: 52, 51: 51, 52: 50, 53: 49, 54: 48,
+              55: 59, 56: 58, 57: 57, 58: 56, 59: 55,
+              60: 64, 61: 63, 62: 62, 63: 61, 64: 60, 65: 67, 66: 66, 67: 65}
+    return {mirror[k]: (-dx, dy, dz) for k, (dx, dy, dz) in moves.items()}
+
+
+def _scaled(weights: dict[int, float], d: tuple[float, float, float]) -> dict[int, tuple]:
+    return {k: (w * d[0], w * d[1], w * d[2]) for k, w in weights.items()}
+
+
+# weights of the lower face that follow the jaw
+_JAW_FOLLOW = {8: 1.0, 7: 0.95, 9: 0.95, 6: 0.82, 10: 0.82, 5: 0.62, 11: 0.62, 4: 0.4, 12: 0.4,
+               3: 0.2, 13: 0.2, 2: 0.07, 14: 0.07,
+               55: 0.82, 56: 0.86, 57: 0.88, 58: 0.86, 59: 0.82,
+               65: 0.84, 66: 0.86, 67: 0.84, 48: 0.32, 54: 0.32, 60: 0.36, 64: 0.36}
+_LOWER_LIP = [55, 56, 57, 58, 59, 65, 66, 67]
+_UPPER_LIP = [49, 50, 51, 52, 53, 61, 62, 63]
+
+# Left-side tables (subject's left = image right, +x); mirrored for Right.
+_SMILE_L = {54: (0.10, 0.09, -0.03), 64: (0.09, 0.08, -0.03), 53: (0.04, 0.04, -0.01),
+            55: (0.05, 0.05, -0.01), 63: (0.03, 0.03, 0.0), 65: (0.04, 0.04, 0.0),
+            52: (0.01, 0.01, 0.0), 56: (0.02, 0.02, 0.0),
+            12: (0.02, 0.02, 0.0), 13: (0.02, 0.03, 0.0), 11: (0.01, 0.01, 0.0),
+            35: (0.015, 0.01, 0.0), 46: (0.0, 0.025, 0.0), 47: (0.0, 0.02, 0.0)}
+_FROWN_L = {54: (0.02, -0.09, 0.0), 64: (0.02, -0.08, 0.0), 53: (0.01, -0.03, 0.0),
+            55: (0.01, -0.04, 0.0), 63: (0.0, -0.02, 0.0), 65: (0.0, -0.03, 0.0),
+            11: (0.0, -0.01, 0.0), 12: (0.0, -0.01, 0.0)}
+_STRETCH_L = {54: (0.10, -0.03, -0.02), 64: (0.09, -0.02, -0.02), 53: (0.04, -0.005, 0.0),
+              55: (0.05, -0.02, 0.0), 63: (0.03, 0.0, 0.0), 65: (0.04, -0.02, 0.0),
+              56: (0.02, -0.02, 0.0), 52: (0.01, 0.0, 0.0)}
+_DIMPLE_L = {54: (0.04, 0.0, -0.04), 64: (0.035, 0.0, -0.04), 53: (0.015, 0.0, 0.0),
+             55: (0.015, 0.0, 0.0)}
+_PRESS_L = {52: (0.0, -0.03, 0.0), 53: (0.0, -0.02, 0.0), 56: (0.0, 0.03, 0.0), 55: (0.0, 0.02, 0.0),
+            63: (0.0, -0.015, 0.0), 65: (0.0, 0.015, 0.0), 51: (0.0, -0.015, 0.0),
+            57: (0.0, 0.015, 0.0), 54: (0.01, 0.0, 0.0)}
+_UPPER_UP_L = {52: (0.0, 0.08, 0.01), 53: (0.0, 0.065, 0.0), 51: (0.0, 0.04, 0.0), 63: (0.0, 0.07, 0.0),
+               62: (0.0, 0.035, 0.0), 54: (0.0, 0.015, 0.0), 64: (0.0, 0.02, 0.0), 35: (0.0, 0.015, 0.0)}
+_LOWER_DOWN_L = {56: (0.0, -0.08, 0.01), 55: (0.0, -0.065, 0.0), 57: (0.0, -0.04, 0.0),
+                 65: (0.0, -0.07, 0.0), 66: (0.0, -0.035, 0.0), 54: (0.0, -0.01, 0.0),
+                 64: (0.0, -0.015, 0.0)}
+_BROW_OUTER_UP_L = {26: (0.01, 0.13, 0.0), 25: (0.0, 0.11, 0.0), 24: (0.0, 0.07, 0.0),
+                    23: (0.0, 0.03, 0.0), 45: (0.0, 0.01, 0.0)}
+_BROW_DOWN_L = {22: (-0.03, -0.10, 0.02), 23: (-0.02, -0.09, 0.01), 24: (-0.01, -0.07, 0.0),
+                25: (0.0, -0.05, 0.0), 26: (0.0, -0.03, 0.0), 27: (0.0, -0.01, 0.0)}
+_CHEEK_SQUINT_L = {46: (0.0, 0.035, 0.0), 47: (0.0, 0.03, 0.0), 45: (0.0, 0.015, 0.0),
+                   13: (0.0, 0.02, 0.0), 14: (0.0, 0.02, 0.0), 54: (0.0, 0.01, 0.0)}
+_SNEER_L = {35: (0.01, 0.04, 0.0), 34: (0.0, 0.025, 0.0), 53: (0.0, 0.02, 0.0), 52: (0.0, 0.015, 0.0),
+            22: (-0.01, -0.03, 0.0)}
+_CHEEK_PUFF = {3: (-0.06, 0.0, 0.02), 4: (-0.07, 0.0, 0.03), 5: (-0.05, 0.0, 0.02),
+               13: (0.06, 0.0, 0.02), 12: (0.07, 0.0, 0.03), 11: (0.05, 0.0, 0.02),
+               48: (-0.01, 0.0, 0.03), 54: (0.01, 0.0, 0.03), 51: (0.0, 0.01, 0.03),
+               57: (0.0, -0.01, 0.03)}
+
+#: channel → {landmark: (dx, dy, dz)}, face frame, inter-ocular units (see module docstring).
+#: Eyelid channels are filled per session (they scale with the avatar's eye opening).
+CHANNEL_MOVES: dict[str, dict[int, tuple[float, float, float]]] = {
+    "jawOpen": {**_scaled(_JAW_FOLLOW, (0.0, -0.46, -0.08)),
+                48: (0.03, -0.15, -0.02), 54: (-0.03, -0.15, -0.02),
+                60: (0.03, -0.17, -0.02), 64: (-0.03, -0.17, -0.02)},
+    "jawLeft": _scaled(_JAW_FOLLOW, (0.12, 0.0, 0.0)),
+    "jawRight": _scaled(_JAW_FOLLOW, (-0.12, 0.0, 0.0)),
+    "jawForward": _scaled(_JAW_FOLLOW, (0.0, 0.02, 0.12)),
+    "mouthFunnel": {48: (0.1, 0.0, 0.05), 54: (-0.1, 0.0, 0.05), 60: (0.1, 0.0, 0.06),
+                    64: (-0.1, 0.0, 0.06), 49: (0.05, 0.03, 0.08), 53: (-0.05, 0.03, 0.08),
+                    50: (0.02, 0.05, 0.1), 52: (-0.02, 0.05, 0.1), 51: (0.0, 0.055, 0.11),
+                    59: (0.05, -0.04, 0.08), 55: (-0.05, -0.04, 0.08), 58: (0.02, -0.06, 0.1),
+                    56: (-0.02, -0.06, 0.1), 57: (0.0, -0.065, 0.11),
+                    61: (0.04, 0.04, 0.1), 62: (0.0, 0.05, 0.11), 63: (-0.04, 0.04, 0.1),
+                    67: (0.04, -0.06, 0.1), 66: (0.0, -0.07, 0.11), 65: (-0.04, -0.06, 0.1)},
+    "mouthPucker": {48: (0.14, 0.0, 0.08), 54: (-0.14, 0.0, 0.08), 60: (0.13, 0.0, 0.08),
+                    64: (-0.13, 0.0, 0.08), 49: (0.08, 0.015, 0.12), 53: (-0.08, 0.015, 0.12),
+                    50: (0.03, 0.02, 0.14), 52: (-0.03, 0.02, 0.14), 51: (0.0, 0.02, 0.15),
+                    59: (0.08, -0.015, 0.12), 55: (-0.08, -0.015, 0.12), 58: (0.03, -0.02, 0.14),
+                    56: (-0.03, -0.02, 0.14), 57: (0.0, -0.02, 0.15),
+                    61: (0.06, -0.005, 0.13), 62: (0.0, -0.008, 0.14), 63: (-0.06, -0.005, 0.13),
+                    67: (0.06, 0.005, 0.13), 66: (0.0, 0.008, 0.14), 65: (-0.06, 0.005, 0.13)},
+    "mouthLeft": {k: (0.09 if k not in (48, 60, 54, 64) else 0.07, 0.0, 0.0) for k in range(48, 68)},
+    "mouthRight": {k: (-0.09 if k not in (48, 60, 54, 64) else -0.07, 0.0, 0.0) for k in range(48, 68)},
+    "mouthSmileLeft": _SMILE_L, "mouthSmileRight": _sym(_SMILE_L),
+    "mouthFrownLeft": _FROWN_L, "mouthFrownRight": _sym(_FROWN_L),
+    "mouthStretchLeft": _STRETCH_L, "mouthStretchRight": _sym(_STRETCH_L),
+    "mouthDimpleLeft": _DIMPLE_L, "mouthDimpleRight": _sym(_DIMPLE_L),
+    "mouthPressLeft": _PRESS_L, "mouthPressRight": _sym(_PRESS_L),
+    "mouthUpperUpLeft": _UPPER_UP_L, "mouthUpperUpRight": _sym(_UPPER_UP_L),
+    "mouthLowerDownLeft": _LOWER_DOWN_L, "mouthLowerDownRight": _sym(_LOWER_DOWN_L),
+    "mouthRollLower": {55: (0.0, 0.045, -0.02), 56: (0.0, 0.055, -0.02), 57: (0.0, 0.06, -0.02),
+                       58: (0.0, 0.055, -0.02), 59: (0.0, 0.045, -0.02),
+                       65: (0.0, 0.01, -0.02), 66: (0.0, 0.012, -0.02), 67: (0.0, 0.01, -0.02)},
+    "mouthRollUpper": {49: (0.0, -0.04, -0.02), 50: (0.0, -0.05, -0.02), 51: (0.0, -0.05, -0.02),
+                       52: (0.0, -0.05, -0.02), 53: (0.0, -0.04, -0.02),
+                       61: (0.0, -0.01, -0.02), 62: (0.0, -0.012, -0.02), 63: (0.0, -0.01, -0.02)},
+    "mouthShrugLower": {**{k: (0.0, 0.045, 0.02) for k in _LOWER_LIP},
+                        7: (0.0, 0.02, 0.0), 8: (0.0, 0.03, 0.01), 9: (0.0, 0.02, 0.0)},
+    "mouthShrugUpper": {k: (0.0, 0.035, 0.01) for k in _UPPER_LIP},
+    "browInnerUp": {21: (-0.01, 0.12, 0.0), 22: (0.01, 0.12, 0.0), 20: (0.0, 0.09, 0.0),
+                    23: (0.0, 0.09, 0.0), 19: (0.0, 0.05, 0.0), 24: (0.0, 0.05, 0.0),
+                    18: (0.0, 0.02, 0.0), 25: (0.0, 0.02, 0.0)},
+    "browOuterUpLeft": _BROW_OUTER_UP_L, "browOuterUpRight": _sym(_BROW_OUTER_UP_L),
+    "browDownLeft": _BROW_DOWN_L, "browDownRight": _sym(_BROW_DOWN_L),
+    "cheekSquintLeft": _CHEEK_SQUINT_L, "cheekSquintRight": _sym(_CHEEK_SQUINT_L),
+    "noseSneerLeft": _SNEER_L, "noseSneerRight": _sym(_SNEER_L),
+    "cheekPuff": _CHEEK_PUFF,
+}
+
+
+def _eyelid_moves(gap_l: float, gap_r: float) -> dict[str, dict[int, tuple]]:
+    """Eyelid channels scaled by each eye's opening (inter-ocular units)."""
+    out: dict[str, dict[int, tuple]] = {}
+    for side, gap, up, lo, brow in (("Left", gap_l, L_EYE_UP, L_EYE_LO, (23, 24, 25)),
+                                    ("Right", gap_r, R_EYE_UP, R_EYE_LO, (20, 19, 18))):
+        g = max(gap, 0.05)
+        out[f"eyeBlink{side}"] = {**{k: (0.0, -BLINK_WARP * g, 0.0) for k in up},
+                                  **{k: (0.0, 0.08 * g, 0.0) for k in lo}}
+        out[f"eyeWide{side}"] = {**{k: (0.0, 0.28 * g, 0.0) for k in up},
+                                 **{k: (0.0, 0.025, 0.0) for k in brow}}
+        out[f"eyeSquint{side}"] = {**{k: (0.0, 0.25 * g, 0.0) for k in lo},
+                                   **{k: (0.0, -0.1 * g, 0.0) for k in up}}
+        out[f"eyeLookDown{side}"] = {k: (0.0, -0.15 * g, 0.0) for k in up}
+        out[f"eyeLookUp{side}"] = {k: (0.0, 0.1 * g, 0.0) for k in up}
+    return out
+
+
+def rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """R = Rz(roll) · Rx(pitch) · Ry(yaw), y up, z towards the viewer (float32 3×3)."""
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    cp, sp = np.cos(pitch), np.sin(pitch)
+    cr, sr = np.cos(roll), np.sin(roll)
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    return (rz @ rx @ ry).astype(np.float32)
+
+
+@dataclass
+class FaceRig:
+    """A rig fitted to one portrait's landmarks. Points are in image pixels, y down."""
+
+    landmarks: np.ndarray   # (68, 2) detected
+    iod: float              # inter-ocular distance, pixels (between eye centres)
+    origin: np.ndarray      # (2,) eye midpoint, pixels
+    axes: np.ndarray        # (2, 2): rows = face x (image-right-ish), face y (UP) in image px/unit
+    rest: np.ndarray        # (P, 3) all moving points, face frame (IOD units, y up), from origin
+    follow: np.ndarray      # (P,) 1 for face/skull points, NECK_FOLLOW for the neck
+    basis: np.ndarray       # (52, 68*3) blendshape displacements, face frame
+    eye_gap: tuple[float, float]  # (left, right) eye openings, IOD units
+    n_extra: int
+
+    @property
+    def rest_px(self) -> np.ndarray:
+        """Rest positions of all moving points in image pixels (P, 2)."""
+        return self.to_image(self.rest[:, :2])
+
+    def to_image(self, xy: np.ndarray) -> np.ndarray:
+        return (self.origin[None, :] + self.iod * (xy @ self.axes)).astype(np.float32)
+
+    def shape(self, coeffs: np.ndarray) -> np.ndarray:
+        """Face-frame 3D points (P, 3) for the blendshapes of a 73-vector (no head pose)."""
+        w = np.clip(np.asarray(coeffs[:N_BLENDSHAPES], np.float32), 0.0, 1.0)
+        pts = self.rest.copy()
+        pts[:68] += (w @ self.basis).reshape(68, 3)
+        jaw, close = w[INDEX["jawOpen"]], w[INDEX["mouthClose"]]
+        if jaw > 0 and close > 0:  # close the lips by a share of the gap the jaw made
+            k = min(close, 1.0) * jaw
+            lower = self.basis[INDEX["jawOpen"]].reshape(68, 3)
+            pts[_LOWER_LIP] -= 0.62 * k * lower[_LOWER_LIP]
+            pts[_UPPER_LIP] += 0.3 * k * lower[_LOWER_LIP]
+        return pts
+
+    def project(self, pts: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+        """Apply the head pose of a 73-vector to face-frame points → image pixels (P, 2)."""
+        yaw, pitch, roll, tx, ty, tz = (float(coeffs[INDEX[n]]) for n in
+                                        ("headYaw", "headPitch", "headRoll", "headTx", "headTy", "headTz"))
+        if yaw or pitch or roll or tx or ty or tz:
+            pivot = np.asarray(PIVOT, np.float32)
+            r = rotation(yaw, pitch, roll)
+            moved = (pts - pivot) @ r.T + pivot + np.array([tx, ty, 0.0], np.float32)
+            scale = CAMERA_DISTANCE / max(CAMERA_DISTANCE - tz, 1.0)
+            moved[:, :2] = (moved[:, :2] - pivot[:2]) * scale + pivot[:2]
+            f = self.follow[:, None]
+            pts = pts + f * (moved - pts)
+        return self.to_image(pts[:, :2])
+
+    def targets(self, coeffs: np.ndarray) -> np.ndarray:
+        """Image positions (P, 2) of every moving point for one 73-vector."""
+        return self.project(self.shape(coeffs), coeffs)
+
+
+def fit_rig(landmarks: np.ndarray) -> FaceRig:
+    """Fit the rig to 68 detected landmarks (image pixels)."""
+    lm = np.asarray(landmarks, np.float32).reshape(68, 2)
+    eye_r = lm[36:42].mean(0)  # image left: subject's right eye
+    eye_l = lm[42:48].mean(0)
+    d = eye_l - eye_r
+    iod = float(np.hypot(*d))
+    if iod < 4.0:
+        from giris.workers.engine import EngineError  # noqa: PLC0415
+
+        raise EngineError("the face is too small to animate", code="bad_image")
+    ex = d / iod                       # face x in the image (towards the image's right)
+    ey_up = np.array([ex[1], -ex[0]], np.float32)  # face y (up) in image coordinates
+    axes = np.stack([ex, ey_up]).astype(np.float32)
+    origin = ((eye_r + eye_l) / 2).astype(np.float32)
+    # image → face frame: solve xy_img = origin + iod * (u @ axes); axes is orthonormal
+    face_xy = ((lm - origin) / iod) @ axes.T
+    rest68 = np.concatenate([face_xy, TEMPLATE_Z[:, None]], axis=1)
+
+    # skull arc (rigid with the head) and neck points (follow partly)
+    chin_y = float(face_xy[8, 1])
+    half_w = float(max(face_xy[16, 0] - face_xy[0, 0], 1.6)) / 2
+    skull = []
+    for t in np.linspace(0.0, np.pi, 9):
+        skull.append((np.cos(t) * (half_w + 0.35), 0.15 + np.sin(t) * 2.0, -0.6))
+    neck = [(-0.55, chin_y - 0.6, -0.6), (0.0, chin_y - 0.75, -0.5), (0.55, chin_y - 0.6, -0.6)]
+    extra = np.array(skull + neck, np.float32)
+    rest = np.concatenate([rest68, extra]).astype(np.float32)
+    follow = np.ones(rest.shape[0], np.float32)
+    follow[-len(neck):] = NECK_FOLLOW
+
+    gap_r = float(np.mean(face_xy[R_EYE_UP, 1] - face_xy[R_EYE_LO, 1]))
+    gap_l = float(np.mean(face_xy[L_EYE_UP, 1] - face_xy[L_EYE_LO, 1]))
+    moves = {**CHANNEL_MOVES, **_eyelid_moves(gap_l, gap_r)}
+    basis = np.zeros((N_BLENDSHAPES, 68, 3), np.float32)
+    for name, table in moves.items():
+        for k, v in table.items():
+            basis[INDEX[name], k] += np.asarray(v, np.float32)
+    return FaceRig(landmarks=lm, iod=iod, origin=origin, axes=axes, rest=rest, follow=follow,
+                   basis=basis.reshape(N_BLENDSHAPES, 68 * 3), eye_gap=(gap_l, gap_r),
+                   n_extra=len(extra))
+
+
+#: the channels the rig moves (others, e.g. eyeLookIn/Out and tongueOut, it ignores)
+def rigged_channels() -> list[str]:
+    names = set(CHANNEL_MOVES) | set(_eyelid_moves(0.2, 0.2))
+    return [n for n in BLENDSHAPES if n in names]

@@ -1,0 +1,196 @@
+"""Face detection and 68-point landmarks (dlib), image decoding and a tiny PNG writer.
+
+* The detector (dlib's HOG frontal face detector) and the 68-point shape predictor
+  (``shape_predictor_68_face_landmarks.dat`` from the ``face_recognition_models``
+  package, loaded by path: that package's ``__init__`` needs ``pkg_resources``) are loaded
+  once per process and cached.
+* Which face, when there are several (:func:`find_face`): detections scoring below 0 are
+  dlib's own rejects and ignored. A detection is *solid* when it scores at least
+  ``SOLID_SCORE`` (0.5); weak detections beside a solid one are ignored (patterns on
+  clothes and flags produce them: the bundled astronaut has one on her mission patch).
+  Among the solid ones (or the single best weak one when none is solid) the largest is
+  the face, unless another one that does not overlap it is at least ``SIMILAR_AREA``
+  (0.5) of its area: then the portrait is ambiguous and ``many_faces`` is raised. A group
+  photo with one person clearly in front (a face more than twice the area of any other)
+  animates that person.
+* Images are decoded with PyAV (PNG, JPEG, WebP, BMP..., whatever FFmpeg reads); no PIL or
+  OpenCV. Anything undecodable is ``bad_image``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import struct
+import threading
+import zlib
+from functools import lru_cache
+
+import numpy as np
+
+from giris.workers.engine import EngineError
+
+#: minimum detector score for a face to count as solid (dlib's threshold is 0)
+SOLID_SCORE = 0.5
+#: a second separate face at least this fraction of the largest's area makes it ambiguous
+SIMILAR_AREA = 0.5
+#: smallest image side accepted for landmark fitting
+MIN_SIDE = 64
+#: largest decoded image (pixels) accepted: a guard against decompression bombs
+MAX_PIXELS = 40_000_000
+#: faces are detected on an image no larger than this (side); landmarks use full resolution
+DETECT_SIDE = 800
+
+_lock = threading.Lock()
+
+
+def model_path(name: str = "shape_predictor_68_face_landmarks.dat") -> str:
+    """Path of a model file inside the installed ``face_recognition_models`` package."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineError("face_recognition_models is not installed", code="engine_unavailable")
+    for base in spec.submodule_search_locations:
+        path = os.path.join(base, "models", name)
+        if os.path.exists(path):
+            return path
+    raise EngineError(f"model file {name} not found in face_recognition_models",
+                      code="engine_unavailable")
+
+
+@lru_cache(maxsize=1)
+def _models():
+    import dlib  # noqa: PLC0415 - heavy, loaded on first use
+
+    return dlib, dlib.get_frontal_face_detector(), dlib.shape_predictor(model_path())
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) → RGB ``uint8`` (H, W, 3); ``bad_image`` if not,
+    ``too_large`` past ``max_pixels``."""
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes) or len(data) < 8:
+        raise EngineError("the avatar is not an encoded image", code="bad_image")
+    try:
+        import av  # noqa: PLC0415
+
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise EngineError("the avatar has no image in it", code="bad_image")
+            for frame in container.decode(video=0):
+                if frame.width * frame.height > max_pixels:
+                    raise EngineError(f"the avatar has {frame.width}x{frame.height} pixels, more "
+                                      f"than the {max_pixels} allowed", code="too_large",
+                                      limit=max_pixels)
+                rgb = frame.to_ndarray(format="rgb24")
+                return np.ascontiguousarray(rgb, dtype=np.uint8)
+    except EngineError:
+        raise
+    except Exception as exc:  # av.error.*, ValueError...: corrupt or unsupported
+        raise EngineError(f"cannot decode the avatar image: {exc}", code="bad_image") from exc
+    raise EngineError("cannot decode the avatar image: no frame", code="bad_image")
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Gray, RGBA or RGB array → contiguous RGB ``uint8``; ``bad_image`` otherwise."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise EngineError(f"the avatar must be an RGB image, not shape {a.shape}", code="bad_image")
+    a = a[:, :, :3]
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """RGB ``uint8`` (H, W, 3) → PNG bytes (zlib only: for stills, tests and tools)."""
+    a = as_rgb(rgb)
+    h, w, _ = a.shape
+    raw = np.zeros((h, w * 3 + 1), np.uint8)  # filter byte 0 on each row
+    raw[:, 1:] = a.reshape(h, w * 3)
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + tag + body
+                + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------------------- detection
+def _box(rect) -> tuple[float, float, float, float]:
+    return float(rect.left()), float(rect.top()), float(rect.right()), float(rect.bottom())
+
+
+def _overlap(a, b) -> float:
+    """Intersection over the smaller box's area."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    small = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / small if small > 0 else 0.0
+
+
+def detect_faces(rgb: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+    """All detections ``[((left, top, right, bottom), score)]`` in ``rgb`` pixel coordinates."""
+    dlib, detector, _ = _models()
+    h, w = rgb.shape[:2]
+    scale = 1.0
+    img = rgb
+    if max(h, w) > DETECT_SIDE:  # detect on a smaller copy (nearest: it is only for boxes)
+        scale = DETECT_SIDE / max(h, w)
+        ys = np.minimum((np.arange(int(h * scale)) / scale).astype(np.int64), h - 1)
+        xs = np.minimum((np.arange(int(w * scale)) / scale).astype(np.int64), w - 1)
+        img = np.ascontiguousarray(rgb[ys][:, xs])
+    # upsample once for small images so faces down to ~40 px are found
+    upsample = 1 if max(img.shape[:2]) <= 640 else 0
+    with _lock:  # dlib objects are not documented as thread-safe
+        rects, scores, _ = detector.run(img, upsample, 0.0)
+    return [(tuple(v / scale for v in _box(r)), float(s)) for r, s in zip(rects, scores)]
+
+
+def choose_face(dets: list[tuple[tuple[float, float, float, float], float]]):
+    """Apply the several-faces policy (module docstring); return the chosen box."""
+    dets = [d for d in dets if d[1] >= 0.0]
+    if not dets:
+        raise EngineError("no face found in the avatar image", code="no_face")
+    solid = [d for d in dets if d[1] >= SOLID_SCORE] or [max(dets, key=lambda d: d[1])]
+
+    def area(d):
+        b = d[0]
+        return (b[2] - b[0]) * (b[3] - b[1])
+
+    solid.sort(key=area, reverse=True)
+    best = solid[0]
+    for other in solid[1:]:
+        if _overlap(best[0], other[0]) < 0.3 and area(other) >= SIMILAR_AREA * area(best):
+            raise EngineError(
+                f"the avatar image shows {len(solid)} faces of similar size; use a portrait of one person",
+                code="many_faces", faces=len(solid))
+    return best[0]
+
+
+def find_face(rgb: np.ndarray) -> np.ndarray:
+    """The 68 dlib landmarks (float32 (68, 2), x then y, pixels) of the portrait's face.
+
+    Raises :class:`EngineError` ``bad_image`` (too small or degenerate), ``no_face`` or
+    ``many_faces`` (several similar faces; see the module docstring).
+    """
+    rgb = as_rgb(rgb)
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise EngineError(f"the avatar image is too small ({w}x{h}; at least {MIN_SIDE} px a side)",
+                          code="bad_image")
+    if int(rgb.max()) - int(rgb.min()) < 8:
+        raise EngineError("no face found in the avatar image (it is a flat colour)", code="no_face")
+    box = choose_face(detect_faces(rgb))
+    dlib, _, predictor = _models()
+    rect = dlib.rectangle(*(int(round(v)) for v in box))
+    with _lock:
+        shape = predictor(rgb, rect)
+    pts = np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float32)
+    return pts

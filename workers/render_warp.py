@@ -1,0 +1,588 @@
+"""``warp`` render engine: a portrait animated by a landmark-driven dense warp.
+
+Per session, once (``open_session``): the avatar (``avatar`` bytes or a bundled
+``avatar_name``, default ``astronaut``) is decoded, framed to a square around the face
+(at most ``framing`` × the face box, default 4: head and shoulders), resized to ``size``
+(default 512, 128..1024), its 68 landmarks found (dlib) and a 3D rig fitted
+(:mod:`giris.workers.face_rig`). Then everything a frame needs that does not move is
+precomputed: the warp region (``roi``: an ellipse around the head and neck, with its
+bounding box), fixed anchors on that box and on the ellipse (the background stays put),
+a coarse grid over the box (``grid_cell`` px cells, default ``size/64``), the thin-plate
+kernel between the grid and the anchors, the source as a float tensor on the device,
+the eyelid skin colour, the mouth's rest opening.
+
+Per frame (``render``):
+
+1. The rig turns the 73-vector into image positions of 68 landmarks + 12 skull/neck
+   points (blendshape displacements, then head pose, projected).
+2. A thin-plate spline is fitted *in the output frame*: centres at those targets and at the
+   anchors, values the backward displacement (rest − target, 0 on anchors). Working in
+   the output frame means a mouth opening is smooth there (in the source the inner lips
+   coincide and would tear). One small (~110²) solve per frame.
+3. The spline is evaluated on the coarse grid, tapered to 0 at the box's edge, upsampled
+   bilinearly to the box and fed to ``torch.nn.functional.grid_sample`` (CPU, or CUDA when
+   the worker's device is ``cuda``); only the box is resampled, the rest of the frame is
+   a copy of the still background.
+4. Compositing, on the uint8 frame, in small boxes: a mouth interior (dark cavity, a band
+   of upper teeth, a hint of lower teeth and tongue) between the inner lips as the jaw
+   opens beyond the portrait's own opening; eyelids (skin from above the eye, a lash line)
+   drawn down over each eye as ``eyeBlink*`` rises, after the rig has warped the upper lid
+   part of the way (``face_rig.BLINK_WARP``).
+
+``render_batch`` on CUDA resamples every job of the same frame size in one ``grid_sample``;
+on the CPU it renders job by job: the resampling cost is per output pixel, a batch saves
+only the ~20 µs call overhead and would force the whole frame (not the face box) through.
+
+Options: ``threads`` (torch intra-op threads, default 1: stages are pinned to cores),
+``regularization`` (thin-plate smoothing, default 1e-3), ``grid_cell`` (coarse grid cell
+in pixels at 512, scaled with the size; default 8), ``framing`` (default 4.0),
+``cache_avatars`` (prepared avatars kept per worker, default 8).
+Spec keys: ``avatar`` (bytes), ``avatar_name`` (str), ``size`` (int).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from giris.workers import landmarks as LM
+from giris.workers.bases import RenderEngine
+from giris.workers.coefficients import INDEX, N_CHANNELS
+from giris.workers.engine import EngineContext, EngineError
+from giris.workers.face_rig import FaceRig, fit_rig
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 128, 1024, 512
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+# the warp region around the head, face frame (inter-ocular units; y up from the eyes)
+RING_CENTER = (0.0, -0.35)
+RING_RADII = (2.25, 2.6)
+
+UPPER_IN = [60, 61, 62, 63, 64]
+LOWER_IN = [60, 67, 66, 65, 64]
+EYES = {  # ARKit side: (upper chain, lower chain) from outer to inner corner
+    "Right": ([36, 37, 38, 39], [36, 41, 40, 39]),
+    "Left": ([45, 44, 43, 42], [45, 46, 47, 42]),
+}
+
+
+def bundled_avatars() -> list[str]:
+    """Names of the avatars shipped in ``giris/workers/assets``."""
+    return sorted(p.stem for p in ASSETS.glob("*.png"))
+
+
+def _tps(d2: np.ndarray) -> np.ndarray:
+    """Thin-plate kernel r² log r from squared distances (0 at 0)."""
+    return 0.5 * d2 * np.log(np.maximum(d2, 1e-20))
+
+
+def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def _tps_mm(a: np.ndarray, b: np.ndarray, a_sq: np.ndarray | None = None) -> np.ndarray:
+    """Thin-plate kernel between point sets, squared distances by one matrix product."""
+    if a_sq is None:
+        a_sq = (a * a).sum(1)[:, None]
+    d2 = a @ b.T
+    d2 *= -2.0
+    d2 += a_sq
+    d2 += (b * b).sum(1)[None, :]
+    np.maximum(d2, 1e-20, out=d2)
+    out = np.log(d2)
+    out *= d2
+    out *= 0.5
+    return out
+
+
+@dataclass
+class Prepared:
+    """An avatar framed and resized to one size, with its rig (shared between sessions)."""
+
+    image: np.ndarray        # (S, S, 3) uint8
+    rig: FaceRig
+
+
+@dataclass
+class WarpSession:
+    spec: dict
+    size: int
+    image: np.ndarray                    # the still frame (S, S, 3) uint8
+    rig: FaceRig
+    device: torch.device
+    src: torch.Tensor                    # (1, 3, S, S) float32 on the device
+    roi: tuple[int, int, int, int]       # x0, y0, x1, y1 (exclusive)
+    gh: int
+    gw: int
+    grid_px: np.ndarray                  # (G, 2) coarse grid, pixels
+    grid_n: np.ndarray                   # (G, 2) coarse grid, face units
+    anchors_n: np.ndarray                # (A, 2) fixed anchors, face units
+    k_ga: np.ndarray                     # (G, A) kernel grid-anchors (float32)
+    grid_sq: np.ndarray                  # (G, 1) squared norms of grid_n
+    system: np.ndarray                   # (P+A+3)² spline system with the anchor blocks filled
+    centers64: np.ndarray                # (P+A, 2) rest centres then anchors (float64)
+    p_g: np.ndarray                      # (G, 3) [1, u, v] on the grid
+    taper: np.ndarray                    # (G, 1)
+    rest_px: np.ndarray                  # (P, 2) rest positions of the rig's moving points
+    lid_rgb: dict[str, np.ndarray]       # eyelid skin colour per side
+    mouth_rest_gap: float                # portrait's own inner-lip opening, pixels
+    nbytes: int = 0
+    frames: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class WarpRenderEngine(RenderEngine):
+    """Landmark-driven dense warp of a portrait (see the module docstring)."""
+
+    def __init__(self, options: Mapping[str, Any], context: EngineContext) -> None:
+        super().__init__(options, context)
+        threads = int(self.options.get("threads", 1))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device(context.device if str(context.device).startswith("cuda") else "cpu")
+        self.lam = float(self.options.get("regularization", 1e-3))
+        self.grid_cell = float(self.options.get("grid_cell", 8.0))
+        self.framing = float(self.options.get("framing", 4.0))
+        self._cache: OrderedDict[tuple, Prepared] = OrderedDict()
+        self._cache_size = int(self.options.get("cache_avatars", 8))
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ session set-up
+    @staticmethod
+    def _size(spec: Mapping[str, Any]) -> int:
+        try:
+            size = int(spec.get("size", DEFAULT_SIZE))
+        except (TypeError, ValueError):
+            raise EngineError(f"size must be an integer, not {spec.get('size')!r}", code="bad_input")
+        if not MIN_SIZE <= size <= MAX_SIZE:
+            raise EngineError(f"size must be {MIN_SIZE}..{MAX_SIZE}, not {size}", code="bad_input")
+        return size
+
+    @staticmethod
+    def _avatar_bytes(spec: Mapping[str, Any]) -> bytes:
+        data = spec.get("avatar")
+        if data is not None and not (isinstance(data, str) and data == ""):
+            if isinstance(data, str):
+                raise EngineError("avatar must be image bytes (use avatar_name for a bundled one)",
+                                  code="bad_image")
+            return bytes(data)
+        name = spec.get("avatar_name") or "astronaut"
+        if not isinstance(name, str) or not _NAME.match(name) or not (ASSETS / f"{name}.png").is_file():
+            raise EngineError(f"unknown avatar {name!r}; bundled: {', '.join(bundled_avatars())}",
+                              code="bad_input")
+        return (ASSETS / f"{name}.png").read_bytes()
+
+    def prepare(self, data: bytes, size: int, max_pixels: int = LM.MAX_PIXELS) -> Prepared:
+        """Decode, frame, resize and rig an avatar (cached by content and size)."""
+        key = (hashlib.sha256(data).hexdigest(), size, self.framing)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        rgb = LM.decode_image(data, max_pixels)
+        lm = LM.find_face(rgb)
+        image, lm = frame_square(rgb, lm, size, self.framing)
+        prepared = Prepared(image=image, rig=fit_rig(lm))
+        with self._lock:
+            self._cache[key] = prepared
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return prepared
+
+    def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
+        s = self._size(spec)
+        px = s * s
+        # source float32 + still uint8 + (worst case box = frame) sampling grid, float
+        # output and uint8 staging, + a little for the coarse grid and kernels
+        n = px * 12 + px * 3 + px * 8 + px * 12 + px * 3 + 600_000
+        key = "cpu" if self.device.type == "cpu" else str(self.device if self.device.index is not None
+                                                          else "cuda:0")
+        if key == "cpu":
+            return {"cpu": n}
+        return {key: px * 12 + px * 8 + px * 12 + px * 3, "cpu": px * 6 + 600_000}
+
+    def held(self, state: WarpSession) -> dict[str, int]:
+        return self.estimate(state.spec) if not state.nbytes else {
+            ("cpu" if self.device.type == "cpu" else str(self.device)): state.nbytes}
+
+    def open_session(self, spec: Mapping[str, Any]) -> WarpSession:
+        size = self._size(spec)
+        prepared = self.prepare(self._avatar_bytes(spec), size,
+                                int(spec.get("max_image_pixels") or LM.MAX_PIXELS))
+        return self._session(dict(spec, size=size), prepared)
+
+    def _session(self, spec: dict, prep: Prepared) -> WarpSession:
+        size = int(spec["size"])
+        rig = prep.rig
+        iod = rig.iod
+        cuda = self.device.type == "cuda"
+
+        # the region that moves: an ellipse around head and neck, and its bounding box
+        t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+        ring_face = np.stack([RING_CENTER[0] + RING_RADII[0] * np.cos(t),
+                              RING_CENTER[1] + RING_RADII[1] * np.sin(t)], 1).astype(np.float32)
+        ring_px = rig.to_image(ring_face)
+        if cuda:  # the whole frame: every same-size session batches into one call
+            x0, y0, x1, y1 = 0, 0, size, size
+        else:
+            lo = np.floor(ring_px.min(0)).astype(int)
+            hi = np.ceil(ring_px.max(0)).astype(int) + 1
+            x0, y0 = max(0, int(lo[0])), max(0, int(lo[1]))
+            x1, y1 = min(size, int(hi[0])), min(size, int(hi[1]))
+        w, h = x1 - x0, y1 - y0
+        if w < 16 or h < 16:
+            raise EngineError("the face is too close to the image edge to animate", code="bad_image")
+
+        # anchors: the box's edges (the flow is 0 outside) and the ring inside the box
+        per_side = 7
+        edge = []
+        for s in np.linspace(0, 1, per_side):
+            edge += [(x0 + s * (w - 1), y0), (x0 + s * (w - 1), y1 - 1),
+                     (x0, y0 + s * (h - 1)), (x1 - 1, y0 + s * (h - 1))]
+        edge = np.unique(np.round(np.array(edge, np.float32), 2), axis=0)
+        inside = ((ring_px[:, 0] > x0 + 0.15 * iod) & (ring_px[:, 0] < x1 - 1 - 0.15 * iod)
+                  & (ring_px[:, 1] > y0 + 0.15 * iod) & (ring_px[:, 1] < y1 - 1 - 0.15 * iod))
+        anchors_px = np.concatenate([edge, ring_px[inside]]).astype(np.float32)
+
+        def norm(p: np.ndarray) -> np.ndarray:
+            return ((p - rig.origin) / iod).astype(np.float32)
+
+        cell = max(4.0, self.grid_cell * size / 512.0)
+        gw = max(2, int(np.ceil((w - 1) / cell)) + 1)
+        gh = max(2, int(np.ceil((h - 1) / cell)) + 1)
+        gx = np.linspace(x0, x1 - 1, gw, dtype=np.float32)
+        gy = np.linspace(y0, y1 - 1, gh, dtype=np.float32)
+        grid_px = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)
+        grid_n = norm(grid_px)
+        anchors_n = norm(anchors_px)
+        k_ga = _tps(_sqdist(grid_n, anchors_n)).astype(np.float32)
+        a64 = anchors_n.astype(np.float64)
+        n_m, n_a = len(rig.rest), len(anchors_n)
+        n = n_m + n_a
+        system = np.zeros((n + 3, n + 3))
+        system[n_m:n, n_m:n] = _tps(_sqdist(a64, a64)) + self.lam * np.eye(n_a)
+        system[:n, n] = system[n, :n] = 1.0
+        system[n_m:n, n + 1:] = a64
+        system[n + 1:, n_m:n] = a64.T
+        centers64 = np.concatenate([norm(rig.rest_px).astype(np.float64), a64])
+        p_g = np.concatenate([np.ones((len(grid_n), 1), np.float32), grid_n], 1)
+        # taper: 1 inside, smoothly 0 at the box edges that are not the frame's edges
+        m = max(3.0, 0.03 * max(w, h))
+        dx = np.minimum(grid_px[:, 0] - x0 if x0 > 0 else np.inf, (x1 - 1) - grid_px[:, 0] if x1 < size else np.inf)
+        dy = np.minimum(grid_px[:, 1] - y0 if y0 > 0 else np.inf, (y1 - 1) - grid_px[:, 1] if y1 < size else np.inf)
+        q = np.clip(np.minimum(dx, dy) / m, 0, 1)
+        taper = (q * q * (3 - 2 * q)).astype(np.float32)[:, None]
+
+        image = prep.image
+        src = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(torch.float32)[None]
+        src = (src + 0.5).to(self.device)  # +0.5: the truncating cast to uint8 then rounds
+        rest_px = rig.rest_px
+        lm = rest_px[:68]
+
+        # eyelid skin: the mean colour of a patch between each upper lid and its brow
+        lid_rgb = {}
+        for side, brow in (("Right", [18, 19, 20]), ("Left", [23, 24, 25])):
+            up = EYES[side][0][1:3]
+            p = 0.6 * lm[up].mean(0) + 0.4 * lm[brow].mean(0)
+            r = max(1, int(round(0.05 * iod)))
+            cx, cy = int(round(p[0])), int(round(p[1]))
+            patch = image[max(0, cy - r):cy + r + 1, max(0, cx - r):cx + r + 1].reshape(-1, 3)
+            lid_rgb[side] = (np.median(patch, 0) if len(patch) else np.array([180, 140, 120])).astype(np.float32)
+
+        gap = _chain_gap(lm)
+        nbytes = (src.numel() * 4 + image.nbytes + k_ga.nbytes + system.nbytes + grid_px.nbytes * 3
+                  + w * h * (8 + 12 + 3))
+        return WarpSession(spec=spec, size=size, image=image, rig=rig, device=self.device, src=src,
+                           roi=(x0, y0, x1, y1), gh=gh, gw=gw, grid_px=grid_px, grid_n=grid_n,
+                           anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper,
+                           grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
+                           centers64=centers64,
+                           rest_px=rest_px, lid_rgb=lid_rgb, mouth_rest_gap=gap, nbytes=nbytes)
+
+    def close_session(self, state: WarpSession) -> None:
+        state.src = None  # type: ignore[assignment]
+        state.k_ga = state.system = None  # type: ignore[assignment]
+
+    # -------------------------------------------------------------------------- frames
+    def _coarse(self, state: WarpSession, targets: np.ndarray) -> np.ndarray | None:
+        """Coarse sampling grid (2, gh, gw), normalised for grid_sample; None when still."""
+        disp = state.rest_px - targets                       # backward displacement, px
+        if float(np.abs(disp).max()) < 0.02:
+            return None
+        rig = state.rig
+        c = ((targets - rig.origin) / rig.iod).astype(np.float64)
+        n_m = len(c)
+        n = n_m + len(state.anchors_n)
+        A = state.system.copy()                              # anchor blocks are constant
+        k = _tps_mm(c, state.centers64[n_m:])
+        A[:n_m, n_m:n] = k
+        A[n_m:n, :n_m] = k.T
+        A[:n_m, :n_m] = _tps_mm(c, c)
+        A[np.arange(n_m), np.arange(n_m)] += self.lam
+        A[:n_m, n + 1:] = c
+        A[n + 1:, :n_m] = c.T
+        rhs = np.zeros((n + 3, 2))
+        rhs[:n_m] = disp
+        sol = np.linalg.solve(A, rhs).astype(np.float32)
+        k_gm = _tps_mm(state.grid_n, c.astype(np.float32), state.grid_sq)
+        flow = k_gm @ sol[:n_m]
+        flow += state.k_ga @ sol[n_m:n]
+        flow += state.p_g @ sol[n:]
+        flow *= state.taper
+        coords = state.grid_px + flow
+        coords *= 2.0 / (state.size - 1)
+        coords -= 1.0
+        return coords.reshape(state.gh, state.gw, 2).transpose(2, 0, 1)
+
+    def _resample(self, srcs: torch.Tensor, coarse: np.ndarray, h: int, w: int) -> torch.Tensor:
+        """Upsample coarse grids (N, 2, gh, gw) and resample: float (N, 3, h, w) on device.
+
+        The sources carry a +0.5 bias, so a truncating cast to uint8 rounds.
+        """
+        c = torch.from_numpy(np.ascontiguousarray(coarse)).to(self.device, non_blocking=True)
+        grid = F.interpolate(c, size=(h, w), mode="bilinear", align_corners=True)
+        grid = grid.permute(0, 2, 3, 1).contiguous()
+        return F.grid_sample(srcs, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+    def render(self, state: WarpSession, coeffs: np.ndarray, out: np.ndarray) -> None:
+        self.render_batch([(state, coeffs, out)])
+
+    def render_batch(self, jobs: Sequence[tuple[Any, np.ndarray, np.ndarray]]) -> None:
+        pending: dict[tuple, list] = {}
+        for state, row, out in jobs:
+            row = np.asarray(row, np.float32).reshape(N_CHANNELS)
+            if out.shape != state.image.shape or out.dtype != np.uint8:
+                raise EngineError(f"output buffer must be uint8 {state.image.shape}, not "
+                                  f"{out.dtype} {out.shape}", code="bad_input")
+            targets = state.rig.targets(row)
+            coarse = self._coarse(state, targets)
+            if coarse is None:
+                np.copyto(out, state.image)
+                self._composite(state, row, targets, out)
+                continue
+            if self.device.type == "cpu":
+                self._write(state, out, self._resample(state.src, coarse[None], *_hw(state.roi))[0])
+                self._composite(state, row, targets, out)
+            else:
+                key = (state.size, state.roi)
+                pending.setdefault(key, []).append((state, row, out, targets, coarse))
+        for key, group in pending.items():  # CUDA: one resampling per frame size
+            srcs = torch.cat([g[0].src for g in group]) if len(group) > 1 else group[0][0].src
+            res = self._resample(srcs, np.stack([g[4] for g in group]), *_hw(key[1]))
+            res = res.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+            for (state, row, out, targets, _), frame in zip(group, res):
+                self._write(state, out, frame)
+                self._composite(state, row, targets, out)
+        for state, _, _ in jobs:
+            state.frames += 1
+
+    @staticmethod
+    def _write(state: WarpSession, out: np.ndarray, roi_frame: torch.Tensor) -> None:
+        """Still background around the box; the box from ``roi_frame``: uint8 (h, w, 3),
+        or float (3, h, w) (biased by +0.5) cast straight into ``out``."""
+        x0, y0, x1, y1 = state.roi
+        s = state.size
+        img = state.image
+        if y0 > 0:
+            out[:y0] = img[:y0]
+        if y1 < s:
+            out[y1:] = img[y1:]
+        if x0 > 0:
+            out[y0:y1, :x0] = img[y0:y1, :x0]
+        if x1 < s:
+            out[y0:y1, x1:] = img[y0:y1, x1:]
+        if roi_frame.dtype == torch.uint8:
+            np.copyto(out[y0:y1, x0:x1], roi_frame.numpy())
+            return
+        try:
+            torch.from_numpy(out[y0:y1, x0:x1]).copy_(roi_frame.permute(1, 2, 0))
+        except (ValueError, RuntimeError):  # a read-only or oddly strided buffer
+            np.copyto(out[y0:y1, x0:x1], roi_frame.permute(1, 2, 0).to(torch.uint8).numpy())
+
+    # ---------------------------------------------------------------------- compositing
+    def _composite(self, state: WarpSession, row: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
+        iod = state.rig.iod
+        lm = targets[:68]
+        _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]))
+        for side, (upper, lower) in EYES.items():
+            b = float(row[INDEX[f"eyeBlink{side}"]])
+            if b > 0.02:
+                _eyelid(out, lm[upper], lm[lower], min(b, 1.0), iod, state.lid_rgb[side])
+
+
+def _hw(roi: tuple[int, int, int, int]) -> tuple[int, int]:
+    return roi[3] - roi[1], roi[2] - roi[0]
+
+
+def frame_square(rgb: np.ndarray, lm: np.ndarray, size: int, framing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Crop a square around the face (head and shoulders) and resize it to ``size``."""
+    h, w = rgb.shape[:2]
+    lo, hi = lm.min(0), lm.max(0)
+    face = float(max(hi - lo))
+    side = int(min(min(h, w), max(face * framing, 64)))
+    cx = float((lo[0] + hi[0]) / 2)
+    cy = float(lo[1] + (hi[1] - lo[1]) * 0.55)  # the face a little above the centre
+    x0 = int(round(min(max(cx - side / 2, 0), w - side)))
+    y0 = int(round(min(max(cy - side / 2, 0), h - side)))
+    crop = rgb[y0:y0 + side, x0:x0 + side]
+    scale = size / side
+    if side != size:
+        t = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))).to(torch.float32)[None]
+        if side > size:
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        else:
+            t = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False)
+        crop = t[0].clamp_(0, 255).add_(0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    image = np.ascontiguousarray(crop, dtype=np.uint8)
+    # pixel centres: x_new + 0.5 = (x_old - x0 + 0.5) * scale
+    lm_new = ((lm - np.array([x0, y0], np.float32) + 0.5) * scale - 0.5).astype(np.float32)
+    return image, lm_new
+
+
+def _chain_gap(lm: np.ndarray) -> float:
+    """Largest distance between the upper and lower inner lip (pixels)."""
+    return float(max(np.hypot(*(lm[a] - lm[b])) for a, b in ((61, 67), (62, 66), (63, 65))))
+
+
+def _frame(p0: np.ndarray, p1: np.ndarray):
+    """Unit axis from p0 to p1 and its normal (image y down: the normal points down)."""
+    d = p1 - p0
+    length = float(np.hypot(*d))
+    ax = d / max(length, 1e-6)
+    nrm = np.array([-ax[1], ax[0]], np.float32)
+    if nrm[1] < 0:
+        nrm = -nrm
+    return ax, nrm, length
+
+
+def _local(box, p0, ax, nrm):
+    x0, y0, x1, y1 = box
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    rx, ry = xs - p0[0], ys - p0[1]
+    ax = ax.astype(np.float32)
+    nrm = nrm.astype(np.float32)
+    return rx * ax[0] + ry * ax[1], rx * nrm[0] + ry * nrm[1]
+
+
+def _chain(pts: np.ndarray, p0, ax, nrm):
+    rel = pts - p0
+    u = rel @ ax
+    v = rel @ nrm
+    return np.maximum.accumulate(u).astype(np.float32), v.astype(np.float32)
+
+
+def _box(pts: np.ndarray, pad: float, shape) -> tuple[int, int, int, int] | None:
+    lo = np.floor(pts.min(0) - pad).astype(int)
+    hi = np.ceil(pts.max(0) + pad).astype(int) + 1
+    x0, y0 = max(0, lo[0]), max(0, lo[1])
+    x1, y1 = min(shape[1], hi[0]), min(shape[0], hi[1])
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+_CAVITY = np.array([52, 18, 22], np.float32)
+_CAVITY_EDGE = np.array([92, 38, 40], np.float32)
+_TEETH = np.array([228, 222, 208], np.float32)
+_TONGUE = np.array([168, 70, 78], np.float32)
+
+
+def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue: float) -> None:
+    """Draw the mouth interior between the inner lips, as much as they opened."""
+    gap = _chain_gap(lm)
+    strength = (gap - rest_gap) / (0.07 * iod)
+    if strength <= 0.0:
+        return
+    strength = min(strength, 1.0)
+    strength = strength * strength * (3 - 2 * strength)
+    up, lo = lm[UPPER_IN], lm[LOWER_IN]
+    p0, p1 = lm[60], lm[64]
+    ax, nrm, length = _frame(p0, p1)
+    if length < 2:
+        return
+    box = _box(np.concatenate([up, lo]), 1.5, out.shape)
+    if box is None:
+        return
+    u, v = _local(box, p0, ax, nrm)
+    uu, vu = _chain(up, p0, ax, nrm)
+    ul, vl = _chain(lo, p0, ax, nrm)
+    v_up = np.interp(u, uu, vu).astype(np.float32)
+    v_lo = np.interp(u, ul, vl).astype(np.float32)
+    g = np.maximum(v_lo - v_up, 1e-3)
+    inside = np.clip(v - v_up + 0.5, 0, 1) * np.clip(v_lo - v + 0.5, 0, 1)
+    inside *= np.clip(u + 0.5, 0, 1) * np.clip(length - u + 0.5, 0, 1)
+    alpha = strength * inside
+    if not alpha.any():
+        return
+    t = np.clip((v - v_up) / g, 0, 1)                      # 0 at the upper lip, 1 at the lower
+    s = np.abs(u / max(length, 1e-6) * 2 - 1)               # 0 at the centre, 1 at the corners
+    col = _CAVITY + (_CAVITY_EDGE - _CAVITY) * (np.clip(s, 0, 1) ** 2)[..., None]
+    # upper teeth: a band under the upper lip over the middle of the mouth
+    th = np.minimum(0.11 * iod, 0.42 * g)
+    tooth = np.clip((th - (v - v_up)) / 1.2, 0, 1) * np.clip((0.8 - s) / 0.15, 0, 1)
+    shade = 1.0 - 0.25 * np.clip((v - v_up) / np.maximum(th, 1e-3), 0, 1) - 0.3 * s
+    teeth_col = _TEETH * shade[..., None]
+    col = col + (teeth_col - col) * tooth[..., None]
+    # lower teeth hint and tongue at the bottom when wide open
+    lth = np.minimum(0.05 * iod, 0.18 * g)
+    ltooth = 0.6 * np.clip((lth - (v_lo - v)) / 1.2, 0, 1) * np.clip((0.6 - s) / 0.15, 0, 1)
+    ltooth *= np.clip((g - 0.25 * iod) / (0.1 * iod), 0, 1)
+    tongue_w = np.clip((t - (0.72 - 0.3 * tongue)) / 0.2, 0, 1) * np.clip((0.85 - s) / 0.2, 0, 1)
+    tongue_w *= 0.55 + 0.45 * tongue
+    col = col + (_TONGUE - col) * tongue_w[..., None]
+    col = col + (_TEETH * 0.8 - col) * ltooth[..., None]
+    x0, y0, x1, y1 = box
+    region = out[y0:y1, x0:x1]
+    blended = region.astype(np.float32)
+    blended += (col - blended) * alpha[..., None]
+    np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+
+
+def _eyelid(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, blink: float, iod: float,
+            skin: np.ndarray) -> None:
+    """Draw an eyelid down over one eye: ``blink`` 0 (open) .. 1 (closed)."""
+    p0, p1 = upper[0], upper[-1]
+    ax, nrm, length = _frame(p0, p1)
+    if length < 2:
+        return
+    pad = 0.08 * iod + 2
+    box = _box(np.concatenate([upper, lower]), pad, out.shape)
+    if box is None:
+        return
+    u, v = _local(box, p0, ax, nrm)
+    uu, vu = _chain(upper, p0, ax, nrm)
+    ul, vl = _chain(lower, p0, ax, nrm)
+    if uu[-1] < uu[0] + 1:
+        return
+    v_up = np.interp(u, uu, vu).astype(np.float32)
+    v_lo = np.interp(u, ul, vl).astype(np.float32)
+    f = blink ** 1.2
+    v_lid = v_up + f * (np.maximum(v_lo, v_up) - v_up) + 0.6 * f   # the lid's edge
+    feather = max(1.0, 0.04 * iod)
+    top = v_up - 0.05 * iod * f                                   # blend into skin above
+    a = np.clip((v_lid - v) + 0.5, 0, 1) * np.clip((v - top) / feather, 0, 1)
+    margin = 0.06 * length + 0.5
+    a *= np.clip((u + margin) / margin, 0, 1) * np.clip((length + margin - u) / margin, 0, 1)
+    a *= min(1.0, blink / 0.15)
+    if not a.any():
+        return
+    depth = np.clip((v - top) / np.maximum(v_lid - top, 1e-3), 0, 1)
+    col = skin[None, None, :] * (1.0 - 0.12 * depth)[..., None]
+    lash_w = max(0.8, 0.028 * iod)
+    lash = np.clip(1 - np.abs(v - (v_lid - 0.4 * lash_w)) / lash_w, 0, 1) * min(1.0, f * 1.5)
+    col = col + (np.array([45, 32, 30], np.float32) - col) * (0.85 * lash)[..., None]
+    x0, y0, x1, y1 = box
+    region = out[y0:y1, x0:x1]
+    blended = region.astype(np.float32)
+    blended += (col - blended) * a[..., None]
+    np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
