@@ -13,7 +13,7 @@ from tests.conftest import collect, shm_segments, small_stages
 
 
 def test_runtime_context_manager_streams_and_cleans_up():
-    cfg = from_mapping({"stages": small_stages(), "defaults": {"size": 64}})
+    cfg = from_mapping({"stages": small_stages(), "defaults": {"size": 64}, "limits": {"min_size": 32}})
     with Runtime(cfg) as rt:
         assert rt.config.server.endpoint.startswith("inproc://")
         children = [p.pid for p in psutil.Process().children()]

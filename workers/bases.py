@@ -191,7 +191,9 @@ class RenderEngine(Engine):
         for state, row, out in jobs:
             self.render(state, row, out)
 
-    def process(self, item: StageInput, state: Any) -> Iterator[Output]:
+    def jobs(self, item: StageInput, state: Any) -> Iterator["FrameJob | Output"]:
+        """The frames a coefficient block asks for, not yet drawn (so the worker can draw
+        the ready frames of several sessions in one ``render_batch``)."""
         coeffs = np.asarray(item.tensors[0], np.float32).reshape(-1, N_CHANNELS)
         meta = item.meta
         fps = float(meta["fps"])
@@ -199,12 +201,29 @@ class RenderEngine(Engine):
         n = coeffs.shape[0]
         final = bool(meta.get("final"))
         for i in range(n):
-            out = self.ctx.alloc(self.frame_shape(state), np.uint8)
-            self.render(state, coeffs[i], out)
             k = first + i
-            yield Output(type="frame", seq=k, pts=k / fps,
-                         meta={"utterance": meta.get("utterance", 0), "final": final and i == n - 1},
-                         tensors=[out])
+            yield FrameJob(row=coeffs[i], shape=self.frame_shape(state), output=Output(
+                type="frame", seq=k, pts=k / fps,
+                meta={"utterance": meta.get("utterance", 0), "final": final and i == n - 1}))
         if n == 0 and final:
             yield Output(type="mark", seq=first, pts=first / fps,
                          meta={"utterance": meta.get("utterance", 0), "final": True})
+
+    def process(self, item: StageInput, state: Any) -> Iterator[Output]:
+        for job in self.jobs(item, state):
+            if isinstance(job, Output):
+                yield job
+                continue
+            out = self.ctx.alloc(job.shape, np.uint8)
+            self.render(state, job.row, out)
+            job.output.tensors = [out]
+            yield job.output
+
+
+@dataclass
+class FrameJob:
+    """One frame to draw: its coefficients, its size, and the message it will become."""
+
+    row: np.ndarray
+    shape: tuple[int, int, int]
+    output: Output

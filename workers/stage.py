@@ -27,6 +27,7 @@ from giris.runtime.errors import GirisError
 from giris.runtime.logs import setup_logging
 from giris.runtime.shm_pool import PoolFull, Slot, SlotPool, session_tag
 from giris.runtime.transport import PoolSet, recv, send, socket
+from giris.workers.bases import RenderEngine
 from giris.workers.engine import EngineContext, Output, StageInput
 from giris.workers.registry import engine_class
 
@@ -75,6 +76,7 @@ class StageWorker:
         t0 = time.monotonic()
         self.engine = engine_class(sp["engine"])(sp.get("options") or {}, context)
         self.engine.warmup()
+        self.batching = isinstance(self.engine, RenderEngine)
         load_s = time.monotonic() - t0
         self.input = socket(self.ctx, zmq.PULL, rcvhwm=0)
         self.input.bind(sp["input"])
@@ -222,6 +224,8 @@ class StageWorker:
 
     # ------------------------------------------------------------------ work
     def step_all(self) -> None:
+        if self.batching:
+            return self.step_batched()
         for s in list(self.sessions.values()):
             if s.token not in self.sessions:
                 continue
@@ -240,15 +244,56 @@ class StageWorker:
                 self._finish(s)
                 continue
             except Exception as e:  # noqa: BLE001 - the engine failed this item only
-                self.stats["errors"] += 1
-                if not isinstance(e, GirisError):
-                    log.exception("engine failed", extra={"stage": self.stage})
-                self.error_to_client(s, e)
-                self._finish(s)
+                self._failed(s, e)
                 continue
             finally:
                 self.current = None
             self.route(s, out)
+
+    def step_batched(self) -> None:
+        """Renderers: take the next frame of every busy session and draw them in one
+        ``render_batch`` call (one grid_sample for all on a GPU)."""
+        batch: list[tuple[WorkerSession, Any]] = []
+        for s in list(self.sessions.values()):
+            if s.gen is None:
+                if not s.queue:
+                    continue
+                self._begin(s, s.queue.popleft())
+                if s.gen is None:
+                    continue
+            self.current = s
+            try:
+                job = next(s.gen)  # type: ignore[arg-type]
+                if isinstance(job, Output):
+                    self.route(s, job)
+                    continue
+                job.output.tensors = [self.alloc(job.shape, np.uint8)]
+                batch.append((s, job))
+            except StopIteration:
+                self.latencies.append(time.monotonic() - s.started)
+                self.stats["processed"] += 1
+                self._finish(s)
+            except Exception as e:  # noqa: BLE001 - the engine failed this item only
+                self._failed(s, e)
+            finally:
+                self.current = None
+        if not batch:
+            return
+        try:
+            self.engine.render_batch([(s.state, job.row, job.output.tensors[0]) for s, job in batch])
+        except Exception as e:  # noqa: BLE001
+            for s, _ in batch:
+                self._failed(s, e)
+            return
+        for s, job in batch:
+            self.route(s, job.output)
+
+    def _failed(self, s: WorkerSession, e: BaseException) -> None:
+        self.stats["errors"] += 1
+        if not isinstance(e, GirisError):
+            log.exception("engine failed", extra={"stage": self.stage})
+        self.error_to_client(s, e)
+        self._finish(s)
 
     def _begin(self, s: WorkerSession, msg: P.Message) -> None:
         try:
@@ -261,7 +306,8 @@ class StageWorker:
         item = StageInput(type=msg.type, seq=msg.seq, pts=msg.pts, meta=msg.meta, tensors=arrays)
         s.current = msg
         s.started = time.monotonic()
-        s.gen = iter(self.engine.process(item, s.state))
+        work = self.engine.jobs if self.batching else self.engine.process
+        s.gen = iter(work(item, s.state))
 
     def _finish(self, s: WorkerSession) -> None:
         if s.gen is not None:

