@@ -121,7 +121,10 @@ class Config:
     stages: dict[str, StageConfig] = field(default_factory=dict)
     #: session defaults, overridable per session
     defaults: dict[str, Any] = field(default_factory=lambda: {
-        "fps": 25, "size": 512, "emotion": "neutral", "intensity": 0.6, "avatar_name": "astronaut"})
+        "fps": 25, "size": 512, "emotion": "neutral", "intensity": 0.6, "avatar_name": "astronaut",
+        # live (realtime) sessions: frames are held this long after the first one is
+        # made, so a late frame does not stall playback (a player's jitter buffer)
+        "playout_delay": 0.12})
 
     def stage_names(self) -> list[str]:
         return list(self.stages)
@@ -129,7 +132,9 @@ class Config:
 
 def default_stages(max_size: int = 1024) -> dict[str, StageConfig]:
     return {
-        "tts": StageConfig(engine="piper"),
+        # unpinned: synthesis comes in bursts and the first one is what a viewer waits
+        # for, so it may use every core (the steady stages stay pinned)
+        "tts": StageConfig(engine="piper", cpus=[]),
         "coeffs": StageConfig(engine="visemes"),
         "motion": StageConfig(engine="prosody"),
         "render": StageConfig(engine="warp", pool_slots=48, pool_slot_bytes=max_size * max_size * 3),

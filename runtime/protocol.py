@@ -63,6 +63,10 @@ TYPES = CLIENT_TYPES | {REPLY, AUDIO, COEFFS, FRAME, EVENT, MARK, READY, STOP}
 EVENT_KINDS = ("error", "budget_exceeded", "stage_restarted", "stage_failed",
                "session_closed", "utterance_done")
 
+#: ranges of session / say options every component agrees on
+RATE_RANGE = (0.25, 4.0)          # speaking rate, 1.0 = the voice's own
+PLAYOUT_DELAY_RANGE = (0.0, 2.0)  # seconds a live session's frames are held to absorb jitter
+
 MAX_HEADER_BYTES = 256 * 1024
 MAX_FRAMES = 64
 MAX_TENSORS = 16

@@ -94,7 +94,16 @@ def cmd_say(args: argparse.Namespace) -> int:
             from giris.runtime.embed import Runtime
 
             progress.note("loading models")
-            runtime = Runtime(load(args.config) if args.config else None).start()
+            cfg = load(args.config) if args.config else load()
+            if args.voice and (args.voice.endswith(".onnx") or os.sep in args.voice):
+                # a voice file named on the command line: this user owns the embedded
+                # server, so the file becomes a configured voice (sessions name voices only)
+                tts = next(iter(cfg.stages.values()))
+                name = Path(args.voice).stem
+                tts.options = {**tts.options, "voices": {**dict(tts.options.get("voices") or {}),
+                                                         name: os.path.abspath(args.voice)}}
+                opts["voice"] = name
+            runtime = Runtime(cfg).start()
             client = runtime.client
         assert client is not None
         session = client.open_session(args.avatar, **opts)

@@ -33,7 +33,8 @@ class Delivery:
         #: (due, order, token, message, refs to release after sending)
         self.paced: list[tuple[float, int, str, P.Message, list]] = []
         self._order = itertools.count()
-        self.clock: dict[str, tuple[float, int, float]] = {}  # token -> (t0, k0, last_due)
+        #: token -> (t0, k0, last_due): frame k0 is due at t0 (k0 None until a frame anchors it)
+        self.clock: dict[str, tuple[float, int | None, float]] = {}
         self.frames_out = 0
         self.errors: dict[str, int] = {}
 
@@ -105,12 +106,15 @@ class Delivery:
             self.sup.gateway.to(rec.client, msg)
             return
         now = time.monotonic()
-        t0, k0, last_due = self.clock.get(rec.token, (now, 0, now))
+        delay = float(rec.spec.get("playout_delay", 0.0))
+        t0, k0, last_due = self.clock.get(rec.token, (now, None, now))
         if msg.type == P.FRAME:
             fps = float(rec.spec.get("fps", 25))
-            due = t0 + (msg.seq - k0) / fps
-            if due < now - 1.5 / fps or due > now + 5.0:  # stream (re)starts: re-anchor the clock
-                t0, k0, due = now, msg.seq, now
+            due = t0 + (msg.seq - (k0 or 0)) / fps
+            if k0 is None or due < now - 1.5 / fps or due > now + 5.0 + delay:
+                # the stream (re)starts: anchor the clock a playout delay ahead
+                t0, k0 = now + delay, msg.seq
+                due = t0
         else:
             due = last_due  # events and audio keep their place behind paced frames
         due = max(due, last_due)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("giris.gateway")
 
 SPEC_KEYS = {"avatar_name", "voice", "emotion", "intensity", "fps", "size", "rate", "realtime",
-             "zero_copy", "want", "seed"}
+             "zero_copy", "want", "seed", "playout_delay"}
 WANTS = {"audio", "coeffs", "frames"}
 
 
@@ -234,7 +234,8 @@ class Gateway:
         spec["size"], spec["fps"] = int(size), fps
         _number(spec, "intensity", 0.0, 1.0)
         if "rate" in spec:
-            _number(spec, "rate", 0.25, 4.0)
+            _number(spec, "rate", *P.RATE_RANGE)
+        _number(spec, "playout_delay", *P.PLAYOUT_DELAY_RANGE)
         for key in ("emotion", "voice", "avatar_name"):
             if key in spec and not isinstance(spec[key], str):
                 raise BadInput(f"{key} must be a string")
@@ -262,7 +263,7 @@ class Gateway:
         if "intensity" in meta:
             _number(meta, "intensity", 0.0, 1.0)
         if "rate" in meta:
-            _number(meta, "rate", 0.25, 4.0)
+            _number(meta, "rate", *P.RATE_RANGE)
         if "emotion" in meta and not isinstance(meta["emotion"], str):
             raise BadInput("emotion must be a string")
         utt = self.new_utterance(rec)

@@ -143,6 +143,29 @@ def test_emotion_changes_the_face(rt):
                   - neutral[:n, corner[0], corner[1]].astype(np.float32)).mean() < 1.0
 
 
+def test_cancel_stops_the_voice_mid_utterance(rt):
+    from giris.runtime.client import Event
+
+    s = rt.open_session(size=128)
+    text = " ".join(f"Sentence {i} of a story." for i in range(1, 16))
+    utt = s.start_say(text)
+    chunks, done = [], None
+    for item in s.stream(utt, timeout=120):
+        if isinstance(item, AudioChunk):
+            chunks.append(item)
+            if len(chunks) == 1:
+                assert s.cancel(utt) == [utt]
+        elif isinstance(item, Frame):
+            item.release()
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            done = item
+    assert done is not None and done.meta["cancelled"] and not done.meta["complete"]
+    assert len(chunks) < 5  # fifteen sentences were asked for; the voice stopped within a chunk or two
+    # the session speaks on after a cancel
+    assert any(isinstance(i, Frame) for i in s.say("Next."))
+    s.close()
+
+
 def test_bad_requests_get_clear_errors_and_leave_nothing(rt, tmp_path):
     with pytest.raises(BadInput):
         rt.open_session(emotion="furious")

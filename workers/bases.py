@@ -30,6 +30,9 @@ class SpeechChunk:
     #: [(ipa, start_sample_relative_to_chunk, n_samples)], or None when unknown
     phonemes: list[tuple[str, int, int]] | None = None
     text: str = ""
+    #: whether this is the utterance's last chunk, when the engine knows it already (it
+    #: then leaves at once); None: the base looks one chunk ahead to find the last one
+    last: bool | None = None
 
 
 @dataclass
@@ -74,15 +77,25 @@ class TTSEngine(Engine):
         style = {k: item.meta[k] for k in PASS_THROUGH if k in item.meta}
         if item.meta.get("batch"):  # the non-streaming baseline: all speech, then one chunk
             chunks = iter([_join(list(chunks), self.sample_rate)])
+        final = item.type == "say" or bool(item.meta.get("final", True))
         pending: SpeechChunk | None = None
+        sent = ended = False
         for chunk in chunks:
             if pending is not None:
                 yield self._emit(pending, state, utterance, False, style)
-            pending = chunk
-        if pending is None:  # nothing to say: an empty final chunk still ends the utterance
-            pending = SpeechChunk(np.zeros(0, np.int16), self.sample_rate, [], "")
-        final = item.type == "say" or bool(item.meta.get("final", True))
-        yield self._emit(pending, state, utterance, final, style)
+                pending, sent = None, True
+            if chunk.last is None:
+                pending = chunk
+                continue
+            ended = final and chunk.last
+            yield self._emit(chunk, state, utterance, ended, style)
+            sent = True
+        if pending is not None:
+            yield self._emit(pending, state, utterance, final, style)
+        elif not ended and (final or not sent):
+            # nothing (more) to say: an empty final chunk still ends the utterance
+            yield self._emit(SpeechChunk(np.zeros(0, np.int16), self.sample_rate, [], ""),
+                             state, utterance, final, style)
 
     def _emit(self, chunk: SpeechChunk, state: TTSSession, utterance: int, final: bool,
               style: dict) -> Output:
@@ -99,6 +112,37 @@ class TTSEngine(Engine):
             tensors=[np.ascontiguousarray(chunk.pcm, dtype=np.int16)],
             to_client=True,
         )
+
+
+class Gain:
+    """One loudness for a whole utterance: Piper's per-sentence normalisation would make
+    every clause equally loud; this sets the gain on the first chunk and only lowers it
+    when a later one would clip."""
+
+    target = 0.9
+
+    def __init__(self) -> None:
+        self.gain: float | None = None
+
+    def apply(self, audio: np.ndarray) -> np.ndarray:
+        peak = float(np.abs(audio).max()) if audio.size else 0.0
+        if self.gain is None and peak > 1e-4:
+            self.gain = min(3.0, self.target / peak)
+        gain = self.gain or 1.0
+        if peak * gain > 0.99:
+            gain = self.gain = 0.99 / peak
+        return np.clip(audio * gain * 32767.0, -32767, 32767).astype(np.int16)
+
+
+def pad_silence(chunk: SpeechChunk, seconds: float) -> None:
+    """Silence after a sentence (a phoneme ``_`` for it, so the mouth rests there)."""
+    n = int(round(seconds * chunk.sample_rate))
+    if n <= 0:
+        return
+    start = int(chunk.pcm.shape[0])
+    chunk.pcm = np.concatenate([chunk.pcm, np.zeros(n, np.int16)])
+    if chunk.phonemes is not None:
+        chunk.phonemes.append(("_", start, n))
 
 
 def _join(chunks: list[SpeechChunk], sample_rate: int) -> SpeechChunk:

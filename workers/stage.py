@@ -432,7 +432,14 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     worker = StageWorker(spec)
     try:
-        worker.start()
+        try:
+            worker.start()
+        except GirisError as e:
+            # a configuration the engine cannot work with: one clear line, not a traceback
+            # (the supervisor restarts us and, if it keeps happening, marks the stage failed)
+            log.critical("engine cannot start", extra={"stage": spec.get("stage"), "engine": spec.get("engine"),
+                                                       "code": e.code, "error": str(e)})
+            raise SystemExit(78) from None  # EX_CONFIG
         worker.run()
     finally:
         worker.shutdown()

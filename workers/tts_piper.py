@@ -16,81 +16,29 @@ Options (``[stages.tts] options``):
 voices ``{name = "path/to/voice.onnx"}``; ``voice_paths`` whether a session may name an
 ``.onnx`` path itself (false: only configured names, the safe choice for a service);
 ``rate`` speaking rate (1.0); ``sentence_silence`` seconds of silence after a sentence
-(0.2); ``first_chunk_words`` cut the first clause after this many words when it is
-longer than twice that (4; 0 = never); ``noise_scale`` / ``noise_w_scale`` the voice's
-own when unset; ``threads`` ONNX Runtime threads (default: the CPUs this worker is
-pinned to).
+(0.2); ``first_chunk_words`` cut the first clause after this many words when at least
+three more follow (4; 0 = never); ``noise_scale`` / ``noise_w_scale`` the voice's
+own when unset; ``threads`` ONNX Runtime threads (default: the CPUs this worker may run on;
+the default config leaves ``tts`` unpinned so its bursts use every core).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from giris.workers.bases import SpeechChunk, TTSEngine, TTSSession
+from giris.runtime import protocol as P
+from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, pad_silence
 from giris.workers.engine import EngineContext, EngineError
+from giris.workers.text import clean_text, pieces, speakable
 
 #: the voice every install has
 BUNDLED = "joe"
-MIN_RATE, MAX_RATE = 0.5, 2.0
-
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+(?=\S)")
-_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+[—–-]{1,2}\s+")
-#: abbreviations whose full stop does not end a sentence
-_ABBREV = re.compile(r"(?:^|\s)(?:mr|mrs|ms|dr|prof|st|sr|jr|vs|etc|e\.g|i\.e|no|approx|fig)\.$",
-                     re.IGNORECASE)
-#: Unicode categories we drop before phonemizing: emoji and other symbols (espeak would
-#: read "🙂" out as "slightly smiling face"), controls, private use, surrogates, unassigned
-_DROP = {"So", "Sk", "Co", "Cs", "Cn", "Cc", "Cf"}
-
-
-def clean_text(text: str) -> str:
-    """What the voice should read: NFC, symbols and controls dropped, spaces collapsed."""
-    text = unicodedata.normalize("NFC", text)
-    kept = []
-    for ch in text:
-        cat = unicodedata.category(ch)
-        if ch in "\t\n\r":
-            kept.append(" ")
-        elif cat not in _DROP:
-            kept.append(ch)
-    return re.sub(r"\s+", " ", "".join(kept)).strip()
-
-
-def speakable(text: str) -> bool:
-    return any(unicodedata.category(c)[0] in "LN" for c in text)
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences, conservatively: a full stop after a known abbreviation does not split."""
-    out: list[str] = []
-    start = 0
-    for m in _SENTENCE_END.finditer(text):
-        head = text[start:m.start()]
-        if _ABBREV.search(head):
-            continue
-        out.append(text[start:m.start()].strip())
-        start = m.end()
-    out.append(text[start:].strip())
-    return [s for s in out if s]
-
-
-def split_first(sentence: str, first_words: int) -> list[str]:
-    """The first sentence in clauses, its first clause cut after ``first_words`` words when
-    it is longer than twice that: the first audio is what the viewer waits for."""
-    clauses = [c.strip() for c in _CLAUSE_END.split(sentence) if c and c.strip()]
-    if first_words > 0 and clauses:
-        words = clauses[0].split()
-        if len(words) > 2 * first_words:
-            clauses[0:1] = [" ".join(words[:first_words]), " ".join(words[first_words:])]
-    return clauses
-
+MIN_RATE, MAX_RATE = P.RATE_RANGE
 
 @dataclass
 class _Voice:
@@ -205,20 +153,20 @@ class PiperEngine(TTSEngine):
 
         syn = SynthesisConfig(length_scale=voice.length_scale / rate, normalize_audio=False,
                               noise_scale=self.noise_scale, noise_w_scale=self.noise_w_scale)
-        sentences = split_sentences(clean)
-        gain = _Gain()
-        for i, sentence in enumerate(sentences):
-            pieces = split_first(sentence, self.first_words) if i == 0 else [sentence]
-            for j, piece in enumerate(pieces):
-                parts = [p for p in voice.voice.phonemize(piece) if p]
-                for k, phonemes in enumerate(parts):
-                    chunk = self._speak(voice, phonemes, syn, gain)
-                    chunk.text = piece
-                    if j == len(pieces) - 1 and k == len(parts) - 1:
-                        _pad_silence(chunk, self.sentence_silence)
-                    yield chunk
+        gain = Gain()
+        plan = pieces(clean, self.first_words)
+        for i, (piece, sentence_end) in enumerate(plan):
+            parts = [p for p in voice.voice.phonemize(piece) if p]  # espeak may split further
+            for k, phonemes in enumerate(parts):
+                chunk = self._speak(voice, phonemes, syn, gain)
+                chunk.text = piece
+                if sentence_end and k == len(parts) - 1:
+                    pad_silence(chunk, self.sentence_silence)
+                # known now, so the chunk leaves at once instead of after the next one
+                chunk.last = i == len(plan) - 1 and k == len(parts) - 1
+                yield chunk
 
-    def _speak(self, voice: _Voice, phonemes: list[str], syn: Any, gain: "_Gain") -> SpeechChunk:
+    def _speak(self, voice: _Voice, phonemes: list[str], syn: Any, gain: Gain) -> SpeechChunk:
         v = voice.voice
         ids = v.phonemes_to_ids(phonemes)
         result = v.phoneme_ids_to_audio(ids, syn, include_alignments=True)
@@ -257,36 +205,6 @@ def align(phonemes: list[str], id_map: Mapping[str, list[int]], per_id: np.ndarr
         ph, start, n = out[-1]
         out[-1] = (ph, start, max(0, total - start))
     return out
-
-
-def _pad_silence(chunk: SpeechChunk, seconds: float) -> None:
-    n = int(round(seconds * chunk.sample_rate))
-    if n <= 0:
-        return
-    start = int(chunk.pcm.shape[0])
-    chunk.pcm = np.concatenate([chunk.pcm, np.zeros(n, np.int16)])
-    if chunk.phonemes is not None:
-        chunk.phonemes.append(("_", start, n))
-
-
-class _Gain:
-    """One loudness for a whole utterance: Piper's per-sentence normalisation would make
-    every clause equally loud; this sets the gain on the first chunk and only lowers it
-    when a later one would clip."""
-
-    target = 0.9
-
-    def __init__(self) -> None:
-        self.gain: float | None = None
-
-    def apply(self, audio: np.ndarray) -> np.ndarray:
-        peak = float(np.abs(audio).max()) if audio.size else 0.0
-        if self.gain is None and peak > 1e-4:
-            self.gain = min(3.0, self.target / peak)
-        gain = self.gain or 1.0
-        if peak * gain > 0.99:
-            gain = self.gain = 0.99 / peak
-        return np.clip(audio * gain * 32767.0, -32767, 32767).astype(np.int16)
 
 
 def _check_rate(rate: Any) -> float | None:

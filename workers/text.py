@@ -1,0 +1,72 @@
+"""Text for the voices: what to read and where to cut it so the first audio leaves early.
+
+Shared by every TTS engine. Sentences are cut conservatively (a full stop after a known
+abbreviation does not end one); the *first* sentence is cut further into clauses, and its
+first clause after a few words when it is long, because the first chunk's synthesis time
+is the viewer's wait.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+(?=\S)")
+_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+[—–-]{1,2}\s+")
+#: abbreviations whose full stop does not end a sentence
+_ABBREV = re.compile(r"(?:^|\s)(?:mr|mrs|ms|dr|prof|st|sr|jr|vs|etc|e\.g|i\.e|approx|fig)\.$",
+                     re.IGNORECASE)
+#: Unicode categories we drop before phonemizing: emoji and other symbols (espeak would
+#: read "🙂" out as "slightly smiling face"), controls, private use, surrogates, unassigned
+_DROP = {"So", "Sk", "Co", "Cs", "Cn", "Cc", "Cf"}
+
+
+def clean_text(text: str) -> str:
+    """What the voice should read: NFC, symbols and controls dropped, spaces collapsed."""
+    text = unicodedata.normalize("NFC", text)
+    kept = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch in "\t\n\r":
+            kept.append(" ")
+        elif cat not in _DROP:
+            kept.append(ch)
+    return re.sub(r"\s+", " ", "".join(kept)).strip()
+
+
+def speakable(text: str) -> bool:
+    return any(unicodedata.category(c)[0] in "LN" for c in text)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences, conservatively: a full stop after a known abbreviation does not split."""
+    out: list[str] = []
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        head = text[start:m.start()]
+        if _ABBREV.search(head):
+            continue
+        out.append(text[start:m.start()].strip())
+        start = m.end()
+    out.append(text[start:].strip())
+    return [s for s in out if s]
+
+
+def split_first(sentence: str, first_words: int) -> list[str]:
+    """The first sentence in clauses, its first clause cut after ``first_words`` words when
+    at least three more follow: the first audio is what the viewer waits for."""
+    clauses = [c.strip() for c in _CLAUSE_END.split(sentence) if c and c.strip()]
+    if first_words > 0 and clauses:
+        words = clauses[0].split()
+        if len(words) > first_words + 2:
+            clauses[0:1] = [" ".join(words[:first_words]), " ".join(words[first_words:])]
+    return clauses
+
+
+def pieces(text: str, first_words: int) -> list[tuple[str, bool]]:
+    """The cleaned text as the pieces to synthesize one by one, each with whether it ends
+    a sentence (where a pause goes). The caller checks :func:`speakable` first."""
+    out: list[tuple[str, bool]] = []
+    for i, sentence in enumerate(split_sentences(clean_text(text))):
+        parts = split_first(sentence, first_words) if i == 0 else [sentence]
+        out.extend((part, j == len(parts) - 1) for j, part in enumerate(parts))
+    return out
