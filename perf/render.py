@@ -4,6 +4,9 @@ Throughput: every session says the same long text as an offline consumer (frames
 fast as they come); total frames / time from the first frame to the last. Jitter: the
 same sessions live (``realtime=True``, paced to 25 FPS by the server); per session, the
 p99 of |inter-frame interval − 40 ms| at the client. One server (real engines) for all.
+The client is on the same host, so it reads frames zero-copy from the render pool (as a
+local product would); ``--inline`` has every frame copied into its message instead, as a
+remote client gets them.
 """
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ LONG = ("The quick brown fox jumps over the lazy dog. Pack my box with five doze
 SHORT = "The quick brown fox jumps over the lazy dog, twice."
 
 
-def run_sessions(client, n: int, size: int, realtime: bool, text: str) -> tuple[list[list[float]], int]:
+def run_sessions(client, n: int, size: int, realtime: bool, text: str,
+                 zero_copy: bool = True) -> tuple[list[list[float]], int]:
     from giris.runtime.client import Frame
 
-    sessions = [client.open_session(size=size, realtime=realtime, want=["frames"]) for _ in range(n)]
+    sessions = [client.open_session(size=size, realtime=realtime, want=["frames"], zero_copy=zero_copy)
+                for _ in range(n)]
     for s in sessions:  # warm: the avatar is fitted, the first call is not timed
         for item in s.say("Hi."):
             if isinstance(item, Frame):
@@ -53,6 +58,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--sessions", default="1,2,4")
     ap.add_argument("--config")
+    ap.add_argument("--inline", action="store_true", help="frames as message bytes, not zero-copy")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     counts = [int(x) for x in args.sessions.split(",")]
@@ -63,17 +69,18 @@ def main(argv: list[str]) -> int:
             result[str(size)] = {}
             base = None
             for n in counts:
-                stamps, total = run_sessions(srv.client, n, size, False, LONG)
+                stamps, total = run_sessions(srv.client, n, size, False, LONG, not args.inline)
                 t_first = min(s[0] for s in stamps if s)
                 t_last = max(s[-1] for s in stamps if s)
                 fps = total / (t_last - t_first)
-                live, _ = run_sessions(srv.client, n, size, True, SHORT)
+                live, _ = run_sessions(srv.client, n, size, True, SHORT, not args.inline)
                 jit = [abs((b - a) - 0.04) * 1000 for s in live for a, b in zip(s, s[1:])]
                 j99 = pct(jit, 99)
                 base = base or fps
                 result[str(size)][str(n)] = {"fps_total": fps, "jitter_p99_ms": j99}
                 rows.append((f"{size}²", str(n), fps, fps / n, j99, f"{fps / base:.2f}×"))
-    print(f"perf render — frames through the runtime ({machine()})")
+    how = "frames inline in messages" if args.inline else "zero-copy frames"
+    print(f"perf render — frames through the runtime, {how} ({machine()})")
     table(rows)
     print("goal: ≥ 100 frames/s total at 512² with 4 sessions, jitter p99 ≤ 10 ms")
     if args.json:

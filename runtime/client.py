@@ -129,11 +129,15 @@ class Client:
                      intensity: float | None = None, fps: float | None = None,
                      size: int | None = None, rate: float | None = None, realtime: bool = False,
                      zero_copy: bool = False, want: Sequence[str] = ("audio", "frames"),
-                     seed: int | None = None, timeout: float | None = None) -> "Session":
-        """Open a session. ``avatar``: image bytes, an image path, or a bundled avatar name."""
+                     seed: int | None = None, playout_delay: float | None = None,
+                     timeout: float | None = None) -> "Session":
+        """Open a session. ``avatar``: image bytes, an image path, or a bundled avatar name.
+        ``playout_delay``: for ``realtime`` sessions, seconds the stream starts behind its
+        first frame so late frames still leave on time (server default 0.12)."""
         spec: dict[str, Any] = {"voice": voice, "emotion": emotion, "intensity": intensity,
                                 "fps": fps, "size": size, "rate": rate, "realtime": realtime,
-                                "zero_copy": zero_copy, "want": list(want), "seed": seed}
+                                "zero_copy": zero_copy, "want": list(want), "seed": seed,
+                                "playout_delay": playout_delay}
         msg = P.Message(P.OPEN_SESSION, meta={"spec": {k: v for k, v in spec.items() if v is not None}})
         if isinstance(avatar, (bytes, bytearray, memoryview)):
             msg.add_inline(np.frombuffer(bytes(avatar), np.uint8))

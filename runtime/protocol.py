@@ -106,7 +106,7 @@ class TensorRef:
             raise ProtocolError("tensor reference must be a map")
         try:
             dtype = str(d["dtype"])
-            shape = tuple(int(x) for x in d["shape"])
+            shape = tuple(map(int, d["shape"]))
             nbytes = int(d["nbytes"])
             pool = d.get("pool")
             frame = d.get("frame")
@@ -115,7 +115,7 @@ class TensorRef:
                       pool=None if pool is None else str(pool),
                       generation=int(d.get("generation", 0)), slot=int(d.get("slot", -1)),
                       offset=int(d.get("offset", 0)),
-                      strides=None if strides is None else tuple(int(x) for x in strides),
+                      strides=None if strides is None else tuple(map(int, strides)),
                       device=str(d.get("device", "cpu")),
                       frame=None if frame is None else int(frame),
                       lease=int(d.get("lease", 0)))

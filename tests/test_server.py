@@ -306,6 +306,25 @@ def test_realtime_session_is_paced_to_the_wall_clock(make_server):
     assert 0.85 <= span <= 1.3, span  # 24 intervals of 40 ms
 
 
+def test_live_session_is_drawn_at_most_a_second_ahead(make_server):
+    """A live viewer needs frames on time, not early: the renderer stays about a second
+    ahead of the clock instead of filling every pool slot (memory) and the core."""
+    srv = make_server({"stages": small_stages(render={"pool_slots": 64})})
+    s = srv.client().open_session(realtime=True, fps=25, zero_copy=True, playout_delay=0.0)
+    utt = s.start_say(" ".join(["word"] * 30))  # 6 s of speech, 150 frames
+    t0, peak, frames = None, 0, 0
+    for item in s.stream(utt):
+        if isinstance(item, Frame):
+            frames += 1
+            item.release()
+            t0 = t0 or time.monotonic()
+            if frames % 10 == 0 and time.monotonic() - t0 > 1.0:
+                peak = max(peak, next(iter(srv.status()["pools"].values()))["in_use"])
+    assert frames == 150
+    # unthrottled, the fast test renderer would hold all 64 slots within a fraction of a second
+    assert 10 <= peak <= 34, peak
+
+
 def test_asyncio_twin(make_server):
     import asyncio
 

@@ -33,6 +33,9 @@ from giris.workers.registry import engine_class
 
 log = logging.getLogger("giris.worker")
 MAX_DRAIN = 64
+#: seconds a live session's frames may be drawn ahead of its clock (frames made earlier
+#: would only wait in the supervisor's memory)
+LIVE_LEAD_S = 1.0
 
 
 @dataclass
@@ -46,6 +49,13 @@ class WorkerSession:
     started: float = 0.0
     #: pool slots allocated for this session and not yet sent
     allocs: dict[int, Slot] = field(default_factory=dict)
+    #: live sessions (``realtime``) are drawn at most ``lead`` seconds ahead of their clock
+    fps: float = 25.0
+    realtime: bool = False
+    #: (t0, k0): frame k0 was drawn at t0; None until a stream starts
+    clock: tuple[float, int] | None = None
+    #: when the next frame may be drawn
+    not_before: float = 0.0
 
 
 class StageWorker:
@@ -113,7 +123,11 @@ class StageWorker:
                     break
                 self.heartbeat()
                 next_beat = now + hb
-            timeout = 0 if busy else max(0, int((next_beat - now) * 1000))
+            wake = next_beat
+            if busy:
+                wake = min(wake, min((s.not_before for s in self.sessions.values()
+                                      if s.gen is not None or s.queue), default=now))
+            timeout = max(0, int((wake - now) * 1000))
             ready = dict(poller.poll(timeout))
             if self.control in ready:
                 self.drain_control()
@@ -162,7 +176,8 @@ class StageWorker:
         old = self.sessions.pop(token, None)
         if old is not None:
             self._drop(old)
-        self.sessions[token] = WorkerSession(token, tag, state)
+        self.sessions[token] = WorkerSession(token, tag, state, fps=float(spec.get("fps") or 25),
+                                             realtime=bool(spec.get("realtime")))
         if req is not None:
             self.reply(req, ok=True, held=self._held(state))
 
@@ -254,7 +269,10 @@ class StageWorker:
         """Renderers: take the next frame of every busy session and draw them in one
         ``render_batch`` call (one grid_sample for all on a GPU)."""
         batch: list[tuple[WorkerSession, Any]] = []
+        now = time.monotonic()
         for s in list(self.sessions.values()):
+            if s.not_before > now:
+                continue  # a live session far enough ahead: leave the core to the others
             if s.gen is None:
                 if not s.queue:
                     continue
@@ -269,6 +287,8 @@ class StageWorker:
                     continue
                 job.output.tensors = [self.alloc(job.shape, np.uint8)]
                 batch.append((s, job))
+                if s.realtime:
+                    self._pace(s, job.output.seq, now)
             except StopIteration:
                 self.latencies.append(time.monotonic() - s.started)
                 self.stats["processed"] += 1
@@ -287,6 +307,15 @@ class StageWorker:
             return
         for s, job in batch:
             self.route(s, job.output)
+
+    def _pace(self, s: WorkerSession, k: int, now: float) -> None:
+        """Bound how far a live session is drawn ahead of its viewer: frames made too early
+        only wait in memory (and take the core from sessions that are behind)."""
+        period = 1.0 / s.fps
+        if s.clock is None or k < s.clock[1] or s.clock[0] + (k - s.clock[1]) * period < now - 1.0:
+            s.clock = (now, k)  # a stream (re)starts, or we fell far behind: start over
+        t0, k0 = s.clock
+        s.not_before = t0 + (k + 1 - k0) * period - LIVE_LEAD_S
 
     def _failed(self, s: WorkerSession, e: BaseException) -> None:
         self.stats["errors"] += 1
