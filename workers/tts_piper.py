@@ -18,8 +18,10 @@ voices ``{name = "path/to/voice.onnx"}``; ``voice_paths`` whether a session may 
 ``rate`` speaking rate (1.0); ``sentence_silence`` seconds of silence after a sentence
 (0.2); ``first_chunk_words`` cut the first clause after this many words when at least
 three more follow (4; 0 = never); ``noise_scale`` / ``noise_w_scale`` the voice's
-own when unset; ``threads`` ONNX Runtime threads (default: the CPUs this worker may run on;
-the default config leaves ``tts`` unpinned so its bursts use every core).
+own when unset; ``threads`` ONNX Runtime threads for an utterance's first chunk (default: the CPUs this
+worker may run on; the default config leaves ``tts`` unpinned so that burst uses every
+core); ``background_threads`` for the chunks after it (1: a second session of the voice,
+so the stages animating the first chunk keep a core; 0 = the same session).
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ MIN_RATE, MAX_RATE = P.RATE_RANGE
 @dataclass
 class _Voice:
     name: str
-    voice: Any  # piper.PiperVoice
+    voice: Any  # piper.PiperVoice: all the worker's threads, for an utterance's first chunk
     sample_rate: int
     length_scale: float
+    #: the same voice on fewer threads, for the chunks after the first (None: ``voice``)
+    background: Any = None
 
 
 class PiperEngine(TTSEngine):
@@ -61,6 +65,7 @@ class PiperEngine(TTSEngine):
         self.noise_w_scale = o.get("noise_w_scale")
         self.use_cuda = context.device.startswith("cuda")
         self.threads = int(o.get("threads") or len(os.sched_getaffinity(0)))
+        self.background_threads = int(o.get("background_threads", 1))
         self.voices: dict[str, _Voice] = {}
         default = str(o.get("voice") or BUNDLED)
         # a configured default may be a path: the operator chose it
@@ -97,26 +102,31 @@ class PiperEngine(TTSEngine):
         if not config.is_file():
             raise EngineError(f"voice {name!r}: its config {config} is missing", code="unknown_voice")
         try:
-            voice = self._open(model, config)
+            voice = self._open(model, config, self.threads)
+            background = (self._open(model, config, self.background_threads)
+                          if 0 < self.background_threads < self.threads and not self.use_cuda else None)
         except Exception as e:  # noqa: BLE001 - a broken file is the caller's error
             raise EngineError(f"voice {name!r} cannot be loaded: {e}", code="unknown_voice") from e
         v = _Voice(name=key, voice=voice, sample_rate=int(voice.config.sample_rate),
-                   length_scale=float(voice.config.length_scale))
+                   length_scale=float(voice.config.length_scale), background=background)
         self.voices[key] = v
         self.ctx.log.info("voice loaded", extra={"voice": key, "sample_rate": v.sample_rate})
         return v
 
-    def _open(self, model: Path, config: Path) -> Any:
+    def _open(self, model: Path, config: Path, threads: int) -> Any:
         """What ``PiperVoice.load(model, config, include_alignments=True)`` builds, with
-        one difference: the ONNX session runs as many threads as this worker has CPUs
-        (a pinned worker whose threads spin on a shared core slows every stage down)."""
+        one difference: the ONNX session runs ``threads`` threads (the library's default
+        session takes every core whatever the worker's pinning)."""
         import onnxruntime
         from piper import PiperVoice
         from piper.config import PiperConfig
 
         opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = max(1, self.threads)
+        opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1
+        # idle ONNX threads sleep instead of spinning: the stages downstream need the
+        # cores the moment a chunk is out, while the next chunk is being synthesized
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.use_cuda
                                 else ["CPUExecutionProvider"])
         session = onnxruntime.InferenceSession(_patched_model(model), sess_options=opts,
@@ -158,7 +168,12 @@ class PiperEngine(TTSEngine):
         for i, (piece, sentence_end) in enumerate(plan):
             parts = [p for p in voice.voice.phonemize(piece) if p]  # espeak may split further
             for k, phonemes in enumerate(parts):
-                chunk = self._speak(voice, phonemes, syn, gain)
+                # the first chunk gets every core; later ones leave cores to the stages
+                # downstream, which are animating the chunks already out (a batch request
+                # animates nothing before the end: it keeps every core throughout)
+                fast = (i == k == 0) or bool(meta.get("batch"))
+                chunk = self._speak(voice.voice if fast else voice.background or voice.voice,
+                                    voice.sample_rate, phonemes, syn, gain)
                 chunk.text = piece
                 if sentence_end and k == len(parts) - 1:
                     pad_silence(chunk, self.sentence_silence)
@@ -166,14 +181,14 @@ class PiperEngine(TTSEngine):
                 chunk.last = i == len(plan) - 1 and k == len(parts) - 1
                 yield chunk
 
-    def _speak(self, voice: _Voice, phonemes: list[str], syn: Any, gain: Gain) -> SpeechChunk:
-        v = voice.voice
+    @staticmethod
+    def _speak(v: Any, sample_rate: int, phonemes: list[str], syn: Any, gain: Gain) -> SpeechChunk:
         ids = v.phonemes_to_ids(phonemes)
         result = v.phoneme_ids_to_audio(ids, syn, include_alignments=True)
         audio, per_id = result if isinstance(result, tuple) else (result, None)
         audio = np.asarray(audio, np.float32).reshape(-1)
         pcm = gain.apply(audio)
-        return SpeechChunk(pcm=pcm, sample_rate=voice.sample_rate,
+        return SpeechChunk(pcm=pcm, sample_rate=sample_rate,
                            phonemes=align(phonemes, v.config.phoneme_id_map, per_id, len(pcm)))
 
 
