@@ -6,7 +6,10 @@ product: the first clause is synthesized, animated and rendered while the rest i
 being spoken. The batch baseline synthesizes the whole text, then computes all
 coefficients, then renders (``say(..., batch=True)``); its first frame is counted, which
 flatters batch (a classic offline pipeline hands out nothing before the last frame).
-Each utterance is cancelled once its first frame is in, so the next one starts clean.
+Each utterance is cancelled once its first frame is in, and the next one is sent after a
+short pause (``--settle``, 0.3 s), so each request meets an idle runtime (a cancel lands
+between two chunks: without the pause a request would also wait for the chunk the voice
+was synthesizing when the previous one was cancelled).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ TEXTS = [
 ]
 
 
-def first_frame_ms(session, text: str, batch: bool) -> float:
+def first_frame_ms(session, text: str, batch: bool, settle: float = 0.3) -> float:
     from giris.runtime.client import Event, Frame
 
     t0 = time.perf_counter()
@@ -44,6 +47,7 @@ def first_frame_ms(session, text: str, batch: bool) -> float:
             break
     if first is None:
         raise RuntimeError("no frame came back")
+    time.sleep(settle)
     return first
 
 
@@ -53,6 +57,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--config", help="server config (default engines otherwise)")
+    ap.add_argument("--settle", type=float, default=0.3, help="pause between requests, s")
     args = ap.parse_args(argv)
     stream: list[float] = []
     batch: list[float] = []
@@ -63,8 +68,8 @@ def main(argv: list[str]) -> int:
         for n, text in enumerate(TEXTS, 1):
             st, bt = [], []
             for _ in range(args.repeat):
-                st.append(first_frame_ms(s, text, False))
-                bt.append(first_frame_ms(s, text, True))
+                st.append(first_frame_ms(s, text, False, args.settle))
+                bt.append(first_frame_ms(s, text, True, args.settle))
             stream += st
             batch += bt
             rows.append((str(n), pct(st, 50), pct(bt, 50), f"{pct(bt, 50) / pct(st, 50):.1f}×"))

@@ -16,9 +16,10 @@ def test_text_is_cleaned_of_symbols_and_cut_for_an_early_first_chunk():
     assert not speakable(clean_text("🙂🙂🙂 ☃"))
     assert speakable(clean_text("42"))
     assert split_sentences("Dr. Smith is in. Is he? Yes! Fine") == ["Dr. Smith is in.", "Is he?", "Yes!", "Fine"]
-    plan = pieces("Good morning everyone and welcome to our review, which is long. Then more, and more.", 4)
+    plan = pieces("Good morning everyone and welcome to our review, which is long. "
+                  "Then there is more and more, and more.", 4)
     assert plan == [("Good morning everyone and", False), ("welcome to our review,", False),
-                    ("which is long.", True), ("Then more, and more.", True)]
+                    ("which is long.", True), ("Then there is more and more,", False), ("and more.", True)]
     assert pieces("Short one.", 4) == [("Short one.", True)]
     assert pieces("One two three four five six seven.", 0) == [("One two three four five six seven.", True)]
 

@@ -74,6 +74,7 @@ class StageWorker:
         self.stats = {"processed": 0, "outputs": 0, "dropped": 0, "errors": 0}
         self.latencies: list[float] = []
         self.running = True
+        self.looping = False
         self.scratch: set[int] = set()
 
     # ------------------------------------------------------------------ start-up
@@ -457,9 +458,19 @@ def _wire(e: BaseException) -> dict:
 def main() -> None:
     spec = json.loads(os.environ["GIRIS_WORKER"])
     setup_logging(spec.get("log_level", "WARNING"), spec.get("log_json", False))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     worker = StageWorker(spec)
+
+    def stop(*_: Any) -> None:
+        # In the loop: finish the step and leave it cleanly. While loading (or already
+        # on the way out, in an atexit hook) raising would only print a traceback.
+        if not worker.running:
+            return
+        worker.running = False
+        if not worker.looping:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     try:
         try:
             worker.start()
@@ -469,8 +480,10 @@ def main() -> None:
             log.critical("engine cannot start", extra={"stage": spec.get("stage"), "engine": spec.get("engine"),
                                                        "code": e.code, "error": str(e)})
             raise SystemExit(78) from None  # EX_CONFIG
+        worker.looping = True
         worker.run()
     finally:
+        worker.running = False
         worker.shutdown()
 
 

@@ -52,8 +52,8 @@ def split_sentences(text: str) -> list[str]:
 
 
 def split_first(sentence: str, first_words: int) -> list[str]:
-    """The first sentence in clauses, its first clause cut after ``first_words`` words when
-    at least three more follow: the first audio is what the viewer waits for."""
+    """A sentence in clauses, its first clause cut after ``first_words`` words when at least
+    three more follow (0: never): the first audio is what the viewer waits for."""
     clauses = [c.strip() for c in _CLAUSE_END.split(sentence) if c and c.strip()]
     if first_words > 0 and clauses:
         words = clauses[0].split()
@@ -64,9 +64,12 @@ def split_first(sentence: str, first_words: int) -> list[str]:
 
 def pieces(text: str, first_words: int) -> list[tuple[str, bool]]:
     """The cleaned text as the pieces to synthesize one by one, each with whether it ends
-    a sentence (where a pause goes). The caller checks :func:`speakable` first."""
+    a sentence (where a pause goes). Every sentence is cut at its clauses (a voice pauses
+    there anyway): a chunk is the unit a ``cancel`` waits for, so chunks stay short; only
+    the very first clause is also cut after ``first_words`` words. The caller checks
+    :func:`speakable` first."""
     out: list[tuple[str, bool]] = []
     for i, sentence in enumerate(split_sentences(clean_text(text))):
-        parts = split_first(sentence, first_words) if i == 0 else [sentence]
+        parts = split_first(sentence, first_words if i == 0 else 0)
         out.extend((part, j == len(parts) - 1) for j, part in enumerate(parts))
     return out

