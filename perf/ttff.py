@@ -5,7 +5,8 @@ Request sent → first rendered frame at the client, through a running ``giris s
 product: the first clause is synthesized, animated and rendered while the rest is still
 being spoken. The batch baseline synthesizes the whole text, then computes all
 coefficients, then renders (``say(..., batch=True)``); its first frame is counted, which
-flatters batch (a classic offline pipeline hands out nothing before the last frame).
+flatters batch (a classic offline pipeline hands out nothing before the last frame: that
+time is shown too, as ``batch_last_p50_ms``).
 Each utterance is cancelled once its first frame is in, and the next one is sent after a
 short pause (``--settle``, 0.3 s), so each request meets an idle runtime (a cancel lands
 between two chunks: without the pause a request would also wait for the chunk the voice
@@ -31,24 +32,28 @@ TEXTS = [
 ]
 
 
-def first_frame_ms(session, text: str, batch: bool, settle: float = 0.3) -> float:
+def first_frame_ms(session, text: str, batch: bool, settle: float = 0.3) -> tuple[float, float]:
+    """(ms to the first frame, ms to the last): a streaming request is cancelled at its
+    first frame (its last is not needed), a batch one runs to the end."""
     from giris.runtime.client import Event, Frame
 
     t0 = time.perf_counter()
     utt = session.start_say(text, batch=batch)
-    first = None
+    first = last = None
     for item in session.stream(utt, timeout=120):
         if isinstance(item, Frame):
+            last = (time.perf_counter() - t0) * 1000
             if first is None:
-                first = (time.perf_counter() - t0) * 1000
-                session.cancel(utt)
+                first = last
+                if not batch:
+                    session.cancel(utt)
             item.release()
         elif isinstance(item, Event) and item.kind == "utterance_done":
             break
-    if first is None:
+    if first is None or last is None:
         raise RuntimeError("no frame came back")
     time.sleep(settle)
-    return first
+    return first, last
 
 
 def main(argv: list[str]) -> int:
@@ -61,28 +66,34 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     stream: list[float] = []
     batch: list[float] = []
-    rows = [("sentences", "stream p50 ms", "batch p50 ms", "batch / stream")]
+    batch_all: list[float] = []
+    rows = [("sentences", "stream p50 ms", "batch p50 ms", "batch / stream", "batch last frame ms")]
     with BenchServer(args.config) as srv:
         s = srv.client.open_session(size=args.size)
         first_frame_ms(s, "Warm up.", False)
         for n, text in enumerate(TEXTS, 1):
-            st, bt = [], []
+            st, bt, ba = [], [], []
             for _ in range(args.repeat):
-                st.append(first_frame_ms(s, text, False, args.settle))
-                bt.append(first_frame_ms(s, text, True, args.settle))
+                st.append(first_frame_ms(s, text, False, args.settle)[0])
+                first, last = first_frame_ms(s, text, True, args.settle)
+                bt.append(first)
+                ba.append(last)
             stream += st
             batch += bt
-            rows.append((str(n), pct(st, 50), pct(bt, 50), f"{pct(bt, 50) / pct(st, 50):.1f}×"))
+            batch_all += ba
+            rows.append((str(n), pct(st, 50), pct(bt, 50), f"{pct(bt, 50) / pct(st, 50):.1f}×", pct(ba, 50)))
         s.close()
     res = {"stream_p50_ms": pct(stream, 50), "stream_p95_ms": pct(stream, 95),
-           "batch_p50_ms": pct(batch, 50), "batch_p95_ms": pct(batch, 95)}
+           "batch_p50_ms": pct(batch, 50), "batch_p95_ms": pct(batch, 95),
+           "batch_last_p50_ms": pct(batch_all, 50)}
     rows.append(("all p50", res["stream_p50_ms"], res["batch_p50_ms"],
-                 f"{res['batch_p50_ms'] / res['stream_p50_ms']:.1f}×"))
+                 f"{res['batch_p50_ms'] / res['stream_p50_ms']:.1f}×", res["batch_last_p50_ms"]))
     rows.append(("all p95", res["stream_p95_ms"], res["batch_p95_ms"],
-                 f"{res['batch_p95_ms'] / res['stream_p95_ms']:.1f}×"))
+                 f"{res['batch_p95_ms'] / res['stream_p95_ms']:.1f}×", pct(batch_all, 95)))
     print(f"perf ttff — request → first {args.size}² frame at the client ({machine()})")
     table(rows)
-    print("goal: batch/stream ≥ 10×, stream p50 ≤ 100 ms")
+    print("goal: batch/stream ≥ 10×, stream p50 ≤ 100 ms (batch counted at its first frame; "
+          "the last column is when a batch system would hand over a finished video)")
     if args.json:
         emit_json(res)
     return 0
