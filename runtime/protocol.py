@@ -76,6 +76,18 @@ ITEMSIZE = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "uint16": 2, "float16"
 DTYPES = frozenset(ITEMSIZE)
 
 
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, cached: numpy builds that string anew on every call (~2.5 µs, a
+    fifth of a hand-off's Python cost)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
+
+
 @dataclass
 class TensorRef:
     """Where one tensor's bytes are: inline in the message, or in a pool slot."""
@@ -149,7 +161,7 @@ class Message:
         """Attach ``array`` as an inline buffer (small tensors, or remote clients)."""
         a = np.ascontiguousarray(array)
         self.buffers.append(memoryview(a).cast("B") if a.nbytes else b"")
-        ref = TensorRef(dtype=a.dtype.name, shape=tuple(a.shape), nbytes=a.nbytes,
+        ref = TensorRef(dtype=dtype_name(a.dtype), shape=tuple(a.shape), nbytes=a.nbytes,
                         frame=len(self.buffers))
         self.tensors.append(ref)
         return ref

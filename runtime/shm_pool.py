@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from giris.runtime.errors import GirisError
-from giris.runtime.protocol import TensorRef
+from giris.runtime.protocol import TensorRef, dtype_name
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = b"GIRISPL1"
@@ -206,7 +206,7 @@ class SlotPool:
         off = array.__array_interface__["data"][0] - self._base - slot.index * self.slot_bytes
         if not 0 <= off <= self.slot_bytes - array.nbytes:
             raise ValueError("array does not lie inside the slot")
-        return TensorRef(dtype=array.dtype.name, shape=tuple(array.shape), nbytes=array.nbytes,
+        return TensorRef(dtype=dtype_name(array.dtype), shape=tuple(array.shape), nbytes=array.nbytes,
                          pool=self.name, generation=self.generation, slot=slot.index,
                          offset=self._data_offset + slot.index * self.slot_bytes + off,
                          strides=tuple(array.strides), device=device, lease=slot.lease)
