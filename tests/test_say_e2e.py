@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -100,7 +101,7 @@ def test_lips_move_with_the_voice_and_rest_in_pauses(spoken):
     assert speech.mean() > rest + 0.05, "the mouth barely opens while speaking"
     assert opening.max() > rest + 0.12
     assert np.corrcoef(opening, loud)[0, 1] > 0.3
-    # pauses: runs of >= 4 silent frames (sentence breaks) have the mouth back at rest
+    # pauses: runs of >= 6 silent frames (sentence breaks) have the mouth back at rest
     quiet = loud < 0.03
     runs, k = [], 0
     while k < len(quiet):
@@ -108,8 +109,10 @@ def test_lips_move_with_the_voice_and_rest_in_pauses(spoken):
             j = k
             while j < len(quiet) and quiet[j]:
                 j += 1
-            if j - k >= 4 and k > 0:
-                runs.append(slice(k + 2, j - 1))  # mid-pause, past coarticulation
+            if j - k >= 6 and k > 0:
+                # mid-pause: lips take ~100 ms to close after the sound stops (and start
+                # to move before the next word), as a speaker's do
+                runs.append(slice(k + 3, j - 1))
             k = j
         else:
             k += 1
@@ -190,10 +193,13 @@ def test_bad_requests_get_clear_errors_and_leave_nothing(rt, tmp_path):
     assert e.value.code == "bad_input"
     # text with some unsupported characters still speaks the rest
     assert any(isinstance(i, Frame) for i in s.say("Hi 🙂 there"))
-    s.close()
-    st = rt.status()
-    assert st["sessions"] == 0
-    assert all(p["in_use"] == 0 for p in st["pools"].values())
+    s.close()  # with frames of "Hi there" still on their way
+    assert rt.status()["sessions"] == 0
+    # frames already sent when the session closed are freed as they arrive: within moments
+    deadline = time.monotonic() + 5
+    while any(p["in_use"] for p in rt.status()["pools"].values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(p["in_use"] == 0 for p in rt.status()["pools"].values())
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:

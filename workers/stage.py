@@ -243,28 +243,33 @@ class StageWorker:
         if self.batching:
             return self.step_batched()
         for s in list(self.sessions.values()):
-            if s.token not in self.sessions:
-                continue
+            out = self._advance(s)
+            if out is not None:
+                self.route(s, out)
+
+    def _advance(self, s: WorkerSession) -> Any:
+        """The session's next output (starting its next queued item if idle), or None:
+        idle, just finished, or failed (the client has been told)."""
+        if s.token not in self.sessions:
+            return None
+        if s.gen is None:
+            if not s.queue:
+                return None
+            self._begin(s, s.queue.popleft())
             if s.gen is None:
-                if not s.queue:
-                    continue
-                self._begin(s, s.queue.popleft())
-                if s.gen is None:
-                    continue
-            self.current = s
-            try:
-                out = next(s.gen)  # type: ignore[arg-type]
-            except StopIteration:
-                self.latencies.append(time.monotonic() - s.started)
-                self.stats["processed"] += 1
-                self._finish(s)
-                continue
-            except Exception as e:  # noqa: BLE001 - the engine failed this item only
-                self._failed(s, e)
-                continue
-            finally:
-                self.current = None
-            self.route(s, out)
+                return None
+        self.current = s
+        try:
+            return next(s.gen)  # type: ignore[arg-type]
+        except StopIteration:
+            self.latencies.append(time.monotonic() - s.started)
+            self.stats["processed"] += 1
+            self._finish(s)
+        except Exception as e:  # noqa: BLE001 - the engine failed this item only
+            self._failed(s, e)
+        finally:
+            self.current = None
+        return None
 
     def step_batched(self) -> None:
         """Renderers: take the next frame of every busy session and draw them in one
@@ -274,30 +279,23 @@ class StageWorker:
         for s in list(self.sessions.values()):
             if s.not_before > now:
                 continue  # a live session far enough ahead: leave the core to the others
-            if s.gen is None:
-                if not s.queue:
-                    continue
-                self._begin(s, s.queue.popleft())
-                if s.gen is None:
-                    continue
-            self.current = s
+            job = self._advance(s)
+            if job is None:
+                continue
+            if isinstance(job, Output):
+                self.route(s, job)
+                continue
+            self.current = s  # the slot is this session's
             try:
-                job = next(s.gen)  # type: ignore[arg-type]
-                if isinstance(job, Output):
-                    self.route(s, job)
-                    continue
                 job.output.tensors = [self.alloc(job.shape, np.uint8)]
-                batch.append((s, job))
-                if s.realtime:
-                    self._pace(s, job.output.seq, now)
-            except StopIteration:
-                self.latencies.append(time.monotonic() - s.started)
-                self.stats["processed"] += 1
-                self._finish(s)
-            except Exception as e:  # noqa: BLE001 - the engine failed this item only
+            except Exception as e:  # noqa: BLE001 - e.g. every slot busy past the timeout
                 self._failed(s, e)
+                continue
             finally:
                 self.current = None
+            batch.append((s, job))
+            if s.realtime:
+                self._pace(s, job.output.seq, now)
         if not batch:
             return
         try:
