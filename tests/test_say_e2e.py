@@ -169,6 +169,44 @@ def test_cancel_stops_the_voice_mid_utterance(rt):
     s.close()
 
 
+def test_live_audio_without_phonemes_moves_the_lips(rt):
+    """``audio_in``: a client streams microphone-like audio; the acoustic path animates it."""
+    from giris.runtime.client import Event
+    from giris.workers.engine import EngineContext, StageInput
+    from giris.workers.tts_piper import PiperEngine
+
+    voice = PiperEngine({}, EngineContext(stage="tts"))  # real speech to play into the mic
+    said = voice.process(StageInput("say", 0, 0.0, {"utterance": 1, "text": "Hello there, my friend. How are you?"}),
+                         voice.open_session({}))
+    sr = voice.sample_rate
+    hush = np.zeros(int(0.4 * sr), np.int16)
+    pcm = np.concatenate([hush, *[o.tensors[0] for o in said], hush])
+    s = rt.open_session(size=256, seed=3)
+    step = sr // 2  # half a second per message, as a client would stream it
+    utt = None
+    for a in range(0, len(pcm), step):
+        utt = s.send_audio(pcm[a:a + step], sr, utterance=utt, final=a + step >= len(pcm))
+    frames, done = {}, None
+    for item in s.stream(utt, timeout=120):
+        if isinstance(item, Frame):
+            frames[item.index] = item.image.copy()
+            item.release()
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            done = item
+    s.close()
+    assert done is not None and done.meta["complete"]
+    assert sorted(frames) == list(range(math.ceil(len(pcm) / sr * 25)))
+    opening = mouth_opening(np.stack([frames[k] for k in sorted(frames)]))
+    hop = sr // 25
+    loud = np.array([np.sqrt(np.mean(pcm[k * hop:(k + 1) * hop].astype(np.float32) ** 2))
+                     for k in range(len(opening))])
+    loud /= loud.max()
+    rest = opening[0]
+    assert opening[:5].max() <= rest + 0.02  # the lead-in silence: mouth at rest
+    assert opening[loud > 0.3].mean() > rest + 0.04
+    assert np.corrcoef(opening, loud)[0, 1] > 0.3
+
+
 def test_bad_requests_get_clear_errors_and_leave_nothing(rt, tmp_path):
     with pytest.raises(BadInput):
         rt.open_session(emotion="furious")
@@ -231,3 +269,25 @@ def test_giris_say_writes_a_talking_mp4(tmp_path):
     assert abs(v_dur - a_dur) <= 1 / 25 + 1e-6
     rows = coeffs.read_text().splitlines()
     assert rows[0].startswith("frame,pts,eyeBlinkLeft") and len(rows) == n + 1
+
+
+def test_giris_say_through_a_running_server(make_server, tmp_path):
+    srv = make_server({"stages": {
+        "tts": {"engine": "piper", "cpus": []}, "coeffs": {"engine": "visemes"},
+        "motion": {"engine": "prosody"},
+        "render": {"engine": "warp", "pool_slots": 16, "pool_slot_bytes": 256 * 256 * 3}}})
+    out = tmp_path / "remote.mp4"
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "say", "Hi there.", "-o", str(out),
+                        "--size", "128", "--connect", srv.endpoint], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == summary["frames"] == math.ceil(summary["audio_s"] * 25)
+    assert srv.status()["sessions"] == 0  # the CLI closed its session
+    # an unknown voice through the server is a clear error, not a crash of either side
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "say", "Hi.", "-o", str(out),
+                        "--size", "128", "--voice", "nobody", "--connect", srv.endpoint],
+                       capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "unknown_voice" in r.stderr
