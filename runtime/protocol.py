@@ -116,30 +116,28 @@ class TensorRef:
     def from_wire(cls, d: Any, n_buffers: int) -> "TensorRef":
         if not isinstance(d, dict):
             raise ProtocolError("tensor reference must be a map")
+        get = d.get
         try:
-            dtype = str(d["dtype"])
+            dtype = d["dtype"]
             shape = tuple(map(int, d["shape"]))
             nbytes = int(d["nbytes"])
-            pool = d.get("pool")
-            frame = d.get("frame")
-            strides = d.get("strides")
-            ref = cls(dtype=dtype, shape=shape, nbytes=nbytes,
-                      pool=None if pool is None else str(pool),
-                      generation=int(d.get("generation", 0)), slot=int(d.get("slot", -1)),
-                      offset=int(d.get("offset", 0)),
-                      strides=None if strides is None else tuple(map(int, strides)),
-                      device=str(d.get("device", "cpu")),
-                      frame=None if frame is None else int(frame),
-                      lease=int(d.get("lease", 0)))
+            pool = get("pool")
+            frame = get("frame")
+            strides = get("strides")
+            ref = cls(dtype, shape, nbytes, None if pool is None else str(pool),
+                      int(get("generation", 0)), int(get("slot", -1)), int(get("offset", 0)),
+                      None if strides is None else tuple(map(int, strides)),
+                      str(get("device", "cpu")), None if frame is None else int(frame),
+                      int(get("lease", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"bad tensor reference: {e}") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ProtocolError(f"unsupported dtype {dtype!r}")
         if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
             raise ProtocolError(f"bad shape {shape}")
         if math.prod(shape) * ITEMSIZE[dtype] != nbytes:
             raise ProtocolError(f"nbytes {nbytes} does not match shape {shape} of {dtype}")
-        if ref.pool is None and (ref.frame is None or not 1 <= ref.frame <= n_buffers):
+        if pool is None and (ref.frame is None or not 1 <= ref.frame <= n_buffers):
             raise ProtocolError("inline tensor names a missing buffer")
         if ref.offset < 0:
             raise ProtocolError("negative offset")

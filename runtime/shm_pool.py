@@ -87,6 +87,7 @@ class SlotPool:
         self._state = self.table["state"]
         self._lease = self.table["lease"]
         self._base = self._data.__array_interface__["data"][0]
+        self._flat = self._data.reshape(-1)  # one view: a reference costs one slice
         self._cursor = 0
         self._pid = os.getpid()
 
@@ -129,7 +130,7 @@ class SlotPool:
     def close(self) -> None:
         """Unmap (views handed out keep the mapping alive until they are gone)."""
         self._header = self.table = self._data = None  # type: ignore[assignment]
-        self._state = self._lease = None  # type: ignore[assignment]
+        self._state = self._lease = self._flat = None  # type: ignore[assignment]
         try:
             self._mm.close()
         except BufferError:
@@ -214,11 +215,12 @@ class SlotPool:
     def array(self, ref: TensorRef) -> np.ndarray:
         """A zero-copy view of the referenced tensor; refuses stale or out-of-range refs."""
         self.check(ref)
-        start = ref.offset - self._data_offset - ref.slot * self.slot_bytes
+        base = ref.offset - self._data_offset
+        start = base - ref.slot * self.slot_bytes
         if ref.nbytes > self.slot_bytes - start or start < 0:
             raise StaleReference("reference out of the slot's bounds")
-        raw = self._data[ref.slot, start:start + ref.nbytes]
-        return raw.view(ref.dtype).reshape(ref.shape)
+        raw = self._flat[base:base + ref.nbytes]
+        return (raw if ref.dtype == "uint8" else raw.view(ref.dtype)).reshape(ref.shape)
 
     def check(self, ref: TensorRef) -> None:
         if ref.generation != self.generation:
