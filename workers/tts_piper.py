@@ -103,9 +103,14 @@ class PiperEngine(TTSEngine):
         if not config.is_file():
             raise EngineError(f"voice {name!r}: its config {config} is missing", code="unknown_voice")
         try:
-            voice = self._open(model, config, self.threads)
-            background = (self._open(model, config, self.background_threads)
+            from piper.config import PiperConfig
+
+            graph = _patched_model(model)
+            cfg = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+            voice = self._open(graph, cfg, self.threads)
+            background = (self._open(graph, cfg, self.background_threads)
                           if 0 < self.background_threads < self.threads and not self.use_cuda else None)
+            del graph  # ~60 MB of serialized graph: the sessions hold their own copy
         except Exception as e:  # noqa: BLE001 - a broken file is the caller's error
             raise EngineError(f"voice {name!r} cannot be loaded: {e}", code="unknown_voice") from e
         v = _Voice(name=key, voice=voice, sample_rate=int(voice.config.sample_rate),
@@ -114,13 +119,12 @@ class PiperEngine(TTSEngine):
         self.ctx.log.info("voice loaded", extra={"voice": key, "sample_rate": v.sample_rate})
         return v
 
-    def _open(self, model: Path, config: Path, threads: int) -> Any:
+    def _open(self, graph: bytes, cfg: Any, threads: int) -> Any:
         """What ``PiperVoice.load(model, config, include_alignments=True)`` builds, with
         one difference: the ONNX session runs ``threads`` threads (the library's default
         session takes every core whatever the worker's pinning)."""
         import onnxruntime
         from piper import PiperVoice
-        from piper.config import PiperConfig
 
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
@@ -130,9 +134,7 @@ class PiperEngine(TTSEngine):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.use_cuda
                                 else ["CPUExecutionProvider"])
-        session = onnxruntime.InferenceSession(_patched_model(model), sess_options=opts,
-                                               providers=providers)
-        cfg = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+        session = onnxruntime.InferenceSession(graph, sess_options=opts, providers=providers)
         return PiperVoice(session=session, config=cfg)
 
     # ------------------------------------------------------------------ sessions
@@ -236,21 +238,15 @@ def _check_rate(rate: Any) -> float | None:
     return r
 
 
-_PATCHED: dict[str, bytes] = {}
-
-
 def _patched_model(model: Path) -> bytes:
     """The voice's graph with the alignment output added (what ``include_alignments``
-    does inside ``PiperVoice.load``), serialized once per file."""
-    key = str(model)
-    if key not in _PATCHED:
-        import onnx
-        from piper.patch_voice_with_alignment import add_alignment_output
+    does inside ``PiperVoice.load``), serialized for ONNX Runtime."""
+    import onnx
+    from piper.patch_voice_with_alignment import add_alignment_output
 
-        graph = onnx.load(key)
-        try:
-            add_alignment_output(graph)
-        except ValueError:
-            pass  # already patched, or a voice without alignments: use it as it is
-        _PATCHED[key] = graph.SerializeToString()
-    return _PATCHED[key]
+    graph = onnx.load(str(model))
+    try:
+        add_alignment_output(graph)
+    except ValueError:
+        pass  # already patched, or a voice without alignments: use it as it is
+    return graph.SerializeToString()
