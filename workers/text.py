@@ -1,14 +1,16 @@
 """Text for the voices: what to read and where to cut it so the first audio leaves early.
 
-Shared by every TTS engine. Sentences are cut conservatively (a full stop after a known
-abbreviation does not end one); the *first* sentence is cut further into clauses, and its
-first clause after a few words when it is long, because the first chunk's synthesis time
-is the viewer's wait.
+Shared by every TTS engine (:func:`pieces` is the one entry). Sentences are cut
+conservatively (a full stop after a known abbreviation does not end one), then into
+clauses, and the very first clause after a few words when it is long, because the first
+chunk's synthesis time is the viewer's wait.
 """
 from __future__ import annotations
 
 import re
 import unicodedata
+
+from giris.workers.engine import EngineError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+(?=\S)")
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+[—–-]{1,2}\s+")
@@ -51,7 +53,7 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in out if s]
 
 
-def split_first(sentence: str, first_words: int) -> list[str]:
+def split_clauses(sentence: str, first_words: int) -> list[str]:
     """A sentence in clauses, its first clause cut after ``first_words`` words when at least
     three more follow (0: never): the first audio is what the viewer waits for."""
     clauses = [c.strip() for c in _CLAUSE_END.split(sentence) if c and c.strip()]
@@ -63,13 +65,17 @@ def split_first(sentence: str, first_words: int) -> list[str]:
 
 
 def pieces(text: str, first_words: int) -> list[tuple[str, bool]]:
-    """The cleaned text as the pieces to synthesize one by one, each with whether it ends
-    a sentence (where a pause goes). Every sentence is cut at its clauses (a voice pauses
-    there anyway): a chunk is the unit a ``cancel`` waits for, so chunks stay short; only
-    the very first clause is also cut after ``first_words`` words. The caller checks
-    :func:`speakable` first."""
+    """What a voice reads, as the pieces to synthesize one by one, each with whether it
+    ends a sentence (where a pause goes). Every sentence is cut at its clauses (a voice
+    pauses there anyway): a chunk is the unit a ``cancel`` waits for, so chunks stay short;
+    only the very first clause is also cut after ``first_words`` words. Text with nothing
+    readable left once symbols are dropped is the caller's error (``bad_input``)."""
+    clean = clean_text(text)
+    if not speakable(clean):
+        raise EngineError("nothing to say: the text has no letters or digits a voice can "
+                          "read (emoji and symbols are skipped)", code="bad_input")
     out: list[tuple[str, bool]] = []
-    for i, sentence in enumerate(split_sentences(clean_text(text))):
-        parts = split_first(sentence, first_words if i == 0 else 0)
+    for i, sentence in enumerate(split_sentences(clean)):
+        parts = split_clauses(sentence, first_words if i == 0 else 0)
         out.extend((part, j == len(parts) - 1) for j, part in enumerate(parts))
     return out

@@ -20,7 +20,7 @@ import numpy as np
 
 from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, pad_silence
 from giris.workers.engine import EngineContext, EngineError
-from giris.workers.text import clean_text, pieces, speakable
+from giris.workers.text import pieces
 
 
 class CoquiEngine(TTSEngine):
@@ -69,12 +69,8 @@ class CoquiEngine(TTSEngine):
             pass
 
     def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
-        clean = clean_text(text)
-        if not speakable(clean):
-            raise EngineError("nothing to say: the text has no letters or digits a voice can "
-                              "read (emoji and symbols are skipped)", code="bad_input")
+        plan = pieces(text, self.first_words)
         gain = Gain()
-        plan = pieces(clean, self.first_words)
         kwargs: dict[str, Any] = {}
         if session.extra:
             kwargs["speaker"] = session.extra

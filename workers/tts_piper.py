@@ -37,7 +37,7 @@ import numpy as np
 from giris.runtime import protocol as P
 from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, pad_silence
 from giris.workers.engine import EngineContext, EngineError
-from giris.workers.text import clean_text, pieces, speakable
+from giris.workers.text import pieces
 
 #: the voice every install has
 BUNDLED = "joe"
@@ -157,17 +157,13 @@ class PiperEngine(TTSEngine):
     # ------------------------------------------------------------------ speech
     def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
         voice: _Voice = session.extra or self.voices[self.default]
-        clean = clean_text(text)
-        if not speakable(clean):
-            raise EngineError("nothing to say: the text has no letters or digits a voice can "
-                              "read (emoji and symbols are skipped)", code="bad_input")
+        plan = pieces(text, self.first_words)
         rate = _check_rate(meta.get("rate", session.spec.get("rate"))) or self.rate
         from piper import SynthesisConfig
 
         syn = SynthesisConfig(length_scale=voice.length_scale / rate, normalize_audio=False,
                               noise_scale=self.noise_scale, noise_w_scale=self.noise_w_scale)
         gain = Gain()
-        plan = pieces(clean, self.first_words)
         for i, (piece, sentence_end) in enumerate(plan):
             parts = [p for p in voice.voice.phonemize(piece) if p]  # espeak may split further
             for k, phonemes in enumerate(parts):
