@@ -49,7 +49,7 @@ class WorkerSession:
     started: float = 0.0
     #: pool slots allocated for this session and not yet sent
     allocs: dict[int, Slot] = field(default_factory=dict)
-    #: live sessions (``realtime``) are drawn at most ``lead`` seconds ahead of their clock
+    #: live sessions (``realtime``) are drawn at most LIVE_LEAD_S ahead of their clock
     fps: float = 25.0
     realtime: bool = False
     #: (t0, k0): frame k0 was drawn at t0; None until a stream starts
