@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from giris.workers import visemes as V
-from giris.workers.coefficients import INDEX, N_CHANNELS, frame_range, zeros
+from giris.workers.coefficients import INDEX, N_CHANNELS, VISEME_SLICE, frame_range, zeros
 from giris.workers.coeffs_visemes import VisemeEngine
 from giris.workers.engine import EngineContext, EngineError, StageInput
 from giris.workers.motion_prosody import EMOTIONS, ProsodyMotionEngine, blink_shape
@@ -42,19 +42,22 @@ HELLO_WORLD = [("^", 0.05), ("h", 0.06), ("ə", 0.06), ("l", 0.06), ("ˈ", 0.01)
                ("l", 0.06), ("d", 0.06), (".", 0.15), ("$", 0.02)]
 
 
-def audio_msg(pcm: np.ndarray, start: int, phon: list | None, final: bool, seq: int = 0) -> StageInput:
-    return StageInput(type="audio", seq=seq, pts=start / SR,
-                      meta={"utterance": 1, "sample_rate": SR, "start_sample": start, "final": final,
-                            "phonemes": phon, "text": ""},
-                      tensors=[pcm])
+def audio_msg(pcm: np.ndarray, start: int, phon: list | None, final: bool, seq: int = 0,
+              ahead: list | None = None) -> StageInput:
+    meta = {"utterance": 1, "sample_rate": SR, "start_sample": start, "final": final,
+            "phonemes": phon, "text": ""}
+    if ahead is not None:
+        meta["phonemes_ahead"] = ahead
+    return StageInput(type="audio", seq=seq, pts=start / SR, meta=meta, tensors=[pcm])
 
 
-def run_coeffs(engine: VisemeEngine, state, chunks: list[tuple[np.ndarray, list | None]],
+def run_coeffs(engine: VisemeEngine, state, chunks: list[tuple],
                start: int = 0) -> tuple[np.ndarray, np.ndarray, list]:
-    """Feed chunks through ``engine.process`` like the stage worker; return stacked outputs."""
+    """Feed chunks ``(pcm, phonemes[, ahead])`` through ``engine.process`` like the stage
+    worker; return stacked outputs."""
     coeffs, prosody, outs = [], [], []
-    for i, (pcm, phon) in enumerate(chunks):
-        msg = audio_msg(pcm, start, phon, final=i == len(chunks) - 1, seq=i)
+    for i, (pcm, phon, *ahead) in enumerate(chunks):
+        msg = audio_msg(pcm, start, phon, final=i == len(chunks) - 1, seq=i, ahead=(ahead or [None])[0])
         got = list(engine.process(msg, state))
         expected = frame_range(start, len(pcm), SR, FPS)
         if len(expected) or i == len(chunks) - 1:
@@ -201,6 +204,32 @@ def test_chunked_equals_unchunked(coeffs_engine):
     assert diff[:, JAW].max() < 0.15
     assert diff.mean() < 0.01
     assert np.abs(pp[:, 0] - pw[:, 0]).max() < 0.05
+
+
+def test_chunks_that_carry_the_phonemes_ahead_equal_one_chunk(coeffs_engine):
+    """Piper's windows cut anywhere (mid-phoneme too) and carry the phonemes that start
+    just after them: the frames are then those of the unchunked utterance, anticipation
+    of the next chunk included; a window in which no phoneme starts is still speech."""
+    pcm, phon = utterance(HELLO_WORLD)
+    whole, pw, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(pcm, phon)])
+    reach = int(0.3 * SR)
+    bounds = [0, 4096, 10000, 17000, 23000, len(pcm)]  # 10000..17000: inside the pause
+    chunks = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        own = [[p, s - a, n] for p, s, n in phon if a <= s < b]
+        ahead = [[p, s - a, n] for p, s, n in phon if b <= s < b + reach]
+        chunks.append((pcm[a:b], own, ahead))
+    assert any(not own for _, own, _ in chunks)
+    parts, pp, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), chunks)
+    assert parts.shape == whole.shape
+    # loudness windows at a chunk's very end see only its own samples: the opening of
+    # the frame just before a cut may differ a little; visemes do not
+    assert np.abs(parts - whole)[:, VISEME_SLICE].max() < 1e-4  # (past 0.4 s a segment is let go)
+    assert np.abs(parts - whole).max() < 0.05
+    # without them, the frames before each cut lose their anticipation
+    blind = [(c, own) for c, own, _ in chunks]
+    parts_blind, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), blind)
+    assert np.abs(parts_blind - whole).max() > np.abs(parts - whole).max()
 
 
 def test_frame_count_matches_frame_range_for_odd_chunks(coeffs_engine):

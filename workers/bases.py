@@ -30,6 +30,9 @@ class SpeechChunk:
     #: [(ipa, start_sample_relative_to_chunk, n_samples)], or None when unknown
     phonemes: list[tuple[str, int, int]] | None = None
     text: str = ""
+    #: phonemes that start just after this chunk (same form, relative to its start): what
+    #: the next stage may anticipate; they come again, as its own, in the next chunk
+    ahead: list[tuple[str, int, int]] | None = None
     #: whether this is the utterance's last chunk, when the engine knows it already (it
     #: then leaves at once); None: the base looks one chunk ahead to find the last one
     last: bool | None = None
@@ -104,11 +107,12 @@ class TTSEngine(Engine):
         seq = state.chunks
         state.chunks += 1
         phonemes = None if chunk.phonemes is None else [[p, int(a), int(n)] for p, a, n in chunk.phonemes]
+        ahead = {"phonemes_ahead": [[p, int(a), int(n)] for p, a, n in chunk.ahead]} if chunk.ahead else {}
         return Output(
             type="audio", seq=seq, pts=start / chunk.sample_rate,
             meta={"utterance": utterance, "sample_rate": int(chunk.sample_rate),
                   "start_sample": start, "final": final, "text": chunk.text,
-                  "phonemes": phonemes, **style},
+                  "phonemes": phonemes, **ahead, **style},
             tensors=[np.ascontiguousarray(chunk.pcm, dtype=np.int16)],
             to_client=True,
         )
@@ -116,13 +120,15 @@ class TTSEngine(Engine):
 
 class Gain:
     """One loudness for a whole utterance: Piper's per-sentence normalisation would make
-    every clause equally loud; this sets the gain on the first chunk and only lowers it
-    when a later one would clip."""
+    every clause equally loud; this sets the gain once (given, or from the first chunk)
+    and only lowers it when a later chunk would clip."""
 
     target = 0.9
 
-    def __init__(self) -> None:
-        self.gain: float | None = None
+    def __init__(self, gain: float | None = None) -> None:
+        #: None: set from the first chunk's peak; a number: a gain known beforehand (a
+        #: voice's calibrated loudness), only ever lowered so that nothing clips
+        self.gain = gain
 
     def apply(self, audio: np.ndarray) -> np.ndarray:
         peak = float(np.abs(audio).max()) if audio.size else 0.0
@@ -169,8 +175,11 @@ class CoeffsEngine(Engine):
 
     def frames(self, pcm: np.ndarray, sample_rate: int, start_sample: int,
                phonemes: list | None, frames: range, fps: float, state: Any,
-               final: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Return (coefficients float32 (len(frames), 73), prosody float32 (len(frames), 3))."""
+               final: bool, ahead: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (coefficients float32 (len(frames), 73), prosody float32 (len(frames), 3)).
+
+        ``phonemes`` are those starting in this chunk; ``ahead`` those starting just
+        after it (they come again in the next chunk), to anticipate."""
         raise NotImplementedError
 
     def process(self, item: StageInput, state: Any) -> Iterator[Output]:
@@ -180,7 +189,8 @@ class CoeffsEngine(Engine):
         fps = float(self.fps_of(state))
         covered = frame_range(int(meta["start_sample"]), int(pcm.shape[0]), sr, fps)
         coeffs, prosody = self.frames(pcm, sr, int(meta["start_sample"]), meta.get("phonemes"),
-                                      covered, fps, state, bool(meta.get("final")))
+                                      covered, fps, state, bool(meta.get("final")),
+                                      ahead=meta.get("phonemes_ahead"))
         if len(covered) == 0 and not meta.get("final"):
             return
         out_meta = {"utterance": meta.get("utterance", 0), "fps": fps,

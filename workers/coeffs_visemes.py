@@ -12,9 +12,10 @@ Why this design:
 * **Streaming.** The last ~0.4 s of segments and the last half window of audio are kept
   in the session, so frames after a chunk boundary see the previous chunk's phonemes and
   samples (carry-over coarticulation and loudness are exactly continuous). Anticipation
-  of the *next* chunk is impossible without delaying output, so it is not attempted: the
-  only chunking difference is in the last frame or two of a chunk, and Piper chunks end
-  on punctuation (silence) anyway.
+  of the *next* chunk comes from the phonemes a chunk carries ahead (``phonemes_ahead``:
+  Piper chunks are windows of one clause, whose phonemes are all known): they shape this
+  chunk's last frames and are forgotten, to be read again as the next chunk's own. A
+  chunk without them (the end of a clause, live audio) anticipates nothing.
 * **Audio envelope.** Opening channels (jaw, lip raise/lower, stretch, funnel) are scaled
   by the frame's loudness, so whispered or quiet words open less; closures are not
   scaled (a /p/ closure is silent yet must be seen). Loudness is RMS over one frame period
@@ -123,8 +124,8 @@ class VisemeEngine(CoeffsEngine):
 
     # ------------------------------------------------------------------ frames
     def frames(self, pcm: np.ndarray, sample_rate: int, start_sample: int, phonemes: list | None,
-               frames: range, fps: float, state: VisemeSession, final: bool
-               ) -> tuple[np.ndarray, np.ndarray]:
+               frames: range, fps: float, state: VisemeSession, final: bool,
+               ahead: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         sr = int(sample_rate)
         x = np.asarray(pcm).reshape(-1)
         x = x * np.float32(1 / 32768) if x.dtype.kind in "iu" else x.astype(np.float32)
@@ -142,9 +143,11 @@ class VisemeEngine(CoeffsEngine):
         nfft = 1 << max(6, (period - 1).bit_length())
 
         energy = self._loudness(buf, centers, period, fps, state)
-        if phonemes:
+        # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
+        # whose phonemes are known: only None means "no phonemes, read the sound"
+        if phonemes is not None:
             weights, voicing, emphasis = self._from_phonemes(phonemes, sr, start_sample, x.shape[0],
-                                                             t, fps, energy, state)
+                                                             t, fps, energy, state, ahead)
         else:
             weights, voicing, emphasis = self._from_audio(buf, centers, nfft, sr, energy, state)
 
@@ -240,12 +243,17 @@ class VisemeEngine(CoeffsEngine):
         return segs
 
     def _from_phonemes(self, phonemes: list, sr: int, start_sample: int, n_samples: int,
-                       t: np.ndarray, fps: float, energy: np.ndarray, state: VisemeSession
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       t: np.ndarray, fps: float, energy: np.ndarray, state: VisemeSession,
+                       ahead: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         segs = self._segments(phonemes, sr, start_sample, state)
         n = t.shape[0]
-        if segs and n:
-            S = np.asarray(segs, np.float64)
+        every = segs
+        if ahead:  # parsed on a scratch copy: the next chunk brings them again as its own
+            scratch = VisemeSession(spec={}, segments=[], pending_stress=state.pending_stress,
+                                    pending_start=state.pending_start)
+            every = segs + self._segments(ahead, sr, start_sample, scratch)
+        if every and n:
+            S = np.asarray(every, np.float64)
             s0, s1, vis, dom = S[:, 0], S[:, 1], S[:, 2].astype(np.int64), S[:, 3]
             center, dur = 0.5 * (s0 + s1), s1 - s0
             half = self.core_fraction * 0.5 * dur

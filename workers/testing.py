@@ -81,7 +81,7 @@ class RelayTestEngine(_Misbehaving, CoeffsEngine):
     def open_session(self, spec: Mapping[str, Any]) -> Any:
         return _State(spec)
 
-    def frames(self, pcm, sample_rate, start_sample, phonemes, frames, fps, state, final):
+    def frames(self, pcm, sample_rate, start_sample, phonemes, frames, fps, state, final, ahead=None):
         out = zeros(len(frames))
         for i, k in enumerate(frames):
             a = int(round(k * sample_rate / fps)) - start_sample

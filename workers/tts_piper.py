@@ -7,10 +7,14 @@ what lets the ``coeffs`` stage place visemes on the exact audio samples instead 
 guessing them from the sound.
 
 Streaming: the text is cleaned and cut into sentences and clauses (the very first clause,
-when long, after a few words; see :mod:`giris.workers.text`), each synthesized and sent on
-its own, so the first audio leaves after a few tens of milliseconds whatever the length
-of the text, and a ``cancel`` never waits for more than a clause. The first chunk runs on
-every core; the rest on one thread, while the stages downstream animate what is out.
+when long, after a few words; see :mod:`giris.workers.text`); each clause runs the voice's
+front once and its decoder window by window (:mod:`giris.workers.piper_net`): the first
+window of an utterance is ~0.19 s of speech, the next ones twice as long each time up to
+~1.5 s. Each window leaves as a chunk the moment it is decoded, with its phonemes and
+those just after it (for the next stage's anticipatory coarticulation), so the first
+audio leaves ~35 ms after the request whatever the length of the text, and a ``cancel``
+lands between two windows. The first window runs on every core; the rest on one
+thread, while the stages downstream animate what is out.
 
 Options (``[stages.tts] options``):
 ``voice`` default voice name or ``.onnx`` path (``"joe"``); ``voices`` a table of extra
@@ -18,11 +22,15 @@ voices ``{name = "path/to/voice.onnx"}``; ``voice_paths`` whether a session may 
 ``.onnx`` path itself (false: only configured names, the safe choice for a service);
 ``rate`` speaking rate (1.0); ``sentence_silence`` seconds of silence after a sentence
 (0.2); ``first_chunk_words`` cut the first clause after this many words when at least
-three more follow (4; 0 = never); ``noise_scale`` / ``noise_w_scale`` the voice's
-own when unset; ``threads`` ONNX Runtime threads for an utterance's first chunk (default: the CPUs this
-worker may run on; the default config leaves ``tts`` unpinned so that burst uses every
-core); ``background_threads`` for the chunks after it (1: a second session of the voice,
-so the stages animating the first chunk keep a core; 0 = the same session).
+three more follow (4; 0 = never); ``first_window`` / ``window`` decoder frames (of 256
+samples) in an utterance's first chunk and in the largest (16 / 128; a tail shorter
+than half a window joins the one before);
+``decoder_context`` frames decoded on each side of a window and cut away (12);
+``noise_scale`` / ``noise_w_scale`` the voice's own when unset; ``threads`` ONNX Runtime
+threads for an utterance's first chunk (default: the CPUs this worker may run on; the
+default config leaves ``tts`` unpinned so that burst uses every core);
+``background_threads`` for the chunks after it (1: a second set of sessions of the
+voice, so the stages animating the first chunk keep a core; 0 = the same sessions).
 """
 from __future__ import annotations
 
@@ -37,20 +45,36 @@ import numpy as np
 from giris.runtime import protocol as P
 from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, pad_silence
 from giris.workers.engine import EngineContext, EngineError
+from giris.workers.piper_net import VoiceNet, load_graphs, windows
 from giris.workers.text import pieces
 
 #: the voice every install has
 BUNDLED = "joe"
 MIN_RATE, MAX_RATE = P.RATE_RANGE
+#: speech loudness every voice is brought to (RMS, full scale = 1): about -22 dBFS
+TARGET_RMS = 0.08
+CALIBRATION = "The quick brown fox jumps over the lazy dog, and then it rests."
+#: how far past a chunk's end its ``ahead`` phonemes reach (the longest anticipatory
+#: coarticulation reach is 0.09 s; at three times that its weight is below 1 %)
+AHEAD_S = 0.3
+
+Marks = list[tuple[str, int, int]]
+
 
 @dataclass
 class _Voice:
     name: str
-    voice: Any  # piper.PiperVoice: all the worker's threads, for an utterance's first chunk
+    #: phonemizer and configuration (its ``session`` is the front of ``fast``)
+    piper: Any
     sample_rate: int
     length_scale: float
-    #: the same voice on fewer threads, for the chunks after the first (None: ``voice``)
-    background: Any = None
+    hop: int
+    #: all the worker's threads, for an utterance's first chunk
+    fast: VoiceNet
+    #: the same voice on fewer threads, for the chunks after the first (None: ``fast``)
+    background: VoiceNet | None = None
+    #: one loudness for every utterance of this voice (see ``_calibrate``)
+    gain: float | None = None
 
 
 class PiperEngine(TTSEngine):
@@ -62,10 +86,14 @@ class PiperEngine(TTSEngine):
         self.rate = float(o.get("rate", 1.0))
         self.sentence_silence = float(o.get("sentence_silence", 0.2))
         self.first_words = int(o.get("first_chunk_words", 4))
+        self.first_window = max(1, int(o.get("first_window", 16)))
+        self.window = max(self.first_window, int(o.get("window", 128)))
+        self.context = max(0, int(o.get("decoder_context", 12)))
         self.noise_scale = o.get("noise_scale")
         self.noise_w_scale = o.get("noise_w_scale")
         self.use_cuda = context.device.startswith("cuda")
-        self.threads = int(o.get("threads") or len(os.sched_getaffinity(0)))
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self.threads = int(o.get("threads") or len(self.cpus))
         self.background_threads = int(o.get("background_threads", 1))
         self.voices: dict[str, _Voice] = {}
         default = str(o.get("voice") or BUNDLED)
@@ -103,39 +131,45 @@ class PiperEngine(TTSEngine):
         if not config.is_file():
             raise EngineError(f"voice {name!r}: its config {config} is missing", code="unknown_voice")
         try:
+            from piper import PiperVoice
             from piper.config import PiperConfig
 
-            graph = _patched_model(model)
+            graphs = load_graphs(model)
             cfg = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
-            voice = self._open(graph, cfg, self.threads)
-            background = (self._open(graph, cfg, self.background_threads)
+            fast = VoiceNet(graphs, self.threads, self.use_cuda, self.cpus)
+            background = (VoiceNet(graphs, self.background_threads, False)
                           if 0 < self.background_threads < self.threads and not self.use_cuda else None)
-            del graph  # ~60 MB of serialized graph: the sessions hold their own copy
+            del graphs  # ~60 MB of serialized graph: the sessions hold their own copy
+            v = _Voice(name=key, piper=PiperVoice(session=fast.front, config=cfg),
+                       sample_rate=int(cfg.sample_rate), length_scale=float(cfg.length_scale),
+                       hop=int(cfg.hop_length), fast=fast, background=background)
+            v.gain = self._calibrate(v)
         except Exception as e:  # noqa: BLE001 - a broken file is the caller's error
             raise EngineError(f"voice {name!r} cannot be loaded: {e}", code="unknown_voice") from e
-        v = _Voice(name=key, voice=voice, sample_rate=int(voice.config.sample_rate),
-                   length_scale=float(voice.config.length_scale), background=background)
         self.voices[key] = v
-        self.ctx.log.info("voice loaded", extra={"voice": key, "sample_rate": v.sample_rate})
+        self.ctx.log.info("voice loaded", extra={"voice": key, "sample_rate": v.sample_rate,
+                                                  "windowed": fast.decoder is not None, "gain": v.gain})
         return v
 
-    def _open(self, graph: bytes, cfg: Any, threads: int) -> Any:
-        """What ``PiperVoice.load(model, config, include_alignments=True)`` builds, with
-        one difference: the ONNX session runs ``threads`` threads (the library's default
-        session takes every core whatever the worker's pinning)."""
-        import onnxruntime
-        from piper import PiperVoice
+    def _calibrate(self, v: _Voice) -> float | None:
+        """The gain that brings this voice's speech to ``TARGET_RMS`` (peaks kept low).
 
-        opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = max(1, threads)
-        opts.inter_op_num_threads = 1
-        # idle ONNX threads sleep instead of spinning: the stages downstream need the
-        # cores the moment a chunk is out, while the next chunk is being synthesized
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers: list[Any] = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.use_cuda
-                                else ["CPUExecutionProvider"])
-        session = onnxruntime.InferenceSession(graph, sess_options=opts, providers=providers)
-        return PiperVoice(session=session, config=cfg)
+        One gain per voice rather than per utterance: an utterance's first window is too
+        short to judge loudness from (an onset is quiet), while Piper's raw level hardly
+        varies (RMS 0.05-0.07 over sentences of every kind). ``Gain`` still lowers it
+        should a chunk clip. Also runs (warms) every session of the voice.
+        """
+        syn = self._config(v, 1.0)
+        phonemes = v.piper.phonemize(CALIBRATION)[0]
+        pcm = np.concatenate([c.pcm for c in self._speech(v, phonemes, syn, Gain(1.0), first=True)])
+        if v.background is not None:
+            for _ in self._speech(v, phonemes, syn, Gain(1.0), first=False):
+                pass
+        x = pcm.astype(np.float64) / 32767.0
+        rms, peak = float(np.sqrt((x * x).mean())), float(np.abs(x).max())
+        if rms <= 1e-5 or peak >= 0.99:
+            return None  # silent, or clipping already: let Gain judge from what it says
+        return min(3.0, TARGET_RMS / rms, 0.7 / peak)
 
     # ------------------------------------------------------------------ sessions
     def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
@@ -159,40 +193,82 @@ class PiperEngine(TTSEngine):
         voice: _Voice = session.extra or self.voices[self.default]
         plan = pieces(text, self.first_words)
         rate = _check_rate(meta.get("rate", session.spec.get("rate"))) or self.rate
+        syn = self._config(voice, rate)
+        gain = Gain(voice.gain)
+        batch = bool(meta.get("batch"))
+        for i, (piece, sentence_end) in enumerate(plan):
+            parts = [p for p in voice.piper.phonemize(piece) if p]  # espeak may split further
+            for k, phonemes in enumerate(parts):
+                last_part = i == len(plan) - 1 and k == len(parts) - 1
+                for chunk in self._speech(voice, phonemes, syn, gain, first=i == k == 0, batch=batch):
+                    chunk.text = piece
+                    if chunk.last and sentence_end and k == len(parts) - 1:
+                        pad_silence(chunk, self.sentence_silence)
+                    # known now, so the chunk leaves at once instead of after the next one
+                    chunk.last = bool(chunk.last) and last_part
+                    yield chunk
+
+    def _config(self, v: _Voice, rate: float) -> Any:
         from piper import SynthesisConfig
 
-        syn = SynthesisConfig(length_scale=voice.length_scale / rate, normalize_audio=False,
-                              noise_scale=self.noise_scale, noise_w_scale=self.noise_w_scale)
-        gain = Gain()
-        for i, (piece, sentence_end) in enumerate(plan):
-            parts = [p for p in voice.voice.phonemize(piece) if p]  # espeak may split further
-            for k, phonemes in enumerate(parts):
-                # the first chunk gets every core; later ones leave cores to the stages
-                # downstream, which are animating the chunks already out (a batch request
-                # animates nothing before the end: it keeps every core throughout)
-                fast = (i == k == 0) or bool(meta.get("batch"))
-                chunk = self._speak(voice.voice if fast else voice.background or voice.voice,
-                                    voice.sample_rate, phonemes, syn, gain)
-                chunk.text = piece
-                if sentence_end and k == len(parts) - 1:
-                    pad_silence(chunk, self.sentence_silence)
-                # known now, so the chunk leaves at once instead of after the next one
-                chunk.last = i == len(plan) - 1 and k == len(parts) - 1
-                yield chunk
+        cfg = v.piper.config
+        return SynthesisConfig(
+            length_scale=v.length_scale / rate, normalize_audio=False,
+            noise_scale=cfg.noise_scale if self.noise_scale is None else float(self.noise_scale),
+            noise_w_scale=cfg.noise_w_scale if self.noise_w_scale is None else float(self.noise_w_scale))
 
-    @staticmethod
-    def _speak(v: Any, sample_rate: int, phonemes: list[str], syn: Any, gain: Gain) -> SpeechChunk:
-        ids = v.phonemes_to_ids(phonemes)
-        result = v.phoneme_ids_to_audio(ids, syn, include_alignments=True)
-        audio, per_id = result if isinstance(result, tuple) else (result, None)
-        audio = np.asarray(audio, np.float32).reshape(-1)
-        pcm = gain.apply(audio)
-        return SpeechChunk(pcm=pcm, sample_rate=sample_rate,
-                           phonemes=align(phonemes, v.config.phoneme_id_map, per_id, len(pcm)))
+    def _speech(self, v: _Voice, phonemes: list[str], syn: Any, gain: Gain, first: bool,
+                batch: bool = False) -> Iterator[SpeechChunk]:
+        """One clause: the front once, then the decoder window by window (the first
+        window small when this is the utterance's first clause); ``chunk.last`` marks
+        the clause's last window.
+
+        Lazily: the next window is decoded only when asked for, after the previous chunk
+        left, so the stages downstream start on it at once and a ``cancel`` cuts here.
+        An utterance's first window runs on every core, the rest on the background
+        sessions, leaving a core to the stages animating what is out; a batch request
+        (the non-streaming baseline) animates nothing before the end, so it keeps every
+        core and decodes each clause whole."""
+        net = v.fast if first or batch else v.background or v.fast
+        cfg = v.piper.config
+        ids = v.piper.phonemes_to_ids(phonemes)
+        args = {"input": np.asarray([ids], np.int64),
+                "input_lengths": np.asarray([len(ids)], np.int64),
+                "scales": np.asarray([syn.noise_scale, syn.length_scale, syn.noise_w_scale], np.float32)}
+        if cfg.num_speakers > 1:
+            args["sid"] = np.asarray([cfg.default_speaker_id], np.int64)
+        z, per_id = net.run_front(args)
+        hops = None if per_id is None else (per_id * v.hop).astype(np.int64)
+        if net.decoder is None:  # a voice that runs whole
+            audio = np.asarray(z, np.float32).reshape(-1)
+            yield SpeechChunk(pcm=gain.apply(audio), sample_rate=v.sample_rate, last=True,
+                              phonemes=align(phonemes, cfg.phoneme_id_map, hops, len(audio)))
+            return
+        total = int(z.shape[2])
+        marks = align(phonemes, cfg.phoneme_id_map, hops, total * v.hop)
+        plan = list(windows(total, self.first_window if first and not batch else self.window,
+                            total if batch else self.window))
+        for n, (a, b) in enumerate(plan):
+            audio = net.decode(z, a, b, self.context, v.hop)
+            if first and not batch:
+                net = v.background or v.fast
+            own, ahead = window_marks(marks, a * v.hop, b * v.hop, int(AHEAD_S * v.sample_rate))
+            yield SpeechChunk(pcm=gain.apply(audio), sample_rate=v.sample_rate, phonemes=own,
+                              ahead=ahead, last=n == len(plan) - 1)
+
+
+def window_marks(marks: Marks | None, start: int, stop: int, reach: int) -> tuple[Marks | None, Marks | None]:
+    """A window's phonemes (those that start in it: the last may run past its end) and
+    those starting less than ``reach`` samples after it, relative to the window's start."""
+    if marks is None:
+        return None, None
+    own = [(p, s - start, n) for p, s, n in marks if start <= s < stop]
+    ahead = [(p, s - start, n) for p, s, n in marks if stop <= s < stop + reach]
+    return own, ahead
 
 
 def align(phonemes: list[str], id_map: Mapping[str, list[int]], per_id: np.ndarray | None,
-          total: int) -> list[tuple[str, int, int]] | None:
+          total: int) -> Marks | None:
     """(ipa, start, n) per phoneme from the samples each phoneme *id* lasted.
 
     Piper feeds ``^ _ p1 _ p2 _ … $`` (ids of each phoneme, each followed by the pad):
@@ -203,7 +279,7 @@ def align(phonemes: list[str], id_map: Mapping[str, list[int]], per_id: np.ndarr
         return None
     per_id = np.asarray(per_id).reshape(-1)
     pad = len(id_map.get("_", []))
-    out: list[tuple[str, int, int]] = []
+    out: Marks = []
     i = pos = 0
     for ph in ["^", *phonemes, "$"]:
         if ph not in id_map:
@@ -232,17 +308,3 @@ def _check_rate(rate: Any) -> float | None:
         raise EngineError(f"rate must be a number in {MIN_RATE}..{MAX_RATE}, got {rate!r}",
                           code="bad_input")
     return r
-
-
-def _patched_model(model: Path) -> bytes:
-    """The voice's graph with the alignment output added (what ``include_alignments``
-    does inside ``PiperVoice.load``), serialized for ONNX Runtime."""
-    import onnx
-    from piper.patch_voice_with_alignment import add_alignment_output
-
-    graph = onnx.load(str(model))
-    try:
-        add_alignment_output(graph)
-    except ValueError:
-        pass  # already patched, or a voice without alignments: use it as it is
-    return graph.SerializeToString()
