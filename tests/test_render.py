@@ -148,6 +148,27 @@ def test_render_batch_matches_render(engine, session):
         assert np.array_equal(o, single)
 
 
+def test_whole_frame_batches_as_on_cuda(engine, session):
+    """The CUDA way (whole frames, one grid_sample per frame size) taken on the CPU: jobs
+    of two sizes in one call give each job's own frame, and the picture is the box
+    renderer's (the flow differs only by where it is tapered to 0)."""
+    batched = WarpRenderEngine({"batch_frames": True}, EngineContext(stage="render"))
+    big, small = batched.open_session({"size": SIZE}), batched.open_session({"size": 128})
+    assert big.roi == (0, 0, SIZE, SIZE) and session.roi != big.roi
+    jobs = [(big, row(jawOpen=0.5)), (small, row(headYaw=0.3)), (big, row(eyeBlinkLeft=0.9)),
+            (small, row())]
+    outs = [np.zeros(st.image.shape, np.uint8) for st, _ in jobs]
+    batched.render_batch([(st, r, o) for (st, r), o in zip(jobs, outs)])
+    for (st, r), o in zip(jobs, outs):
+        alone = np.zeros_like(o)
+        batched.render(st, r, alone)
+        assert np.array_equal(o, alone)
+    assert np.array_equal(outs[3], small.image)  # still: the source itself
+    box = frame(engine, session, jawOpen=0.5)
+    assert np.abs(outs[0].astype(np.int16) - box).mean() < 1.0
+    assert np.abs(outs[0].astype(np.int16) - outs[2]).mean() > 0.1  # and the jobs differ
+
+
 def test_every_rigged_channel_moves_something(session):
     rig = session.rig
     rest = rig.targets(row())

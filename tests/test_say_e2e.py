@@ -291,3 +291,32 @@ def test_giris_say_through_a_running_server(make_server, tmp_path):
                        capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "unknown_voice" in r.stderr
+
+
+def test_sessions_rendered_in_one_call_as_on_cuda():
+    """The renderer's CUDA way (every ready session's frame in one grid_sample over whole
+    frames) taken on the CPU, through the real worker: two sessions speaking at once each
+    get every frame of their own audio, with their own pictures."""
+    cfg = default_config()
+    cfg.stages["render"].options = dict(cfg.stages["render"].options, batch_frames=True)
+    with Runtime(cfg) as runtime:
+        a = runtime.open_session(size=128, seed=1)
+        b = runtime.open_session(size=128, seed=2, emotion="happy")
+        ua, ub = a.start_say("One two three."), b.start_say("Four five six seven.")
+        got = {}
+        for s, u in ((a, ua), (b, ub)):
+            samples, frames = 0, []
+            for item in s.stream(u, timeout=120):
+                if isinstance(item, AudioChunk):
+                    samples += len(item.pcm)
+                    sr = item.sample_rate
+                elif isinstance(item, Frame):
+                    frames.append(item.image.copy())
+                    item.release()
+            assert len(frames) == math.ceil(samples * 25 / sr)
+            got[s.token] = np.stack(frames)
+        fa, fb = got[a.token], got[b.token]
+        assert fa.shape[1:] == fb.shape[1:] == (128, 128, 3)
+        assert np.abs(fa[5].astype(np.int16) - fb[5]).mean() > 0.5  # own mouths, own smiles
+        a.close()
+        b.close()

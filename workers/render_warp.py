@@ -32,8 +32,11 @@ Per frame (``render``):
 ``render_batch`` on CUDA resamples every job of the same frame size in one ``grid_sample``;
 on the CPU it renders job by job: the resampling cost is per output pixel, a batch saves
 only the ~20 µs call overhead and would force the whole frame (not the face box) through.
+``batch_frames = true`` takes the CUDA way on the CPU too (whole frames, one call), which
+is how the tests check that path's bookkeeping on machines without a GPU.
 
 Options: ``threads`` (torch intra-op threads, default 1: stages are pinned to cores),
+``batch_frames`` (default: only on CUDA),
 ``regularization`` (thin-plate smoothing, default 1e-3), ``grid_cell`` (coarse grid cell
 in pixels at 512, scaled with the size; default 8), ``framing`` (default 4.0),
 ``cache_avatars`` (prepared avatars kept per worker, default 8).
@@ -149,6 +152,8 @@ class WarpRenderEngine(RenderEngine):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(context.device if str(context.device).startswith("cuda") else "cpu")
+        #: whole frames, every same-size job in one grid_sample (the CUDA way)
+        self.batched = bool(self.options.get("batch_frames", self.device.type == "cuda"))
         self.lam = float(self.options.get("regularization", 1e-3))
         self.grid_cell = float(self.options.get("grid_cell", 8.0))
         self.framing = float(self.options.get("framing", 4.0))
@@ -225,14 +230,13 @@ class WarpRenderEngine(RenderEngine):
         size = int(spec["size"])
         rig = prep.rig
         iod = rig.iod
-        cuda = self.device.type == "cuda"
 
         # the region that moves: an ellipse around head and neck, and its bounding box
         t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
         ring_face = np.stack([RING_CENTER[0] + RING_RADII[0] * np.cos(t),
                               RING_CENTER[1] + RING_RADII[1] * np.sin(t)], 1).astype(np.float32)
         ring_px = rig.to_image(ring_face)
-        if cuda:  # the whole frame: every same-size session batches into one call
+        if self.batched:  # the whole frame: every same-size session batches into one call
             x0, y0, x1, y1 = 0, 0, size, size
         else:
             lo = np.floor(ring_px.min(0)).astype(int)
@@ -278,8 +282,11 @@ class WarpRenderEngine(RenderEngine):
         p_g = np.concatenate([np.ones((len(grid_n), 1), np.float32), grid_n], 1)
         # taper: 1 inside, smoothly 0 at the box edges that are not the frame's edges
         m = max(3.0, 0.03 * max(w, h))
-        dx = np.minimum(grid_px[:, 0] - x0 if x0 > 0 else np.inf, (x1 - 1) - grid_px[:, 0] if x1 < size else np.inf)
-        dy = np.minimum(grid_px[:, 1] - y0 if y0 > 0 else np.inf, (y1 - 1) - grid_px[:, 1] if y1 < size else np.inf)
+        # (per grid point: a box that is the whole frame has no inner edge at all, and
+        # every distance stays infinite; scalars here broke the CUDA/whole-frame path)
+        far = np.full(len(grid_px), np.inf, np.float32)
+        dx = np.minimum(grid_px[:, 0] - x0 if x0 > 0 else far, (x1 - 1) - grid_px[:, 0] if x1 < size else far)
+        dy = np.minimum(grid_px[:, 1] - y0 if y0 > 0 else far, (y1 - 1) - grid_px[:, 1] if y1 < size else far)
         q = np.clip(np.minimum(dx, dy) / m, 0, 1)
         taper = (q * q * (3 - 2 * q)).astype(np.float32)[:, None]
 
@@ -370,13 +377,13 @@ class WarpRenderEngine(RenderEngine):
                 np.copyto(out, state.image)
                 self._composite(state, row, targets, out)
                 continue
-            if self.device.type == "cpu":
+            if not self.batched:
                 self._write(state, out, self._resample(state.src, coarse[None], *_hw(state.roi))[0])
                 self._composite(state, row, targets, out)
             else:
                 key = (state.size, state.roi)
                 pending.setdefault(key, []).append((state, row, out, targets, coarse))
-        for key, group in pending.items():  # CUDA: one resampling per frame size
+        for key, group in pending.items():  # one resampling per frame size
             srcs = torch.cat([g[0].src for g in group]) if len(group) > 1 else group[0][0].src
             res = self._resample(srcs, np.stack([g[4] for g in group]), *_hw(key[1]))
             res = res.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
