@@ -68,7 +68,10 @@ class CudaSlotPool:
         cupy.cuda.Device(device).use()
         rt = cupy.cuda.runtime
         self.nbytes = self.slot_bytes * table.n_slots
-        self.memory = cupy.cuda.alloc(self.nbytes)
+        # A cudaMalloc of its own, not CuPy's pool: an IPC handle opens the *allocation*
+        # at its base, so a pointer sub-allocated inside a larger pool block would be read
+        # at the wrong address by every consumer.
+        self.memory = cupy.cuda.MemoryPointer(cupy.cuda.Memory(self.nbytes), 0)
         self.events = [rt.eventCreateWithFlags(rt.eventDisableTiming | rt.eventInterprocess)
                        for _ in range(table.n_slots)]
         generation = table.generation + 1

@@ -56,3 +56,19 @@ def test_frame_crosses_processes_through_cuda_ipc():
     finally:
         table.unlink()
         (SHM_DIR / f"{name}.card").unlink(missing_ok=True)
+
+
+def test_transport_benchmark_gpu_rows():
+    """`python -m perf transport --cuda-only`: both GPU ways run between two processes and
+    report every size (the figures themselves go to the README, not into assertions)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "perf", "transport", "--cuda-only", "-n", "20", "--json"],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result) == {"256x256x3", "512x512x3", "1920x1080x3"}
+    for figures in result.values():
+        assert figures["cuda_ipc_p50_us"] > 0 and figures["cuda_host_p50_us"] > 0
