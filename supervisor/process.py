@@ -75,6 +75,21 @@ class WorkerHandle:
         self.started_at = self.last_beat = time.monotonic()
         self.beat = {}
 
+    def host_devices(self, per_device: dict[str, Any]) -> dict[str, Any]:
+        """Bytes per device as the worker reports them, keyed by the host's device names.
+
+        A stage on ``cuda:N`` sees only that GPU, as ``cuda:0`` (``CUDA_VISIBLE_DEVICES``
+        is set before it starts): its estimates must be charged to the budget of
+        ``cuda:N``, not to GPU 0's."""
+        if not self.device.startswith("cuda"):
+            return per_device
+        host = self.device if ":" in self.device else "cuda:0"
+        out: dict[str, Any] = {}
+        for dev, n in per_device.items():
+            key = host if str(dev).startswith("cuda") else dev
+            out[key] = out.get(key, 0) + n
+        return out
+
     def poll(self) -> int | None:
         """Exit code if the process has ended (reaped), else None."""
         if self.proc is None:

@@ -197,6 +197,9 @@ class Supervisor:
             return
         now = time.monotonic()
         w.last_beat = now
+        for key in ("held", "estimate"):  # the worker's device names, in the host's
+            if isinstance(msg.meta.get(key), dict):
+                msg.meta[key] = w.host_devices(msg.meta[key])
         if msg.type == P.READY:
             self.on_worker_ready(w, msg)
         elif msg.type == P.HEARTBEAT:

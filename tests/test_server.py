@@ -360,3 +360,23 @@ def test_session_limits(make_server):
     b.open_session()
     with pytest.raises(LimitExceeded):
         b.open_session()
+
+
+def test_a_stage_on_a_second_gpu_is_charged_to_that_gpu(make_server):
+    """A stage on ``cuda:1`` sees its GPU as ``cuda:0`` and reports it so; the supervisor
+    charges it to ``cuda:1`` (no GPU needed: the test engine only reports figures)."""
+    mb = 1024 * 1024
+    render = {"device": "cuda:1", "options": {"estimate_bytes": 100 * mb, "estimate_device": "cuda:0"}}
+    srv = make_server({"stages": small_stages(render=render),
+                       "budgets": {"cuda:0": 50 * mb, "cuda:1": 250 * mb}})
+    c = srv.client()
+    a, b = c.open_session(), c.open_session()  # would not fit GPU 0's budget even once
+    with pytest.raises(BudgetExceeded) as e:
+        c.open_session()
+    assert e.value.details["device"] == "cuda:1" and e.value.details["in_use"] == 200 * mb
+    budgets = srv.status()["budgets"]
+    assert budgets["cuda:1"]["used"] == 200 * mb and budgets["cuda:0"]["used"] == 0
+    render_worker = [w for w in srv.status()["workers"] if w["stage"] == "render"][0]
+    assert render_worker["device"] == "cuda:1"
+    a.close()
+    b.close()
