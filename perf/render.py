@@ -7,6 +7,10 @@ p99 of |inter-frame interval − 40 ms| at the client. One server (real engines)
 The client is on the same host, so it reads frames zero-copy from the render pool (as a
 local product would); ``--inline`` has every frame copied into its message instead, as a
 remote client gets them.
+
+``--capacity``: how many live sessions hold 25 FPS at each size: 1, 2, 4, … live
+sessions at once (doubling, then bisecting), a count *holds* when every session gets
+its frames at ≥ 24.5 FPS with inter-frame jitter p99 ≤ 10 ms.
 """
 from __future__ import annotations
 
@@ -59,7 +63,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sessions", default="1,2,4")
     ap.add_argument("--config")
     ap.add_argument("--inline", action="store_true", help="frames as message bytes, not zero-copy")
+    ap.add_argument("--capacity", action="store_true", help="live sessions that hold 25 FPS, per size")
+    ap.add_argument("--max-sessions", type=int, default=64)
     args = ap.parse_args(argv)
+    if args.capacity:
+        return capacity(args)
     sizes = [int(x) for x in args.sizes.split(",")]
     counts = [int(x) for x in args.sessions.split(",")]
     result: dict[str, dict[str, dict[str, float]]] = {}
@@ -86,3 +94,50 @@ def main(argv: list[str]) -> int:
     if args.json:
         emit_json(result)
     return 0
+
+
+def holds(stamps: list[list[float]]) -> tuple[bool, float, float]:
+    """(every live session at ≥ 24.5 FPS with jitter p99 ≤ 10 ms, worst FPS, worst p99)."""
+    rates, p99s = [], []
+    for s in stamps:
+        if len(s) < 3:
+            return False, 0.0, float("inf")
+        rates.append((len(s) - 1) / (s[-1] - s[0]))
+        p99s.append(pct([abs((b - a) - 0.04) * 1000 for a, b in zip(s, s[1:])], 99))
+    worst_fps, worst_p99 = min(rates), max(p99s)
+    return worst_fps >= 24.5 and worst_p99 <= 10.0, worst_fps, worst_p99
+
+
+def capacity(args: argparse.Namespace) -> int:
+    sizes = [int(x) for x in args.sizes.split(",")]
+    rows = [("size", "live sessions", "holds 25 FPS", "worst FPS", "worst jitter p99 ms")]
+    result: dict[str, int] = {}
+    with BenchServer(args.config) as srv:
+        for size in sizes:
+            tried: dict[int, bool] = {}
+
+            def trial(n: int) -> bool:
+                stamps, _ = run_sessions(srv.client, n, size, True, SHORT, not args.inline)
+                ok, fps, p99 = holds(stamps)
+                rows.append((f"{size}²", str(n), "yes" if ok else "no", fps, p99))
+                tried[n] = ok
+                return ok
+
+            good, n = 0, 1
+            while n <= args.max_sessions and trial(n):
+                good, n = n, n * 2
+            bad = n if n <= args.max_sessions else None
+            while bad is not None and bad - good > 1:  # bisect between the last good and bad
+                mid = (good + bad) // 2
+                if trial(mid):
+                    good = mid
+                else:
+                    bad = mid
+            result[str(size)] = good
+    print(f"perf render --capacity — live sessions holding 25 FPS ({machine()})")
+    table(rows)
+    print("  ".join(f"{s}²: {n} session(s)" for s, n in result.items()))
+    if args.json:
+        emit_json({"capacity": result})
+    return 0
+
