@@ -114,34 +114,35 @@ class TensorRef:
 
     @classmethod
     def from_wire(cls, d: Any, n_buffers: int) -> "TensorRef":
-        if not isinstance(d, dict):
+        # Every field checked by exact type (msgpack gives int, str, list, None): this
+        # runs on every hand-off, and a cold process pays for each step it takes.
+        if type(d) is not dict:
             raise ProtocolError("tensor reference must be a map")
         get = d.get
-        try:
-            dtype = d["dtype"]
-            shape = tuple(map(int, d["shape"]))
-            nbytes = int(d["nbytes"])
-            pool = get("pool")
-            frame = get("frame")
-            strides = get("strides")
-            ref = cls(dtype, shape, nbytes, None if pool is None else str(pool),
-                      int(get("generation", 0)), int(get("slot", -1)), int(get("offset", 0)),
-                      None if strides is None else tuple(map(int, strides)),
-                      str(get("device", "cpu")), None if frame is None else int(frame),
-                      int(get("lease", 0)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"bad tensor reference: {e}") from None
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        dtype, shape, nbytes = get("dtype"), get("shape"), get("nbytes")
+        pool, frame, strides = get("pool"), get("frame"), get("strides")
+        generation, slot, offset, lease = get("generation", 0), get("slot", -1), get("offset", 0), get("lease", 0)
+        device = get("device", "cpu")
+        if type(dtype) is not str or dtype not in ITEMSIZE:
             raise ProtocolError(f"unsupported dtype {dtype!r}")
-        if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
-            raise ProtocolError(f"bad shape {shape}")
+        if type(shape) is not list or len(shape) > MAX_DIMS or not all(type(n) is int and n >= 0 for n in shape):
+            raise ProtocolError(f"bad shape {shape!r}")
+        if not (type(nbytes) is type(generation) is type(slot) is type(offset) is type(lease) is int):
+            raise ProtocolError("bad tensor reference: nbytes, generation, slot, offset and lease "
+                                "must be integers")
+        if strides is not None and (type(strides) is not list or not all(type(n) is int for n in strides)):
+            raise ProtocolError("bad tensor reference: strides must be integers")
+        if (pool is not None and type(pool) is not str) or type(device) is not str:
+            raise ProtocolError("bad tensor reference: pool and device must be strings")
         if math.prod(shape) * ITEMSIZE[dtype] != nbytes:
             raise ProtocolError(f"nbytes {nbytes} does not match shape {shape} of {dtype}")
-        if pool is None and (ref.frame is None or not 1 <= ref.frame <= n_buffers):
+        if pool is None and (type(frame) is not int or not 1 <= frame <= n_buffers):
             raise ProtocolError("inline tensor names a missing buffer")
-        if ref.offset < 0:
+        if offset < 0:
             raise ProtocolError("negative offset")
-        return ref
+        return cls(dtype, tuple(shape), nbytes, pool, generation, slot, offset,
+                   None if strides is None else tuple(strides), device,
+                   frame if type(frame) is int else None, lease)
 
 
 @dataclass
@@ -183,49 +184,51 @@ def encode(msg: Message) -> list[Any]:
 
 def decode(frames: Sequence[Any], max_bytes: int = 64 * 1024 * 1024) -> Message:
     """Multipart frames -> validated Message; anything malformed raises ProtocolError."""
-    if not frames:
+    n = len(frames)
+    if not n:
         raise ProtocolError("empty message")
-    if len(frames) > MAX_FRAMES:
-        raise ProtocolError(f"too many frames ({len(frames)} > {MAX_FRAMES})", code="too_large")
-    raw = _bytes_of(frames[0])
-    if len(raw) > MAX_HEADER_BYTES:
+    if n > MAX_FRAMES:
+        raise ProtocolError(f"too many frames ({n} > {MAX_FRAMES})", code="too_large")
+    raw = frames[0]
+    if type(raw) is not bytes:
+        raw = _bytes_of(raw)
+    total = len(raw)
+    if total > MAX_HEADER_BYTES:
         raise ProtocolError("header too large", code="too_large")
-    buffers = [_buffer_of(f) for f in frames[1:]]
-    total = len(raw) + sum(memoryview(b).nbytes for b in buffers)
+    buffers = [_buffer_of(f) for f in frames[1:]] if n > 1 else []
+    if buffers:
+        total += sum(memoryview(b).nbytes for b in buffers)
     if total > max_bytes:
         raise ProtocolError(f"message of {total} bytes exceeds the limit of {max_bytes}",
                             code="too_large", limit=max_bytes, size=total)
     try:
-        h = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        h = _unpackb(raw)
     except Exception as e:  # msgpack raises several unrelated types
         raise ProtocolError(f"header is not msgpack: {type(e).__name__}") from None
-    if not isinstance(h, dict):
+    if type(h) is not dict:
         raise ProtocolError("header must be a map")
-    v = h.get("v")
-    if v != VERSION:
+    get = h.get
+    v = get("v")
+    if v != VERSION or type(v) is not int:
         raise ProtocolError(f"unsupported protocol version {v!r} (this server speaks {VERSION})",
                             code="unsupported_version", supported=VERSION)
-    typ = h.get("type")
-    if typ not in TYPES:
+    typ = get("type")
+    if type(typ) is not str or typ not in TYPES:
         raise ProtocolError(f"unknown message type {typ!r}", code="unknown_type")
-    session = h.get("session", "")
-    seq = h.get("seq", 0)
-    pts = h.get("pts", 0.0)
-    meta = h.get("meta", {})
-    tensors = h.get("tensors", [])
-    if not isinstance(session, str) or len(session) > 128:
+    session, seq, pts, meta, tensors = get("session", ""), get("seq", 0), get("pts", 0.0), get("meta", {}), get("tensors", [])
+    if type(session) is not str or len(session) > 128:
         raise ProtocolError("session must be a short string")
-    if not isinstance(seq, int) or isinstance(seq, bool):
+    if type(seq) is not int:
         raise ProtocolError("seq must be an integer")
-    if not isinstance(pts, (int, float)) or isinstance(pts, bool) or not math.isfinite(pts):
+    if type(pts) is not float and type(pts) is not int or not math.isfinite(pts):
         raise ProtocolError("pts must be a finite number")
-    if not isinstance(meta, dict):
+    if type(meta) is not dict:
         raise ProtocolError("meta must be a map")
-    if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
+    if type(tensors) is not list or len(tensors) > MAX_TENSORS:
         raise ProtocolError("tensors must be a short list")
-    refs = [TensorRef.from_wire(t, len(buffers)) for t in tensors]
-    return Message(type=typ, session=session, seq=seq, pts=float(pts), meta=meta,
-                   tensors=refs, buffers=buffers)
+    nb = len(buffers)
+    refs = [TensorRef.from_wire(t, nb) for t in tensors] if tensors else []
+    return Message(typ, session, seq, float(pts), meta, refs, buffers)
 
 
 def event(kind: str, session: str = "", **meta: Any) -> Message:
@@ -239,6 +242,11 @@ def error(err: Any, session: str = "", req: Any = None) -> Message:
     if req is not None:
         meta["req"] = req
     return Message(type=EVENT, session=session, meta=meta)
+
+
+#: msgpack's defaults are what the protocol wants (str for str, bin for bytes, map keys
+#: only str/bytes); bound once, called with no keyword parsing
+_unpackb = msgpack.unpackb
 
 
 def _bytes_of(frame: Any) -> bytes:

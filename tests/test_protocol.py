@@ -42,6 +42,19 @@ def test_header_is_plain_msgpack_a_foreign_client_can_write():
     ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": "uint8", "shape": [-1], "nbytes": 0, "frame": 1}]}), b""], "bad_message"),
     ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": "uint8", "shape": [2], "nbytes": 2, "frame": 2}]}), b"ab"], "bad_message"),
     ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"shape": [2]}]})], "bad_message"),
+    # fields of the wrong kind, unhashable ones included (a list where a str belongs
+    # once raised TypeError out of decode)
+    ([msgpack.packb({"v": 1, "type": ["say"]})], "unknown_type"),
+    ([msgpack.packb({"v": True, "type": "say"})], "unsupported_version"),
+    ([msgpack.packb({"v": 1, "type": "say", "seq": True})], "bad_message"),
+    ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": ["uint8"], "shape": [2], "nbytes": 2, "frame": 1}]}), b"ab"], "bad_message"),
+    ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": "uint8", "shape": [2.0], "nbytes": 2, "frame": 1}]}), b"ab"], "bad_message"),
+    ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": "uint8", "shape": [True], "nbytes": 1, "frame": 1}]}), b"a"], "bad_message"),
+    ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": "uint8", "shape": [2], "nbytes": "2", "frame": 1}]}), b"ab"], "bad_message"),
+    ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": "uint8", "shape": [2], "nbytes": 2, "frame": [1]}]}), b"ab"], "bad_message"),
+    ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": "uint8", "shape": [2], "nbytes": 2, "pool": 7, "slot": 0}]})], "bad_message"),
+    ([msgpack.packb({"v": 1, "type": "say", "tensors": [{"dtype": "uint8", "shape": [2], "nbytes": 2, "frame": 1, "strides": "x"}]}), b"ab"], "bad_message"),
+    ([msgpack.packb({"v": 1, "type": "say", "tensors": ["ref"]})], "bad_message"),
     ([msgpack.packb({"v": 1, "type": "say"})] + [b""] * 100, "too_large"),
     ([b"\x80" * (P.MAX_HEADER_BYTES + 1)], "too_large"),
 ])
