@@ -313,11 +313,20 @@ class Supervisor:
         return self._first
 
     # ------------------------------------------------------------------ status
+    def state(self) -> str:
+        """``starting`` until every stage was ready once, then ``serving``; ``degraded``
+        while a stage is marked failed (its sessions cannot be served); ``stopping``."""
+        if self.stopping:
+            return "stopping"
+        if any(w.state == FAILED for w in self.workers):
+            return "degraded"
+        return "serving" if self.announced_ready else "starting"
+
     def status(self) -> dict[str, Any]:
         used = self.registry.usage()
         devices = sorted(set(used) | set(self.config.budgets))
         return {
-            "state": "stopping" if self.stopping else ("serving" if self.announced_ready else "starting"),
+            "state": self.state(),
             "endpoint": self.endpoint, "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "workers": [w.describe() for w in self.workers],

@@ -268,3 +268,13 @@ def test_rig_fit_is_scale_invariant():
     np.testing.assert_allclose(a.rest, b.rest, atol=1e-4)
     r = row(jawOpen=0.7, headYaw=0.2)
     np.testing.assert_allclose(b.targets(r), 2 * a.targets(r), atol=1e-2)
+
+
+def test_a_gpu_that_is_not_there_is_refused_at_start():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(EngineError) as e:
+        WarpRenderEngine({}, EngineContext(stage="render", device="cuda:0"))
+    assert e.value.code == "engine_unavailable" and "cuda:0" in str(e.value)

@@ -152,6 +152,8 @@ class WarpRenderEngine(RenderEngine):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(context.device if str(context.device).startswith("cuda") else "cpu")
+        if self.device.type == "cuda":
+            _check_cuda(self.device)
         #: whole frames, every same-size job in one grid_sample (the CUDA way)
         self.batched = bool(self.options.get("batch_frames", self.device.type == "cuda"))
         self.lam = float(self.options.get("regularization", 1e-3))
@@ -425,6 +427,20 @@ class WarpRenderEngine(RenderEngine):
             b = float(row[INDEX[f"eyeBlink{side}"]])
             if b > 0.02:
                 _eyelid(out, lm[upper], lm[lower], min(b, 1.0), iod, state.lid_rgb[side])
+
+
+def _check_cuda(device: torch.device) -> None:
+    """Fail at start, with the reason, when the configured GPU cannot be used (a CPU build
+    of torch, no driver, no such device): not at every session's first frame."""
+    if not torch.cuda.is_available():
+        raise EngineError(f"render device {device} is not usable: this torch ({torch.__version__}, "
+                          f"CUDA {torch.version.cuda or 'none'}) sees no GPU; install a CUDA "
+                          "build of torch or set the stage's device to \"cpu\"",
+                          code="engine_unavailable")
+    try:
+        torch.zeros(1, device=device).add_(1).item()
+    except Exception as e:  # noqa: BLE001 - the driver's own words are the useful part
+        raise EngineError(f"render device {device} is not usable: {e}", code="engine_unavailable") from e
 
 
 def _hw(roi: tuple[int, int, int, int]) -> tuple[int, int]:
