@@ -278,3 +278,12 @@ def test_a_gpu_that_is_not_there_is_refused_at_start():
     with pytest.raises(EngineError) as e:
         WarpRenderEngine({}, EngineContext(stage="render", device="cuda:0"))
     assert e.value.code == "engine_unavailable" and "cuda:0" in str(e.value)
+
+
+def test_warmup_prepares_the_bundled_avatar_before_any_session():
+    fresh = WarpRenderEngine({}, EngineContext(stage="render"))
+    assert not fresh._cache
+    fresh.warmup()
+    assert len(fresh._cache) == 1  # the default avatar at the default size, fitted once
+    state = fresh.open_session({})
+    assert len(fresh._cache) == 1 and state.size == 512

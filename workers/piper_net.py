@@ -95,7 +95,11 @@ class VoiceNet:
             yield
             return
         before = os.sched_getaffinity(0)  # this thread's (Linux: per thread)
-        os.sched_setaffinity(0, {self.pin[0]})
+        try:
+            os.sched_setaffinity(0, {self.pin[0]})
+        except OSError:  # the CPU was taken from us (a cpuset changed): run unpinned
+            yield
+            return
         try:
             yield
         finally:

@@ -318,6 +318,17 @@ class WarpRenderEngine(RenderEngine):
                            centers64=centers64,
                            rest_px=rest_px, lid_rgb=lid_rgb, mouth_rest_gap=gap, nbytes=nbytes)
 
+    def warmup(self) -> None:
+        """At start, not at the first user's request: load dlib's models (~1 s), fit the
+        bundled avatar at the default size (its sessions then open in milliseconds) and
+        draw one frame (torch's kernels)."""
+        state = self.open_session({})
+        out = np.empty(state.image.shape, np.uint8)
+        row = np.zeros(N_CHANNELS, np.float32)
+        row[INDEX["jawOpen"]] = 0.3
+        self.render(state, row, out)
+        self.close_session(state)
+
     def close_session(self, state: WarpSession) -> None:
         state.src = None  # type: ignore[assignment]
         state.k_ga = state.system = None  # type: ignore[assignment]
