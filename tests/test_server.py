@@ -380,3 +380,37 @@ def test_a_stage_on_a_second_gpu_is_charged_to_that_gpu(make_server):
     assert render_worker["device"] == "cuda:1"
     a.close()
     b.close()
+
+
+def test_a_slow_session_open_does_not_stall_the_sessions_streaming(make_server):
+    """Fitting a new portrait takes the renderer 0.1-1 s; meanwhile the sessions already
+    streaming keep getting frames (the open runs beside the rendering)."""
+    import threading
+
+    srv = make_server({"stages": small_stages(render={"options": {"open_s": 1.5, "render_s": 0.04}})})
+    c = srv.client()
+    a = c.open_session()
+    stamps: list[float] = []
+    window: list[float] = []
+
+    def open_b() -> None:
+        other = srv.client()
+        t0 = time.monotonic()
+        b = other.open_session()
+        window.extend([t0, time.monotonic()])
+        b.close()
+        other.close()
+
+    opener = threading.Thread(target=open_b)
+    utt = a.start_say(" ".join(["word"] * 40))  # 8 s of speech: 200 frames at 40 ms each
+    for item in a.stream(utt, timeout=60):
+        if isinstance(item, Frame):
+            stamps.append(time.monotonic())
+            item.release()
+            if len(stamps) == 10:
+                opener.start()
+    opener.join()
+    t0, t1 = window
+    assert t1 - t0 >= 1.4
+    during = [t for t in stamps if t0 + 0.3 < t < t1 - 0.3]
+    assert len(during) >= 10  # ~20 at 40 ms a frame; none while an open held the renderer

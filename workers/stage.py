@@ -5,6 +5,11 @@ input (work), advance each busy session's engine generator by one output in turn
 long utterance of one session never starves another, and a ``cancel`` takes effect
 between two chunks), route each output downstream and/or to the client, heartbeat.
 
+Sessions open on a thread of their own: fitting a portrait (decode, face detection,
+rig: 0.1-1 s for a photo) or loading a voice must not freeze the frames of the
+sessions already streaming. The engine's ``open_session`` therefore runs beside
+``process``; the engines keep what they share (caches, voices) safe for that.
+
 Engines see numpy arrays only; this module owns sockets, pools and the session table.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ import signal
 import sys
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -76,6 +82,11 @@ class StageWorker:
         self.running = True
         self.looping = False
         self.scratch: set[int] = set()
+        #: sessions being opened on the opener thread: token -> (future, tag, spec, request)
+        self.opening: dict[str, tuple[Future, int, dict, Any]] = {}
+        #: opens whose session was closed (or opened again) meanwhile: closed once done
+        self.abandoned: list[Future] = []
+        self.opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="giris-open")
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -128,10 +139,14 @@ class StageWorker:
             if busy:
                 wake = min(wake, min((s.not_before for s in self.sessions.values()
                                       if s.gen is not None or s.queue), default=now))
+            if self.opening or self.abandoned:
+                wake = min(wake, now + 0.005)  # look at the opener's results soon
             timeout = max(0, int((wake - now) * 1000))
             ready = dict(poller.poll(timeout))
             if self.control in ready:
                 self.drain_control()
+            if self.opening or self.abandoned:
+                self.finish_opens()
             if self.input in ready:
                 self.drain_input()
             if busy:
@@ -158,7 +173,7 @@ class StageWorker:
             except Exception as e:  # noqa: BLE001 - reported to the supervisor
                 self.reply(req, ok=False, error=_wire(e))
         elif msg.type == P.OPEN_SESSION:
-            self.open(msg.session, int(msg.meta["tag"]), _spec(msg.meta["spec"], avatar), req)
+            self.open_async(msg.session, int(msg.meta["tag"]), _spec(msg.meta["spec"], avatar), req)
         elif msg.type == P.CLOSE_SESSION:
             self.close(msg.session)
             self.reply(req, ok=True)
@@ -166,14 +181,44 @@ class StageWorker:
             self.running = False
 
     def open(self, token: str, tag: int, spec: dict, req: Any) -> None:
+        """Open at once (sessions restored at start, before any work is read)."""
         try:
             state = self.engine.open_session(spec)
         except Exception as e:  # noqa: BLE001 - an unusable spec must not kill the worker
-            if req is not None:
-                self.reply(req, ok=False, error=_wire(e))
-            else:
-                log.warning("could not restore session", extra={"error": str(e)})
+            self._open_failed(req, e)
             return
+        self._install(token, tag, spec, state, req)
+
+    def open_async(self, token: str, tag: int, spec: dict, req: Any) -> None:
+        """Open on the opener thread; ``finish_opens`` installs it (and replies) when done."""
+        pending = self.opening.pop(token, None)
+        if pending is not None:
+            self.abandoned.append(pending[0])
+        self.opening[token] = (self.opener.submit(self.engine.open_session, spec), tag, spec, req)
+
+    def finish_opens(self) -> None:
+        for token, (future, tag, spec, req) in list(self.opening.items()):
+            if not future.done():
+                continue
+            del self.opening[token]
+            try:
+                state = future.result()
+            except Exception as e:  # noqa: BLE001 - an unusable spec must not kill the worker
+                self._open_failed(req, e)
+                continue
+            self._install(token, tag, spec, state, req)
+        for future in [f for f in self.abandoned if f.done()]:
+            self.abandoned.remove(future)
+            if future.exception() is None:
+                self._close_state(future.result())
+
+    def _open_failed(self, req: Any, e: BaseException) -> None:
+        if req is not None:
+            self.reply(req, ok=False, error=_wire(e))
+        else:
+            log.warning("could not restore session", extra={"error": str(e)})
+
+    def _install(self, token: str, tag: int, spec: dict, state: Any, req: Any) -> None:
         old = self.sessions.pop(token, None)
         if old is not None:
             self._drop(old)
@@ -183,6 +228,9 @@ class StageWorker:
             self.reply(req, ok=True, held=self._held(state))
 
     def close(self, token: str) -> None:
+        pending = self.opening.pop(token, None)
+        if pending is not None:  # closed while it was still opening
+            self.abandoned.append(pending[0])
         s = self.sessions.pop(token, None)
         if s is not None:
             self._drop(s)
@@ -196,8 +244,11 @@ class StageWorker:
             self.pools.release_all(m)
         s.queue.clear()
         self._free_allocs(s)
+        self._close_state(s.state)
+
+    def _close_state(self, state: Any) -> None:
         try:
-            self.engine.close_session(s.state)
+            self.engine.close_session(state)
         except Exception:  # noqa: BLE001
             log.exception("close_session failed")
 
@@ -424,8 +475,10 @@ class StageWorker:
             return {}
 
     def shutdown(self) -> None:
-        for token in list(self.sessions):
+        self.opener.shutdown(wait=True, cancel_futures=True)
+        for token in list(self.sessions) + list(self.opening):
             self.close(token)
+        self.finish_opens()
         self.pools.close()
         self.ctx.destroy(linger=500)
 

@@ -5,7 +5,7 @@
 ``test-relay`` (coeffs or motion): audio -> one row per frame (jawOpen = loudness);
 coefficients pass through. ``test-frames`` (render): frames whose pixels encode jawOpen.
 Option ``crash_on_start`` makes any of them die while loading (a crash loop), ``load_s``
-makes loading take that long;
+makes loading take that long, ``open_s`` opening a session (``test-frames``);
 ``estimate_bytes`` sets what a session is said to cost on ``estimate_device``.
 """
 from __future__ import annotations
@@ -103,8 +103,10 @@ class FrameTestEngine(_Misbehaving, RenderEngine):
         super().__init__(options, context)
         self._setup(options)
         self.render_s = float(options.get("render_s", 0.0))
+        self.open_s = float(options.get("open_s", 0.0))
 
     def open_session(self, spec: Mapping[str, Any]) -> Any:
+        time.sleep(self.open_s)  # a portrait that takes a while to fit
         if spec.get("avatar") == b"not an image":
             raise EngineError("cannot decode the avatar image", code="bad_image")
         return _State(spec)
