@@ -258,7 +258,7 @@ class Client:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat
-                    if self._sessions:
+                    if self._sessions or self._waiters:  # a client awaiting an open is alive too
                         send(sock, P.Message(P.HEARTBEAT))
         finally:
             sock.close(0)

@@ -414,3 +414,29 @@ def test_a_slow_session_open_does_not_stall_the_sessions_streaming(make_server):
     assert t1 - t0 >= 1.4
     during = [t for t in stamps if t0 + 0.3 < t < t1 - 0.3]
     assert len(during) >= 10  # ~20 at 40 ms a frame; none while an open held the renderer
+
+
+def test_a_client_that_vanishes_while_its_session_opens_leaves_nothing(make_server):
+    """The idle timeout closes a session whose portrait is still being fitted: the stage
+    drops the half-opened state when the fitting ends, the server goes on serving."""
+    srv = make_server({"timeouts": {"client_idle": 0.5},
+                       "stages": small_stages(render={"options": {"open_s": 2.0}})})
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(srv.endpoint)
+    raw.send_multipart(P.encode(P.Message(P.OPEN_SESSION, meta={"req": 1, "spec": {}})))
+    got = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(m.meta.get("req") == 1 for m in got):
+        if raw.poll(200):
+            got.append(P.decode(raw.recv_multipart()))
+    raw.close()
+    # no heartbeat ever came: the session was closed while the renderer still fitted it,
+    # and the open is answered with an error, not a token
+    assert any(m.meta.get("kind") == "session_closed" for m in got)
+    answer = next(m for m in got if m.meta.get("req") == 1)
+    assert answer.type == P.EVENT and answer.meta["kind"] == "error"
+    assert eventually(lambda: srv.status()["sessions"] == 0)
+    assert eventually(lambda: all(w["sessions"] == 0 for w in srv.status()["workers"]), 10)
+    c = srv.client(heartbeat=0.1)
+    assert len(collect(c.open_session(), "still serving")["frames"]) == 10

@@ -229,8 +229,11 @@ class StageWorker:
 
     def close(self, token: str) -> None:
         pending = self.opening.pop(token, None)
-        if pending is not None:  # closed while it was still opening
+        if pending is not None:  # closed while it was still opening: say so, drop it when done
             self.abandoned.append(pending[0])
+            if pending[3] is not None:
+                self.reply(pending[3], ok=False, error=GirisError(
+                    "session closed while it was opening", code="session_closed").to_wire())
         s = self.sessions.pop(token, None)
         if s is not None:
             self._drop(s)
