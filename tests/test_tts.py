@@ -224,3 +224,37 @@ def test_coqui_streams_audio_chunks_from_a_local_model():
     out = run(engine, "Hello there, my friend. How are you?")
     assert len(out) >= 2 and out[-1].meta["final"] and not out[0].meta["final"]
     assert all(o.meta["phonemes"] is None and o.tensors[0].dtype == np.int16 for o in out)
+
+
+def _tiny_voice(tmp_path, decoder_reads_input: bool):
+    """x → /enc/ → z → /dec/ → audio (and, optionally, a last node that also reads x)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["z"], name="/enc/Relu"),
+             helper.make_node("Neg", ["z"], ["d"], name="/dec/Neg")]
+    if decoder_reads_input:
+        nodes.append(helper.make_node("Mul", ["d", "x"], ["output"], name="/Mul"))
+    else:
+        nodes.append(helper.make_node("Identity", ["d"], ["output"], name="/Out"))
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / f"tiny{int(decoder_reads_input)}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_a_graph_is_cut_only_where_the_decoder_needs_nothing_but_the_latent(tmp_path):
+    import onnxruntime as ort
+
+    from giris.workers.piper_net import load_graphs
+
+    g = load_graphs(_tiny_voice(tmp_path, decoder_reads_input=False))
+    assert g.decoder is not None and g.latent == "z"
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+    z = ort.InferenceSession(g.front).run(None, {"x": x})[0]
+    y = ort.InferenceSession(g.decoder).run(None, {"z": z})[0]
+    assert np.array_equal(y, -np.maximum(x, 0))
+    # the audio also reads the input: cutting would leave the decoder without it
+    g = load_graphs(_tiny_voice(tmp_path, decoder_reads_input=True))
+    assert g.decoder is None

@@ -51,12 +51,25 @@ def load_graphs(model: Path) -> Graphs:
     if latent is None:
         return Graphs(front=graph.SerializeToString())
     outputs = [o.name for o in graph.graph.output]
-    ex = Extractor(graph)
-    front = ex.extract_model([i.name for i in graph.graph.input], [latent, *outputs[1:]])
-    decoder = ex.extract_model([latent], outputs[:1])
-    if [i.name for i in decoder.graph.input] != [latent] or decoder_input(decoder) != latent:
+    try:
+        if latent not in {v.name for v in graph.graph.value_info}:  # the cut needs its type
+            graph = onnx.shape_inference.infer_shapes(graph)
+        ex = Extractor(graph)
+        front = ex.extract_model([i.name for i in graph.graph.input], [latent, *outputs[1:]])
+        decoder = ex.extract_model([latent], outputs[:1])
+    except Exception:  # noqa: BLE001 - a graph that will not come apart still runs whole
+        return Graphs(front=graph.SerializeToString())
+    if not (_closed(front) and _closed(decoder)):
         return Graphs(front=graph.SerializeToString())  # the audio needs more than z: run whole
     return Graphs(front.SerializeToString(), decoder.SerializeToString(), latent)
+
+
+def _closed(model: Any) -> bool:
+    """Whether every tensor a node reads is a graph input, a weight or made by a node (an
+    extracted part that still needs something from the other part is not)."""
+    g = model.graph
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+    return all(not i or i in known for n in g.node for i in n.input)
 
 
 def decoder_input(graph: Any) -> str | None:
