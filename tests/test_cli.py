@@ -35,3 +35,17 @@ def test_keys_writes_a_pair(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "alice.key").exists()
     assert (tmp_path / "alice.key_secret").stat().st_mode & 0o077 == 0
+
+
+def test_the_shipped_configs_load():
+    from pathlib import Path
+
+    from giris.runtime.config import load
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.toml"))
+    assert {f.name for f in files} >= {"cpu.toml", "gpu.toml", "giris.toml"}
+    for f in files:
+        cfg = load(f)
+        assert list(cfg.stages) == ["tts", "coeffs", "motion", "render"], f
+    assert load(root / "gpu.toml").stages["render"].device == "cuda:0"
