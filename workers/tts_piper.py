@@ -200,8 +200,9 @@ class PiperEngine(TTSEngine):
             parts = [p for p in voice.piper.phonemize(piece) if p]  # espeak may split further
             for k, phonemes in enumerate(parts):
                 last_part = i == len(plan) - 1 and k == len(parts) - 1
-                for chunk in self._speech(voice, phonemes, syn, gain, first=i == k == 0, batch=batch):
-                    chunk.text = piece
+                for n, chunk in enumerate(self._speech(voice, phonemes, syn, gain, first=i == k == 0,
+                                                       batch=batch)):
+                    chunk.text = piece if n == k == 0 else ""  # once per clause, for captions
                     if chunk.last and sentence_end and k == len(parts) - 1:
                         pad_silence(chunk, self.sentence_silence)
                     # known now, so the chunk leaves at once instead of after the next one
