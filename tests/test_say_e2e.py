@@ -163,7 +163,10 @@ def test_cancel_stops_the_voice_mid_utterance(rt):
         elif isinstance(item, Event) and item.kind == "utterance_done":
             done = item
     assert done is not None and done.meta["cancelled"] and not done.meta["complete"]
-    assert len(chunks) < 5  # fifteen sentences were asked for; the voice stopped within a chunk or two
+    # fifteen sentences (~25 s of speech) were asked for; the voice stopped within a
+    # window or two (chunks are windows of 0.19 s and up)
+    spoken = sum(len(c.pcm) for c in chunks) / chunks[0].sample_rate
+    assert spoken < 3.0, spoken
     # the session speaks on after a cancel
     assert any(isinstance(i, Frame) for i in s.say("Next."))
     s.close()
