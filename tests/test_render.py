@@ -287,3 +287,17 @@ def test_warmup_prepares_the_bundled_avatar_before_any_session():
     assert len(fresh._cache) == 1  # the default avatar at the default size, fitted once
     state = fresh.open_session({})
     assert len(fresh._cache) == 1 and state.size == 512
+
+
+def test_bundled_avatars_ship_with_dlibs_own_points():
+    """The points shipped beside each bundled avatar are what dlib finds in it (so a
+    bundled avatar opens without dlib, and nothing differs when dlib is there)."""
+    import hashlib
+
+    from giris.workers.render_warp import bundled_landmarks
+
+    known = bundled_landmarks()
+    for name in bundled_avatars():
+        data = (ASSETS / f"{name}.png").read_bytes()
+        pts = known[hashlib.sha256(data).hexdigest()]
+        assert np.allclose(pts, LM.find_face(LM.decode_image(data)), atol=0.01)

@@ -59,9 +59,16 @@ def model_path(name: str = "shape_predictor_68_face_landmarks.dat") -> str:
 
 @lru_cache(maxsize=1)
 def _models():
-    import dlib  # noqa: PLC0415 - heavy, loaded on first use
-
+    try:
+        import dlib  # noqa: PLC0415 - heavy, loaded on first use
+    except ImportError:
+        raise EngineError("dlib is not installed (pip install dlib-bin)", code="engine_unavailable") from None
     return dlib, dlib.get_frontal_face_detector(), dlib.shape_predictor(model_path())
+
+
+def load_models() -> None:
+    """Load dlib's detector and 68-point model now (~1 s) rather than at the first face."""
+    _models()
 
 
 # ----------------------------------------------------------------------------- decoding

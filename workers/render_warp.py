@@ -45,10 +45,12 @@ Spec keys: ``avatar`` (bytes), ``avatar_name`` (str), ``size`` (int).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -81,6 +83,22 @@ EYES = {  # ARKit side: (upper chain, lower chain) from outer to inner corner
 def bundled_avatars() -> list[str]:
     """Names of the avatars shipped in ``giris/workers/assets``."""
     return sorted(p.stem for p in ASSETS.glob("*.png"))
+
+
+@lru_cache(maxsize=1)
+def bundled_landmarks() -> dict[str, np.ndarray]:
+    """dlib's 68 points of each bundled avatar, found once and shipped beside it
+    (``NAME.landmarks.json``, keyed by the image's SHA-256): bundled avatars open without
+    running, or even installing, dlib."""
+    known: dict[str, np.ndarray] = {}
+    for path in ASSETS.glob("*.landmarks.json"):
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            pts = np.asarray(d["points"], np.float32).reshape(68, 2)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged file: dlib finds the points instead
+        known[str(d["sha256"])] = pts
+    return known
 
 
 def _tps(d2: np.ndarray) -> np.ndarray:
@@ -197,7 +215,8 @@ class WarpRenderEngine(RenderEngine):
                 self._cache.move_to_end(key)
                 return hit
         rgb = LM.decode_image(data, max_pixels)
-        lm = LM.find_face(rgb)
+        known = bundled_landmarks().get(key[0])
+        lm = known.copy() if known is not None else LM.find_face(rgb)
         image, lm = frame_square(rgb, lm, size, self.framing)
         prepared = Prepared(image=image, rig=fit_rig(lm))
         with self._lock:
@@ -321,7 +340,13 @@ class WarpRenderEngine(RenderEngine):
     def warmup(self) -> None:
         """At start, not at the first user's request: load dlib's models (~1 s), fit the
         bundled avatar at the default size (its sessions then open in milliseconds) and
-        draw one frame (torch's kernels)."""
+        draw one frame (torch's kernels). Without dlib, bundled avatars still work (their
+        points ship with them); other portraits are refused with the reason."""
+        try:
+            LM.load_models()
+        except EngineError as e:
+            self.ctx.log.warning("portraits other than the bundled ones cannot be fitted",
+                                 extra={"reason": str(e)})
         state = self.open_session({})
         out = np.empty(state.image.shape, np.uint8)
         row = np.zeros(N_CHANNELS, np.float32)
