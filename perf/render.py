@@ -8,6 +8,11 @@ The client is on the same host, so it reads frames zero-copy from the render poo
 local product would); ``--inline`` has every frame copied into its message instead, as a
 remote client gets them.
 
+``--upstream test``: the renderer fed by the small test engines (a tone per word, jaw
+from loudness) instead of Piper, visemes and motion: the render stage alone is measured,
+and a host needs neither Piper nor dlib (the bundled avatar's points ship with it), e.g. a
+GPU host: ``--upstream test --device cuda:0``.
+
 ``--capacity``: how many live sessions hold 25 FPS at each size: 1, 2, 4, … live
 sessions at once (doubling, then bisecting), a count *holds* when every session gets
 its frames at ≥ 24.5 FPS with inter-frame jitter p99 ≤ 10 ms.
@@ -64,8 +69,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--config")
     ap.add_argument("--inline", action="store_true", help="frames as message bytes, not zero-copy")
     ap.add_argument("--capacity", action="store_true", help="live sessions that hold 25 FPS, per size")
+    ap.add_argument("--upstream", choices=["real", "test"], default="real",
+                    help="what feeds the renderer: the default engines, or the small test engines")
+    ap.add_argument("--device", help="the render stage's device (cpu, cuda:0); with --upstream test")
     ap.add_argument("--max-sessions", type=int, default=64)
     args = ap.parse_args(argv)
+    if args.upstream == "test":
+        args.config = render_only_config(args.device or "cpu")
+    elif args.device:
+        ap.error("--device goes with --upstream test (or set it in a --config)")
     if args.capacity:
         return capacity(args)
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -140,4 +152,30 @@ def capacity(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"capacity": result})
     return 0
+
+
+def render_only_config(device: str) -> str:
+    """A config whose renderer is fed by the test engines (written to a private file)."""
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="giris-render-only-", suffix=".toml")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"""[stages.tts]
+engine = "test-source"
+options = {{ word_s = 0.2 }}
+
+[stages.coeffs]
+engine = "test-relay"
+
+[stages.motion]
+engine = "test-relay"
+
+[stages.render]
+engine = "warp"
+device = "{device}"
+pool_slots = 64
+pool_slot_bytes = "3MiB"
+""")
+    return path
 
