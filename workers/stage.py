@@ -209,7 +209,7 @@ class StageWorker:
             self._install(token, tag, spec, state, req)
         for future in [f for f in self.abandoned if f.done()]:
             self.abandoned.remove(future)
-            if future.exception() is None:
+            if not future.cancelled() and future.exception() is None:
                 self._close_state(future.result())
 
     def _open_failed(self, req: Any, e: BaseException) -> None:
