@@ -247,8 +247,10 @@ class PiperEngine(TTSEngine):
             return
         total = int(z.shape[2])
         marks = align(phonemes, cfg.phoneme_id_map, hops, total * v.hop)
-        plan = list(windows(total, self.first_window if first and not batch else self.window,
-                            total if batch else self.window))
+        if batch:
+            plan = [(0, total)]
+        else:
+            plan = list(windows(total, self.first_window if first else self.window, self.window))
         for n, (a, b) in enumerate(plan):
             audio = net.decode(z, a, b, self.context, v.hop)
             if first and not batch:
