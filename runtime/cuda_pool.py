@@ -141,7 +141,9 @@ class CudaPoolCache:
     def array(self, ref: TensorRef) -> Any:
         """A CuPy view of the referenced slot, ordered after the producer's writes."""
         cupy = _cupy()
-        pool = self._open(ref.pool)  # type: ignore[arg-type]
+        pool = self.opened.get(ref.pool)  # type: ignore[arg-type]
+        if pool is None or pool.generation != ref.generation:
+            pool = self._open(ref.pool)  # type: ignore[arg-type]  # the card is read only then
         if ref.generation != pool.generation:
             raise StaleReference(f"{ref.pool}: generation {ref.generation} is gone")
         table = self.tables.get(ref.pool) or self.tables.setdefault(ref.pool, SlotPool.attach(ref.pool))  # type: ignore[arg-type]
