@@ -143,6 +143,7 @@ def cmd_say(args: argparse.Namespace) -> int:
         progress.done()
         print(json.dumps({"output": args.output, "frames": frames, "fps": fps,
                           "audio_s": round(audio_end / sample_rate, 3),
+                          "audio_samples": audio_end, "sample_rate": sample_rate,
                           "ready_s": round(ready_s, 3), "first_frame_s": round(first_frame_s or 0, 3),
                           "wall_s": round(time.monotonic() - t0, 3)}))
         return 0

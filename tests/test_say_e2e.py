@@ -268,7 +268,9 @@ def test_giris_say_writes_a_talking_mp4(tmp_path):
         n = sum(1 for _ in c.decode(video=0))
         v_dur = float(v.duration * v.time_base)
         a_dur = float(a.duration * a.time_base)
-    assert n == summary["frames"] == math.ceil(summary["audio_s"] * 25)
+    # exact samples: audio_s is rounded to the millisecond (4.28014 s shows as 4.28, and
+    # ceil(4.28 × 25) = 107 where the audio covers 108 frames)
+    assert n == summary["frames"] == math.ceil(summary["audio_samples"] * 25 / summary["sample_rate"])
     assert abs(v_dur - a_dur) <= 1 / 25 + 1e-6
     rows = coeffs.read_text().splitlines()
     assert rows[0].startswith("frame,pts,eyeBlinkLeft") and len(rows) == n + 1
@@ -286,7 +288,8 @@ def test_giris_say_through_a_running_server(make_server, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     with av.open(str(out)) as c:
-        assert sum(1 for _ in c.decode(video=0)) == summary["frames"] == math.ceil(summary["audio_s"] * 25)
+        frames = sum(1 for _ in c.decode(video=0))
+    assert frames == summary["frames"] == math.ceil(summary["audio_samples"] * 25 / summary["sample_rate"])
     assert srv.status()["sessions"] == 0  # the CLI closed its session
     # an unknown voice through the server is a clear error, not a crash of either side
     r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "say", "Hi.", "-o", str(out),
