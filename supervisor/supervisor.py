@@ -65,6 +65,7 @@ class Supervisor:
         self.gateway = Gateway(self)
         self.delivery = Delivery(self)
         self.announced_ready = False
+        self._poller: zmq.Poller | None = None
 
     # ------------------------------------------------------------------ start-up
     def start(self, wait: bool = True) -> None:
@@ -140,9 +141,11 @@ class Supervisor:
 
     def step(self, max_wait: float) -> None:
         wait = min(max_wait, self.delivery.next_due())
-        poller = zmq.Poller()
-        for s in (self.control, self.sink, self.gateway.sock):
-            poller.register(s, zmq.POLLIN)
+        poller = self._poller
+        if poller is None:  # the sockets never change once bound: register them once
+            poller = self._poller = zmq.Poller()
+            for s in (self.control, self.sink, self.gateway.sock):
+                poller.register(s, zmq.POLLIN)
         ready = dict(poller.poll(max(0, int(wait * 1000))))
         if self.control in ready:
             self._drain(self.control, self.on_control, raw=True)
