@@ -103,6 +103,10 @@ def cmd_say(args: argparse.Namespace) -> int:
                 tts.options = {**tts.options, "voices": {**dict(tts.options.get("voices") or {}),
                                                          name: os.path.abspath(args.voice)}}
                 opts["voice"] = name
+            if not args.avatar:  # the bundled avatar's points ship with it: no dlib to load
+                render = list(cfg.stages.values())[-1]
+                if render.engine == "warp":
+                    render.options = {**render.options, "preload_landmarks": False}
             runtime = Runtime(cfg).start()
             client = runtime.client
         assert client is not None

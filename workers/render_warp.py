@@ -36,7 +36,8 @@ only the ~20 µs call overhead and would force the whole frame (not the face box
 is how the tests check that path's bookkeeping on machines without a GPU.
 
 Options: ``threads`` (torch intra-op threads, default 1: stages are pinned to cores),
-``batch_frames`` (default: only on CUDA),
+``batch_frames`` (default: only on CUDA), ``preload_landmarks`` (load dlib's models at
+start, default true),
 ``regularization`` (thin-plate smoothing, default 1e-3), ``grid_cell`` (coarse grid cell
 in pixels at 512, scaled with the size; default 8), ``framing`` (default 4.0),
 ``cache_avatars`` (prepared avatars kept per worker, default 8).
@@ -179,6 +180,9 @@ class WarpRenderEngine(RenderEngine):
         self.framing = float(self.options.get("framing", 4.0))
         self._cache: OrderedDict[tuple, Prepared] = OrderedDict()
         self._cache_size = int(self.options.get("cache_avatars", 8))
+        #: load dlib's models at start (a server: the first custom portrait does not wait
+        #: ~1 s for them); off for a one-shot run that uses a bundled avatar
+        self.preload_landmarks = bool(self.options.get("preload_landmarks", True))
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ session set-up
@@ -342,11 +346,12 @@ class WarpRenderEngine(RenderEngine):
         bundled avatar at the default size (its sessions then open in milliseconds) and
         draw one frame (torch's kernels). Without dlib, bundled avatars still work (their
         points ship with them); other portraits are refused with the reason."""
-        try:
-            LM.load_models()
-        except EngineError as e:
-            self.ctx.log.warning("portraits other than the bundled ones cannot be fitted",
-                                 extra={"reason": str(e)})
+        if self.preload_landmarks:
+            try:
+                LM.load_models()
+            except EngineError as e:
+                self.ctx.log.warning("portraits other than the bundled ones cannot be fitted",
+                                     extra={"reason": str(e)})
         state = self.open_session({})
         out = np.empty(state.image.shape, np.uint8)
         row = np.zeros(N_CHANNELS, np.float32)
