@@ -69,20 +69,17 @@ def _consumer(mode: str, run_dir: str, n: int, q: Any, ack_q: Any) -> None:
             gpu = CudaPoolCache()
             stream = cupy.cuda.get_current_stream()
         for _ in range(n):
-            if mode == "cuda_ipc":
+            if mode.startswith("cuda"):
                 msg = recv(sock)
-                arr = gpu.array(msg.tensors[0])  # ordered after the producer's writes
+                ref = msg.tensors[0]
+                if mode == "cuda_ipc":  # ordered after the producer's writes
+                    arr, owner = gpu.array(ref), gpu
+                else:  # through host memory: upload
+                    arr, owner = cupy.asarray(pools.array(msg, ref)), pools
                 stream.synchronize()
                 lat.append(time.perf_counter() - msg.meta["t"])
                 del arr
-                gpu.release(msg.tensors[0])
-            elif mode == "cuda_host":
-                msg = recv(sock)
-                arr = cupy.asarray(pools.array(msg, msg.tensors[0]))  # upload
-                stream.synchronize()
-                lat.append(time.perf_counter() - msg.meta["t"])
-                del arr
-                pools.release(msg.tensors[0])
+                owner.release(ref)
             elif mode == "bare":
                 msg = recv(sock)
                 lat.append(time.perf_counter() - msg.meta["t"])

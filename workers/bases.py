@@ -106,8 +106,8 @@ class TTSEngine(Engine):
         state.clock += int(chunk.pcm.shape[0])
         seq = state.chunks
         state.chunks += 1
-        phonemes = None if chunk.phonemes is None else [[p, int(a), int(n)] for p, a, n in chunk.phonemes]
-        ahead = {"phonemes_ahead": [[p, int(a), int(n)] for p, a, n in chunk.ahead]} if chunk.ahead else {}
+        phonemes = None if chunk.phonemes is None else _wire_marks(chunk.phonemes)
+        ahead = {"phonemes_ahead": _wire_marks(chunk.ahead)} if chunk.ahead else {}
         return Output(
             type="audio", seq=seq, pts=start / chunk.sample_rate,
             meta={"utterance": utterance, "sample_rate": int(chunk.sample_rate),
@@ -116,6 +116,11 @@ class TTSEngine(Engine):
             tensors=[np.ascontiguousarray(chunk.pcm, dtype=np.int16)],
             to_client=True,
         )
+
+
+def _wire_marks(marks: list[tuple[str, int, int]]) -> list[list]:
+    """Phoneme marks as msgpack takes them: [ipa, start, n] with plain ints."""
+    return [[p, int(a), int(n)] for p, a, n in marks]
 
 
 class Gain:

@@ -107,16 +107,16 @@ class VoiceNet:
         if self.pin is None:
             yield
             return
-        before = os.sched_getaffinity(0)  # this thread's (Linux: per thread)
+        before: set[int] | None = os.sched_getaffinity(0)  # this thread's (Linux: per thread)
         try:
             os.sched_setaffinity(0, {self.pin[0]})
         except OSError:  # the CPU was taken from us (a cpuset changed): run unpinned
-            yield
-            return
+            before = None
         try:
             yield
         finally:
-            os.sched_setaffinity(0, before)
+            if before is not None:
+                os.sched_setaffinity(0, before)
 
     def run_front(self, args: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """(latent frames (1, C, T), or the audio itself when the voice runs whole;

@@ -47,7 +47,7 @@ def split_sentences(text: str) -> list[str]:
         head = text[start:m.start()]
         if _ABBREV.search(head):
             continue
-        out.append(text[start:m.start()].strip())
+        out.append(head.strip())
         start = m.end()
     out.append(text[start:].strip())
     return [s for s in out if s]

@@ -101,6 +101,7 @@ class PiperEngine(TTSEngine):
         #: loaded voices, least recently used first (the default one is never let go)
         self.voices: OrderedDict[str, _Voice] = OrderedDict()
         self.max_voices = max(1, int(o.get("max_voices", 4)))
+        self.default = ""  # until the default voice is loaded, below
         default = str(o.get("voice") or BUNDLED)
         # a configured default may be a path: the operator chose it
         self.default = self._load(default, trusted=True).name
@@ -156,7 +157,7 @@ class PiperEngine(TTSEngine):
         # each voice holds ~270 MiB of sessions: keep a few, not every one ever asked for
         # (sessions already speaking with a voice let go keep their own reference)
         while len(self.voices) > self.max_voices:
-            old = next(k for k in self.voices if k != getattr(self, "default", key))
+            old = next(k for k in self.voices if k != self.default)
             del self.voices[old]
             self.ctx.log.info("voice unloaded", extra={"voice": old})
         self.ctx.log.info("voice loaded", extra={"voice": key, "sample_rate": v.sample_rate,
