@@ -235,12 +235,21 @@ def test_bad_requests_get_clear_errors_and_leave_nothing(rt, tmp_path):
     # text with some unsupported characters still speaks the rest
     assert any(isinstance(i, Frame) for i in s.say("Hi 🙂 there"))
     s.close()  # with frames of "Hi there" still on their way
+    closed = time.monotonic()
     assert rt.status()["sessions"] == 0
-    # frames already sent when the session closed are freed as they arrive: within moments
-    deadline = time.monotonic() + 5
-    while any(p["in_use"] for p in rt.status()["pools"].values()) and time.monotonic() < deadline:
+    # A stage still drawing the session's next frame when the close reaches it sends it on,
+    # and the supervisor frees it as it arrives: so "nothing left" is a state in which every
+    # worker has said (heartbeats, every 0.5 s) that it dropped the session, and no slot is
+    # busy. (Zero slots busy once is not it: a frame drawn a moment later was seen busy.)
+    deadline = closed + 5
+    while True:
+        st = rt.status()
+        settled = (time.monotonic() - closed > 1.0 and all(w["sessions"] == 0 for w in st["workers"]))
+        if settled and all(p["in_use"] == 0 for p in st["pools"].values()) or time.monotonic() > deadline:
+            break
         time.sleep(0.05)
-    assert all(p["in_use"] == 0 for p in rt.status()["pools"].values())
+    assert all(w["sessions"] == 0 for w in st["workers"]), st["workers"]
+    assert all(p["in_use"] == 0 for p in st["pools"].values()), st["pools"]
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
