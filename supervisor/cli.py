@@ -233,8 +233,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- status
 def cmd_status(args: argparse.Namespace) -> int:
     from giris.runtime.client import Client
+    from giris.runtime.transport import ipc_path
 
     endpoint = args.endpoint or default_endpoint()
+    path = ipc_path(endpoint)
+    if path is not None and not os.path.exists(path):  # say so now, not after the timeout
+        print(f"giris: error [server_gone]: no server at {endpoint} (no socket file {path}; "
+              "is `giris serve` running, on this endpoint?)", file=sys.stderr)
+        return 2
     with Client(endpoint, server_key=args.server_key, client_keys=args.client_key,
                 timeout=args.timeout) as c:
         st = c.status(timeout=args.timeout)

@@ -25,9 +25,14 @@ def test_status_table_and_json(make_server):
 
 
 def test_status_of_a_missing_server_fails_cleanly(tmp_path: Path):
-    r = giris("status", "--endpoint", f"ipc://{tmp_path}/nobody.sock", "--timeout", "1")
+    # an ipc endpoint with no socket file: said at once, with the path (no timeout wait)
+    r = giris("status", "--endpoint", f"ipc://{tmp_path}/nobody.sock")
     assert r.returncode == 2
-    assert "error" in r.stderr and "Traceback" not in r.stderr
+    assert "server_gone" in r.stderr and "no socket file" in r.stderr and "Traceback" not in r.stderr
+    # a tcp endpoint nobody answers: after the timeout
+    r = giris("status", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "1")
+    assert r.returncode == 2
+    assert "server_gone" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_keys_writes_a_pair(tmp_path: Path):
