@@ -156,5 +156,10 @@ class CudaPoolCache:
                             strides=ref.strides)
 
     def release(self, ref: TensorRef) -> bool:
+        """Give the slot back once the reads queued on this stream are done: the producer
+        writes into a slot the moment it is free, and its stream does not wait for ours."""
         table = self.tables.get(ref.pool or "")
-        return bool(table and table.release(ref.slot, ref.lease))
+        if table is None:
+            return False
+        _cupy().cuda.get_current_stream().synchronize()
+        return table.release(ref.slot, ref.lease)
