@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from giris.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("giris.delivery")
+#: what stages before the last one send the client, each ending with a ``final`` message
+CLIENT_STREAMS = frozenset({P.AUDIO, P.COEFFS})
+#: how long an utterance whose frames have ended waits for those streams' ends
+STREAM_GRACE_S = 1.0
 
 
 class Delivery:
@@ -77,7 +81,22 @@ class Delivery:
                 self.send_frame(rec, msg)
             else:
                 sup.pools.release_all(msg)
-        if msg.type in (P.FRAME, P.MARK) and msg.meta.get("final"):  # the last stage's end
+        if msg.meta.get("final"):
+            if msg.type in (P.FRAME, P.MARK):  # the last stage's end
+                utt.ended_at = now
+            else:
+                utt.finals.add(msg.type)
+            self.maybe_done(rec, utt, now)
+
+    def maybe_done(self, rec: SessionRecord, utt: Utterance, now: float) -> None:
+        """Done when the last stage ended the utterance and the streams the stages before it
+        send the client (audio, coefficients) ended too. They come on other connections:
+        a stage's copy for the client may reach us after the frames it led to, and a client
+        that stops reading at ``utterance_done`` would lose it. A stream whose end never
+        comes (an engine that sends none) is given up after ``STREAM_GRACE_S``."""
+        if utt.ended_at is None:
+            return
+        if CLIENT_STREAMS <= utt.finals or now - utt.ended_at > STREAM_GRACE_S:
             self.utterance_done(rec, utt, complete=not utt.interrupted)
 
     def send_frame(self, rec: SessionRecord, msg: P.Message) -> None:
@@ -140,6 +159,8 @@ class Delivery:
             for utt in list(rec.utterances.values()):
                 if utt.interrupted and now - utt.last_progress > lost_after:
                     self.utterance_done(rec, utt, complete=False, lost=True)
+                elif utt.ended_at is not None:
+                    self.maybe_done(rec, utt, now)
 
     def flush(self) -> None:
         self.tick(float("inf"))

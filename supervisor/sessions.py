@@ -20,6 +20,11 @@ class Utterance:
     first_frame_at: float | None = None
     interrupted: bool = False
     cancelled: bool = False
+    #: when the last stage's final frame (or mark) came; the utterance is done once the
+    #: client streams from earlier stages (audio, coefficients) have ended too
+    ended_at: float | None = None
+    #: message types whose final message came (``audio``, ``coeffs``)
+    finals: set = field(default_factory=set)
 
 
 @dataclass

@@ -54,6 +54,19 @@ def test_say_streams_audio_then_frames_with_one_clock(make_server):
     assert out2["frames"][0][0] == n
 
 
+def test_utterance_ends_after_every_stream_it_sends_the_client(make_server):
+    """Coefficients leave the motion stage for the client on a connection of their own, and
+    may reach the server after the frames they led to: the utterance is not done (and the
+    client does not stop reading) before they are in."""
+    srv = make_server({"stages": small_stages(motion={"options": {"client_late_s": 0.3}})})
+    s = srv.client().open_session(want=["audio", "frames", "coeffs"])
+    out = collect(s, "one two")
+    n = len(out["frames"])
+    assert n == math.ceil(2 * WORD_S * 25) and out["frames"][-1][2] is True
+    assert sum(c.values.shape[0] for c in out["coeffs"]) == n
+    assert out["events"][-1].kind == "utterance_done" and out["events"][-1].meta["complete"]
+
+
 def test_zero_copy_client_reads_the_pool_and_releases(make_server):
     srv = make_server()
     c = srv.client()

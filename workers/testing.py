@@ -91,9 +91,15 @@ class RelayTestEngine(_Misbehaving, CoeffsEngine):
 
     def process(self, item: StageInput, state: Any) -> Iterator[Output]:
         if item.type == "coeffs":  # motion position: pass through, to the client too
-            yield Output(type="coeffs", seq=item.seq, pts=item.pts, meta=dict(item.meta),
+            out = Output(type="coeffs", seq=item.seq, pts=item.pts, meta=dict(item.meta),
                          tensors=[np.array(item.tensors[0], np.float32).reshape(-1, N_CHANNELS)],
                          to_client=True)
+            late = float(self.options.get("client_late_s", 0.0))
+            if late:  # the client's copy after the frames it leads to (another connection)
+                yield Output(out.type, out.seq, out.pts, dict(out.meta), out.tensors, to_client=False)
+                time.sleep(late)
+                out.downstream = False
+            yield out
         else:
             yield from super().process(item, state)
 
