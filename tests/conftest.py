@@ -47,6 +47,19 @@ def write_toml(path: Path, data: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory) -> Iterator[None]:
+    """The run's caches (the voices' optimized graphs) in a directory of its own, shared by
+    every engine and server the tests start, and gone with the run."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 def small_stages(render_s: float = 0.0, **over: dict) -> dict:
     """The small test pipeline; ``over`` maps a stage name to extra keys for it."""
     stages = {

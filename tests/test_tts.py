@@ -106,6 +106,39 @@ def test_windowed_decoding_gives_the_samples_of_a_whole_run():
     assert np.abs(x - y).max() <= 2
 
 
+def test_voice_graphs_are_cut_and_optimized_once_then_loaded(tmp_path):
+    """The first engine writes the voice's optimized graphs to the cache, the next ones load
+    them: same samples as without a cache (noise off). An entry spoiled in place is dropped
+    and made again; one whose files are not all there is not taken."""
+    from pathlib import Path
+
+    from giris.workers import onnx_cache
+    from giris.workers.tts_piper import PiperEngine
+
+    noise_off = {"noise_scale": 0, "noise_w_scale": 0}
+
+    def samples(cache: str) -> np.ndarray:
+        engine = PiperEngine({**noise_off, "graph_cache": cache}, EngineContext(stage="tts"))
+        return np.concatenate([o.tensors[0] for o in run(engine, "Hello there, my friend.")]).astype(np.int32)
+
+    want = samples("")
+    assert not any(tmp_path.iterdir())
+    first = samples(str(tmp_path))  # cuts, optimizes, writes
+    (manifest,) = tmp_path.glob("*.json")
+    entry = onnx_cache.load(tmp_path, manifest.stem)
+    assert entry is not None and entry.optimized and entry.decoder and entry.latent
+    second = samples(str(tmp_path))  # loads
+    assert onnx_cache.load(tmp_path, manifest.stem) == entry
+    front = Path(entry.front)
+    front.write_bytes(b"\0" * front.stat().st_size)  # spoiled, same size: only loading tells
+    third = samples(str(tmp_path))
+    for got in (first, second, third):
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1
+    assert onnx_cache.load(tmp_path, manifest.stem) is not None  # made again
+    Path(entry.decoder).write_bytes(b"junk")
+    assert onnx_cache.load(tmp_path, manifest.stem) is None
+
+
 def test_windows_grow_to_the_largest_and_cover_every_frame():
     from giris.workers.piper_net import windows
 
