@@ -68,6 +68,9 @@ class ServerConfig:
     #: permissions of an ipc:// gateway socket: owner only by default; 0o660 lets the
     #: service's group connect too
     ipc_mode: int = 0o600
+    #: how workers start: "fork" from a launcher that preloaded the engines (a crashed
+    #: stage is back in ~0.5-2 s), or "spawn", a fresh interpreter each (~1-5 s)
+    launcher: str = "fork"
 
 
 @dataclass
@@ -184,6 +187,8 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             cfg.stages[name] = _fill(StageConfig, sc, f"stages.{name}")
     else:
         cfg.stages = default_stages(cfg.limits.max_size)
+    if cfg.server.launcher not in ("fork", "spawn"):
+        raise ValueError("server.launcher must be 'fork' or 'spawn'")
     for name, sc in cfg.stages.items():
         if sc.backpressure not in ("block", "drop"):
             raise ValueError(f"stages.{name}.backpressure must be 'block' or 'drop'")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from giris.supervisor.restart import RestartPolicy
+
+log = logging.getLogger("giris.supervisor")
 
 PR_SET_PDEATHSIG = 1
 
@@ -43,7 +46,7 @@ class WorkerHandle:
     cpus: list[int] | None
     device: str
     policy: RestartPolicy
-    proc: subprocess.Popen | None = None
+    proc: Any = None  # subprocess.Popen, or launcher.LaunchedProcess (the same calls)
     state: str = STOPPED
     restarts: int = 0
     started_at: float = 0.0
@@ -52,6 +55,8 @@ class WorkerHandle:
     beat: dict[str, Any] = field(default_factory=dict)
     identity: bytes = b""
     last_exit: int | None = None
+    #: forks workers with the engines preloaded (None, or gone: a fresh interpreter each)
+    launcher: Any = None
 
     @property
     def pid(self) -> int | None:
@@ -68,9 +73,18 @@ class WorkerHandle:
             spec["device"] = "cuda:0"
         env["GIRIS_WORKER"] = json.dumps(spec)
         env.update(env_extra or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "giris.workers.stage"], env=env, stdin=subprocess.DEVNULL,
-            preexec_fn=_child_setup(self.cpus), close_fds=True)
+        self.proc = None
+        if self.launcher is not None and self.launcher.alive:
+            try:
+                self.proc = self.launcher.spawn(env, self.cpus, {"engine": self.spec["engine"],
+                                                                  "options": self.spec.get("options") or {}})
+            except (OSError, RuntimeError) as e:
+                log.warning("launcher failed, starting a fresh interpreter",
+                            extra={"stage": self.stage, "error": str(e)})
+        if self.proc is None:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "giris.workers.stage"], env=env, stdin=subprocess.DEVNULL,
+                preexec_fn=_child_setup(self.cpus), close_fds=True)
         self.state = STARTING
         self.started_at = self.last_beat = time.monotonic()
         self.beat = {}

@@ -26,6 +26,7 @@ from giris.supervisor.delivery import Delivery
 from giris.supervisor.gateway import Gateway
 from giris.supervisor.process import BACKOFF, FAILED, READY, STARTING, STOPPED, WorkerHandle
 from giris.supervisor.restart import RestartPolicy
+from giris.supervisor.launcher import Launcher
 from giris.supervisor.sessions import SessionRegistry
 
 log = logging.getLogger("giris.supervisor")
@@ -53,6 +54,7 @@ class Supervisor:
         self.registry = SessionRegistry(config.budgets)
         self.pools = PoolSet()
         self.workers: list[WorkerHandle] = []
+        self.launcher: Launcher | None = None
         self.pending: dict[int, Pending] = {}
         self._req = itertools.count(1)
         self._stop = threading.Event()
@@ -111,11 +113,24 @@ class Supervisor:
             self.workers.append(WorkerHandle(
                 stage=name, index=0, spec=spec, cpus=pin or None, device=sc.device,
                 policy=RestartPolicy(rc.backoff_initial, rc.backoff_max, rc.max_restarts, rc.window)))
+        self.launcher = self._start_launcher()
         for w in self.workers:
+            w.launcher = self.launcher
             w.spawn()
         log.info("starting", extra={"endpoint": self.endpoint, "stages": ",".join(names)})
         if wait:
             self.wait_ready(cfg.timeouts.worker_start)
+
+    def _start_launcher(self) -> Launcher | None:
+        """The process workers are forked from, its engines preloaded; None (a fresh
+        interpreter per worker) when configured so or when it cannot start."""
+        if self.config.server.launcher != "fork":
+            return None
+        try:
+            return Launcher()
+        except (OSError, RuntimeError) as e:
+            log.warning("no launcher: each worker starts a fresh interpreter", extra={"error": str(e)})
+            return None
 
     def wait_ready(self, timeout: float) -> bool:
         """Run the loop until every stage is ready or failed (so start-up is observable)."""
@@ -361,6 +376,8 @@ class Supervisor:
             w.terminate(max(0.1, deadline - time.monotonic()))
         for w in self.workers:
             w.kill()
+        if getattr(self, "launcher", None) is not None:
+            self.launcher.close()
         self.delivery.flush()
         for pool in list(self.pools.pools.values()):
             pool.unlink()

@@ -16,8 +16,9 @@ def test_runtime_context_manager_streams_and_cleans_up():
     cfg = from_mapping({"stages": small_stages(), "defaults": {"size": 64}, "limits": {"min_size": 32}})
     with Runtime(cfg) as rt:
         assert rt.config.server.endpoint.startswith("inproc://")
-        children = [p.pid for p in psutil.Process().children()]
-        assert len(children) == 4
+        children = [p.pid for p in psutil.Process().children(recursive=True)]
+        workers = {w["pid"] for w in rt.status()["workers"]}
+        assert len(workers) == 4 and workers <= set(children)  # (and the launcher they fork from)
         s = rt.open_session(want=["audio", "frames", "coeffs"])
         out = collect(s, "embedded and fast")
         assert [f[0] for f in out["frames"]] == list(range(15))

@@ -119,6 +119,33 @@ def test_sigkill_of_a_stage_mid_stream_restarts_it_and_the_session_goes_on(make_
     assert out["frames"][0][0] > (indexes[-1] if indexes else -1)
 
 
+def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server):
+    """Workers (first ones and restarted ones) come from the launcher, which preloaded
+    their engines; if the launcher itself dies, its workers die with it and come back as
+    fresh interpreters, and the server serves on. With ``launcher = "spawn"`` they are
+    the server's own children."""
+    srv = make_server()
+    server = psutil.Process(srv.proc.pid)
+    workers = {w["stage"]: w["pid"] for w in srv.status()["workers"]}
+    (launcher,) = [p for p in server.children() if p.pid not in workers.values()]
+    assert {psutil.Process(pid).ppid() for pid in workers.values()} == {launcher.pid}
+    os.kill(workers["render"], signal.SIGKILL)
+    assert eventually(lambda: all(w["state"] == "ready" and w["pid"] != workers["render"]
+                                  for w in srv.status()["workers"] if w["stage"] == "render"))
+    render = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "render")
+    assert psutil.Process(render).ppid() == launcher.pid
+    launcher.kill()
+    assert eventually(lambda: all(w["state"] == "ready" and w["pid"] not in workers.values()
+                                  and w["pid"] != render for w in srv.status()["workers"]), timeout=30)
+    assert {psutil.Process(w["pid"]).ppid() for w in srv.status()["workers"]} == {server.pid}
+    out = collect(srv.client().open_session(), "still here")
+    assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
+
+    plain = make_server({"server": {"launcher": "spawn"}})
+    pids = {w["pid"] for w in plain.status()["workers"]}
+    assert {p.pid for p in psutil.Process(plain.proc.pid).children()} == pids
+
+
 def test_hung_stage_is_killed_and_restarted(make_server):
     srv = make_server()
     s = srv.client().open_session()

@@ -86,6 +86,13 @@ class Engine:
         self.options = dict(options)
         self.ctx = context
 
+    @classmethod
+    def preload(cls, options: Mapping[str, Any]) -> None:
+        """Work done once in the launcher, before any worker of this engine is forked
+        (:mod:`giris.supervisor.launcher`): imports and read-only data that every worker
+        would load the same. Never threads, sockets or a GPU: a fork does not carry them.
+        The engine's module is imported already."""
+
     def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
         """Bytes a session with ``spec`` will hold, per device (``"cpu"``, ``"cuda:0"``)."""
         return {}

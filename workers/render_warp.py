@@ -341,6 +341,16 @@ class WarpRenderEngine(RenderEngine):
                            centers64=centers64,
                            rest_px=rest_px, lid_rgb=lid_rgb, mouth_rest_gap=gap, nbytes=nbytes)
 
+    @classmethod
+    def preload(cls, options: Mapping[str, Any]) -> None:
+        """dlib's models (~1.5 s with the GIL held) once, in the launcher: a restarted
+        renderer forked from it has them already."""
+        if bool(options.get("preload_landmarks", True)):
+            try:
+                LM.load_models()
+            except EngineError:
+                pass  # no dlib: the worker says so itself
+
     def warmup(self) -> None:
         """At start, not at the first user's request: load dlib's models (~1 s), fit the
         bundled avatar at the default size (its sessions then open in milliseconds) and

@@ -38,8 +38,12 @@ class CoquiEngine(TTSEngine):
         try:
             from TTS.api import TTS
         except ImportError as e:
-            raise EngineError("the coqui engine needs the optional extra: "
-                              "pip install 'giris[coqui]'", code="engine_unavailable") from e
+            # Coqui also needs torchaudio built for this torch (not pulled in by the extra, so
+            # that pip never swaps the torch build): say what actually failed
+            cause = " ".join(str(e).split()) or type(e).__name__
+            raise EngineError("the coqui engine needs the optional extra: pip install "
+                              f"'giris[coqui]', and torchaudio for this torch ({cause})",
+                              code="engine_unavailable") from e
         self.tts = TTS(progress_bar=False, **{k: str(v) for k, v in files.items() if v})
         if context.device.startswith("cuda"):
             self.tts.to(context.device)

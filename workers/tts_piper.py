@@ -115,6 +115,12 @@ class PiperEngine(TTSEngine):
         self.default = self._load(default, trusted=True).name
         self.sample_rate = self.voices[self.default].sample_rate
 
+    @classmethod
+    def preload(cls, options: Mapping[str, Any]) -> None:
+        import onnx  # noqa: F401 - ~0.5 s of imports a restarted worker then skips
+        import onnxruntime  # noqa: F401
+        import piper  # noqa: F401
+
     # ------------------------------------------------------------------ voices
     def _resolve(self, name: str, trusted: bool) -> tuple[str, Path, Path | None]:
         if name == BUNDLED:

@@ -1,0 +1,294 @@
+"""The launcher: one process that has imported the engines, forking stage workers.
+
+A worker started from scratch spends seconds before its first frame: importing torch
+(~2.4 s here) and loading dlib's face model (~1.5 s) for the renderer, importing ONNX
+Runtime and Piper for the voice. That is the gap a session sees when a stage crashes and
+is restarted. The launcher does that work once per engine, before its first worker
+(:meth:`Engine.preload`: imports and read-only model data, never threads, never a GPU),
+then forks a worker per request (the workers forked first start while it preloads the
+next engine, so a server starts about as fast as with fresh interpreters): a restarted renderer is ready in ~0.5 s instead of ~4.5 s, and the pages the
+workers share stay shared.
+
+What a fork must not inherit, it does not get: the launcher is single-threaded and never
+opens a ZeroMQ context or touches CUDA; each child sets its own environment (the stage's
+``CUDA_VISIBLE_DEVICES`` before torch first asks for a GPU), its CPU affinity, a fresh
+numpy seed and default signal handlers, and dies with the launcher, which dies with the
+supervisor (``PR_SET_PDEATHSIG``). The launcher reaps its children and reports each exit
+to the supervisor, so :class:`LaunchedProcess` answers like ``subprocess.Popen``.
+
+Protocol on a ``SOCK_SEQPACKET`` socket pair, one JSON object per packet: supervisor →
+launcher ``{"spawn": id, "env": {...}, "cpus": [...] | null, "engine": {"engine": name,
+"options": {...}}}`` (the engine preloaded before the first fork of it); launcher →
+supervisor ``{"ready": true}`` once started, ``{"spawned": id, "pid": n}`` (or ``"error"``), and
+``{"exit": pid, "code": n}`` (``-signal`` when killed, as ``Popen.returncode``);
+supervisor → launcher ``{"signal": pid, "sig": n}`` (sent only to a child not yet reaped).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+log = logging.getLogger("giris.launcher")
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PACKET = 1 << 20  # a spawn request carries the worker's environment
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _name(name: str) -> None:
+    """What ``top`` and ``ps -o comm`` show (the command line stays the launcher's)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------- supervisor side
+class Launcher:
+    """The supervisor's handle on the launcher process."""
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ, GIRIS_LAUNCHER_FD=str(theirs.fileno()))
+        self.proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.launcher"], env=env,
+                                     stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
+                                     preexec_fn=_die_with_parent, close_fds=True)
+        theirs.close()
+        self.sock = ours
+        self.exits: dict[int, int] = {}
+        self._replies: dict[int, dict] = {}
+        self._next = 0
+        self._ready = False
+        if not self._await(lambda: self._ready, timeout):
+            self.close()
+            raise RuntimeError("the launcher did not start")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, env: dict[str, str], cpus: list[int] | None, engine: dict[str, Any],
+              timeout: float = 180.0) -> "LaunchedProcess":
+        """Fork a worker; ``engine`` (``{"engine": name, "options": {...}}``) is preloaded
+        first if it was not yet: the first worker of each engine waits for that (the
+        workers forked before it start meanwhile), a restarted one does not."""
+        self._next += 1
+        rid = self._next
+        self.sock.send(json.dumps({"spawn": rid, "env": env, "cpus": cpus, "engine": engine}).encode())
+        if not self._await(lambda: rid in self._replies, timeout):
+            raise RuntimeError("the launcher did not answer a spawn request")
+        reply = self._replies.pop(rid)
+        if "pid" not in reply:
+            raise RuntimeError(f"the launcher could not fork: {reply.get('error')}")
+        return LaunchedProcess(int(reply["pid"]), self)
+
+    def pump(self, timeout: float = 0.0) -> None:
+        """Read what the launcher said (exits, replies), waiting up to ``timeout`` s."""
+        self.sock.settimeout(timeout if timeout > 0 else 0.0)
+        try:
+            while True:
+                data = self.sock.recv(PACKET)
+                if not data:  # the launcher is gone
+                    return
+                msg = json.loads(data)
+                if "exit" in msg:
+                    self.exits[int(msg["exit"])] = int(msg["code"])
+                elif "spawned" in msg:
+                    self._replies[int(msg["spawned"])] = msg
+                elif msg.get("ready"):
+                    self._ready = True
+                self.sock.settimeout(0.0)
+        except (BlockingIOError, socket.timeout, InterruptedError):
+            return
+        except (OSError, ValueError):
+            return
+
+    def _await(self, done: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.alive:
+                self.pump(0.0)
+                return bool(done())
+            self.pump(min(left, 0.1))
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.sock.close()
+
+
+class LaunchedProcess:
+    """A worker forked by the launcher, answering like ``subprocess.Popen``."""
+
+    def __init__(self, pid: int, launcher: Launcher) -> None:
+        self.pid = pid
+        self.launcher = launcher
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.launcher.pump(0.0)
+            code = self.launcher.exits.pop(self.pid, None)
+            if code is None and not self.launcher.alive:
+                code = -signal.SIGKILL  # the launcher is gone, and its children with it
+            self.returncode = code
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+            self.launcher.pump(0.05)
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, sig: int) -> None:
+        """Through the launcher, which signals the pid only while it is its unreaped child
+        (a pid freed by an exit we have not heard of yet may be someone else's by now)."""
+        if self.poll() is None:
+            try:
+                self.launcher.sock.send(json.dumps({"signal": self.pid, "sig": int(sig)}).encode())
+            except OSError:
+                pass  # the launcher is gone, and its children with it
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------- launcher side
+def _preload(entry: dict[str, Any]) -> None:
+    from giris.workers.registry import engine_class
+
+    try:
+        engine_class(entry["engine"]).preload(entry.get("options") or {})
+    except Exception as e:  # noqa: BLE001 - the worker itself will say what is wrong
+        print(f"giris launcher: preloading {entry.get('engine')!r} failed: {e}", file=sys.stderr)
+
+
+def _child(sock: socket.socket, env: dict[str, str], cpus: list[int] | None, launcher: int) -> None:
+    code = 1
+    try:
+        sock.close()
+        _die_with_parent()
+        if os.getppid() != launcher:  # the launcher died between fork and prctl
+            os._exit(1)
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(env)
+        _name("giris-" + str(json.loads(env.get("GIRIS_WORKER", "{}")).get("stage", "worker")))
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:
+                pass
+        if "numpy" in sys.modules:  # every fork would otherwise draw the same numbers
+            sys.modules["numpy"].random.seed()
+        from giris.workers.stage import main
+
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def main() -> None:
+    _die_with_parent()
+    _name("giris-launcher")
+    sock = socket.socket(fileno=int(os.environ.pop("GIRIS_LAUNCHER_FD")))
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import giris.workers.stage  # noqa: F401 - numpy, zmq, msgpack and the worker loop
+
+    sock.send(b'{"ready": true}')
+    me = os.getpid()
+    preloaded: set[str] = set()
+    children: set[int] = set()
+    sock.settimeout(0.1)
+    while not stopping:
+        try:
+            data = sock.recv(PACKET)
+            if not data:
+                break  # the supervisor is gone
+            req = json.loads(data)
+            if "signal" in req:
+                if req["signal"] in children:
+                    os.kill(req["signal"], req["sig"])
+                continue
+            key = json.dumps(req.get("engine"), sort_keys=True)
+            if req.get("engine") and key not in preloaded:
+                _preload(req["engine"])
+                preloaded.add(key)
+            try:
+                pid = os.fork()
+            except OSError as e:
+                sock.send(json.dumps({"spawned": req["spawn"], "error": str(e)}).encode())
+                continue
+            if pid == 0:
+                _child(sock, req["env"], req.get("cpus"), me)
+            children.add(pid)
+            sock.send(json.dumps({"spawned": req["spawn"], "pid": pid}).encode())
+        except (socket.timeout, InterruptedError):
+            pass
+        except (OSError, ValueError):
+            break
+        while True:  # reap, and say who ended how
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            children.discard(pid)
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            try:
+                sock.send(json.dumps({"exit": pid, "code": code}).encode())
+            except OSError:
+                break
+    # leaving: the workers die with us (their PR_SET_PDEATHSIG)
+
+
+if __name__ == "__main__":
+    main()
