@@ -65,6 +65,12 @@ class Launcher:
     def __init__(self, timeout: float = 60.0) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, GIRIS_LAUNCHER_FD=str(theirs.fileno()))
+        # OpenBLAS sizes its (spinning) thread pool when numpy is imported, from the CPUs
+        # it may use then: the launcher's, all of them. A worker pinned to one CPU after
+        # the fork would run that many spinning threads on it (frames 5x slower, measured).
+        # Pinned workers started fresh got one thread each; so do forked ones.
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")
         self.proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.launcher"], env=env,
                                      stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
                                      preexec_fn=_die_with_parent, close_fds=True)

@@ -335,3 +335,25 @@ def test_sessions_rendered_in_one_call_as_on_cuda():
         assert np.abs(fa[5].astype(np.int16) - fb[5]).mean() > 0.5  # own mouths, own smiles
         a.close()
         b.close()
+
+
+def test_forked_workers_run_no_more_threads_than_fresh_ones(rt):
+    """Workers forked from the launcher against workers started fresh, after drawing
+    frames: no more threads. (OpenBLAS sizes its spinning thread pool when numpy is
+    imported, from the CPUs it may use: in the launcher all of them, so a worker pinned to
+    one CPU after the fork ran two spinning threads on it, and drew frames 5× slower.)"""
+    import psutil
+
+    def threads(runtime) -> dict[str, int]:
+        s = runtime.open_session(size=128)
+        assert any(isinstance(i, Frame) for i in s.say("Hello there."))
+        s.close()
+        return {w["stage"]: psutil.Process(w["pid"]).num_threads() for w in runtime.status()["workers"]}
+
+    cfg = default_config()
+    cfg.server.launcher = "spawn"
+    with Runtime(cfg) as fresh:
+        want = threads(fresh)
+    got = threads(rt)
+    for stage in ("coeffs", "motion", "render"):  # the pinned ones
+        assert got[stage] <= want[stage], (got, want)
