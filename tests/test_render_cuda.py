@@ -7,22 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from giris.workers.coefficients import INDEX, zeros  # noqa: E402
 from giris.workers.engine import EngineContext  # noqa: E402
 from giris.workers.render_warp import WarpRenderEngine  # noqa: E402
+from tests.test_render import SIZE, row  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA build of torch and a GPU")]
-
-SIZE = 256
-
-
-def row(**values: float) -> np.ndarray:
-    r = zeros(1)[0]
-    for name, v in values.items():
-        r[INDEX[name]] = v
-    return r
-
 
 ROWS = [row(), row(jawOpen=0.6), row(eyeBlinkLeft=1.0, eyeBlinkRight=1.0),
         row(headYaw=0.3, mouthSmileLeft=0.7, mouthSmileRight=0.7), row(jawOpen=0.3, headPitch=-0.2)]
