@@ -20,8 +20,8 @@ Protocol on a ``SOCK_SEQPACKET`` socket pair, one JSON object per packet: superv
 launcher ``{"spawn": id, "env": {...}, "cpus": [...] | null, "engine": {"engine": name,
 "options": {...}}}`` (the engine preloaded before the first fork of it); launcher →
 supervisor ``{"ready": true}`` once started, ``{"spawned": id, "pid": n}`` (or ``"error"``), and
-``{"exit": pid, "code": n}`` (``-signal`` when killed, as ``Popen.returncode``);
-supervisor → launcher ``{"signal": pid, "sig": n}`` (sent only to a child not yet reaped).
+``{"exit": id, "pid": n, "code": n}`` (``-signal`` when killed, as ``Popen.returncode``);
+supervisor → launcher ``{"signal": id, "sig": n}`` (sent only to a child not yet reaped).
 """
 from __future__ import annotations
 
@@ -76,8 +76,9 @@ class Launcher:
                                      preexec_fn=_die_with_parent, close_fds=True)
         theirs.close()
         self.sock = ours
+        #: by request id: the pid forked for it (None: the fork failed), and how it ended
+        self.pids: dict[int, int | None] = {}
         self.exits: dict[int, int] = {}
-        self._replies: dict[int, dict] = {}
         self._next = 0
         self._ready = False
         if not self._await(lambda: self._ready, timeout):
@@ -88,20 +89,14 @@ class Launcher:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def spawn(self, env: dict[str, str], cpus: list[int] | None, engine: dict[str, Any],
-              timeout: float = 180.0) -> "LaunchedProcess":
-        """Fork a worker; ``engine`` (``{"engine": name, "options": {...}}``) is preloaded
-        first if it was not yet: the first worker of each engine waits for that (the
-        workers forked before it start meanwhile), a restarted one does not."""
+    def spawn(self, env: dict[str, str], cpus: list[int] | None, engine: dict[str, Any]) -> "LaunchedProcess":
+        """Ask for a worker; ``engine`` (``{"engine": name, "options": {...}}``) is preloaded
+        first if it was not yet. Returns at once: the supervisor's loop goes on (heartbeats,
+        clients, the watchdog) while the launcher preloads and forks; the pid comes later."""
         self._next += 1
         rid = self._next
         self.sock.send(json.dumps({"spawn": rid, "env": env, "cpus": cpus, "engine": engine}).encode())
-        if not self._await(lambda: rid in self._replies, timeout):
-            raise RuntimeError("the launcher did not answer a spawn request")
-        reply = self._replies.pop(rid)
-        if "pid" not in reply:
-            raise RuntimeError(f"the launcher could not fork: {reply.get('error')}")
-        return LaunchedProcess(int(reply["pid"]), self)
+        return LaunchedProcess(rid, self)
 
     def pump(self, timeout: float = 0.0) -> None:
         """Read what the launcher said (exits, replies), waiting up to ``timeout`` s."""
@@ -115,13 +110,13 @@ class Launcher:
                 if "exit" in msg:
                     self.exits[int(msg["exit"])] = int(msg["code"])
                 elif "spawned" in msg:
-                    self._replies[int(msg["spawned"])] = msg
+                    self.pids[int(msg["spawned"])] = msg.get("pid")
                 elif msg.get("ready"):
                     self._ready = True
                 self.sock.settimeout(0.0)
         except (BlockingIOError, socket.timeout, InterruptedError):
             return
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError, KeyError):
             return
 
     def _await(self, done: Any, timeout: float) -> bool:
@@ -146,17 +141,26 @@ class Launcher:
 
 
 class LaunchedProcess:
-    """A worker forked by the launcher, answering like ``subprocess.Popen``."""
+    """A worker asked of the launcher, answering like ``subprocess.Popen`` (``pid`` is None
+    until the launcher has forked it)."""
 
-    def __init__(self, pid: int, launcher: Launcher) -> None:
-        self.pid = pid
+    def __init__(self, rid: int, launcher: Launcher) -> None:
+        self.rid = rid
         self.launcher = launcher
         self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        if self.rid not in self.launcher.pids:
+            self.launcher.pump(0.0)
+        return self.launcher.pids.get(self.rid)
 
     def poll(self) -> int | None:
         if self.returncode is None:
             self.launcher.pump(0.0)
-            code = self.launcher.exits.pop(self.pid, None)
+            code = self.launcher.exits.pop(self.rid, None)
+            if code is None and self.rid in self.launcher.pids and self.launcher.pids[self.rid] is None:
+                code = 1  # the fork failed
             if code is None and not self.launcher.alive:
                 code = -signal.SIGKILL  # the launcher is gone, and its children with it
             self.returncode = code
@@ -166,16 +170,16 @@ class LaunchedProcess:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
+                raise subprocess.TimeoutExpired(f"worker {self.rid}", timeout or 0)
             self.launcher.pump(0.05)
         return self.returncode  # type: ignore[return-value]
 
     def send_signal(self, sig: int) -> None:
-        """Through the launcher, which signals the pid only while it is its unreaped child
-        (a pid freed by an exit we have not heard of yet may be someone else's by now)."""
+        """Through the launcher, which signals the worker only while it is its unreaped
+        child (a pid freed by an exit we have not heard of yet may be someone else's)."""
         if self.poll() is None:
             try:
-                self.launcher.sock.send(json.dumps({"signal": self.pid, "sig": int(sig)}).encode())
+                self.launcher.sock.send(json.dumps({"signal": self.rid, "sig": int(sig)}).encode())
             except OSError:
                 pass  # the launcher is gone, and its children with it
 
@@ -251,7 +255,8 @@ def main() -> None:
     sock.send(b'{"ready": true}')
     me = os.getpid()
     preloaded: set[str] = set()
-    children: set[int] = set()
+    children: dict[int, int] = {}  # pid -> request id, until reaped
+    by_request: dict[int, int] = {}  # request id -> pid
     sock.settimeout(0.1)
     while not stopping:
         try:
@@ -260,8 +265,9 @@ def main() -> None:
                 break  # the supervisor is gone
             req = json.loads(data)
             if "signal" in req:
-                if req["signal"] in children:
-                    os.kill(req["signal"], req["sig"])
+                pid = by_request.get(req["signal"])
+                if pid in children:
+                    os.kill(pid, req["sig"])
                 continue
             key = json.dumps(req.get("engine"), sort_keys=True)
             if req.get("engine") and key not in preloaded:
@@ -274,7 +280,8 @@ def main() -> None:
                 continue
             if pid == 0:
                 _child(sock, req["env"], req.get("cpus"), me)
-            children.add(pid)
+            children[pid] = req["spawn"]
+            by_request[req["spawn"]] = pid
             sock.send(json.dumps({"spawned": req["spawn"], "pid": pid}).encode())
         except (socket.timeout, InterruptedError):
             pass
@@ -287,10 +294,13 @@ def main() -> None:
                 break
             if pid == 0:
                 break
-            children.discard(pid)
+            rid = children.pop(pid, None)
+            by_request.pop(rid, None)
+            if rid is None:
+                continue
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             try:
-                sock.send(json.dumps({"exit": pid, "code": code}).encode())
+                sock.send(json.dumps({"exit": rid, "pid": pid, "code": code}).encode())
             except OSError:
                 break
     # leaving: the workers die with us (their PR_SET_PDEATHSIG)

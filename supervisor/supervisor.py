@@ -274,8 +274,9 @@ class Supervisor:
     def on_worker_exit(self, w: WorkerHandle, code: int | None, now: float, hung: bool = False) -> None:
         pid = w.pid
         w.last_exit = code
-        for pool in self.pools.pools.values():
-            pool.reclaim(holder=pid)
+        if pid is not None:  # (None: never forked; reclaim(holder=None) would free every slot)
+            for pool in self.pools.pools.values():
+                pool.reclaim(holder=pid)
         for req, p in list(self.pending.items()):
             if w.identity in p.waiting:
                 p.waiting.discard(w.identity)

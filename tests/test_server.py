@@ -146,6 +146,24 @@ def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server)
     assert {p.pid for p in psutil.Process(plain.proc.pid).children()} == pids
 
 
+def test_the_server_answers_while_the_launcher_preloads_an_engine(make_server):
+    """An engine is preloaded before its first fork (seconds, for torch and dlib); the
+    supervisor's loop does not wait for it: status answers meanwhile, the stage starting
+    and not yet forked, then the server serves."""
+    srv = make_server({"stages": small_stages(render={"options": {"preload_s": 3.0}})}, wait=False)
+    c = srv.client(timeout=2.0)
+    st = None
+    deadline = time.monotonic() + 30
+    while st is None and time.monotonic() < deadline:
+        try:
+            st = c.status(timeout=1.0)
+        except GirisError:
+            time.sleep(0.05)
+    render = next(w for w in st["workers"] if w["stage"] == "render")
+    assert st["state"] == "starting" and render["state"] == "starting" and render["pid"] is None
+    assert srv.wait_serving()["state"] == "serving"
+
+
 def test_hung_stage_is_killed_and_restarted(make_server):
     srv = make_server()
     s = srv.client().open_session()

@@ -22,6 +22,10 @@ from giris.workers.engine import EngineContext, EngineError, Output, StageInput
 
 
 class _Misbehaving:
+    @classmethod
+    def preload(cls, options: Mapping[str, Any]) -> None:
+        time.sleep(float(options.get("preload_s", 0.0)))  # heavy imports, in the launcher
+
     def _setup(self, options: Mapping[str, Any]) -> None:
         if options.get("crash_on_start"):
             os._exit(17)
