@@ -5,7 +5,8 @@ import importlib
 import sys
 from typing import Sequence
 
-BENCHMARKS = {"transport": "perf.transport", "ttff": "perf.ttff", "render": "perf.render"}
+BENCHMARKS = {"transport": "perf.transport", "ttff": "perf.ttff", "render": "perf.render",
+              "restart": "perf.restart"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
