@@ -225,10 +225,12 @@ def test_close_idle_and_sigterm_free_everything(make_server):
     s = c.open_session(zero_copy=True)
     utt = s.start_say("hold these frames please")  # frames held by the client, never released
     held = []
-    for item in s.stream(utt):
-        if isinstance(item, Frame):
-            held.append(item)
-            item._release = None  # keep the slot: the session's close must free it
+    with pytest.raises(GirisError) as e:  # 20 frames, 16 slots, none given back
+        for item in s.stream(utt):
+            if isinstance(item, Frame):
+                held.append(item)
+                item._release = None  # keep the slot: the session's close must free it
+    assert e.value.code == "pool_full" and len(held) == 16  # after block_timeout, said so
     assert srv.status()["pools"][pool]["in_use"] > 0
     s.close()
     assert eventually(lambda: srv.status()["pools"][pool]["in_use"] == 0)
@@ -256,11 +258,25 @@ def test_close_idle_and_sigterm_free_everything(make_server):
     s2 = c.open_session()
     s2.start_say("bye bye")
     server_pid = srv.proc.pid
+    family = [p.pid for p in psutil.Process(server_pid).children(recursive=True)]  # + the launcher
+    # a client holding every slot stalled the renderer, which must not be taken for hung
+    assert set(worker_pids) < set(family), srv.logs()[-3000:]
+    assert all(w["restarts"] == 0 for w in srv.status()["workers"])
     assert shm_segments(server_pid)
     assert srv.stop(signal.SIGTERM) == 0
     assert shm_segments(server_pid) == []
     time.sleep(0.2)
-    assert not [p for p in worker_pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_sigkill_of_the_server_takes_its_launcher_and_workers_with_it(make_server):
+    srv = make_server()
+    family = [p.pid for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+    assert len(family) == 5  # the launcher and four workers
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    assert eventually(lambda: not [p for p in family if psutil.pid_exists(p)
+                                   and psutil.Process(p).status() != "zombie"], timeout=10)
 
 
 def _raw(srv):

@@ -87,6 +87,8 @@ class StageWorker:
         #: opens whose session was closed (or opened again) meanwhile: closed once done
         self.abandoned: list[Future] = []
         self.opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="giris-open")
+        self.beat_every = float(spec.get("heartbeat", 0.5))
+        self.next_beat = 0.0
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -124,18 +126,18 @@ class StageWorker:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.input, zmq.POLLIN)
-        hb = float(self.spec.get("heartbeat", 0.5))
-        next_beat = time.monotonic()
+        hb = self.beat_every
+        self.next_beat = time.monotonic()
         parent = os.getppid()
         while self.running:
             busy = any(s.gen is not None or s.queue for s in self.sessions.values())
             now = time.monotonic()
-            if now >= next_beat:
+            if now >= self.next_beat:
                 if os.getppid() != parent:  # the supervisor is gone: so are we
                     break
                 self.heartbeat()
-                next_beat = now + hb
-            wake = next_beat
+                self.next_beat = now + hb
+            wake = self.next_beat
             if busy:
                 wake = min(wake, min((s.not_before for s in self.sessions.values()
                                       if s.gen is not None or s.queue), default=now))
@@ -412,9 +414,8 @@ class StageWorker:
         s = self.current
         if self.pool is None or s is None or nbytes > self.pool.slot_bytes:
             return np.empty(shape, dtype)
-        timeout = 0.0 if self.spec.get("backpressure") == "drop" else float(self.spec.get("block_timeout", 5.0))
         try:
-            slot = self.pool.alloc(owner=s.tag, timeout=timeout)
+            slot = self._alloc_slot(s.tag)
         except PoolFull:
             if self.spec.get("backpressure") != "drop":
                 raise
@@ -424,6 +425,27 @@ class StageWorker:
         arr = slot.array[:nbytes].view(dtype).reshape(shape)
         s.allocs[arr.__array_interface__["data"][0]] = slot
         return arr
+
+    def _alloc_slot(self, tag: int) -> Slot:
+        """A free slot; with ``backpressure = "block"``, waiting up to ``block_timeout`` for
+        one while still heartbeating: a consumer that holds every slot is not a hung
+        worker (it used to get this one killed and restarted after ``worker_timeout``)."""
+        pool = self.pool
+        assert pool is not None
+        if self.spec.get("backpressure") == "drop":
+            return pool.alloc(owner=tag, timeout=0.0)
+        deadline = time.monotonic() + float(self.spec.get("block_timeout", 5.0))
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return pool.alloc(owner=tag, timeout=max(0.0, min(left, self.beat_every / 2)))
+            except PoolFull:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise
+                if now >= self.next_beat:
+                    self.heartbeat()
+                    self.next_beat = now + self.beat_every
 
     def route(self, s: WorkerSession, out: Output) -> None:
         msg = P.Message(type=out.type, session=s.token, seq=out.seq, pts=out.pts, meta=out.meta)
