@@ -48,6 +48,9 @@ class StageConfig:
     #: what the producer does when every slot is busy: "block" (up to block_timeout) or "drop"
     backpressure: str = "block"
     block_timeout: float = 5.0
+    #: most slots one session may hold at once (0: pool_slots // 4, at least 4): a client
+    #: slow to give frames back holds back its own session, not everyone's
+    session_slots: int = 0
 
 
 @dataclass

@@ -105,6 +105,7 @@ class Supervisor:
                 "output": None if last else f"ipc://{self.run_dir}/stage-{names[i + 1]}.sock",
                 "sink": f"ipc://{self.run_dir}/sink.sock", "pool": pool_name, "last": last,
                 "backpressure": sc.backpressure, "block_timeout": sc.block_timeout,
+                "session_slots": sc.session_slots or max(4, sc.pool_slots // 4),
                 "heartbeat": cfg.timeouts.worker_heartbeat, "log_level": self.log_level,
                 "log_json": self.log_json,
             }

@@ -225,12 +225,12 @@ def test_close_idle_and_sigterm_free_everything(make_server):
     s = c.open_session(zero_copy=True)
     utt = s.start_say("hold these frames please")  # frames held by the client, never released
     held = []
-    with pytest.raises(GirisError) as e:  # 20 frames, 16 slots, none given back
+    with pytest.raises(GirisError) as e:  # 20 frames; a session's share of 16 slots is 4
         for item in s.stream(utt):
             if isinstance(item, Frame):
                 held.append(item)
                 item._release = None  # keep the slot: the session's close must free it
-    assert e.value.code == "pool_full" and len(held) == 16  # after block_timeout, said so
+    assert e.value.code == "pool_full" and len(held) == 4  # after block_timeout, said so
     assert srv.status()["pools"][pool]["in_use"] > 0
     s.close()
     assert eventually(lambda: srv.status()["pools"][pool]["in_use"] == 0)
@@ -267,6 +267,32 @@ def test_close_idle_and_sigterm_free_everything(make_server):
     assert shm_segments(server_pid) == []
     time.sleep(0.2)
     assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_a_client_slow_to_give_frames_back_holds_back_its_own_session_only(make_server):
+    """A zero-copy client that keeps its frames: its session stops at its share of the
+    render pool (``session_slots``) and fails with ``pool_full`` after ``block_timeout``;
+    another session speaks meanwhile, every frame of it."""
+    srv = make_server({"stages": small_stages(render={"session_slots": 3, "block_timeout": 3.0})})
+    c = srv.client()
+    hog, other = c.open_session(zero_copy=True), c.open_session(zero_copy=True)
+    utt = hog.start_say("one two three four")
+    kept = []
+    for item in hog.stream(utt, timeout=10):
+        if isinstance(item, Frame):
+            item._release = None  # never given back
+            kept.append(item)
+            if len(kept) == 3:
+                break
+    out = collect(other, "five six")  # while the hog sits on its three slots
+    assert [f[0] for f in out["frames"]] == list(range(out["frames"][0][0], out["frames"][0][0] + 10))
+    assert out["events"][-1].meta["complete"]
+    with pytest.raises(GirisError) as e:
+        for item in hog.stream(utt, timeout=10):
+            if isinstance(item, Frame):
+                item._release = None
+                kept.append(item)
+    assert e.value.code == "pool_full" and len(kept) == 3
 
 
 def test_sigkill_of_the_server_takes_its_launcher_and_workers_with_it(make_server):

@@ -62,6 +62,8 @@ class WorkerSession:
     clock: tuple[float, int] | None = None
     #: when the next frame may be drawn
     not_before: float = 0.0
+    #: since when the session has held its share of the pool (its client is behind)
+    held_since: float | None = None
 
 
 class StageWorker:
@@ -295,10 +297,36 @@ class StageWorker:
             send(self.output, msg)
 
     # ------------------------------------------------------------------ work
+    def _held_back(self, s: WorkerSession, now: float) -> bool:
+        """Whether the session holds its share of the pool (``session_slots``) and must wait
+        for its client to give frames back, leaving the other sessions to go on. Past
+        ``block_timeout`` its item fails with ``pool_full``, as a full pool does."""
+        pool = self.pool
+        if pool is None or s.gen is None and not s.queue:
+            return False
+        if pool.owned_by(s.tag) < int(self.spec.get("session_slots") or pool.n_slots):
+            s.held_since = None
+            return False
+        if s.held_since is None:
+            s.held_since = now
+        elif now - s.held_since > float(self.spec.get("block_timeout", 5.0)):
+            s.held_since = None
+            if s.gen is None and s.queue:
+                self._begin(s, s.queue.popleft())
+            self._failed(s, PoolFull(f"session holds {int(self.spec.get('session_slots') or 0)} "
+                                     f"slots of {pool.name} its client has not given back",
+                                     pool=pool.name))
+            return True
+        s.not_before = now + 0.005  # look again soon; the loop sleeps until then
+        return True
+
     def step_all(self) -> None:
         if self.batching:
             return self.step_batched()
+        now = time.monotonic()
         for s in list(self.sessions.values()):
+            if self._held_back(s, now):
+                continue
             out = self._advance(s)
             if out is not None:
                 self.route(s, out)
@@ -335,6 +363,8 @@ class StageWorker:
         for s in list(self.sessions.values()):
             if s.not_before > now:
                 continue  # a live session far enough ahead: leave the core to the others
+            if self._held_back(s, now):
+                continue
             job = self._advance(s)
             if job is None:
                 continue
