@@ -117,8 +117,11 @@ def test_voice_graphs_are_cut_and_optimized_once_then_loaded(tmp_path):
 
     noise_off = {"noise_scale": 0, "noise_w_scale": 0}
 
+    gains = []
+
     def samples(cache: str) -> np.ndarray:
         engine = PiperEngine({**noise_off, "graph_cache": cache}, EngineContext(stage="tts"))
+        gains.append(engine.voices["joe"].gain)
         return np.concatenate([o.tensors[0] for o in run(engine, "Hello there, my friend.")]).astype(np.int32)
 
     want = samples("")
@@ -127,8 +130,10 @@ def test_voice_graphs_are_cut_and_optimized_once_then_loaded(tmp_path):
     (manifest,) = tmp_path.glob("*.json")
     entry = onnx_cache.load(tmp_path, manifest.stem)
     assert entry is not None and entry.optimized and entry.decoder and entry.latent
-    second = samples(str(tmp_path))  # loads
+    second = samples(str(tmp_path))  # loads, and takes the voice's gain as measured
     assert onnx_cache.load(tmp_path, manifest.stem) == entry
+    assert gains[2] == gains[1] and abs(gains[1] - gains[0]) < 1e-3  # (noise off: the same)
+    assert onnx_cache.recall(tmp_path, manifest.stem, "gain|0.0|0.0") == [gains[1]]
     front = Path(entry.front)
     front.write_bytes(b"\0" * front.stat().st_size)  # spoiled, same size: only loading tells
     third = samples(str(tmp_path))

@@ -20,6 +20,7 @@ import os
 import platform
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from giris.workers.piper_net import Graphs, session
 
@@ -86,6 +87,29 @@ def store(cache: Path, key: str, graphs: Graphs) -> Graphs:
         return graphs
     _prune(cache)
     return load(cache, key) or graphs
+
+
+def recall(cache: Path, key: str, name: str) -> list | None:
+    """``[value]`` noted for entry ``key`` under ``name`` (see :func:`note`), or None."""
+    try:
+        value = json.loads((cache / f"{key}.notes").read_text(encoding="utf-8"))[name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [value]
+
+
+def note(cache: Path, key: str, name: str, value: Any) -> None:
+    """Keep a small fact measured on entry ``key``'s graphs beside them (a voice's
+    calibrated gain: measuring it is half a second of synthesis at every start)."""
+    path = cache / f"{key}.notes"
+    try:
+        notes = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        notes[name] = value
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(notes), encoding="utf-8")
+        os.replace(tmp, path)
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass  # no cache: measured again next time
 
 
 def drop(cache: Path, key: str) -> None:

@@ -156,11 +156,13 @@ class PiperEngine(TTSEngine):
             from piper.config import PiperConfig
 
             cfg = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
-            fast, background = self._nets(model)
+            cache = None if self.use_cuda else self.graph_cache  # cached graphs are the CPU's
+            entry = onnx_cache.entry_key(model) if cache is not None else ""
+            fast, background = self._nets(model, cache, entry)
             v = _Voice(name=key, piper=PiperVoice(session=fast.front, config=cfg),
                        sample_rate=int(cfg.sample_rate), length_scale=float(cfg.length_scale),
                        hop=int(cfg.hop_length), fast=fast, background=background)
-            v.gain = self._calibrate(v)
+            v.gain = self._gain(v, cache, entry)
         except Exception as e:  # noqa: BLE001 - a broken file is the caller's error
             raise EngineError(f"voice {name!r} cannot be loaded: {e}", code="unknown_voice") from e
         self.voices[key] = v
@@ -174,10 +176,8 @@ class PiperEngine(TTSEngine):
                                                   "windowed": fast.decoder is not None, "gain": v.gain})
         return v
 
-    def _nets(self, model: Path) -> tuple[VoiceNet, VoiceNet | None]:
+    def _nets(self, model: Path, cache: Path | None, key: str) -> tuple[VoiceNet, VoiceNet | None]:
         """The voice's sessions: every thread for first chunks, and fewer for the rest."""
-        cache = None if self.use_cuda else self.graph_cache  # cached graphs are the CPU's
-        key = onnx_cache.entry_key(model) if cache is not None else ""
         graphs = onnx_cache.load(cache, key) if cache is not None else None
         if graphs is None:
             graphs = load_graphs(model)
@@ -198,6 +198,23 @@ class PiperEngine(TTSEngine):
             self.ctx.log.warning("cached voice graphs unusable: made again", extra={"cache": str(cache)})
             onnx_cache.drop(cache, key)
             return make(onnx_cache.store(cache, key, load_graphs(model)))
+
+    def _gain(self, v: _Voice, cache: Path | None, entry: str) -> float | None:
+        """The voice's calibrated gain: measured once per voice and noise setting and kept
+        with its cached graphs; a start that finds it only warms the sessions."""
+        syn = self._config(v, 1.0)
+        name = f"gain|{syn.noise_scale}|{syn.noise_w_scale}"
+        known = onnx_cache.recall(cache, entry, name) if cache is not None else None
+        if known is not None and (known[0] is None or isinstance(known[0], (int, float))):
+            warm = v.piper.phonemize(WARM)[0]
+            for first in (True, False) if v.background is not None else (True,):
+                for _ in self._speech(v, warm, syn, Gain(1.0), first=first):
+                    pass
+            return None if known[0] is None else float(known[0])
+        gain = self._calibrate(v)
+        if cache is not None:
+            onnx_cache.note(cache, entry, name, gain)
+        return gain
 
     def _calibrate(self, v: _Voice) -> float | None:
         """The gain that brings this voice's speech to ``TARGET_RMS`` (peaks kept low).
