@@ -43,19 +43,22 @@ PR_SET_NAME = 15
 PACKET = 1 << 20  # a spawn request carries the worker's environment
 
 
-def _die_with_parent() -> None:
+def _prctl(*args: Any) -> None:
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(*args)
     except OSError:
-        pass
+        pass  # not Linux: no such call
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent ends, whatever ends it (no orphan may hold a
+    GPU or a pool slot)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _name(name: str) -> None:
     """What ``top`` and ``ps -o comm`` show (the command line stays the launcher's)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except OSError:
-        pass
+    _prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 # ---------------------------------------------------------------------- supervisor side
@@ -73,7 +76,7 @@ class Launcher:
             env.setdefault(var, "1")
         self.proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.launcher"], env=env,
                                      stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
-                                     preexec_fn=_die_with_parent, close_fds=True)
+                                     preexec_fn=die_with_parent, close_fds=True)
         theirs.close()
         self.sock = ours
         #: by request id: the pid forked for it (None: the fork failed), and how it ended
@@ -204,7 +207,7 @@ def _child(sock: socket.socket, env: dict[str, str], cpus: list[int] | None, lau
     code = 1
     try:
         sock.close()
-        _die_with_parent()
+        die_with_parent()
         if os.getppid() != launcher:  # the launcher died between fork and prctl
             os._exit(1)
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGINT):
@@ -239,7 +242,7 @@ def _child(sock: socket.socket, env: dict[str, str], cpus: list[int] | None, lau
 
 
 def main() -> None:
-    _die_with_parent()
+    die_with_parent()
     _name("giris-launcher")
     sock = socket.socket(fileno=int(os.environ.pop("GIRIS_LAUNCHER_FD")))
     stopping = False

@@ -1,33 +1,26 @@
 """One worker OS process: spawn (pinned, dying with us), watch, stop."""
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from giris.supervisor.launcher import die_with_parent
 from giris.supervisor.restart import RestartPolicy
 
 log = logging.getLogger("giris.supervisor")
-
-PR_SET_PDEATHSIG = 1
 
 STARTING, READY, BACKOFF, FAILED, STOPPED = "starting", "ready", "backoff", "failed", "stopped"
 
 
 def _child_setup(cpus: list[int] | None) -> Any:
     def setup() -> None:
-        # Die with the supervisor, whatever kills it: no orphan may hold a GPU or a slot.
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except OSError:
-            pass
+        die_with_parent()
         if cpus:
             try:
                 os.sched_setaffinity(0, cpus)
@@ -78,7 +71,7 @@ class WorkerHandle:
             try:
                 self.proc = self.launcher.spawn(env, self.cpus, {"engine": self.spec["engine"],
                                                                   "options": self.spec.get("options") or {}})
-            except (OSError, RuntimeError) as e:
+            except OSError as e:
                 log.warning("launcher failed, starting a fresh interpreter",
                             extra={"stage": self.stage, "error": str(e)})
         if self.proc is None:

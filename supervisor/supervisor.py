@@ -378,7 +378,7 @@ class Supervisor:
             w.terminate(max(0.1, deadline - time.monotonic()))
         for w in self.workers:
             w.kill()
-        if getattr(self, "launcher", None) is not None:
+        if self.launcher is not None:
             self.launcher.close()
         self.delivery.flush()
         for pool in list(self.pools.pools.values()):

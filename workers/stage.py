@@ -91,6 +91,9 @@ class StageWorker:
         self.opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="giris-open")
         self.beat_every = float(spec.get("heartbeat", 0.5))
         self.next_beat = 0.0
+        self.block_timeout = float(spec.get("block_timeout", 5.0))
+        #: most pool slots one session may hold (see ``_held_back``); 0: no cap
+        self.session_slots = int(spec.get("session_slots") or 0)
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -128,17 +131,14 @@ class StageWorker:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.input, zmq.POLLIN)
-        hb = self.beat_every
         self.next_beat = time.monotonic()
         parent = os.getppid()
         while self.running:
             busy = any(s.gen is not None or s.queue for s in self.sessions.values())
             now = time.monotonic()
-            if now >= self.next_beat:
-                if os.getppid() != parent:  # the supervisor is gone: so are we
-                    break
-                self.heartbeat()
-                self.next_beat = now + hb
+            if now >= self.next_beat and os.getppid() != parent:  # the supervisor is gone
+                break
+            self._beat_if_due(now)
             wake = self.next_beat
             if busy:
                 wake = min(wake, min((s.not_before for s in self.sessions.values()
@@ -302,20 +302,19 @@ class StageWorker:
         for its client to give frames back, leaving the other sessions to go on. Past
         ``block_timeout`` its item fails with ``pool_full``, as a full pool does."""
         pool = self.pool
-        if pool is None or s.gen is None and not s.queue:
+        if pool is None or not self.session_slots or s.gen is None and not s.queue:
             return False
-        if pool.owned_by(s.tag) < int(self.spec.get("session_slots") or pool.n_slots):
+        if pool.owned_by(s.tag) < self.session_slots:
             s.held_since = None
             return False
         if s.held_since is None:
             s.held_since = now
-        elif now - s.held_since > float(self.spec.get("block_timeout", 5.0)):
+        elif now - s.held_since > self.block_timeout:
             s.held_since = None
             if s.gen is None and s.queue:
                 self._begin(s, s.queue.popleft())
-            self._failed(s, PoolFull(f"session holds {int(self.spec.get('session_slots') or 0)} "
-                                     f"slots of {pool.name} its client has not given back",
-                                     pool=pool.name))
+            self._failed(s, PoolFull(f"session holds {self.session_slots} slots of {pool.name} "
+                                     "its client has not given back", pool=pool.name))
             return True
         s.not_before = now + 0.005  # look again soon; the loop sleeps until then
         return True
@@ -464,7 +463,7 @@ class StageWorker:
         assert pool is not None
         if self.spec.get("backpressure") == "drop":
             return pool.alloc(owner=tag, timeout=0.0)
-        deadline = time.monotonic() + float(self.spec.get("block_timeout", 5.0))
+        deadline = time.monotonic() + self.block_timeout
         while True:
             left = deadline - time.monotonic()
             try:
@@ -473,9 +472,12 @@ class StageWorker:
                 now = time.monotonic()
                 if now >= deadline:
                     raise
-                if now >= self.next_beat:
-                    self.heartbeat()
-                    self.next_beat = now + self.beat_every
+                self._beat_if_due(now)
+
+    def _beat_if_due(self, now: float) -> None:
+        if now >= self.next_beat:
+            self.heartbeat()
+            self.next_beat = now + self.beat_every
 
     def route(self, s: WorkerSession, out: Output) -> None:
         msg = P.Message(type=out.type, session=s.token, seq=out.seq, pts=out.pts, meta=out.meta)

@@ -104,8 +104,9 @@ class PiperEngine(TTSEngine):
         self.threads = int(o.get("threads") or len(self.cpus))
         self.background_threads = int(o.get("background_threads", 1))
         cache = o.get("graph_cache")
-        self.graph_cache: Path | None = (onnx_cache.default_dir() if cache is None
-                                         else Path(str(cache)).expanduser() if cache else None)
+        self.graph_cache: Path | None = None  # cached graphs are the CPU's; "" turns it off
+        if not self.use_cuda and (cache is None or cache):
+            self.graph_cache = onnx_cache.default_dir() if cache is None else Path(str(cache)).expanduser()
         #: loaded voices, least recently used first (the default one is never let go)
         self.voices: OrderedDict[str, _Voice] = OrderedDict()
         self.max_voices = max(1, int(o.get("max_voices", 4)))
@@ -156,7 +157,7 @@ class PiperEngine(TTSEngine):
             from piper.config import PiperConfig
 
             cfg = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
-            cache = None if self.use_cuda else self.graph_cache  # cached graphs are the CPU's
+            cache = self.graph_cache
             entry = onnx_cache.entry_key(model) if cache is not None else ""
             fast, background = self._nets(model, cache, entry)
             v = _Voice(name=key, piper=PiperVoice(session=fast.front, config=cfg),
@@ -206,15 +207,20 @@ class PiperEngine(TTSEngine):
         name = f"gain|{syn.noise_scale}|{syn.noise_w_scale}"
         known = onnx_cache.recall(cache, entry, name) if cache is not None else None
         if known is not None and (known[0] is None or isinstance(known[0], (int, float))):
-            warm = v.piper.phonemize(WARM)[0]
-            for first in (True, False) if v.background is not None else (True,):
-                for _ in self._speech(v, warm, syn, Gain(1.0), first=first):
-                    pass
+            self._warm(v, syn, fast=True)
             return None if known[0] is None else float(known[0])
         gain = self._calibrate(v)
         if cache is not None:
             onnx_cache.note(cache, entry, name, gain)
         return gain
+
+    def _warm(self, v: _Voice, syn: Any, fast: bool) -> None:
+        """The first runs of the voice's sessions (the background ones, and the fast ones
+        if ``fast``) on a short phrase, off the first user's time."""
+        phonemes = v.piper.phonemize(WARM)[0]
+        for first in ((True,) if fast else ()) + ((False,) if v.background is not None else ()):
+            for _ in self._speech(v, phonemes, syn, Gain(1.0), first=first):
+                pass
 
     def _calibrate(self, v: _Voice) -> float | None:
         """The gain that brings this voice's speech to ``TARGET_RMS`` (peaks kept low).
@@ -227,9 +233,7 @@ class PiperEngine(TTSEngine):
         syn = self._config(v, 1.0)
         phonemes = v.piper.phonemize(CALIBRATION)[0]
         pcm = np.concatenate([c.pcm for c in self._speech(v, phonemes, syn, Gain(1.0), first=True)])
-        if v.background is not None:  # its first runs, off the first user's time
-            for _ in self._speech(v, v.piper.phonemize(WARM)[0], syn, Gain(1.0), first=False):
-                pass
+        self._warm(v, syn, fast=False)  # the calibration ran the fast sessions
         x = pcm.astype(np.float64) / 32767.0
         rms, peak = float(np.sqrt((x * x).mean())), float(np.abs(x).max())
         if rms <= 1e-5 or peak >= 0.99:
