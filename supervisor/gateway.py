@@ -318,7 +318,7 @@ class Gateway:
                 raise BadInput("bad release reference") from None
             if pool is None or not 0 <= slot < pool.n_slots:
                 continue
-            if int(pool.table[slot]["owner"]) == rec.tag:  # only your own slots
+            if pool.owner_of(slot) == rec.tag:  # only your own slots
                 pool.release(slot, lease)
 
     def new_utterance(self, rec: SessionRecord) -> Utterance:

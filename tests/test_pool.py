@@ -74,6 +74,35 @@ def test_reclaim_by_dead_holder_and_by_session_owner(pool):
     assert pool.in_use() == 0 and a.index != b.index
 
 
+def test_slot_records_seen_alike_by_every_mapping(pool):
+    """The hand-off path writes the slot table through typed views; the supervisor reads it
+    as columns: both must agree field by field."""
+    t0 = time.monotonic()
+    a = pool.alloc(owner=(1 << 62) + 3)
+    other = SlotPool.attach(pool.name)
+    rec = other.table[a.index]
+    assert (int(rec["state"]), int(rec["lease"]), int(rec["holder"])) == (1, a.lease, os.getpid())
+    assert int(rec["owner"]) == (1 << 62) + 3 == other.owner_of(a.index)
+    assert t0 <= float(rec["stamp"]) <= time.monotonic()
+    other.hold(a.index, a.lease, pid=777)
+    assert int(pool.table[a.index]["holder"]) == 777
+    assert pool.reclaim(older_than=3600) == 0 and pool.reclaim(holder=777) == 1
+    pool.reset()
+    assert other.generation == 2
+    other.close()
+
+
+def test_close_unmaps_the_segment(pool):
+    other = SlotPool.attach(pool.name)
+    slot = other.alloc()
+    other.release(slot.index, slot.lease)
+    del slot
+    other.close()
+    with open("/proc/self/maps") as f:
+        maps = f.read().count(pool.name)
+    assert maps == 1  # the fixture's own mapping only
+
+
 def test_ref_outside_slot_is_rejected(pool):
     slot = pool.alloc()
     with pytest.raises(ValueError):
