@@ -250,19 +250,79 @@ def test_coqui_without_the_extra_names_the_extra(tmp_path):
     assert e.value.code == "engine_unavailable" and "giris[coqui]" in str(e.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("TTS") is None, reason="needs the coqui extra")
-def test_coqui_streams_audio_chunks_from_a_local_model():
+@pytest.fixture(scope="module")
+def coqui_model(tmp_path_factory):
+    """A Coqui model's (checkpoint, config): GIRIS_COQUI_MODEL and GIRIS_COQUI_CONFIG when
+    both are set (a real voice), else a tiny untrained VITS made here (tests/coqui_model.py)."""
+    pytest.importorskip("TTS", reason="needs the coqui extra (coqui-tts, and torchaudio for this torch)")
     import os
 
     model, config = os.environ.get("GIRIS_COQUI_MODEL"), os.environ.get("GIRIS_COQUI_CONFIG")
-    if not (model and config):
-        pytest.skip("set GIRIS_COQUI_MODEL and GIRIS_COQUI_CONFIG to a local Coqui model")
+    if model and config:
+        return model, config
+    from tests.coqui_model import make_tiny_vits
+
+    return tuple(map(str, make_tiny_vits(tmp_path_factory.mktemp("coqui"))))
+
+
+def test_coqui_streams_audio_chunks_from_a_local_model(coqui_model):
     from giris.workers.tts_coqui import CoquiEngine
 
+    model, config = coqui_model
     engine = CoquiEngine({"model_path": model, "config_path": config}, EngineContext(stage="tts"))
+    assert 8000 <= engine.sample_rate <= 48000
+    engine.warmup()
     out = run(engine, "Hello there, my friend. How are you?")
-    assert len(out) >= 2 and out[-1].meta["final"] and not out[0].meta["final"]
-    assert all(o.meta["phonemes"] is None and o.tensors[0].dtype == np.int16 for o in out)
+    # clause by clause, each chunk leaving as soon as it is said; the last one marked final
+    assert [o.meta["text"] for o in out] == ["Hello there,", "my friend.", "How are you?"]
+    assert [o.meta["final"] for o in out] == [False] * (len(out) - 1) + [True]
+    clock = 0
+    for o in out:
+        pcm = o.tensors[0]
+        assert pcm.dtype == np.int16 and pcm.ndim == 1 and len(pcm) > 0 and np.abs(pcm).max() > 0
+        assert o.meta["phonemes"] is None and o.meta["sample_rate"] == engine.sample_rate
+        assert o.meta["start_sample"] == clock
+        clock += len(pcm)
+    # no pause inside a sentence (Coqui's own 10000 samples of silence after each call are
+    # cut off again), the configured 0.2 s after each sentence
+    pause = int(round(0.2 * engine.sample_rate))
+    tail = [len(pcm) - 1 - int(np.flatnonzero(pcm)[-1]) for pcm in (o.tensors[0] for o in out)]
+    assert tail[0] < pause // 2 and all(pause <= t < pause + pause // 2 for t in tail[1:])
+
+
+def test_coqui_speakers_rate_and_text_it_cannot_read(tmp_path):
+    pytest.importorskip("TTS", reason="needs the coqui extra (coqui-tts, and torchaudio for this torch)")
+    from giris.workers.tts_coqui import CoquiEngine
+    from tests.coqui_model import make_tiny_vits
+
+    model, config = map(str, make_tiny_vits(tmp_path, speakers=["anna", "bob"]))
+    engine = CoquiEngine({"model_path": model, "config_path": config, "speaker": "bob"},
+                         EngineContext(stage="tts"))
+    assert engine.speakers == ["anna", "bob"] and engine.speaker == "bob"
+
+    def say(text, spec=None, **meta):
+        state = engine.open_session(spec or {})
+        item = StageInput(type="say", seq=0, pts=0.0, meta={"utterance": 1, "text": text, **meta})
+        return np.concatenate([o.tensors[0] for o in engine.process(item, state)])
+
+    anna, bob = say("Hi there.", {"voice": "anna"}), say("Hi there.")
+    assert not np.array_equal(anna, bob)  # each speaker's own embedding
+    with pytest.raises(EngineError) as e:
+        engine.open_session({"voice": "carl"})
+    assert e.value.code == "unknown_voice" and "anna, bob" in str(e.value)
+    # a faster rate is shorter speech (VITS's length_scale; the request's rate wins)
+    slow, fast = say("Hi there.", {"rate": 0.5}), say("Hi there.", {"rate": 0.5}, rate=2.0)
+    assert len(fast) < len(bob) < len(slow)
+    # a clause in a script the model has no letters for is skipped; text of nothing else
+    # is the caller's error, not a crash inside Coqui
+    assert len(say("Ok. 你好。 Ok.")) > 0
+    with pytest.raises(EngineError) as e:
+        say("你好。")
+    assert e.value.code == "bad_input"
+    for bad in ({"speaker": "carl"}, {"language": "fr"}):
+        with pytest.raises(EngineError) as e:
+            CoquiEngine({"model_path": model, "config_path": config, **bad}, EngineContext(stage="tts"))
+        assert e.value.code == "bad_config"
 
 
 def _tiny_voice(tmp_path, decoder_reads_input: bool):
