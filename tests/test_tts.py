@@ -90,12 +90,13 @@ def test_piper_streams_small_windows_first_with_phonemes_on_the_samples(piper):
 
 
 def test_windowed_decoding_gives_the_samples_of_a_whole_run():
-    """The decoder run window by window (with context frames either side) must give the
+    """Flow and decoder run window by window (with context frames either side) must give the
     very samples the whole clause decoded at once gives: same noise-free voice, stream vs
     batch (which decodes each clause whole), equal to one LSB of rounding."""
     from giris.workers.tts_piper import PiperEngine
 
     engine = PiperEngine({"noise_scale": 0, "noise_w_scale": 0}, EngineContext(stage="tts"))
+    assert engine.voices["joe"].fast.flow is not None  # the flow runs by window too
     text = "Hello there, my friend. Once upon a time, in a small village by the sea, there lived an old fisherman."
     stream = run(engine, text)
     batch = run(engine, text, batch=True)
@@ -130,6 +131,7 @@ def test_voice_graphs_are_cut_and_optimized_once_then_loaded(tmp_path):
     (manifest,) = tmp_path.glob("*.json")
     entry = onnx_cache.load(tmp_path, manifest.stem)
     assert entry is not None and entry.optimized and entry.decoder and entry.latent
+    assert entry.flow and len(entry.flow_inputs) == 2  # the latent frames and their mask
     second = samples(str(tmp_path))  # loads, and takes the voice's gain as measured
     assert onnx_cache.load(tmp_path, manifest.stem) == entry
     assert gains[2] == gains[1] and abs(gains[1] - gains[0]) < 1e-3  # (noise off: the same)

@@ -25,7 +25,7 @@ from typing import Any
 from giris.workers.piper_net import Graphs, session
 
 #: bump when ``load_graphs`` cuts a voice differently
-FORMAT = 1
+FORMAT = 2  # 2: the flow cut from the front
 #: entries kept (a few voices; older ONNX Runtimes and voices go)
 KEEP = 6
 
@@ -58,9 +58,10 @@ def load(cache: Path, key: str) -> Graphs | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     os.utime(manifest)  # recently used: kept by _prune
-    decoder = parts.get("decoder")
+    decoder, flow = parts.get("decoder"), parts.get("flow")
     return Graphs(front=str(parts["front"]), decoder=str(decoder) if decoder else None,
-                  latent=str(m.get("latent", "")), optimized=True)
+                  latent=str(m.get("latent", "")), flow=str(flow) if flow else None,
+                  flow_inputs=tuple(str(x) for x in m.get("flow_inputs", ())), optimized=True)
 
 
 def store(cache: Path, key: str, graphs: Graphs) -> Graphs:
@@ -71,7 +72,7 @@ def store(cache: Path, key: str, graphs: Graphs) -> Graphs:
         for stale in cache.glob(f".{key}.*.tmp"):  # left by a worker killed mid-write
             stale.unlink(missing_ok=True)
         sizes = {}
-        for name, graph in (("front", graphs.front), ("decoder", graphs.decoder)):
+        for name, graph in (("front", graphs.front), ("flow", graphs.flow), ("decoder", graphs.decoder)):
             if graph is None:
                 continue
             path = cache / f"{key}.{name}.onnx"
@@ -81,7 +82,8 @@ def store(cache: Path, key: str, graphs: Graphs) -> Graphs:
             sizes[name] = path.stat().st_size
         manifest = cache / f"{key}.json"
         tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"sizes": sizes, "latent": graphs.latent}), encoding="utf-8")
+        tmp.write_text(json.dumps({"sizes": sizes, "latent": graphs.latent,
+                                   "flow_inputs": list(graphs.flow_inputs)}), encoding="utf-8")
         os.replace(tmp, manifest)  # last: the entry is whole
     except Exception:  # noqa: BLE001 - a read-only or full disk, an ORT refusal: no cache
         return graphs

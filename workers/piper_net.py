@@ -1,18 +1,24 @@
-"""A Piper voice's network cut in two, so speech leaves window by window.
+"""A Piper voice's network cut in three, so speech leaves window by window.
 
-Piper's VITS graph runs text encoder, duration predictor and flow (the *front*, ~20 ms
-whatever the length) and then the HiFi-GAN decoder, whose cost grows with the audio (a
-second of speech ~40 ms on two cores). Run whole, a clause's first sample waits for its
-last. The decoder is a stack of convolutions over the latent frames ``z`` (one per
-``hop_length`` samples), so a window of frames decoded with ``context`` frames of
-neighbours on each side gives the very samples the whole run gives (12 frames: identical
-to float precision for the bundled voice; 4: audible clicks). So the front runs once
-per clause and the decoder window by window: the first ~0.19 s of audio is out after
-~12 ms of decoding instead of after the whole clause.
+Piper's VITS graph runs a text encoder and duration predictor over the phonemes (the
+*prior*: its cost grows with the phonemes), a normalizing flow over the latent frames
+``z`` (one per ``hop_length`` samples) and the HiFi-GAN decoder over them (both grow with
+the audio: a second of speech ~20 ms of flow and ~40 ms of decoder on one core). Run
+whole, a clause's first sample waits for its last. The flow's coupling layers and the
+decoder are stacks of convolutions, so a window of frames computed with enough
+neighbours on each side gives the very values the whole run gives: 32 frames for the flow
+(four couplings of four 5-tap layers), 12 for the decoder (identical to float precision
+for the bundled voice; 4: audible clicks). So the prior runs once per clause, and the
+decoder window by window, the flow over the first window's frames (and its context)
+first: the first ~0.19 s of audio is out after the prior, ~60 frames of flow and ~12 ms
+of decoding, instead of after the whole clause.
 
-The cut is found, not assumed: the decoder is the nodes named ``/dec/...`` (how Piper's
-export names them) and it must read exactly one tensor from the rest. A voice exported
-otherwise (or a multi-speaker one, whose decoder also reads the speaker) runs whole.
+The cuts are found, not assumed: the decoder is the nodes named ``/dec/...`` (how Piper's
+export names them) and it must read exactly one tensor from the rest; the flow is what
+lies between the tensors the ``/flow/...`` nodes read from outside it and that one. A
+voice exported otherwise runs its front (prior and flow) whole, or the whole voice at
+once when not even the decoder is found (a multi-speaker one, whose decoder also reads
+the speaker).
 """
 from __future__ import annotations
 
@@ -25,16 +31,24 @@ from typing import Any, Iterator
 import numpy as np
 
 DECODER_PREFIX = "/dec/"
+FLOW_PREFIX = "/flow/"
+#: latent frames either side of a window that the flow needs to give a whole run's values
+FLOW_CONTEXT = 32
 
 
 @dataclass
 class Graphs:
     """Graphs, serialized or as file paths: ``front`` (ids → z, alignments) and ``decoder``
-    (z → audio), or ``front`` the whole voice and ``decoder`` None when it cannot be cut."""
+    (z → audio), or ``front`` the whole voice and ``decoder`` None when it cannot be cut.
+    With ``flow``, the front stops before the flow (ids → the flow's inputs, alignments)
+    and ``flow`` makes z from them."""
 
     front: bytes | str
     decoder: bytes | str | None = None
-    latent: str = ""  # the tensor between the two
+    latent: str = ""  # the tensor the decoder reads
+    flow: bytes | str | None = None
+    #: the flow's inputs (the front's first outputs, each with the frames as its last axis)
+    flow_inputs: tuple[str, ...] = ()
     #: already optimized by ONNX Runtime for this machine (see :mod:`giris.workers.onnx_cache`)
     optimized: bool = False
 
@@ -52,18 +66,31 @@ def load_graphs(model: Path) -> Graphs:
     latent = decoder_input(graph)
     if latent is None:
         return Graphs(front=graph.SerializeToString())
+    inputs = [i.name for i in graph.graph.input]
     outputs = [o.name for o in graph.graph.output]
     try:
         if latent not in {v.name for v in graph.graph.value_info}:  # the cut needs its type
             graph = onnx.shape_inference.infer_shapes(graph)
         ex = Extractor(graph)
-        front = ex.extract_model([i.name for i in graph.graph.input], [latent, *outputs[1:]])
         decoder = ex.extract_model([latent], outputs[:1])
+        front = ex.extract_model(inputs, [latent, *outputs[1:]])
     except Exception:  # noqa: BLE001 - a graph that will not come apart still runs whole
         return Graphs(front=graph.SerializeToString())
     if not (_closed(front) and _closed(decoder)):
         return Graphs(front=graph.SerializeToString())  # the audio needs more than z: run whole
-    return Graphs(front.SerializeToString(), decoder.SerializeToString(), latent)
+    whole_front = Graphs(front.SerializeToString(), decoder.SerializeToString(), latent)
+    feeds = flow_inputs(graph)
+    if not feeds:
+        return whole_front
+    try:
+        prior = ex.extract_model(inputs, [*feeds, *outputs[1:]])
+        flow = ex.extract_model(feeds, [latent])
+    except Exception:  # noqa: BLE001 - the flow stays in the front
+        return whole_front
+    if not (_closed(prior) and _closed(flow)) or len(flow.graph.node) + len(prior.graph.node) != len(front.graph.node):
+        return whole_front  # not a clean cut: something of the front would run twice or never
+    return Graphs(prior.SerializeToString(), whole_front.decoder, latent,
+                  flow.SerializeToString(), tuple(feeds))
 
 
 def _closed(model: Any) -> bool:
@@ -85,6 +112,29 @@ def decoder_input(graph: Any) -> str | None:
     return outside.pop() if len(outside) == 1 else None
 
 
+def flow_inputs(graph: Any) -> list[str]:
+    """The tensors the flow reads from the front (made outside it, by nodes that do not
+    depend on the flow), or [] when there is no ``/flow/`` to find.
+
+    Nodes the exporter left unnamed inside the flow (its gated activations) depend on
+    named flow nodes, so they count as the flow's, not as its inputs."""
+    nodes = graph.graph.node
+    flow = [n for n in nodes if n.name.startswith(FLOW_PREFIX)]
+    if not flow:
+        return []
+    after = {o for n in flow for o in n.output}  # made by the flow or by what it feeds
+    for n in nodes:  # topological order
+        if not n.name.startswith(FLOW_PREFIX) and any(i in after for i in n.input):
+            after.update(n.output)
+    weights = {t.name for t in graph.graph.initializer}
+    feeds = []
+    for n in flow:
+        for i in n.input:
+            if i and i not in after and i not in weights and i not in feeds:
+                feeds.append(i)
+    return feeds
+
+
 class VoiceNet:
     """ONNX Runtime sessions for one voice on ``threads`` threads.
 
@@ -103,6 +153,8 @@ class VoiceNet:
         opt = graphs.optimized
         self.front = session(graphs.front, threads, cuda, affinity, opt)
         self.decoder = session(graphs.decoder, threads, cuda, affinity, opt) if graphs.decoder else None
+        self.flow = session(graphs.flow, threads, cuda, affinity, opt) if graphs.flow and graphs.decoder else None
+        self.flow_inputs = graphs.flow_inputs if self.flow is not None else ()
         self.latent = graphs.latent
 
     @contextmanager
@@ -121,21 +173,60 @@ class VoiceNet:
             if before is not None:
                 os.sched_setaffinity(0, before)
 
-    def run_front(self, args: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(latent frames (1, C, T), or the audio itself when the voice runs whole;
-        frames per phoneme id, or None without alignments)."""
+    def run_front(self, args: dict[str, np.ndarray], head: bool = False) -> tuple[Latent, np.ndarray | None]:
+        """(the clause's latent frames, to decode by window (for a voice that runs whole,
+        its audio); frames per phoneme id, or None without alignments). ``head``: the
+        first window is wanted as soon as can be (see :class:`Latent`)."""
+        n = max(1, len(self.flow_inputs))
         with self._pinned():
             out = self.front.run(None, args)
-        return out[0], (np.asarray(out[1]).reshape(-1) if len(out) > 1 else None)
+        lat = Latent(out[:n], head)
+        if self.flow is None:
+            lat.z, lat.valid = out[0], lat.frames
+        return lat, (np.asarray(out[n]).reshape(-1) if len(out) > n else None)
 
-    def decode(self, z: np.ndarray, start: int, stop: int, context: int, hop: int) -> np.ndarray:
+    def decode(self, lat: Latent, start: int, stop: int, context: int, hop: int) -> np.ndarray:
         """Samples of latent frames ``[start, stop)``, with ``context`` frames either side
         decoded too and cut away."""
-        lo, hi = max(0, start - context), min(z.shape[2], stop + context)
+        lo, hi = max(0, start - context), min(lat.frames, stop + context)
         with self._pinned():
-            y = self.decoder.run(None, {self.latent: np.ascontiguousarray(z[:, :, lo:hi])})[0]  # type: ignore[union-attr]
+            if lat.valid < hi:
+                self._flow(lat, hi)
+            z = np.ascontiguousarray(lat.z[:, :, lo:hi])  # type: ignore[index]
+            y = self.decoder.run(None, {self.latent: z})[0]  # type: ignore[union-attr]
         y = np.asarray(y, np.float32).reshape(-1)
         return y[(start - lo) * hop:(stop - lo) * hop]
+
+    def _flow(self, lat: Latent, hi: int) -> None:
+        """z up to frame ``hi`` at least: the whole clause's, or only a head of it for a
+        head request (the flow over ``FLOW_CONTEXT`` frames more than asked)."""
+        total = lat.frames
+        end = min(total, hi + FLOW_CONTEXT) if lat.head and lat.valid == 0 else total
+        feed = {name: np.ascontiguousarray(x[..., :end]) for name, x in zip(self.flow_inputs, lat.parts)}
+        lat.z = self.flow.run(None, feed)[0]  # type: ignore[union-attr]
+        lat.valid = total if end == total else end - FLOW_CONTEXT
+
+
+@dataclass
+class Latent:
+    """One clause's latent frames ``z`` (1, C, T), made as the decoder asks for them.
+
+    ``parts`` is what the front gave: z itself, or the flow's inputs (each with the T
+    frames last), from which the flow makes z on first need: the whole clause at once,
+    except for a ``head`` request (the utterance's first window), where the flow first
+    runs over that window and ``FLOW_CONTEXT`` frames more (~60 frames, not the clause's
+    100-300), and over the whole clause when the next window is asked for. That costs
+    one head of flow per utterance; a flow by window would redo ~90 frames of context
+    for every window."""
+
+    parts: list[np.ndarray]
+    head: bool = False
+    z: np.ndarray | None = None
+    valid: int = 0  # frames of z that are final
+
+    @property
+    def frames(self) -> int:
+        return int(self.parts[0].shape[-1])
 
 
 def windows(total: int, first: int, largest: int) -> Iterator[tuple[int, int]]:

@@ -307,21 +307,21 @@ class PiperEngine(TTSEngine):
                 "scales": np.asarray([syn.noise_scale, syn.length_scale, syn.noise_w_scale], np.float32)}
         if cfg.num_speakers > 1:
             args["sid"] = np.asarray([cfg.default_speaker_id], np.int64)
-        z, per_id = net.run_front(args)
+        front, per_id = net.run_front(args, head=first and not batch)
         hops = None if per_id is None else (per_id * v.hop).astype(np.int64)
         if net.decoder is None:  # a voice that runs whole
-            audio = np.asarray(z, np.float32).reshape(-1)
+            audio = np.asarray(front.parts[0], np.float32).reshape(-1)
             yield SpeechChunk(pcm=gain.apply(audio), sample_rate=v.sample_rate, last=True,
                               phonemes=align(phonemes, cfg.phoneme_id_map, hops, len(audio)))
             return
-        total = int(z.shape[2])
+        total = front.frames
         marks = align(phonemes, cfg.phoneme_id_map, hops, total * v.hop)
         if batch:
             plan = [(0, total)]
         else:
             plan = list(windows(total, self.first_window if first else self.window, self.window))
         for n, (a, b) in enumerate(plan):
-            audio = net.decode(z, a, b, self.context, v.hop)
+            audio = net.decode(front, a, b, self.context, v.hop)
             if first and not batch:
                 net = v.background or v.fast
             own, ahead = window_marks(marks, a * v.hop, b * v.hop, int(AHEAD_S * v.sample_rate))
