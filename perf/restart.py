@@ -1,6 +1,7 @@
 """``python -m perf restart``: how long a session waits when a stage crashes.
 
-For each stage of a running ``giris serve`` (default engines): SIGKILL its worker, then
+For each stage of a running ``giris serve`` (default engines, or ``--config``; ``--stages``
+to pick): SIGKILL its worker, then
 time until the supervisor has it ready again, and until the first frame of a new request
 reaches the client. Two servers in the same run: workers forked from the launcher that
 preloaded their engines (``server.launcher = "fork"``, the default) against fresh
@@ -20,10 +21,26 @@ from perf.server import BenchServer
 STAGES = ("tts", "coeffs", "motion", "render")
 
 
-def _config(launcher: str) -> str:
+def _config(launcher: str, base: str | None = None) -> str:
+    """A config file: ``base`` (a TOML file; default engines without one) with
+    ``server.launcher`` set."""
+    import re
+    import tomllib
+
+    text = open(base, encoding="utf-8").read() if base else ""
+    server = tomllib.loads(text).get("server", {})
+    if "launcher" in server:
+        raise SystemExit("perf restart: the config sets server.launcher; the benchmark sets it")
+    line = f'launcher = "{launcher}"\n'
+    if server:
+        text, n = re.subn(r"(?m)^\[server\][ \t]*\n", lambda m: m.group(0) + line, text, count=1)
+        if not n:
+            raise SystemExit("perf restart: write the config's server settings as a [server] table")
+    else:
+        text += f"\n[server]\n{line}"
     fd, path = tempfile.mkstemp(prefix="giris-restart-", suffix=".toml")
     with os.fdopen(fd, "w") as f:
-        f.write(f'[server]\nlauncher = "{launcher}"\n')
+        f.write(text)
     return path
 
 
@@ -57,15 +74,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--config", help="server config (default engines otherwise), e.g. another tts engine")
+    ap.add_argument("--stages", default=",".join(STAGES), help="stages to kill, comma-separated")
     args = ap.parse_args(argv)
+    stages = [x for x in args.stages.split(",") if x]
+    if not set(stages) <= set(STAGES):
+        ap.error(f"--stages: choose among {', '.join(STAGES)}")
     result: dict[str, dict[str, dict[str, float]]] = {}
     for launcher in ("spawn", "fork"):
-        config = _config(launcher)
+        config = _config(launcher, args.config)
         try:
             with BenchServer(config, log_level="ERROR") as srv:  # the kills are on purpose
                 s = srv.client.open_session(size=args.size)
                 list(s.say("Warm up."))
-                for stage in STAGES:
+                for stage in stages:
                     runs = [one_kill(srv, s, stage) for _ in range(args.repeat)]
                     result.setdefault(stage, {})[launcher] = {
                         "ready_s": pct([r[0] for r in runs], 50), "first_frame_s": pct([r[1] for r in runs], 50)}
@@ -73,7 +95,7 @@ def main(argv: list[str]) -> int:
         finally:
             os.unlink(config)
     rows = [("stage", "spawn: ready s", "first frame s", "fork: ready s", "first frame s", "spawn / fork")]
-    for stage in STAGES:
+    for stage in stages:
         a, b = result[stage]["spawn"], result[stage]["fork"]
         rows.append((stage, *(f"{x:.2f}" for x in (a["ready_s"], a["first_frame_s"], b["ready_s"],
                                                    b["first_frame_s"])),

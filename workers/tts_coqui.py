@@ -89,6 +89,15 @@ class CoquiEngine(TTSEngine):
         self.sentence_silence = float(o.get("sentence_silence", 0.2))
         self.first_words = int(o.get("first_chunk_words", 4))
 
+    @classmethod
+    def preload(cls, options: Mapping[str, Any]) -> None:
+        """Coqui's imports (~1 s on top of torch's; no threads started) once, in the
+        launcher: a restarted worker forked from it skips them."""
+        try:
+            import TTS.api  # noqa: F401
+        except ImportError:
+            pass  # the worker says what is missing itself
+
     def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
         return {"cpu": 256 * 1024}
 
