@@ -1,9 +1,8 @@
 """``python -m perf restart``: how long a session waits when a stage crashes.
 
 For each stage of a running ``giris serve`` (default engines, or ``--config``; ``--stages``
-to pick): SIGKILL its worker, then
-time until the supervisor has it ready again, and until the first frame of a new request
-reaches the client. Two servers in the same run: workers forked from the launcher that
+to pick): SIGKILL its worker, then time until the supervisor has it ready again, and
+until the first frame of a new request reaches the client. Two servers in the same run: workers forked from the launcher that
 preloaded their engines (``server.launcher = "fork"``, the default) against fresh
 interpreters (``"spawn"``, the baseline). Each stage is killed ``--repeat`` times (p50).
 """
