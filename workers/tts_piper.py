@@ -43,6 +43,7 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -186,10 +187,14 @@ class PiperEngine(TTSEngine):
                 graphs = onnx_cache.store(cache, key, graphs)
 
         def make(g: Graphs) -> tuple[VoiceNet, VoiceNet | None]:
-            fast = VoiceNet(g, self.threads, self.use_cuda, self.cpus)
-            background = (VoiceNet(g, self.background_threads, False)
-                          if 0 < self.background_threads < self.threads and not self.use_cuda else None)
-            return fast, background
+            if not 0 < self.background_threads < self.threads or self.use_cuda:
+                return VoiceNet(g, self.threads, self.use_cuda, self.cpus), None
+            # the two sets side by side: ONNX Runtime makes a session without the GIL
+            # (~0.4 s instead of ~0.6 s for the six of the bundled voice on two cores)
+            with ThreadPoolExecutor(1) as pool:
+                background = pool.submit(VoiceNet, g, self.background_threads, False)
+                fast = VoiceNet(g, self.threads, self.use_cuda, self.cpus)
+                return fast, background.result()
 
         try:
             return make(graphs)
