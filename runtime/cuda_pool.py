@@ -54,6 +54,18 @@ class _Opened:
     base: Any  # cupy MemoryPointer of the whole pool
     events: list[int]
     nbytes: int
+    slot_bytes: int
+
+
+def _extent(shape: tuple, strides: tuple | None, itemsize: int) -> tuple[int, int]:
+    """Bytes [lo, hi) a strided view touches, relative to its first element's address."""
+    if math.prod(shape) == 0:
+        return 0, 0
+    if strides is None:
+        return 0, math.prod(shape) * itemsize
+    lo = sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
+    hi = sum((n - 1) * s for n, s in zip(shape, strides) if s > 0) + itemsize
+    return lo, hi
 
 
 class CudaSlotPool:
@@ -100,13 +112,21 @@ class CudaSlotPool:
         return slot, cupy.ndarray(shape, dt, memptr=ptr)
 
     def publish(self, slot: Slot, array: Any) -> TensorRef:
-        """Record the slot's event on the current stream and make the reference."""
+        """Record the slot's event on the current stream and make the reference.
+
+        ``array`` must lie inside ``slot`` (the array :meth:`alloc` gave, or a view of it):
+        its offset is taken from its own address, not assumed to be the slot's start."""
         cupy = _cupy()
+        offset = int(array.data.ptr) - int(self.memory.ptr)
+        lo, hi = _extent(tuple(array.shape), tuple(array.strides), array.dtype.itemsize)
+        start = slot.index * self.slot_bytes
+        if not start <= offset + lo <= offset + hi <= start + self.slot_bytes:
+            raise ValueError(f"array does not lie inside slot {slot.index} of {self.name}")
         stream = cupy.cuda.get_current_stream()
         cupy.cuda.runtime.eventRecord(self.events[slot.index], stream.ptr)
         return TensorRef(dtype=str(array.dtype), shape=tuple(array.shape), nbytes=int(array.nbytes),
                          pool=self.name, generation=self.table.generation, slot=slot.index,
-                         offset=slot.index * self.slot_bytes, strides=tuple(array.strides),
+                         offset=offset, strides=tuple(array.strides),
                          device=f"cuda:{self.device}", lease=slot.lease)
 
 
@@ -128,32 +148,42 @@ class CudaPoolCache:
         if cached is not None and cached.generation == generation:
             return cached
         if cached is not None:  # the producer restarted: drop the old mapping
+            # not under work still queued on it (unmapping memory a kernel reads is a
+            # fault that poisons this process's context); arrays over it are dangling now
+            rt.deviceSynchronize()
             rt.ipcCloseMemHandle(cached.base.ptr)
+            del self.opened[name]
         off = CARD.size
         ptr = rt.ipcOpenMemHandle(card[off:off + HANDLE], rt.cudaIpcMemLazyEnablePeerAccess)
         nbytes = slot_bytes * n_slots
         mem = cupy.cuda.UnownedMemory(ptr, nbytes, self)
         events = [rt.ipcOpenEventHandle(card[off + HANDLE * (1 + i): off + HANDLE * (2 + i)])
                   for i in range(n_slots)]
-        self.opened[name] = _Opened(generation, cupy.cuda.MemoryPointer(mem, 0), events, nbytes)
+        self.opened[name] = _Opened(generation, cupy.cuda.MemoryPointer(mem, 0), events, nbytes, slot_bytes)
         return self.opened[name]
 
     def array(self, ref: TensorRef) -> Any:
         """A CuPy view of the referenced slot, ordered after the producer's writes."""
         cupy = _cupy()
+        table = self.tables.get(ref.pool) or self.tables.setdefault(ref.pool, SlotPool.attach(ref.pool))  # type: ignore[arg-type]
+        # Stale references are refused first, before any handle is opened: the card may
+        # still name the memory of a producer that died (it writes its card after it
+        # resets the table), and opening that fails with a CUDA error, not StaleReference.
+        table.check(ref)
         pool = self.opened.get(ref.pool)  # type: ignore[arg-type]
         if pool is None or pool.generation != ref.generation:
             pool = self._open(ref.pool)  # type: ignore[arg-type]  # the card is read only then
         if ref.generation != pool.generation:
             raise StaleReference(f"{ref.pool}: generation {ref.generation} is gone")
-        table = self.tables.get(ref.pool) or self.tables.setdefault(ref.pool, SlotPool.attach(ref.pool))  # type: ignore[arg-type]
-        table.check(ref)
-        if ref.offset + ref.nbytes > pool.nbytes:
-            raise StaleReference("reference out of the pool's bounds")
+        dtype = cupy.dtype(ref.dtype)
+        lo, hi = _extent(tuple(ref.shape), None if ref.strides is None else tuple(ref.strides), dtype.itemsize)
+        start = ref.slot * pool.slot_bytes
+        # inside its own slot (the one whose lease was checked), as the CPU pools check
+        if not start <= ref.offset + lo <= ref.offset + hi <= min(start + pool.slot_bytes, pool.nbytes):
+            raise StaleReference("reference out of the slot's bounds")
         stream = cupy.cuda.get_current_stream()
         cupy.cuda.runtime.streamWaitEvent(stream.ptr, pool.events[ref.slot], 0)
-        return cupy.ndarray(ref.shape, cupy.dtype(ref.dtype), memptr=pool.base + ref.offset,
-                            strides=ref.strides)
+        return cupy.ndarray(ref.shape, dtype, memptr=pool.base + ref.offset, strides=ref.strides)
 
     def release(self, ref: TensorRef) -> bool:
         """Give the slot back once the reads queued on this stream are done: the producer

@@ -39,7 +39,10 @@ def test_frame_crosses_processes_through_cuda_ipc():
         pool = CudaSlotPool(table, 512 * 512 * 3)
         slot, arr = pool.alloc((512, 512, 3), "uint8")
         arr[...] = 3
+        with pytest.raises(ValueError):  # not in the slot: no reference to made-up memory
+            pool.publish(slot, cupy.zeros((512, 512, 3), cupy.uint8))
         ref = pool.publish(slot, arr)
+        assert ref.offset == slot.index * pool.slot_bytes
         d = {k: v for k, v in ref.__dict__.items()}
         out = subprocess.run([sys.executable, "-c", CONSUMER, json.dumps(d)], capture_output=True,
                              text=True, timeout=120)

@@ -31,6 +31,20 @@ def test_runtime_context_manager_streams_and_cleans_up():
     assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
+def test_a_stage_on_a_gpu_hands_its_frames_over_in_host_memory():
+    """A stage on ``cuda:0`` (the test engine never touches CUDA, so this runs anywhere)
+    writes into its shared-memory pool like any other: its references say ``cpu``, where
+    the bytes are, and every frame reaches the client (they were all dropped as
+    "a cuda:0 tensor needs the CUDA pool")."""
+    stages = small_stages(render={"device": "cuda:0"})
+    cfg = from_mapping({"stages": stages, "defaults": {"size": 64}, "limits": {"min_size": 32}})
+    with Runtime(cfg) as rt:
+        s = rt.open_session(want=["frames"])
+        out = collect(s, "on the gpu")
+        assert [f[0] for f in out["frames"]] == list(range(len(out["frames"]))) and len(out["frames"]) >= 8
+        s.close()
+
+
 def test_config_loading(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('[budgets]\ncpu = "2GiB"\n"cuda:0" = "512 MB"\n[limits]\nmax_sessions = 3\n'

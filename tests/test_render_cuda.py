@@ -49,18 +49,24 @@ def test_cuda_batch_gives_each_session_its_own_frame():
     assert np.abs(outs[0].astype(np.int16) - outs[2]).mean() > 0.1
 
 
-def test_render_stage_on_cuda_through_the_runtime():
+@pytest.mark.parametrize("pool_slots", [0, 16], ids=["inline", "pool"])
+def test_render_stage_on_cuda_through_the_runtime(pool_slots):
     """The render stage on cuda:0 fed by the test engines: frames arrive for every word,
-    the session's memory is charged to the GPU, and closing frees it."""
+    the session's memory is charged to the GPU, and closing frees it. Both ways a frame
+    leaves the renderer: inline, and in its shared-memory pool (as configs/gpu.toml and
+    ``perf render --device cuda:0`` run it; the frames lie in host memory there)."""
     from giris.runtime import Runtime
     from giris.runtime.client import Frame
     from giris.runtime.config import from_mapping
 
+    render = {"engine": "warp", "device": "cuda:0", "options": {"preload_landmarks": False}}
+    if pool_slots:
+        render.update(pool_slots=pool_slots, pool_slot_bytes=SIZE * SIZE * 3)
     cfg = from_mapping({"stages": {
         "tts": {"engine": "test-source", "options": {"word_s": 0.2}},
         "coeffs": {"engine": "test-relay"},
         "motion": {"engine": "test-relay"},
-        "render": {"engine": "warp", "device": "cuda:0", "options": {"preload_landmarks": False}},
+        "render": render,
     }})
     with Runtime(cfg) as rt:
         s = rt.open_session(size=SIZE)

@@ -467,7 +467,9 @@ class WarpRenderEngine(RenderEngine):
         try:
             torch.from_numpy(out[y0:y1, x0:x1]).copy_(roi_frame.permute(1, 2, 0))
         except (ValueError, RuntimeError):  # a read-only or oddly strided buffer
-            np.copyto(out[y0:y1, x0:x1], roi_frame.permute(1, 2, 0).to(torch.uint8).numpy())
+            # .cpu(): the box may be on the GPU (a CUDA device without batch_frames), and
+            # .numpy() refuses a CUDA tensor; on the CPU it is a no-op
+            np.copyto(out[y0:y1, x0:x1], roi_frame.permute(1, 2, 0).to(torch.uint8).cpu().numpy())
 
     # ---------------------------------------------------------------------- compositing
     def _composite(self, state: WarpSession, row: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:

@@ -490,7 +490,9 @@ class StageWorker:
                 return
             slot = s.allocs.pop(addr, None)
             if slot is not None:
-                msg.tensors.append(self.pool.ref(slot, t, self.spec.get("device", "cpu")))  # type: ignore[union-attr]
+                # the label says where the bytes are (host shared memory), not where the stage
+                # computes: a stage on cuda:0 copies its frames into this CPU pool
+                msg.tensors.append(self.pool.ref(slot, t))  # type: ignore[union-attr]
             else:
                 msg.add_inline(t)
         self.stats["outputs"] += 1
