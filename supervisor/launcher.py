@@ -74,6 +74,9 @@ class Launcher:
         # Pinned workers started fresh got one thread each; so do forked ones.
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, "1")
+        # torch.cuda.is_available() in an engine's import or preload asks NVML, not the
+        # CUDA driver, which would be initialised in the launcher and break every fork
+        env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         self.proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.launcher"], env=env,
                                      stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
                                      preexec_fn=die_with_parent, close_fds=True)
@@ -203,6 +206,16 @@ def _preload(entry: dict[str, Any]) -> None:
         print(f"giris launcher: preloading {entry.get('engine')!r} failed: {e}", file=sys.stderr)
 
 
+def _cuda_initialised() -> bool:
+    """Whether this process holds a CUDA context (through torch): an engine's preload
+    broke the rule. CUDA cannot be used in a child forked after that."""
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:  # noqa: BLE001 - a torch without CUDA support
+        return False
+
+
 def _child(sock: socket.socket, env: dict[str, str], cpus: list[int] | None, launcher: int) -> None:
     code = 1
     try:
@@ -276,6 +289,10 @@ def main() -> None:
             if req.get("engine") and key not in preloaded:
                 _preload(req["engine"])
                 preloaded.add(key)
+                if _cuda_initialised():  # a child would inherit a CUDA context it cannot use
+                    print(f"giris launcher: preloading {req['engine'].get('engine')!r} initialised "
+                          "CUDA; workers start as fresh interpreters from now on", file=sys.stderr)
+                    break  # gone: the supervisor starts its workers itself
             try:
                 pid = os.fork()
             except OSError as e:

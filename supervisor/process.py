@@ -29,6 +29,25 @@ def _child_setup(cpus: list[int] | None) -> Any:
     return setup
 
 
+def visible_device(device: str, inherited: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a stage on ``device`` (``cuda:N``).
+
+    ``N`` counts the GPUs the server itself sees: where the server was given
+    ``CUDA_VISIBLE_DEVICES=2,3`` (or UUIDs, or MIG instances), ``cuda:1`` is the second
+    entry of that list, not physical GPU 1."""
+    kind, _, index = device.partition(":")
+    index = index or "0"
+    if kind != "cuda" or not index.isdigit():
+        raise ValueError(f"bad device {device!r}: expected cpu or cuda:N")
+    if inherited is None or not inherited.strip():
+        return index
+    seen = [d.strip() for d in inherited.split(",") if d.strip()]
+    if int(index) >= len(seen):
+        raise ValueError(f"{device}: this server sees only {len(seen)} GPU(s) "
+                         f"(CUDA_VISIBLE_DEVICES={inherited})")
+    return seen[int(index)]
+
+
 @dataclass
 class WorkerHandle:
     """A stage replica: its spec, its current process, its restart history."""
@@ -59,7 +78,7 @@ class WorkerHandle:
         env = dict(os.environ)
         if self.device.startswith("cuda"):
             # Before the child imports torch: the stage sees only its own GPU, as cuda:0.
-            env["CUDA_VISIBLE_DEVICES"] = self.device.partition(":")[2] or "0"
+            env["CUDA_VISIBLE_DEVICES"] = visible_device(self.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.identity = f"{self.stage}.{self.index}.{time.monotonic_ns()}".encode()
         spec = dict(self.spec, identity=self.identity.decode())
         if self.device.startswith("cuda"):

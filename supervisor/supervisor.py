@@ -24,7 +24,7 @@ from giris.runtime.shm_pool import SlotPool, clean_stale
 from giris.runtime.transport import PoolSet, private_dir, recv, send, socket
 from giris.supervisor.delivery import Delivery
 from giris.supervisor.gateway import Gateway
-from giris.supervisor.process import BACKOFF, FAILED, READY, STARTING, STOPPED, WorkerHandle
+from giris.supervisor.process import BACKOFF, FAILED, READY, STARTING, STOPPED, WorkerHandle, visible_device
 from giris.supervisor.restart import RestartPolicy
 from giris.supervisor.launcher import Launcher
 from giris.supervisor.sessions import SessionRegistry
@@ -74,6 +74,12 @@ class Supervisor:
         cfg = self.config
         if not cfg.stages:
             raise GirisError("no stages configured", code="bad_config")
+        for name, sc in cfg.stages.items():  # before anything is made that would need undoing
+            if sc.device != "cpu":
+                try:
+                    visible_device(sc.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+                except ValueError as e:
+                    raise GirisError(f"stages.{name}.device: {e}", code="bad_config") from None
         self.run_dir = cfg.server.run_dir or private_dir()
         self._own_run_dir = not cfg.server.run_dir
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -144,6 +145,20 @@ def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server)
     plain = make_server({"server": {"launcher": "spawn"}})
     pids = {w["pid"] for w in plain.status()["workers"]}
     assert {p.pid for p in psutil.Process(plain.proc.pid).children()} == pids
+
+
+def test_a_preload_that_initialises_cuda_ends_forking(make_server):
+    """An engine whose preload initialised CUDA (against the rule: a forked child cannot
+    use the parent's context) makes the launcher stop; every stage is then started as a
+    fresh interpreter, and the server serves."""
+    srv = make_server({"stages": small_stages(render={"options": {"preload_claims_cuda": True}})})
+    server = psutil.Process(srv.proc.pid)
+    assert eventually(lambda: all(w["state"] == "ready" and w["pid"] for w in srv.status()["workers"]),
+                      timeout=30)
+    assert {psutil.Process(w["pid"]).ppid() for w in srv.status()["workers"]} == {server.pid}
+    assert {p.pid for p in server.children()} == {w["pid"] for w in srv.status()["workers"]}
+    out = collect(srv.client().open_session(), "still here")
+    assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
 
 
 def test_the_server_answers_while_the_launcher_preloads_an_engine(make_server):
@@ -540,3 +555,26 @@ def test_a_client_that_vanishes_while_its_session_opens_leaves_nothing(make_serv
     assert eventually(lambda: all(w["sessions"] == 0 for w in srv.status()["workers"]), 10)
     c = srv.client(heartbeat=0.1)
     assert len(collect(c.open_session(), "still serving")["frames"]) == 10
+
+
+def test_a_stage_on_cuda_n_sees_the_nth_gpu_the_server_sees():
+    from giris.supervisor.process import visible_device
+
+    assert visible_device("cuda:1", None) == "1" and visible_device("cuda", "") == "0"
+    assert visible_device("cuda:1", "2,3") == "3"  # the server's second GPU, not physical 1
+    assert visible_device("cuda:0", "GPU-5ab3,MIG-77") == "GPU-5ab3"
+    for bad, seen in (("cuda:2", "2,3"), ("gpu:0", None), ("cuda:x", None)):
+        with pytest.raises(ValueError):
+            visible_device(bad, seen)
+
+
+def test_a_device_the_server_cannot_see_is_a_config_error(tmp_path, monkeypatch):
+    from giris.runtime.config import from_mapping
+    from giris.supervisor.supervisor import Supervisor
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    cfg = from_mapping({"stages": small_stages(render={"device": "cuda:1"})})
+    with pytest.raises(GirisError) as e:
+        Supervisor(cfg).start()
+    assert e.value.code == "bad_config" and "cuda:1" in str(e.value)
+    assert not list(Path("/dev/shm").glob(f"giris-{os.getpid()}-*"))

@@ -415,3 +415,15 @@ def test_a_few_voices_stay_loaded_not_every_one_ever_asked_for():
     assert sum(len(o.tensors[0]) for o in engine.process(item, kept)) > 10000
     engine.open_session({"voice": "a"})  # and it loads again when asked for
     assert list(engine.voices) == ["joe", "a"]
+
+
+def test_piper_on_a_gpu_without_onnx_runtimes_cuda_build_says_so():
+    import onnxruntime
+
+    from giris.workers.tts_piper import PiperEngine
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    with pytest.raises(EngineError) as e:
+        PiperEngine({}, EngineContext(stage="tts", device="cuda:0"))
+    assert e.value.code == "engine_unavailable" and "onnxruntime-gpu" in str(e.value)

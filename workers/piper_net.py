@@ -260,6 +260,8 @@ def session(graph: bytes | str, threads: int = 1, cuda: bool = False, affinity: 
     if save_to:
         opts.optimized_model_filepath = save_to
         opts.log_severity_level = 3  # not its "for this machine only" warning: we know
-    providers: list[Any] = (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda
-                            else ["CPUExecutionProvider"])
+    # cuDNN's default is an exhaustive search of convolution algorithms per new input
+    # shape, and decoder windows come in many lengths: each would pay it on first sight
+    providers: list[Any] = ([("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
+                             "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"])
     return onnxruntime.InferenceSession(graph, sess_options=opts, providers=providers)

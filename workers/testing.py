@@ -6,7 +6,9 @@
 coefficients pass through. ``test-frames`` (render): frames whose pixels encode jawOpen.
 Option ``crash_on_start`` makes any of them die while loading (a crash loop), ``load_s``
 makes loading take that long, ``open_s`` opening a session (``test-frames``);
-``estimate_bytes`` sets what a session is said to cost on ``estimate_device``.
+``estimate_bytes`` sets what a session is said to cost on ``estimate_device``;
+``preload_s`` makes the launcher's preload take that long, ``preload_claims_cuda`` makes
+it look as if it had initialised CUDA.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ class _Misbehaving:
     @classmethod
     def preload(cls, options: Mapping[str, Any]) -> None:
         time.sleep(float(options.get("preload_s", 0.0)))  # heavy imports, in the launcher
+        if options.get("preload_claims_cuda"):  # as if the preload had initialised CUDA
+            import torch
+
+            torch.cuda.is_initialized = lambda: True
 
     def _setup(self, options: Mapping[str, Any]) -> None:
         if options.get("crash_on_start"):

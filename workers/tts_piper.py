@@ -101,6 +101,15 @@ class PiperEngine(TTSEngine):
         self.noise_scale = o.get("noise_scale")
         self.noise_w_scale = o.get("noise_w_scale")
         self.use_cuda = context.device.startswith("cuda")
+        if self.use_cuda:
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                # ONNX Runtime would only warn and run on the CPU: say it instead
+                raise EngineError("the piper engine on a GPU needs ONNX Runtime's CUDA build "
+                                  "(pip install onnxruntime-gpu in place of onnxruntime); this one "
+                                  f"has {', '.join(onnxruntime.get_available_providers())}",
+                                  code="engine_unavailable")
         self.cpus = sorted(os.sched_getaffinity(0))
         self.threads = int(o.get("threads") or len(self.cpus))
         self.background_threads = int(o.get("background_threads", 1))
