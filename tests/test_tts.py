@@ -53,10 +53,10 @@ def test_piper_streams_small_windows_first_with_phonemes_on_the_samples(piper):
     out = run(piper, "Hello there, my friend. I am happy to see you.")
     texts = [o.meta["text"] for o in out]
     # clause by clause, in order, each clause's text on its first chunk only (captions);
-    # the first clause window by window, its first window small (16 decoder frames of 256
+    # the first clause window by window, its first window small (8 decoder frames of 256
     # samples) so the first audio leaves early
     assert [t for t in texts if t] == ["Hello there,", "my friend.", "I am happy to see you."]
-    assert texts[:2] == ["Hello there,", ""] and len(out[0].tensors[0]) == 16 * 256
+    assert texts[:2] == ["Hello there,", ""] and len(out[0].tensors[0]) == 8 * 256
     assert [o.meta["final"] for o in out] == [False] * (len(out) - 1) + [True]
     clock = 0
     marks = []  # every phoneme on the utterance's sample clock
@@ -75,8 +75,10 @@ def test_piper_streams_small_windows_first_with_phonemes_on_the_samples(piper):
     for o, nxt in zip(out, out[1:]):
         ahead = o.meta.get("phonemes_ahead")
         if not nxt.meta["text"]:  # the next window of the same clause
-            shift = len(o.tensors[0])
-            assert ahead and [[p, a - shift, n] for p, a, n in ahead] == nxt.meta["phonemes"][:len(ahead)]
+            shift, span = len(o.tensors[0]), len(nxt.tensors[0])
+            # (it may reach past the next window, when that one is short)
+            within = [[p, a - shift, n] for p, a, n in ahead if a - shift < span]
+            assert ahead and within and within == nxt.meta["phonemes"][:len(within)]
         else:
             assert not ahead  # nothing is known past a clause
     # a pause after each sentence, as a silence phoneme and as silent samples
