@@ -97,6 +97,8 @@ def _consumer(mode: str, run_dir: str, n: int, q: Any, ack_q: Any) -> None:
                 lat.append(time.perf_counter() - msg.meta["t"])
             ack.send(b"")
         pools.close()
+        if mode.startswith("cuda"):
+            gpu.close()
         sock.close(0)
     ack_q.put(lat)
     ack.close(0)

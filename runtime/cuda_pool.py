@@ -151,7 +151,7 @@ class CudaPoolCache:
             # not under work still queued on it (unmapping memory a kernel reads is a
             # fault that poisons this process's context); arrays over it are dangling now
             rt.deviceSynchronize()
-            rt.ipcCloseMemHandle(cached.base.ptr)
+            self._close(cached)
             del self.opened[name]
         off = CARD.size
         ptr = rt.ipcOpenMemHandle(card[off:off + HANDLE], rt.cudaIpcMemLazyEnablePeerAccess)
@@ -193,3 +193,22 @@ class CudaPoolCache:
             return False
         _cupy().cuda.get_current_stream().synchronize()
         return table.release(ref.slot, ref.lease)
+
+    def close(self) -> None:
+        """Let go of every opened pool (handles, imported events, slot tables), after the
+        work queued on them. Arrays still held over them must not be used afterwards."""
+        if self.opened:
+            _cupy().cuda.runtime.deviceSynchronize()
+        for opened in self.opened.values():
+            self._close(opened)
+        self.opened.clear()
+        for table in self.tables.values():
+            table.close()
+        self.tables.clear()
+
+    @staticmethod
+    def _close(opened: _Opened) -> None:
+        rt = _cupy().cuda.runtime
+        for event in opened.events:  # imported events are this process's to destroy
+            rt.eventDestroy(event)
+        rt.ipcCloseMemHandle(opened.base.ptr)

@@ -22,6 +22,7 @@ cache = CudaPoolCache()
 a = cache.array(ref)
 print(int(a.sum()), int(a[0, 0, 0]))
 assert cache.release(ref)
+cache.close()
 """
 
 

@@ -1,0 +1,85 @@
+"""The CUDA pool's bookkeeping, on any machine: CuPy replaced by a stand-in over host
+memory (``tests/fake_cupy.py``). What CUDA does (IPC across processes, events, streams)
+is checked by the ``gpu`` tests in ``test_cuda_pool.py``; this checks what Giris adds on
+top: references' offsets and bounds, handles opened once, stale references refused
+before anything is opened, teardown after the device is idle."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from giris.runtime.protocol import TensorRef
+from giris.runtime.shm_pool import SHM_DIR, SlotPool, StaleReference
+from tests import fake_cupy
+
+
+@pytest.fixture
+def cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    fake_cupy.calls.clear()
+    return fake_cupy
+
+
+def test_extent_of_strided_views():
+    from giris.runtime.cuda_pool import _extent
+
+    assert _extent((512, 512, 3), (1536, 3, 1), 1) == (0, 512 * 512 * 3)
+    assert _extent((4, 5), None, 4) == (0, 80)
+    assert _extent((0, 5), (20, 4), 4) == (0, 0)
+    assert _extent((3,), (-8,), 8) == (-16, 8)
+
+
+def test_references_offsets_bounds_cache_and_teardown(cupy):
+    from giris.runtime.cuda_pool import CudaPoolCache, CudaSlotPool
+
+    name = f"giris-{os.getpid()}-fakegpu"
+    table = SlotPool.create(name, 64, 4)
+    try:
+        pool = CudaSlotPool(table, 100 * 100 * 3)
+        slot, arr = pool.alloc((100, 100, 3), "uint8")
+        slot2, arr2 = pool.alloc((100, 100, 3), "uint8")
+        arr[...] = 3
+        arr2[...] = 9
+        for foreign in (cupy.zeros((100, 100, 3), cupy.uint8), arr2):  # not in this slot
+            with pytest.raises(ValueError):
+                pool.publish(slot, foreign)
+        ref = pool.publish(slot, arr)
+        assert ref.offset == slot.index * pool.slot_bytes
+        ref_sub = pool.publish(slot, arr[10:20, 5:7])  # a view: its own offset
+        assert ref_sub.offset == ref.offset + 10 * 300 + 5 * 3
+
+        cache = CudaPoolCache()
+        a = cache.array(ref)
+        assert a.shape == (100, 100, 3) and int(a.sum()) == 3 * 100 * 100 * 3
+        b = cache.array(ref_sub)
+        assert b.shape == (10, 2, 3) and int(b.sum()) == 3 * 60
+        # into the other slot under this slot's lease, or past it by its strides: refused
+        for forged in ({"offset": slot2.index * pool.slot_bytes}, {"strides": (30000, 3, 1)}):
+            with pytest.raises(StaleReference):
+                cache.array(TensorRef(**{**ref.__dict__, **forged}))
+        assert cache.release(ref) and not cache.release(ref)
+        assert sum(c[0] == "open" for c in cupy.calls) == 1  # opened once, then cached
+
+        # the producer restarts: an old reference is refused before anything is opened,
+        # a new one reopens, after the old mapping was let go with the device idle
+        pool2 = CudaSlotPool(table, 100 * 100 * 3)
+        with pytest.raises(StaleReference):
+            cache.array(ref_sub)
+        assert sum(c[0] == "open" for c in cupy.calls) == 1
+        s3, a3 = pool2.alloc((100, 100, 3), "uint8")
+        a3[...] = 1
+        assert int(cache.array(pool2.publish(s3, a3)).sum()) == 100 * 100 * 3
+        names = [c[0] for c in cupy.calls]
+        first_teardown = names.index("evdestroy")
+        assert names[first_teardown - 1] == "devsync"
+        assert names[first_teardown:names.index("close")] == ["evdestroy"] * table.n_slots
+        cache.close()
+        names = [c[0] for c in cupy.calls]
+        assert names.count("close") == 2 and names.count("evdestroy") == 2 * table.n_slots
+        assert not cache.opened and not cache.tables
+    finally:
+        table.unlink()
+        table.close()
+        (SHM_DIR / f"{name}.card").unlink(missing_ok=True)
