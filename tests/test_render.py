@@ -301,3 +301,19 @@ def test_bundled_avatars_ship_with_dlibs_own_points():
         data = (ASSETS / f"{name}.png").read_bytes()
         pts = known[hashlib.sha256(data).hexdigest()]
         assert np.allclose(pts, LM.find_face(LM.decode_image(data)), atol=0.01)
+
+
+def test_a_session_is_charged_where_its_memory_is(session):
+    """On the CPU everything a session holds is host memory; on a GPU its source and box
+    buffers are on the device and the rest on the host (the split is worked out from the
+    same session: the engine's device is what decides it)."""
+    import torch
+
+    on_cpu = WarpRenderEngine.__new__(WarpRenderEngine)
+    on_cpu.device = torch.device("cpu")
+    assert on_cpu.held(session) == {"cpu": session.nbytes}
+    on_gpu = WarpRenderEngine.__new__(WarpRenderEngine)
+    on_gpu.device = torch.device("cuda", 0)
+    held = on_gpu.held(session)
+    assert set(held) == {"cuda:0", "cpu"} and sum(held.values()) == session.nbytes
+    assert held["cuda:0"] == session.device_nbytes >= session.src.numel() * 4 > held["cpu"] > 0

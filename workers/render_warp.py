@@ -157,7 +157,8 @@ class WarpSession:
     rest_px: np.ndarray                  # (P, 2) rest positions of the rig's moving points
     lid_rgb: dict[str, np.ndarray]       # eyelid skin colour per side
     mouth_rest_gap: float                # portrait's own inner-lip opening, pixels
-    nbytes: int = 0
+    nbytes: int = 0  # held in all (measured at open)
+    device_nbytes: int = 0  # of which on the render device
     frames: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -235,15 +236,26 @@ class WarpRenderEngine(RenderEngine):
         # source float32 + still uint8 + (worst case box = frame) sampling grid, float
         # output and uint8 staging, + a little for the coarse grid and kernels
         n = px * 12 + px * 3 + px * 8 + px * 12 + px * 3 + 600_000
-        key = "cpu" if self.device.type == "cpu" else str(self.device if self.device.index is not None
-                                                          else "cuda:0")
+        key = self._device_key()
         if key == "cpu":
             return {"cpu": n}
         return {key: px * 12 + px * 8 + px * 12 + px * 3, "cpu": px * 6 + 600_000}
 
     def held(self, state: WarpSession) -> dict[str, int]:
-        return self.estimate(state.spec) if not state.nbytes else {
-            ("cpu" if self.device.type == "cpu" else str(self.device)): state.nbytes}
+        """What the session holds, measured, on the device and on the host (on a GPU the
+        source and the per-frame box buffers are there, the still, the rig and the spline
+        kernels on the host)."""
+        if not state.nbytes:
+            return self.estimate(state.spec)
+        key = self._device_key()
+        if key == "cpu":
+            return {"cpu": state.nbytes}
+        return {key: state.device_nbytes, "cpu": state.nbytes - state.device_nbytes}
+
+    def _device_key(self) -> str:
+        if self.device.type == "cpu":
+            return "cpu"
+        return f"cuda:{self.device.index if self.device.index is not None else 0}"
 
     def open_session(self, spec: Mapping[str, Any]) -> WarpSession:
         size = self._size(spec)
@@ -332,14 +344,15 @@ class WarpRenderEngine(RenderEngine):
             lid_rgb[side] = (np.median(patch, 0) if len(patch) else np.array([180, 140, 120])).astype(np.float32)
 
         gap = _chain_gap(lm)
-        nbytes = (src.numel() * 4 + image.nbytes + k_ga.nbytes + system.nbytes + grid_px.nbytes * 3
-                  + w * h * (8 + 12 + 3))
+        device_nbytes = src.numel() * 4 + w * h * (8 + 12 + 3)  # source; grid, float and uint8 box
+        nbytes = device_nbytes + image.nbytes + k_ga.nbytes + system.nbytes + grid_px.nbytes * 3
         return WarpSession(spec=spec, size=size, image=image, rig=rig, device=self.device, src=src,
                            roi=(x0, y0, x1, y1), gh=gh, gw=gw, grid_px=grid_px, grid_n=grid_n,
                            anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper,
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
                            centers64=centers64,
-                           rest_px=rest_px, lid_rgb=lid_rgb, mouth_rest_gap=gap, nbytes=nbytes)
+                           rest_px=rest_px, lid_rgb=lid_rgb, mouth_rest_gap=gap, nbytes=nbytes,
+                           device_nbytes=device_nbytes)
 
     @classmethod
     def preload(cls, options: Mapping[str, Any]) -> None:
