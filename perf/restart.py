@@ -31,12 +31,15 @@ def _config(launcher: str, base: str | None = None) -> str:
     if "launcher" in server:
         raise SystemExit("perf restart: the config sets server.launcher; the benchmark sets it")
     line = f'launcher = "{launcher}"\n'
-    if server:
-        text, n = re.subn(r"(?m)^\[server\][ \t]*\n", lambda m: m.group(0) + line, text, count=1)
-        if not n:
-            raise SystemExit("perf restart: write the config's server settings as a [server] table")
-    else:
+    text, n = re.subn(r"(?m)^\[server\][ \t]*(?:\r?\n|\Z)", lambda m: m.group(0).rstrip() + "\n" + line,
+                      text, count=1)
+    if not n:
         text += f"\n[server]\n{line}"
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raise SystemExit("perf restart: cannot add server.launcher to this config; give its "
+                         "server settings as a [server] table") from None
     fd, path = tempfile.mkstemp(prefix="giris-restart-", suffix=".toml")
     with os.fdopen(fd, "w") as f:
         f.write(text)

@@ -144,6 +144,11 @@ class CudaPoolCache:
         magic, generation, slot_bytes, n_slots, device = CARD.unpack_from(card)
         if magic != MAGIC:
             raise GirisError(f"{name} has no valid CUDA card", code="bad_pool")
+        table = self.tables.get(name)
+        if table is not None and generation != table.generation:
+            # the producer resets the table before it writes its new card: a restart is
+            # under way, and this card names memory that is going or gone
+            raise StaleReference(f"{name}: the producer is restarting")
         cached = self.opened.get(name)
         if cached is not None and cached.generation == generation:
             return cached

@@ -86,7 +86,7 @@ class SlotPool:
                                 offset=self._data_offset)
         # Column views for the vectorised work (search, reclaim, counts) ...
         self._state = self.table["state"]
-        self._holder, self._owner = self.table["holder"], self.table["owner"]
+        self._holders, self._owners = self.table["holder"], self.table["owner"]
         # ... and flat typed memoryviews of the same bytes for the per-hand-off reads and
         # writes: an item there costs ~50 ns against ~300 ns for a numpy scalar, and a
         # woken process pays several times that for every object it touches.
@@ -146,7 +146,7 @@ class SlotPool:
             mv.release()
         self._mv = []
         self._header = self.table = self._data = None  # type: ignore[assignment]
-        self._state = self._holder = self._owner = self._flat = None  # type: ignore[assignment]
+        self._state = self._holders = self._owners = self._flat = None  # type: ignore[assignment]
         self._slots = []
         try:
             self._mm.close()
@@ -223,7 +223,10 @@ class SlotPool:
 
     # ------------------------------------------------------------------ references
     def ref(self, slot: Slot, array: np.ndarray, device: str = "cpu") -> TensorRef:
-        """The reference to ``array``, which must lie inside ``slot``."""
+        """The reference to ``array``, which must lie inside ``slot`` and be C-contiguous
+        (a consumer's view of it is: a strided view would be read as if it were not)."""
+        if not array.flags.c_contiguous:
+            raise ValueError("only C-contiguous arrays can be handed over through a pool slot")
         off = array.__array_interface__["data"][0] - self._base - slot.index * self.slot_bytes
         if not 0 <= off <= self.slot_bytes - array.nbytes:
             raise ValueError("array does not lie inside the slot")
@@ -274,7 +277,7 @@ class SlotPool:
         self._state[:] = FREE
 
     def owned_by(self, owner: int) -> int:
-        return int(np.count_nonzero((self._state == BUSY) & (self._owner == owner)))
+        return int(np.count_nonzero((self._state == BUSY) & (self._owners == owner)))
 
 
 def clean_stale(prefix: str = "giris-") -> list[str]:

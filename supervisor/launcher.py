@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("giris.launcher")
 PR_SET_PDEATHSIG = 1
@@ -85,6 +85,10 @@ class Launcher:
         #: by request id: the pid forked for it (None: the fork failed), and how it ended
         self.pids: dict[int, int | None] = {}
         self.exits: dict[int, int] = {}
+        #: requests the launcher declined: their workers start as fresh interpreters
+        self.fresh: set[int] = set()
+        #: False once the launcher stopped forking (an engine's preload initialised CUDA)
+        self.forking = True
         self._next = 0
         self._ready = False
         if not self._await(lambda: self._ready, timeout):
@@ -95,14 +99,17 @@ class Launcher:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def spawn(self, env: dict[str, str], cpus: list[int] | None, engine: dict[str, Any]) -> "LaunchedProcess":
+    def spawn(self, env: dict[str, str], cpus: list[int] | None, engine: dict[str, Any],
+              fresh: Callable[[], Any]) -> "LaunchedProcess":
         """Ask for a worker; ``engine`` (``{"engine": name, "options": {...}}``) is preloaded
         first if it was not yet. Returns at once: the supervisor's loop goes on (heartbeats,
-        clients, the watchdog) while the launcher preloads and forks; the pid comes later."""
+        clients, the watchdog) while the launcher preloads and forks; the pid comes later.
+        Should the launcher decline (it stopped forking), ``fresh()`` starts the worker as
+        a fresh interpreter instead (a ``Popen``)."""
         self._next += 1
         rid = self._next
         self.sock.send(json.dumps({"spawn": rid, "env": env, "cpus": cpus, "engine": engine}).encode())
-        return LaunchedProcess(rid, self)
+        return LaunchedProcess(rid, self, fresh)
 
     def pump(self, timeout: float = 0.0) -> None:
         """Read what the launcher said (exits, replies), waiting up to ``timeout`` s."""
@@ -115,6 +122,9 @@ class Launcher:
                 msg = json.loads(data)
                 if "exit" in msg:
                     self.exits[int(msg["exit"])] = int(msg["code"])
+                elif "spawned" in msg and msg.get("fresh"):
+                    self.fresh.add(int(msg["spawned"]))
+                    self.forking = False
                 elif "spawned" in msg:
                     self.pids[int(msg["spawned"])] = msg.get("pid")
                 elif msg.get("ready"):
@@ -150,20 +160,34 @@ class LaunchedProcess:
     """A worker asked of the launcher, answering like ``subprocess.Popen`` (``pid`` is None
     until the launcher has forked it)."""
 
-    def __init__(self, rid: int, launcher: Launcher) -> None:
+    def __init__(self, rid: int, launcher: Launcher, fresh: Callable[[], Any]) -> None:
         self.rid = rid
         self.launcher = launcher
         self.returncode: int | None = None
+        self._fresh = fresh
+        self._popen: Any = None  # the fresh interpreter, where the launcher declined
+
+    def _declined(self) -> Any:
+        """The fresh interpreter started in the launcher's stead, once it declined."""
+        if self._popen is None and self.rid in self.launcher.fresh:
+            self.launcher.fresh.discard(self.rid)
+            self._popen = self._fresh()
+        return self._popen
 
     @property
     def pid(self) -> int | None:
         if self.rid not in self.launcher.pids:
             self.launcher.pump(0.0)
+        if self._declined() is not None:
+            return self._popen.pid
         return self.launcher.pids.get(self.rid)
 
     def poll(self) -> int | None:
         if self.returncode is None:
             self.launcher.pump(0.0)
+            if self._declined() is not None:
+                self.returncode = self._popen.poll()
+                return self.returncode
             code = self.launcher.exits.pop(self.rid, None)
             if code is None and self.rid in self.launcher.pids and self.launcher.pids[self.rid] is None:
                 code = 1  # the fork failed
@@ -184,6 +208,9 @@ class LaunchedProcess:
         """Through the launcher, which signals the worker only while it is its unreaped
         child (a pid freed by an exit we have not heard of yet may be someone else's)."""
         if self.poll() is None:
+            if self._popen is not None:
+                self._popen.send_signal(sig)
+                return
             try:
                 self.launcher.sock.send(json.dumps({"signal": self.rid, "sig": int(sig)}).encode())
             except OSError:
@@ -271,6 +298,7 @@ def main() -> None:
     sock.send(b'{"ready": true}')
     me = os.getpid()
     preloaded: set[str] = set()
+    forking = True
     children: dict[int, int] = {}  # pid -> request id, until reaped
     by_request: dict[int, int] = {}  # request id -> pid
     sock.settimeout(0.1)
@@ -286,13 +314,16 @@ def main() -> None:
                     os.kill(pid, req["sig"])
                 continue
             key = json.dumps(req.get("engine"), sort_keys=True)
-            if req.get("engine") and key not in preloaded:
+            if forking and req.get("engine") and key not in preloaded:
                 _preload(req["engine"])
                 preloaded.add(key)
                 if _cuda_initialised():  # a child would inherit a CUDA context it cannot use
                     print(f"giris launcher: preloading {req['engine'].get('engine')!r} initialised "
-                          "CUDA; workers start as fresh interpreters from now on", file=sys.stderr)
-                    break  # gone: the supervisor starts its workers itself
+                          "CUDA; new workers start as fresh interpreters", file=sys.stderr)
+                    forking = False  # those forked already run on; this one and the next not
+            if not forking:
+                sock.send(json.dumps({"spawned": req["spawn"], "fresh": True}).encode())
+                continue
             try:
                 pid = os.fork()
             except OSError as e:

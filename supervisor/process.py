@@ -39,9 +39,11 @@ def visible_device(device: str, inherited: str | None) -> str:
     index = index or "0"
     if kind != "cuda" or not index.isdigit():
         raise ValueError(f"bad device {device!r}: expected cpu or cuda:N")
-    if inherited is None or not inherited.strip():
+    if inherited is None:
         return index
     seen = [d.strip() for d in inherited.split(",") if d.strip()]
+    if seen and seen[0].lstrip("-").isdigit() and int(seen[0]) < 0:
+        seen = []  # CUDA reads no further than an invalid index: "-1" hides every GPU
     if int(index) >= len(seen):
         raise ValueError(f"{device}: this server sees only {len(seen)} GPU(s) "
                          f"(CUDA_VISIBLE_DEVICES={inherited})")
@@ -86,17 +88,22 @@ class WorkerHandle:
         env["GIRIS_WORKER"] = json.dumps(spec)
         env.update(env_extra or {})
         self.proc = None
-        if self.launcher is not None and self.launcher.alive:
+
+        def fresh() -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", "giris.workers.stage"], env=env, stdin=subprocess.DEVNULL,
+                preexec_fn=_child_setup(self.cpus), close_fds=True)
+
+        if self.launcher is not None and self.launcher.alive and self.launcher.forking:
             try:
                 self.proc = self.launcher.spawn(env, self.cpus, {"engine": self.spec["engine"],
-                                                                  "options": self.spec.get("options") or {}})
+                                                                  "options": self.spec.get("options") or {}},
+                                                fresh)
             except OSError as e:
                 log.warning("launcher failed, starting a fresh interpreter",
                             extra={"stage": self.stage, "error": str(e)})
         if self.proc is None:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "giris.workers.stage"], env=env, stdin=subprocess.DEVNULL,
-                preexec_fn=_child_setup(self.cpus), close_fds=True)
+            self.proc = fresh()
         self.state = STARTING
         self.started_at = self.last_beat = time.monotonic()
         self.beat = {}

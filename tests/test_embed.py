@@ -31,11 +31,12 @@ def test_runtime_context_manager_streams_and_cleans_up():
     assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
-def test_a_stage_on_a_gpu_hands_its_frames_over_in_host_memory():
+def test_a_stage_on_a_gpu_hands_its_frames_over_in_host_memory(monkeypatch):
     """A stage on ``cuda:0`` (the test engine never touches CUDA, so this runs anywhere)
     writes into its shared-memory pool like any other: its references say ``cpu``, where
     the bytes are, and every frame reaches the client (they were all dropped as
     "a cuda:0 tensor needs the CUDA pool")."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # "" would mean: no GPU at all
     stages = small_stages(render={"device": "cuda:0"})
     cfg = from_mapping({"stages": stages, "defaults": {"size": 64}, "limits": {"min_size": 32}})
     with Runtime(cfg) as rt:

@@ -107,6 +107,8 @@ def test_ref_outside_slot_is_rejected(pool):
     slot = pool.alloc()
     with pytest.raises(ValueError):
         pool.ref(slot, np.zeros(4, np.uint8))
+    with pytest.raises(ValueError):  # strided: a consumer would read it as if it were not
+        pool.ref(slot, slot.array[:64].reshape(8, 8)[:, ::2])
 
 
 def test_an_unrelated_process_attaching_never_unlinks_or_warns(pool):

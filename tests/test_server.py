@@ -149,14 +149,25 @@ def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server)
 
 def test_a_preload_that_initialises_cuda_ends_forking(make_server):
     """An engine whose preload initialised CUDA (against the rule: a forked child cannot
-    use the parent's context) makes the launcher stop; every stage is then started as a
-    fresh interpreter, and the server serves."""
+    use the parent's context) makes the launcher stop forking: that stage and any started
+    later are fresh interpreters, the workers forked before it run on untouched (no
+    restart), and the server serves."""
     srv = make_server({"stages": small_stages(render={"options": {"preload_claims_cuda": True}})})
     server = psutil.Process(srv.proc.pid)
     assert eventually(lambda: all(w["state"] == "ready" and w["pid"] for w in srv.status()["workers"]),
                       timeout=30)
-    assert {psutil.Process(w["pid"]).ppid() for w in srv.status()["workers"]} == {server.pid}
-    assert {p.pid for p in server.children()} == {w["pid"] for w in srv.status()["workers"]}
+    workers = {w["stage"]: w for w in srv.status()["workers"]}
+    assert all(w["restarts"] == 0 for w in workers.values())
+    (launcher,) = [p for p in server.children() if p.pid not in {w["pid"] for w in workers.values()}]
+    parents = {stage: psutil.Process(w["pid"]).ppid() for stage, w in workers.items()}
+    assert parents == {"tts": launcher.pid, "coeffs": launcher.pid, "motion": launcher.pid,
+                       "render": server.pid}
+    os.kill(workers["tts"]["pid"], signal.SIGKILL)  # and a restart after it is fresh too
+    assert eventually(lambda: next(w for w in srv.status()["workers"] if w["stage"] == "tts")["state"]
+                      == "ready" and next(w for w in srv.status()["workers"]
+                                          if w["stage"] == "tts")["pid"] != workers["tts"]["pid"])
+    tts = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "tts")
+    assert psutil.Process(tts).ppid() == server.pid
     out = collect(srv.client().open_session(), "still here")
     assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
 
@@ -560,10 +571,11 @@ def test_a_client_that_vanishes_while_its_session_opens_leaves_nothing(make_serv
 def test_a_stage_on_cuda_n_sees_the_nth_gpu_the_server_sees():
     from giris.supervisor.process import visible_device
 
-    assert visible_device("cuda:1", None) == "1" and visible_device("cuda", "") == "0"
+    assert visible_device("cuda:1", None) == "1" and visible_device("cuda", None) == "0"
     assert visible_device("cuda:1", "2,3") == "3"  # the server's second GPU, not physical 1
     assert visible_device("cuda:0", "GPU-5ab3,MIG-77") == "GPU-5ab3"
-    for bad, seen in (("cuda:2", "2,3"), ("gpu:0", None), ("cuda:x", None)):
+    for bad, seen in (("cuda:2", "2,3"), ("gpu:0", None), ("cuda:x", None), ("cuda:0", ""),
+                      ("cuda:0", "-1")):  # the last two: the server was given no GPU
         with pytest.raises(ValueError):
             visible_device(bad, seen)
 

@@ -144,6 +144,12 @@ def test_voice_graphs_are_cut_and_optimized_once_then_loaded(tmp_path):
     for got in (first, second, third):
         assert got.shape == want.shape and np.abs(got - want).max() <= 1
     assert onnx_cache.load(tmp_path, manifest.stem) is not None  # made again
+    import json
+
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "flow_inputs": []}))  # a flow that cannot be fed
+    assert onnx_cache.load(tmp_path, manifest.stem) is None
+    manifest.write_text(json.dumps(m))
     Path(entry.decoder).write_bytes(b"junk")
     assert onnx_cache.load(tmp_path, manifest.stem) is None
 
@@ -361,7 +367,7 @@ def test_coqui_speakers_rate_and_text_it_cannot_read(tmp_path):
     with pytest.raises(EngineError) as e:
         say("你好。")
     assert e.value.code == "bad_input"
-    for bad in ({"speaker": "carl"}, {"language": "fr"}):
+    for bad in ({"speaker": "carl"}, {"language": "fr"}, {"rate": 0}):
         with pytest.raises(EngineError) as e:
             CoquiEngine({"model_path": model, "config_path": config, **bad}, EngineContext(stage="tts"))
         assert e.value.code == "bad_config"

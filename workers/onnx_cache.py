@@ -57,8 +57,10 @@ def load(cache: Path, key: str) -> Graphs | None:
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    os.utime(manifest)  # recently used: kept by _prune
     decoder, flow = parts.get("decoder"), parts.get("flow")
+    if flow and not m.get("flow_inputs"):
+        return None  # a flow whose inputs are not named cannot be fed: made again
+    os.utime(manifest)  # recently used: kept by _prune
     return Graphs(front=str(parts["front"]), decoder=str(decoder) if decoder else None,
                   latent=str(m.get("latent", "")), flow=str(flow) if flow else None,
                   flow_inputs=tuple(str(x) for x in m.get("flow_inputs", ())), optimized=True)

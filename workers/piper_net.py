@@ -180,7 +180,11 @@ class VoiceNet:
         n = max(1, len(self.flow_inputs))
         with self._pinned():
             out = self.front.run(None, args)
-        lat = Latent(out[:n], head)
+        parts = out[:n]
+        # a head needs every input of the flow to run over the frames (last axis), as the
+        # bundled voice's do; anything else gets the whole clause's flow at once
+        framed = all(np.ndim(p) >= 2 and np.shape(p)[-1] == np.shape(parts[0])[-1] for p in parts)
+        lat = Latent(parts, head and framed)
         if self.flow is None:
             lat.z, lat.valid = out[0], lat.frames
         return lat, (np.asarray(out[n]).reshape(-1) if len(out) > n else None)
@@ -202,7 +206,8 @@ class VoiceNet:
         head request (the flow over ``FLOW_CONTEXT`` frames more than asked)."""
         total = lat.frames
         end = min(total, hi + FLOW_CONTEXT) if lat.head and lat.valid == 0 else total
-        feed = {name: np.ascontiguousarray(x[..., :end]) for name, x in zip(self.flow_inputs, lat.parts)}
+        feed = {name: (x if end == total else np.ascontiguousarray(x[..., :end]))
+                for name, x in zip(self.flow_inputs, lat.parts)}
         lat.z = self.flow.run(None, feed)[0]  # type: ignore[union-attr]
         lat.valid = total if end == total else end - FLOW_CONTEXT
 

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from giris.runtime import protocol as P
 from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, pad_silence
 from giris.workers.engine import EngineContext, EngineError
 from giris.workers.text import pieces
@@ -86,6 +87,9 @@ class CoquiEngine(TTSEngine):
         #: the model's own pace, scaled by 1/rate per request (VITS, Glow-TTS); None: no rate
         self.length_scale = float(scale) if isinstance(scale, (int, float)) else None
         self.rate = float(o.get("rate", 1.0))
+        if not P.RATE_RANGE[0] <= self.rate <= P.RATE_RANGE[1]:
+            raise EngineError(f"coqui rate {self.rate} is outside {P.RATE_RANGE[0]}..{P.RATE_RANGE[1]}",
+                              code="bad_config")
         self.sentence_silence = float(o.get("sentence_silence", 0.2))
         self.first_words = int(o.get("first_chunk_words", 4))
 

@@ -174,6 +174,8 @@ class PiperEngine(TTSEngine):
                        sample_rate=int(cfg.sample_rate), length_scale=float(cfg.length_scale),
                        hop=int(cfg.hop_length), fast=fast, background=background)
             v.gain = self._gain(v, cache, entry)
+        except EngineError:
+            raise
         except Exception as e:  # noqa: BLE001 - a broken file is the caller's error
             raise EngineError(f"voice {name!r} cannot be loaded: {e}", code="unknown_voice") from e
         self.voices[key] = v
@@ -196,8 +198,17 @@ class PiperEngine(TTSEngine):
                 graphs = onnx_cache.store(cache, key, graphs)
 
         def make(g: Graphs) -> tuple[VoiceNet, VoiceNet | None]:
-            if not 0 < self.background_threads < self.threads or self.use_cuda:
-                return VoiceNet(g, self.threads, self.use_cuda, self.cpus), None
+            if self.use_cuda:
+                net = VoiceNet(g, self.threads, True, self.cpus)
+                if net.front.get_providers()[0] != "CUDAExecutionProvider":
+                    # the CUDA build is there but could not start (driver, CUDA or cuDNN
+                    # libraries): ONNX Runtime fell back to the CPU with a warning
+                    raise EngineError("the piper engine on a GPU: ONNX Runtime's CUDA provider did "
+                                      "not start (see its warnings: driver, CUDA and cuDNN versions)",
+                                      code="engine_unavailable")
+                return net, None
+            if not 0 < self.background_threads < self.threads:
+                return VoiceNet(g, self.threads, False, self.cpus), None
             # the two sets side by side: ONNX Runtime makes a session without the GIL
             # (~0.4 s instead of ~0.6 s for the six of the bundled voice on two cores)
             with ThreadPoolExecutor(1) as pool:
