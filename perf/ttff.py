@@ -11,6 +11,9 @@ Each utterance is cancelled once its first frame is in, and the next one is sent
 short pause (``--settle``, 0.3 s), so each request meets an idle runtime (a cancel lands
 between two chunks: without the pause a request would also wait for the chunk the voice
 was synthesizing when the previous one was cancelled).
+The streaming requests are traced (``say(..., trace=True)``): a second table shows where
+their first frames spent the time, hop by hop (p50 of each hop; they need not add up to
+the p50 of the whole).
 """
 from __future__ import annotations
 
@@ -32,14 +35,15 @@ TEXTS = [
 ]
 
 
-def first_frame_ms(session, text: str, batch: bool, settle: float = 0.3) -> tuple[float, float, float]:
+def first_frame_ms(session, text: str, batch: bool, settle: float = 0.3,
+                   traces: list | None = None) -> tuple[float, float, float]:
     """(ms to the first frame, ms to the last, ms to the first audio chunk): a streaming
     request is cancelled at its first frame (its last is not needed), a batch one runs to
-    the end."""
+    the end. With ``traces``, the request is traced and its first frame's stamps go there."""
     from giris.runtime.client import AudioChunk, Event, Frame
 
     t0 = time.perf_counter()
-    utt = session.start_say(text, batch=batch)
+    utt = session.start_say(text, batch=batch, trace=traces is not None)
     first = last = audio = None
     for item in session.stream(utt, timeout=120):
         if isinstance(item, AudioChunk) and audio is None:
@@ -48,6 +52,8 @@ def first_frame_ms(session, text: str, batch: bool, settle: float = 0.3) -> tupl
             last = (time.perf_counter() - t0) * 1000
             if first is None:
                 first = last
+                if traces is not None and item.trace:
+                    traces.append(item.trace)
                 if not batch:
                     session.cancel(utt)
             item.release()
@@ -69,6 +75,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     stream: list[float] = []
     voice: list[float] = []
+    traces: list[list] = []  # the streaming requests' first frames' stamps
     batch: list[float] = []
     batch_all: list[float] = []
     rows = [("sentences", "stream p50 ms", "(first audio)", "batch p50 ms", "batch / stream",
@@ -79,7 +86,7 @@ def main(argv: list[str]) -> int:
         for n, text in enumerate(TEXTS, 1):
             st, sa, bt, ba = [], [], [], []
             for _ in range(args.repeat):
-                frame, _, audio = first_frame_ms(s, text, False, args.settle)
+                frame, _, audio = first_frame_ms(s, text, False, args.settle, traces)
                 st.append(frame)
                 sa.append(audio)
                 first, last, _ = first_frame_ms(s, text, True, args.settle)
@@ -103,6 +110,21 @@ def main(argv: list[str]) -> int:
     table(rows)
     print("goal: batch/stream ≥ 10×, stream p50 ≤ 100 ms (batch counted at its first frame; "
           "the last column is when a batch system would hand over a finished video)")
+    hops = time_line(traces)
+    if hops:
+        print("where a streaming request's first frame spends its time (stamps in each process, p50 ms):")
+        table([("from", "to", "p50 ms")] + [(a, b, ms) for a, b, ms in hops])
+        res["hops_p50_ms"] = {f"{a} → {b}": ms for a, b, ms in hops}
     if args.json:
         emit_json(res)
     return 0
+
+
+def time_line(traces: list[list]) -> list[tuple[str, str, float]]:
+    """Median ms between consecutive stamps, over requests with the same stamps."""
+    if not traces:
+        return []
+    names = [w for w, _ in traces[0]]
+    same = [t for t in traces if [w for w, _ in t] == names]
+    return [(names[i], names[i + 1], pct([(t[i + 1][1] - t[i][1]) * 1000 for t in same], 50))
+            for i in range(len(names) - 1)]

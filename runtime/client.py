@@ -38,6 +38,9 @@ class AudioChunk:
     final: bool
     text: str = ""
     phonemes: list | None = None
+    #: for a traced request (``say(..., trace=True)``), on the first chunk: ``[where,
+    #: seconds]`` stamps of each process on the way (the server host's monotonic clock)
+    trace: list | None = None
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Coefficients:
     pts: float
     utterance: int
     final: bool
+    trace: list | None = None  # as AudioChunk.trace
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -64,6 +68,7 @@ class Frame:
     utterance: int
     final: bool
     _release: Any = field(default=None, repr=False)
+    trace: list | None = None  # as AudioChunk.trace
 
     def release(self) -> None:
         """Zero-copy frames: give the slot back (also done when the Frame is collected)."""
@@ -309,17 +314,22 @@ class Session:
 
     def say(self, text: str, *, emotion: str | None = None, intensity: float | None = None,
             rate: float | None = None, timeout: float | None = None,
-            batch: bool = False) -> Iterator[Item]:
+            batch: bool = False, trace: bool = False) -> Iterator[Item]:
         """Speak ``text``: yields AudioChunk, Coefficients (if wanted), Frame and Event items
         as they stream, and ends when the utterance is done. ``batch=True`` synthesizes the
-        whole text before animating anything (the non-streaming baseline of the benchmarks)."""
-        utt = self.start_say(text, emotion=emotion, intensity=intensity, rate=rate, batch=batch)
+        whole text before animating anything (the non-streaming baseline of the benchmarks);
+        ``trace``: see :meth:`start_say`."""
+        utt = self.start_say(text, emotion=emotion, intensity=intensity, rate=rate, batch=batch,
+                             trace=trace)
         return self.stream(utt, timeout=timeout)
 
     def start_say(self, text: str, *, emotion: str | None = None, intensity: float | None = None,
-                  rate: float | None = None, batch: bool = False) -> int:
+                  rate: float | None = None, batch: bool = False, trace: bool = False) -> int:
+        """Start an utterance; ``trace``: its first audio chunk, coefficients and frame say
+        when each process on the way had it (``.trace``; a "client" stamp is added when
+        the item is handed to the caller), to see where the time goes."""
         meta = {"text": text, "emotion": emotion, "intensity": intensity, "rate": rate,
-                "batch": batch or None}
+                "batch": batch or None, "trace": trace or None}
         reply = self.client.request(P.Message(P.SAY, session=self.token,
                                               meta={k: v for k, v in meta.items() if v is not None}))
         return int(reply.meta["utterance"])
@@ -387,15 +397,20 @@ class Session:
 
     def _item(self, msg: P.Message) -> Item | None:
         m = msg.meta
+        trace = m.get("trace")
+        if type(trace) is list:
+            trace = [*trace, ["client", time.monotonic()]]
+        else:
+            trace = None
         if msg.type == P.AUDIO:
             return AudioChunk(pcm=msg.inline_array(msg.tensors[0]), sample_rate=int(m["sample_rate"]),
                               start_sample=int(m["start_sample"]), pts=msg.pts, seq=msg.seq,
                               utterance=int(m.get("utterance", 0)), final=bool(m.get("final")),
-                              text=m.get("text", ""), phonemes=m.get("phonemes"))
+                              text=m.get("text", ""), phonemes=m.get("phonemes"), trace=trace)
         if msg.type == P.COEFFS:
             return Coefficients(values=msg.inline_array(msg.tensors[0]), first_frame=int(m["first_frame"]),
                                 fps=float(m["fps"]), pts=msg.pts, utterance=int(m.get("utterance", 0)),
-                                final=bool(m.get("final")))
+                                final=bool(m.get("final")), trace=trace)
         if msg.type == P.FRAME:
             ref = msg.tensors[0]
             release = None
@@ -405,7 +420,7 @@ class Session:
             else:
                 image = msg.inline_array(ref)
             return Frame(image=image, index=msg.seq, pts=msg.pts, utterance=int(m.get("utterance", 0)),
-                         final=bool(m.get("final")), _release=release)
+                         final=bool(m.get("final")), _release=release, trace=trace)
         return None
 
     def close(self) -> None:

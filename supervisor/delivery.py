@@ -52,6 +52,8 @@ class Delivery:
             return
         now = time.monotonic()
         utt.last_progress = now
+        if type(msg.meta.get("trace")) is list:
+            msg.meta["trace"].append(["supervisor", now])
         want = rec.spec.get("want", ())
         if msg.type == P.EVENT:  # an engine error for this utterance ends it
             self.count_error(str(msg.meta.get("code", "internal")))

@@ -266,6 +266,8 @@ class Gateway:
             _number(meta, "rate", *P.RATE_RANGE)
         if "emotion" in meta and not isinstance(meta["emotion"], str):
             raise BadInput("emotion must be a string")
+        if msg.meta.get("trace") is True:  # stamps of each process on the way (same-host clocks)
+            meta["trace"] = [["gateway", time.monotonic()]]
         utt = self.new_utterance(rec)
         meta["utterance"] = utt.id
         send(self.sup.first_stage_socket(), P.Message(P.SAY, session=rec.token, seq=utt.id, meta=meta))

@@ -590,3 +590,30 @@ def test_a_device_the_server_cannot_see_is_a_config_error(tmp_path, monkeypatch)
         Supervisor(cfg).start()
     assert e.value.code == "bad_config" and "cuda:1" in str(e.value)
     assert not list(Path("/dev/shm").glob(f"giris-{os.getpid()}-*"))
+
+
+def test_a_traced_request_says_where_its_time_went(make_server):
+    """``trace=True``: the first audio chunk, coefficients and frame carry a stamp of each
+    process they passed, in order, on one clock; untraced requests carry none."""
+    srv = make_server({"stages": small_stages()})
+    s = srv.client().open_session(want=["audio", "coeffs", "frames"])
+    firsts = {}
+    for item in s.say("one two three", trace=True):
+        kind = type(item).__name__
+        if kind in ("AudioChunk", "Coefficients", "Frame") and kind not in firsts:
+            firsts[kind] = item.trace
+        if isinstance(item, Frame):
+            item.release()
+    where = {k: [w for w, _ in t] for k, t in firsts.items()}
+    assert where["AudioChunk"] == ["gateway", "tts in", "tts out", "supervisor", "client"]
+    assert where["Coefficients"] == ["gateway", "tts in", "tts out", "coeffs in", "coeffs out",
+                                     "motion in", "motion out", "supervisor", "client"]
+    assert where["Frame"] == ["gateway", "tts in", "tts out", "coeffs in", "coeffs out", "motion in",
+                              "motion out", "render in", "render out", "supervisor", "client"]
+    stamps = [t for _, t in firsts["Frame"]]
+    assert stamps == sorted(stamps) and stamps[-1] - stamps[0] < 10
+    plain = [i for i in s.say("one") if not isinstance(i, Event)]
+    assert plain and all(i.trace is None for i in plain)
+    for i in plain:
+        if isinstance(i, Frame):
+            i.release()

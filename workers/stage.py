@@ -39,6 +39,8 @@ from giris.workers.registry import engine_class
 
 log = logging.getLogger("giris.worker")
 MAX_DRAIN = 64
+#: stamps a traced request may gather (one per stage boundary, a few per stage)
+MAX_TRACE = 32
 #: seconds a live session's frames may be drawn ahead of its clock (frames made earlier
 #: would only wait in the supervisor's memory)
 LIVE_LEAD_S = 1.0
@@ -64,6 +66,9 @@ class WorkerSession:
     not_before: float = 0.0
     #: since when the session has held its share of the pool (its client is behind)
     held_since: float | None = None
+    #: (utterance, stamps so far) of a traced request, until this stage's next output for
+    #: that utterance carries them on
+    trace: tuple[Any, list] | None = None
 
 
 class StageWorker:
@@ -419,6 +424,9 @@ class StageWorker:
         item = StageInput(type=msg.type, seq=msg.seq, pts=msg.pts, meta=msg.meta, tensors=arrays)
         s.current = msg
         s.started = time.monotonic()
+        trace = msg.meta.get("trace")
+        if type(trace) is list and len(trace) < MAX_TRACE:  # a traced request: stamp it
+            s.trace = (msg.meta.get("utterance"), [*trace, [f"{self.stage} in", s.started]])
         work = self.engine.jobs if self.batching else self.engine.process
         s.gen = iter(work(item, s.state))
 
@@ -481,6 +489,11 @@ class StageWorker:
 
     def route(self, s: WorkerSession, out: Output) -> None:
         msg = P.Message(type=out.type, session=s.token, seq=out.seq, pts=out.pts, meta=out.meta)
+        if s.trace is not None:  # the first output since a traced input carries its stamps
+            utt, stamps = s.trace
+            s.trace = None
+            if out.meta.get("utterance") == utt:  # (not if that utterance ended without one)
+                msg.meta = {**out.meta, "trace": [*stamps, [f"{self.stage} out", time.monotonic()]]}
         client_copy = None
         for t in out.tensors:
             addr = t.__array_interface__["data"][0] if t.nbytes else 0
