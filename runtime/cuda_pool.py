@@ -68,6 +68,18 @@ def _extent(shape: tuple, strides: tuple | None, itemsize: int) -> tuple[int, in
     return lo, hi
 
 
+def _stream_ptr(stream: Any, cupy: Any) -> int:
+    """The ``cudaStream_t`` of a CuPy or torch stream, a raw handle, or CuPy's current one."""
+    if stream is None:
+        return int(cupy.cuda.get_current_stream().ptr)
+    if isinstance(stream, int):
+        return stream
+    for attr in ("ptr", "cuda_stream"):  # CuPy, torch
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    raise TypeError(f"not a CUDA stream: {stream!r}")
+
+
 class CudaSlotPool:
     """The producer's side: device memory, events, and the card that shares them."""
 
@@ -111,19 +123,21 @@ class CudaSlotPool:
         ptr = self.memory + slot.index * self.slot_bytes
         return slot, cupy.ndarray(shape, dt, memptr=ptr)
 
-    def publish(self, slot: Slot, array: Any) -> TensorRef:
-        """Record the slot's event on the current stream and make the reference.
+    def publish(self, slot: Slot, array: Any, stream: Any = None) -> TensorRef:
+        """Record the slot's event on the stream that wrote ``array`` and make the reference.
 
         ``array`` must lie inside ``slot`` (the array :meth:`alloc` gave, or a view of it):
-        its offset is taken from its own address, not assumed to be the slot's start."""
+        its offset is taken from its own address, not assumed to be the slot's start.
+        ``stream``: the stream the frame was drawn on, when not CuPy's current one (a
+        ``torch.cuda.Stream``, a CuPy stream, or a raw ``cudaStream_t``); consumers wait on
+        the event, so it must follow the writes."""
         cupy = _cupy()
         offset = int(array.data.ptr) - int(self.memory.ptr)
         lo, hi = _extent(tuple(array.shape), tuple(array.strides), array.dtype.itemsize)
         start = slot.index * self.slot_bytes
         if not start <= offset + lo <= offset + hi <= start + self.slot_bytes:
             raise ValueError(f"array does not lie inside slot {slot.index} of {self.name}")
-        stream = cupy.cuda.get_current_stream()
-        cupy.cuda.runtime.eventRecord(self.events[slot.index], stream.ptr)
+        cupy.cuda.runtime.eventRecord(self.events[slot.index], _stream_ptr(stream, cupy))
         return TensorRef(dtype=str(array.dtype), shape=tuple(array.shape), nbytes=int(array.nbytes),
                          pool=self.name, generation=self.table.generation, slot=slot.index,
                          offset=offset, strides=tuple(array.strides),

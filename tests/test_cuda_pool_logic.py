@@ -47,6 +47,10 @@ def test_references_offsets_bounds_cache_and_teardown(cupy):
                 pool.publish(slot, foreign)
         ref = pool.publish(slot, arr)
         assert ref.offset == slot.index * pool.slot_bytes
+        # the event follows the stream that drew the frame: CuPy's current, or one named
+        pool.publish(slot, arr, stream=type("TorchStream", (), {"cuda_stream": 4242})())
+        pool.publish(slot, arr, stream=77)
+        assert [c[2] for c in cupy.calls if c[0] == "record"] == [0, 4242, 77]
         ref_sub = pool.publish(slot, arr[10:20, 5:7])  # a view: its own offset
         assert ref_sub.offset == ref.offset + 10 * 300 + 5 * 3
 
