@@ -12,7 +12,7 @@ front once and its decoder window by window (:mod:`giris.workers.piper_net`): th
 window of an utterance is ~0.09 s of speech (two video frames: the smaller it is, the
 sooner the first frame), the next ones twice as long each time up to ~1.5 s. Each window leaves as a chunk the moment it is decoded, with its phonemes and
 those just after it (for the next stage's anticipatory coarticulation), so the first
-audio leaves ~35 ms after the request whatever the length of the text, and a ``cancel``
+audio leaves ~35-50 ms after the request (by the host's hour) whatever the length of the text, and a ``cancel``
 lands between two windows. The first window runs on every core; the rest on one
 thread, while the stages downstream animate what is out.
 
