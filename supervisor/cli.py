@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--client-key", help="client key file (tcp with CURVE)")
     s.add_argument("--config", help="TOML config for the embedded runtime")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--trace", action="store_true",
+                   help="add where the first frame spent its time (ms per hop) to the summary")
 
     v = sub.add_parser("serve", help="run the server in the foreground")
     v.add_argument("--config")
@@ -118,9 +120,10 @@ def cmd_say(args: argparse.Namespace) -> int:
         sample_rate = 0
         size = int(session.spec.get("size", 512))
         first_frame_s = None
+        first_trace: list | None = None
         ready_s = time.monotonic() - t0  # models loaded (embedded) and the session open
         t_say = time.monotonic()
-        for item in session.say(args.text, timeout=120):
+        for item in session.say(args.text, timeout=120, trace=args.trace):
             if isinstance(item, AudioChunk):
                 if writer is None:
                     sample_rate = item.sample_rate
@@ -131,6 +134,7 @@ def cmd_say(args: argparse.Namespace) -> int:
             elif isinstance(item, Frame):
                 if first_frame_s is None:
                     first_frame_s = time.monotonic() - t_say
+                    first_trace = item.trace
                 writer.add_frame(item.image, item.index)  # type: ignore[union-attr]
                 item.release()
                 frames += 1
@@ -145,11 +149,15 @@ def cmd_say(args: argparse.Namespace) -> int:
         if args.coeffs:
             write_coefficients(args.coeffs, coeff_rows)
         progress.done()
-        print(json.dumps({"output": args.output, "frames": frames, "fps": fps,
-                          "audio_s": round(audio_end / sample_rate, 3),
-                          "audio_samples": audio_end, "sample_rate": sample_rate,
-                          "ready_s": round(ready_s, 3), "first_frame_s": round(first_frame_s or 0, 3),
-                          "wall_s": round(time.monotonic() - t0, 3)}))
+        summary = {"output": args.output, "frames": frames, "fps": fps,
+                   "audio_s": round(audio_end / sample_rate, 3),
+                   "audio_samples": audio_end, "sample_rate": sample_rate,
+                   "ready_s": round(ready_s, 3), "first_frame_s": round(first_frame_s or 0, 3),
+                   "wall_s": round(time.monotonic() - t0, 3)}
+        if first_trace:
+            summary["first_frame_trace_ms"] = {f"{a} → {b}": round((tb - ta) * 1000, 2)
+                                               for (a, ta), (b, tb) in zip(first_trace, first_trace[1:])}
+        print(json.dumps(summary, ensure_ascii=False))
         return 0
     finally:
         if runtime is not None:

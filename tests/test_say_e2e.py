@@ -292,10 +292,14 @@ def test_giris_say_through_a_running_server(make_server, tmp_path):
         "render": {"engine": "warp", "pool_slots": 16, "pool_slot_bytes": 256 * 256 * 3}}})
     out = tmp_path / "remote.mp4"
     r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "say", "Hi there.", "-o", str(out),
-                        "--size", "128", "--connect", srv.endpoint], capture_output=True, text=True,
-                       timeout=120)
+                        "--size", "128", "--connect", srv.endpoint, "--trace"], capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
+    hops = summary["first_frame_trace_ms"]  # --trace: where the first frame spent its time
+    assert list(hops)[0] == "gateway → tts in" and list(hops)[-1] == "supervisor → client"
+    assert len(hops) == 10 and all(ms >= 0 for ms in hops.values())
+    assert sum(hops.values()) <= summary["first_frame_s"] * 1000 + 1
     with av.open(str(out)) as c:
         frames = sum(1 for _ in c.decode(video=0))
     assert frames == summary["frames"] == math.ceil(summary["audio_samples"] * 25 / summary["sample_rate"])
