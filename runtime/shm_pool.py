@@ -91,13 +91,13 @@ class SlotPool:
         # writes: an item there costs ~50 ns against ~300 ns for a numpy scalar, and a
         # woken process pays several times that for every object it touches.
         table_bytes = memoryview(mm)[HEADER.itemsize:HEADER.itemsize + SLOT.itemsize * self.n_slots]
-        self._mv = [table_bytes, memoryview(mm)[_GEN_OFFSET:_GEN_OFFSET + 8].cast("Q")]
+        self._gen = memoryview(mm)[_GEN_OFFSET:_GEN_OFFSET + 8].cast("Q")
         self._u32 = table_bytes.cast("I")   # record i: [8i] state, [8i+1] lease
         self._i32 = table_bytes.cast("i")   # [8i+2] holder pid
         self._u64 = table_bytes.cast("Q")   # [4i+2] owner tag
         self._f64 = table_bytes.cast("d")   # [4i+3] stamp
-        self._gen = self._mv[1]
-        self._mv += [self._u32, self._i32, self._u64, self._f64]
+        #: every buffer exported from the mapping, released by close()
+        self._mv = [table_bytes, self._gen, self._u32, self._i32, self._u64, self._f64]
         self._slots = [self._data[i] for i in range(self.n_slots)]
         self._base = self._data.__array_interface__["data"][0]
         self._flat = self._data.reshape(-1)  # one view: a reference costs one slice
@@ -259,16 +259,15 @@ class SlotPool:
     def reclaim(self, holder: int | None = None, owner: int | None = None,
                 older_than: float | None = None) -> int:
         """Free busy slots held by a dead ``holder`` pid and/or owned by a closed session."""
-        busy = self.table["state"] == BUSY
-        mask = busy.copy()
+        mask = self._state == BUSY
         if holder is not None:
-            mask &= self.table["holder"] == holder
+            mask &= self._holders == holder
         if owner is not None:
-            mask &= self.table["owner"] == owner
+            mask &= self._owners == owner
         if older_than is not None:
             mask &= self.table["stamp"] < time.monotonic() - older_than
         idx = np.flatnonzero(mask)
-        self.table["state"][idx] = FREE
+        self._state[idx] = FREE
         return int(idx.size)
 
     def reset(self) -> None:

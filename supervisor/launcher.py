@@ -19,7 +19,8 @@ to the supervisor, so :class:`LaunchedProcess` answers like ``subprocess.Popen``
 Protocol on a ``SOCK_SEQPACKET`` socket pair, one JSON object per packet: supervisor →
 launcher ``{"spawn": id, "env": {...}, "cpus": [...] | null, "engine": {"engine": name,
 "options": {...}}}`` (the engine preloaded before the first fork of it); launcher →
-supervisor ``{"ready": true}`` once started, ``{"spawned": id, "pid": n}`` (or ``"error"``), and
+supervisor ``{"ready": true}`` once started, ``{"spawned": id, "pid": n}`` (or ``"error"``;
+or ``"fresh": true`` once it stopped forking: the supervisor starts that worker itself), and
 ``{"exit": id, "pid": n, "code": n}`` (``-signal`` when killed, as ``Popen.returncode``);
 supervisor → launcher ``{"signal": id, "sig": n}`` (sent only to a child not yet reaped).
 """

@@ -219,8 +219,9 @@ class Latent:
     ``parts`` is what the front gave: z itself, or the flow's inputs (each with the T
     frames last), from which the flow makes z on first need: the whole clause at once,
     except for a ``head`` request (the utterance's first window), where the flow first
-    runs over that window and ``FLOW_CONTEXT`` frames more (~60 frames, not the clause's
-    100-300), and over the whole clause when the next window is asked for. That costs
+    runs over that window, its decoder context and ``FLOW_CONTEXT`` frames more (~52
+    frames, not the clause's 100-300), and over the whole clause when the next window is
+    asked for. That costs
     one head of flow per utterance; a flow by window would redo ~90 frames of context
     for every window."""
 
