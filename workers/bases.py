@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from giris.runtime import protocol as P
 from giris.workers.coefficients import N_CHANNELS, frame_range
 from giris.workers.engine import Engine, EngineError, Output, StageInput
 
@@ -143,6 +144,21 @@ class Gain:
         if peak * gain > 0.99:
             gain = self.gain = 0.99 / peak
         return np.clip(audio * gain * 32767.0, -32767, 32767).astype(np.int16)
+
+
+def check_rate(rate: Any, code: str = "bad_input") -> float | None:
+    """A speaking rate as a float in the range every component agrees on (None: none
+    given); ``code``: ``bad_input`` for a request's, ``bad_config`` for an engine option."""
+    if rate is None:
+        return None
+    try:
+        r = float(rate)
+    except (TypeError, ValueError):
+        r = float("nan")
+    lo, hi = P.RATE_RANGE
+    if not lo <= r <= hi:
+        raise EngineError(f"rate must be a number in {lo}..{hi}, got {rate!r}", code=code)
+    return r
 
 
 def pad_silence(chunk: SpeechChunk, seconds: float) -> None:

@@ -28,8 +28,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from giris.runtime import protocol as P
-from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, pad_silence
+from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, check_rate, pad_silence
 from giris.workers.engine import EngineContext, EngineError
 from giris.workers.text import pieces
 
@@ -73,9 +72,8 @@ class CoquiEngine(TTSEngine):
         self.speakers = list(getattr(self.tts, "speakers", None) or [])
         self.speaker = o.get("speaker") or (self.speakers[0] if self.speakers else None)
         if self.speaker is not None and self.speaker not in self.speakers:
-            known = ", ".join(self.speakers) or "none: this model has one voice"
             raise EngineError(f"coqui speaker {self.speaker!r} is not one of the model's "
-                              f"speakers ({known})", code="bad_config")
+                              f"speakers ({self._known_speakers()})", code="bad_config")
         multilingual = bool(getattr(self.tts, "is_multi_lingual", False))
         languages = list((getattr(self.tts, "languages", None) if multilingual else None) or [])
         self.language = o.get("language") or (languages[0] if languages else None)
@@ -86,10 +84,7 @@ class CoquiEngine(TTSEngine):
         scale = getattr(getattr(self.tts.synthesizer, "tts_model", None), "length_scale", None)
         #: the model's own pace, scaled by 1/rate per request (VITS, Glow-TTS); None: no rate
         self.length_scale = float(scale) if isinstance(scale, (int, float)) else None
-        self.rate = float(o.get("rate", 1.0))
-        if not P.RATE_RANGE[0] <= self.rate <= P.RATE_RANGE[1]:
-            raise EngineError(f"coqui rate {self.rate} is outside {P.RATE_RANGE[0]}..{P.RATE_RANGE[1]}",
-                              code="bad_config")
+        self.rate = check_rate(o.get("rate", 1.0), code="bad_config")
         self.sentence_silence = float(o.get("sentence_silence", 0.2))
         self.first_words = int(o.get("first_chunk_words", 4))
 
@@ -111,9 +106,11 @@ class CoquiEngine(TTSEngine):
             return self.speaker
         if voice in self.speakers:
             return voice
-        known = ", ".join(self.speakers) or "none: this model has one voice"
-        raise EngineError(f"unknown voice {voice!r}; this model's speakers: {known}",
+        raise EngineError(f"unknown voice {voice!r}; this model's speakers: {self._known_speakers()}",
                           code="unknown_voice")
+
+    def _known_speakers(self) -> str:
+        return ", ".join(self.speakers) or "none: this model has one voice"
 
     def warmup(self) -> None:
         for _ in self.synthesize("Hello.", TTSSession(spec={}, extra=self.speaker), {}):
@@ -127,7 +124,7 @@ class CoquiEngine(TTSEngine):
             kwargs["speaker"] = session.extra
         if self.language:
             kwargs["language"] = self.language
-        rate = float(meta.get("rate") or session.spec.get("rate") or self.rate)
+        rate = check_rate(meta.get("rate", session.spec.get("rate"))) or self.rate
         said = False
         for i, (piece, sentence_end) in enumerate(plan):
             last = i == len(plan) - 1

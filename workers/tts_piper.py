@@ -10,10 +10,11 @@ Streaming: the text is cleaned and cut into sentences and clauses (the very firs
 when long, after a few words; see :mod:`giris.workers.text`); each clause runs the voice's
 front once and its decoder window by window (:mod:`giris.workers.piper_net`): the first
 window of an utterance is ~0.09 s of speech (two video frames: the smaller it is, the
-sooner the first frame), the next ones twice as long each time up to ~1.5 s. Each window leaves as a chunk the moment it is decoded, with its phonemes and
-those just after it (for the next stage's anticipatory coarticulation), so the first
-audio leaves ~35-50 ms after the request (by the host's hour) whatever the length of the text, and a ``cancel``
-lands between two windows. The first window runs on every core; the rest on one
+sooner the first frame), the next ones twice as long each time up to ~1.5 s. Each window
+leaves as a chunk the moment it is decoded, with its phonemes and those just after it
+(for the next stage's anticipatory coarticulation), so the first audio leaves ~35-50 ms
+after the request (by the host's hour) whatever the length of the text, and a
+``cancel`` lands between two windows. The first window runs on every core; the rest on one
 thread, while the stages downstream animate what is out.
 
 Options (``[stages.tts] options``):
@@ -49,8 +50,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from giris.runtime import protocol as P
-from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, pad_silence
+from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, check_rate, pad_silence
 from giris.workers.engine import EngineContext, EngineError
 from giris.workers import onnx_cache
 from giris.workers.piper_net import Graphs, VoiceNet, load_graphs, windows
@@ -58,7 +58,6 @@ from giris.workers.text import pieces
 
 #: the voice every install has
 BUNDLED = "joe"
-MIN_RATE, MAX_RATE = P.RATE_RANGE
 #: speech loudness every voice is brought to (RMS, full scale = 1): about -22 dBFS
 TARGET_RMS = 0.08
 CALIBRATION = "The quick brown fox jumps over the lazy dog, and then it rests."
@@ -92,7 +91,7 @@ class PiperEngine(TTSEngine):
         o = self.options
         self.voice_table: dict[str, str] = {str(k): str(v) for k, v in dict(o.get("voices") or {}).items()}
         self.voice_paths = bool(o.get("voice_paths", False))
-        self.rate = float(o.get("rate", 1.0))
+        self.rate = check_rate(o.get("rate", 1.0), code="bad_config")
         self.sentence_silence = float(o.get("sentence_silence", 0.2))
         self.first_words = int(o.get("first_chunk_words", 4))
         self.first_window = max(1, int(o.get("first_window", 8)))
@@ -101,15 +100,6 @@ class PiperEngine(TTSEngine):
         self.noise_scale = o.get("noise_scale")
         self.noise_w_scale = o.get("noise_w_scale")
         self.use_cuda = context.device.startswith("cuda")
-        if self.use_cuda:
-            import onnxruntime
-
-            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                # ONNX Runtime would only warn and run on the CPU: say it instead
-                raise EngineError("the piper engine on a GPU needs ONNX Runtime's CUDA build "
-                                  "(pip install onnxruntime-gpu in place of onnxruntime); this one "
-                                  f"has {', '.join(onnxruntime.get_available_providers())}",
-                                  code="engine_unavailable")
         self.cpus = sorted(os.sched_getaffinity(0))
         self.threads = int(o.get("threads") or len(self.cpus))
         self.background_threads = int(o.get("background_threads", 1))
@@ -201,11 +191,8 @@ class PiperEngine(TTSEngine):
             if self.use_cuda:
                 net = VoiceNet(g, self.threads, True, self.cpus)
                 if net.front.get_providers()[0] != "CUDAExecutionProvider":
-                    # the CUDA build is there but could not start (driver, CUDA or cuDNN
-                    # libraries): ONNX Runtime fell back to the CPU with a warning
-                    raise EngineError("the piper engine on a GPU: ONNX Runtime's CUDA provider did "
-                                      "not start (see its warnings: driver, CUDA and cuDNN versions)",
-                                      code="engine_unavailable")
+                    # ONNX Runtime fell back to the CPU with only a warning: say it instead
+                    raise EngineError(_no_cuda(), code="engine_unavailable")
                 return net, None
             if not 0 < self.background_threads < self.threads:
                 return VoiceNet(g, self.threads, False, self.cpus), None
@@ -213,7 +200,7 @@ class PiperEngine(TTSEngine):
             # (~0.4 s instead of ~0.6 s for the six of the bundled voice on two cores)
             with ThreadPoolExecutor(1) as pool:
                 background = pool.submit(VoiceNet, g, self.background_threads, False)
-                fast = VoiceNet(g, self.threads, self.use_cuda, self.cpus)
+                fast = VoiceNet(g, self.threads, False, self.cpus)
                 return fast, background.result()
 
         try:
@@ -272,7 +259,7 @@ class PiperEngine(TTSEngine):
 
     def open_tts_session(self, spec: Mapping[str, Any]) -> Any:
         voice = self._load(str(spec.get("voice") or self.default))
-        _check_rate(spec.get("rate"))
+        check_rate(spec.get("rate"))
         if voice.sample_rate != self.sample_rate:
             raise EngineError(f"voice {voice.name!r} runs at {voice.sample_rate} Hz; this "
                               f"server's voices must share {self.sample_rate} Hz", code="unknown_voice")
@@ -286,7 +273,7 @@ class PiperEngine(TTSEngine):
     def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
         voice: _Voice = session.extra or self.voices[self.default]
         plan = pieces(text, self.first_words)
-        rate = _check_rate(meta.get("rate", session.spec.get("rate"))) or self.rate
+        rate = check_rate(meta.get("rate", session.spec.get("rate"))) or self.rate
         syn = self._config(voice, rate)
         gain = Gain(voice.gain)
         batch = bool(meta.get("batch"))
@@ -354,6 +341,18 @@ class PiperEngine(TTSEngine):
                               ahead=ahead, last=n == len(plan) - 1)
 
 
+def _no_cuda() -> str:
+    """Why a session asked for the CUDA provider got the CPU instead."""
+    import onnxruntime
+
+    have = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in have:
+        return ("the piper engine on a GPU needs ONNX Runtime's CUDA build (pip install "
+                f"onnxruntime-gpu in place of onnxruntime); this one has {', '.join(have)}")
+    return ("the piper engine on a GPU: ONNX Runtime's CUDA provider did not start (see its "
+            "warnings: driver, CUDA and cuDNN versions)")
+
+
 def window_marks(marks: Marks | None, start: int, stop: int, reach: int) -> tuple[Marks | None, Marks | None]:
     """A window's phonemes (those that start in it: the last may run past its end) and
     those starting less than ``reach`` samples after it, relative to the window's start."""
@@ -392,16 +391,3 @@ def align(phonemes: list[str], id_map: Mapping[str, list[int]], per_id: np.ndarr
         ph, start, n = out[-1]
         out[-1] = (ph, start, max(0, total - start))
     return out
-
-
-def _check_rate(rate: Any) -> float | None:
-    if rate is None:
-        return None
-    try:
-        r = float(rate)
-    except (TypeError, ValueError):
-        r = float("nan")
-    if not (MIN_RATE <= r <= MAX_RATE):
-        raise EngineError(f"rate must be a number in {MIN_RATE}..{MAX_RATE}, got {rate!r}",
-                          code="bad_input")
-    return r
