@@ -257,6 +257,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"giris {st['state']} on {st['endpoint']} (pid {st['pid']}, up {st['uptime_s']:.0f} s), "
           f"{st['sessions']} session(s), {st['frames_out']} frames out")
+    offers = (st.get("pipeline") or {}).get("offers")
+    if offers is not None:
+        print(f"streams offered: {', '.join(offers) or 'none'}")
     rows = [("stage", "engine", "pid", "state", "restarts", "cpus", "device", "sessions", "queued")]
     for w in st["workers"]:
         rows.append((w["stage"], str(w["engine"]), str(w["pid"]), w["state"], str(w["restarts"]),

@@ -84,10 +84,10 @@ class Delivery:
             else:
                 sup.pools.release_all(msg)
         if msg.meta.get("final"):
-            if msg.type in (P.FRAME, P.MARK):  # the last stage's end
-                utt.ended_at = now
-            else:
+            if msg.type in CLIENT_STREAMS:
                 utt.finals.add(msg.type)
+            if msg.type in (P.FRAME, P.MARK) or msg.meta.get("end"):  # the last stage's end
+                utt.ended_at = now
             self.maybe_done(rec, utt, now)
 
     def maybe_done(self, rec: SessionRecord, utt: Utterance, now: float) -> None:
@@ -98,8 +98,16 @@ class Delivery:
         comes (an engine that sends none) is given up after ``STREAM_GRACE_S``."""
         if utt.ended_at is None:
             return
-        if CLIENT_STREAMS <= utt.finals or now - utt.ended_at > STREAM_GRACE_S:
+        if self.streams() <= utt.finals or now - utt.ended_at > STREAM_GRACE_S:
             self.utterance_done(rec, utt, complete=not utt.interrupted)
+
+    def streams(self) -> frozenset[str]:
+        """The streams whose ends an utterance waits for: those the pipeline makes (one
+        that stops at tts has no coefficients to wait for)."""
+        offers = self.sup.offers()
+        if offers is None:
+            return CLIENT_STREAMS
+        return frozenset(t for t, name in ((P.AUDIO, "audio"), (P.COEFFS, "coeffs")) if name in offers)
 
     def send_frame(self, rec: SessionRecord, msg: P.Message) -> None:
         refs = [r for r in msg.tensors if r.pool is not None]

@@ -239,9 +239,15 @@ class Gateway:
         for key in ("emotion", "voice", "avatar_name"):
             if key in spec and not isinstance(spec[key], str):
                 raise BadInput(f"{key} must be a string")
-        want = spec.get("want", ["audio", "frames"])
+        offers = self.sup.offers()
+        want = spec.get("want", ["audio", "frames"] if offers is None or "frames" in offers else offers)
         if not isinstance(want, list) or not set(want) <= WANTS:
             raise BadInput(f"want must be a list drawn from {sorted(WANTS)}")
+        missing = [w for w in want if offers is not None and w not in offers]
+        if missing:
+            raise BadInput(f"this server's pipeline ({' → '.join(self.sup.config.stage_names())}) makes "
+                           f"no {', '.join(missing)}; it offers {', '.join(offers) or 'nothing'}",  # type: ignore[arg-type]
+                           offers=offers)
         spec["want"] = list(want)
         for key in ("realtime", "zero_copy"):
             spec[key] = bool(spec.get(key, False))

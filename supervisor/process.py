@@ -69,6 +69,8 @@ class WorkerHandle:
     beat: dict[str, Any] = field(default_factory=dict)
     identity: bytes = b""
     last_exit: int | None = None
+    #: what the engine is ("tts", "coeffs", "motion", "render"), as the worker said when ready
+    kind: str = ""
     #: forks workers with the engines preloaded (None, or gone: a fresh interpreter each)
     launcher: Any = None
 
@@ -151,7 +153,7 @@ class WorkerHandle:
     def describe(self) -> dict[str, Any]:
         return {"stage": self.stage, "replica": self.index, "pid": self.pid, "state": self.state,
                 "restarts": self.restarts, "cpus": self.cpus, "device": self.device,
-                "engine": self.spec.get("engine"), "sessions": self.beat.get("sessions", 0),
+                "engine": self.spec.get("engine"), "kind": self.kind, "sessions": self.beat.get("sessions", 0),
                 "queued": self.beat.get("queued", 0), "processed": self.beat.get("processed", 0),
                 "dropped": self.beat.get("dropped", 0), "held": self.beat.get("held", {}),
                 "last_exit": self.last_exit}

@@ -30,6 +30,8 @@ from giris.supervisor.launcher import Launcher
 from giris.supervisor.sessions import SessionRegistry
 
 log = logging.getLogger("giris.supervisor")
+#: what a stage's engine may be (``Engine.stage`` of the four base classes)
+STAGE_KINDS = frozenset({"tts", "coeffs", "motion", "render"})
 
 
 @dataclass
@@ -252,6 +254,7 @@ class Supervisor:
             reply.meta["sessions"].append(entry)
         self.control.send_multipart([w.identity, *P.encode(reply)])
         w.state = READY
+        w.kind = str(msg.meta.get("kind") or "")
         log.info("stage ready", extra={"stage": w.stage, "pid": w.pid,
                                         "load_s": round(msg.meta.get("load_s", 0), 3)})
         if restarted:
@@ -348,6 +351,20 @@ class Supervisor:
             return "degraded"
         return "serving" if self.announced_ready else "starting"
 
+    def offers(self) -> list[str] | None:
+        """The streams this pipeline makes for clients (``audio``, ``coeffs``, ``frames``),
+        from what its stages' engines are; None until every stage has said (or when one is
+        not of the four known kinds)."""
+        kinds = [w.kind for w in self.workers]
+        if not kinds or not all(k in STAGE_KINDS for k in kinds):
+            return None
+        out = ["audio"] if "tts" in kinds else []
+        if "coeffs" in kinds or "motion" in kinds:
+            out.append("coeffs")
+        if kinds[-1] == "render":
+            out.append("frames")
+        return out
+
     def status(self) -> dict[str, Any]:
         used = self.registry.usage()
         devices = sorted(set(used) | set(self.config.budgets))
@@ -357,6 +374,8 @@ class Supervisor:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "workers": [w.describe() for w in self.workers],
             "sessions": len(self.registry),
+            "pipeline": {"stages": self.config.stage_names(), "kinds": [w.kind or None for w in self.workers],
+                         "offers": self.offers()},
             "budgets": {d: {"used": used.get(d, 0), "limit": self.config.budgets.get(d)} for d in devices},
             "pools": {p.name: {"slots": p.n_slots, "in_use": p.in_use(), "slot_bytes": p.slot_bytes}
                       for p in self.pools.pools.values()},

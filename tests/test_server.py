@@ -68,6 +68,33 @@ def test_utterance_ends_after_every_stream_it_sends_the_client(make_server):
     assert out["events"][-1].kind == "utterance_done" and out["events"][-1].meta["complete"]
 
 
+
+@pytest.mark.parametrize("stages, offers", [
+    (["tts"], ["audio"]),                         # a voice service
+    (["tts", "coeffs", "motion"], ["audio", "coeffs"]),  # clients that drive their own 3D rig
+])
+def test_a_pipeline_without_a_renderer_serves_what_it_makes(make_server, stages, offers):
+    """A server whose pipeline stops short of rendering ends each utterance after its last
+    stage's output (it waited forever before), and a session asking for a stream the
+    pipeline cannot make is refused at open, with what it does make."""
+    srv = make_server({"stages": {k: v for k, v in small_stages().items() if k in stages}})
+    c = srv.client()
+    with pytest.raises(BadInput, match="frames") as e:
+        c.open_session(want=["audio", "frames"])
+    assert e.value.details.get("offers") == offers
+    s = c.open_session(want=offers)
+    for _ in range(2):  # and again: the first utterance's end left nothing behind
+        t0 = time.monotonic()
+        out = collect(s, "one two", timeout=10)
+        assert time.monotonic() - t0 < 5
+        samples = sum(len(a.pcm) for a in out["audio"])
+        assert samples == 2 * int(WORD_S * 16000) and out["audio"][-1].final
+        if "coeffs" in offers:
+            assert sum(c.values.shape[0] for c in out["coeffs"]) == math.ceil(samples / 16000 * 25)
+        done = out["events"][-1]
+        assert done.kind == "utterance_done" and done.meta["complete"] and done.meta["frames"] == 0
+    assert srv.status()["pipeline"]["offers"] == offers
+
 def test_zero_copy_client_reads_the_pool_and_releases(make_server):
     srv = make_server()
     c = srv.client()

@@ -121,7 +121,8 @@ class StageWorker:
         else:
             self.output = socket(self.ctx, zmq.PUSH, linger=2000, sndhwm=0)
             self.output.connect(sp["output"])
-        send(self.control, P.Message(P.READY, meta={"pid": os.getpid(), "load_s": load_s}))
+        send(self.control, P.Message(P.READY, meta={"pid": os.getpid(), "load_s": load_s,
+                                                    "kind": str(getattr(self.engine, "stage", ""))}))
         # The supervisor answers with the open sessions to restore before any work is read.
         if not self.control.poll(int(sp.get("ready_timeout", 60) * 1000)):
             raise SystemExit("supervisor did not answer READY")
@@ -494,6 +495,8 @@ class StageWorker:
             s.trace = None
             if out.meta.get("utterance") == utt:  # (not if that utterance ended without one)
                 msg.meta = {**out.meta, "trace": [*stamps, [f"{self.stage} out", time.monotonic()]]}
+        if self.last and out.meta.get("final"):  # the pipeline's end of this utterance
+            msg.meta = {**msg.meta, "end": True}
         client_copy = None
         for t in out.tensors:
             addr = t.__array_interface__["data"][0] if t.nbytes else 0
