@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 
 from giris.runtime import protocol as P
-from giris.runtime.errors import GirisError, ServerGone, Timeout, from_wire
+from giris.runtime.errors import BadInput, GirisError, ServerGone, Timeout, from_wire
 from giris.runtime.transport import PoolSet, recv, send
 
 _SENTINEL = object()
@@ -111,6 +111,8 @@ class Client:
         self._outbox: "queue.Queue[list]" = queue.Queue()
         self._closed = threading.Event()
         self._last_heard = time.monotonic()
+        #: the last request found the server silent: closing need not wait long for it
+        self._gone = False
         self.pools = PoolSet()
         self._keys = _curve_keys(server_key, client_keys)
         name = f"inproc://giris-client-{id(self)}-{os.getpid()}"
@@ -148,7 +150,7 @@ class Client:
             msg.add_inline(np.frombuffer(bytes(avatar), np.uint8))
         elif avatar is not None and (isinstance(avatar, os.PathLike) or os.path.sep in str(avatar)
                                      or Path(str(avatar)).suffix):
-            msg.add_inline(np.frombuffer(Path(avatar).read_bytes(), np.uint8))
+            msg.add_inline(np.frombuffer(_read_avatar(avatar), np.uint8))
         elif avatar is not None:
             msg.meta["spec"]["avatar_name"] = str(avatar)
         reply = self.request(msg, timeout=timeout or max(self.timeout, 120.0))
@@ -160,8 +162,13 @@ class Client:
         return self.request(P.Message(P.STATUS), timeout=timeout).meta["status"]
 
     def close(self) -> None:
+        """Close the sessions still open (without waiting for the answers: the server frees
+        them at once instead of at its idle timeout) and the connection."""
         if self._closed.is_set():
             return
+        for token in list(self._sessions):
+            self.post(P.Message(P.CLOSE_SESSION, session=token))
+        self._sessions.clear()
         self._closed.set()
         self._poke()
         self._thread.join(5)
@@ -182,11 +189,16 @@ class Client:
         msg.meta["req"] = req
         waiter: list = [threading.Event(), None]
         self._waiters[req] = waiter
-        self.post(msg)
+        try:
+            self.post(msg)
+        except BadInput:
+            self._waiters.pop(req, None)
+            raise
         limit = self.timeout if timeout is None else timeout
         if not waiter[0].wait(limit):
             self._waiters.pop(req, None)
             if time.monotonic() - self._last_heard > limit:
+                self._gone = True
                 raise ServerGone(f"no answer from {self.endpoint} in {limit:g} s")
             raise Timeout(f"{msg.type} got no reply in {limit:g} s")
         reply: P.Message = waiter[1]
@@ -195,7 +207,10 @@ class Client:
         return reply
 
     def post(self, msg: P.Message) -> None:
-        frames = [bytes(f) if not isinstance(f, bytes) else f for f in P.encode(msg)]
+        try:
+            frames = [bytes(f) if not isinstance(f, bytes) else f for f in P.encode(msg)]
+        except (TypeError, ValueError, OverflowError) as e:  # msgpack: a value it cannot carry
+            raise BadInput(f"{msg.type}: a value cannot be sent ({e})") from None
         self._outbox.put(frames)
         self._poke()
 
@@ -266,13 +281,21 @@ class Client:
                     if self._sessions or self._waiters:  # a client awaiting an open is alive too
                         send(sock, P.Message(P.HEARTBEAT))
         finally:
-            sock.close(0)
+            flushed = False
+            while True:  # what close() queued last (its sessions' close_session)
+                try:
+                    sock.send_multipart(self._outbox.get_nowait(), zmq.NOBLOCK, copy=False)
+                    flushed = True
+                except (queue.Empty, zmq.ZMQError):
+                    break
+            sock.close(500 if flushed else 0)  # zmq's own thread delivers them, we do not wait
             self._wake_recv.close(0)
             with self._lock:
                 self._wake.close(0)
 
     def _dispatch(self, msg: P.Message) -> None:
         self._last_heard = time.monotonic()
+        self._gone = False
         req = msg.meta.get("req") if msg.type in (P.REPLY, P.EVENT, P.HEARTBEAT) else None
         if req is not None and req in self._waiters:
             waiter = self._waiters.pop(req)
@@ -428,7 +451,8 @@ class Session:
             return
         self.closed = True
         try:
-            self.client.request(P.Message(P.CLOSE_SESSION, session=self.token), timeout=10)
+            self.client.request(P.Message(P.CLOSE_SESSION, session=self.token),
+                                timeout=1 if self.client._gone else 10)
         finally:
             self.client._forget(self.token)
 
@@ -437,6 +461,18 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _read_avatar(path: str | os.PathLike) -> bytes:
+    """A portrait file's bytes; a name with a dot or a slash is a path, so a missing one
+    is said to be missing (not looked up among the bundled avatars)."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadInput(f"avatar file {str(path)!r} does not exist (bundled avatars are named "
+                       "without a suffix)") from None
+    except OSError as e:
+        raise BadInput(f"avatar file {str(path)!r} cannot be read: {e.strerror or e}") from None
 
 
 def _curve_keys(server_key: Any, client_keys: Any) -> tuple[bytes, bytes, bytes] | None:

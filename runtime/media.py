@@ -136,10 +136,19 @@ class Mp4Writer:
         finally:
             self._container.close()
 
+    def abort(self) -> None:
+        """Stop without finishing the file (the caller removes it): nothing more is encoded."""
+        if not self._closed:
+            self._closed = True
+            self._pending.clear()
+            self._container.close()
+
     def __enter__(self) -> "Mp4Writer":
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            self.abort()
         self.close()
 
     @property

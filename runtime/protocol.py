@@ -231,6 +231,20 @@ def decode(frames: Sequence[Any], max_bytes: int = 64 * 1024 * 1024) -> Message:
     return Message(typ, session, seq, float(pts), meta, refs, buffers)
 
 
+def request_id(frames: Sequence[Any]) -> int | str | None:
+    """``meta.req`` of a message that failed validation, if its header still reads as a
+    map (a wrong field elsewhere should not leave the client waiting for its timeout)."""
+    try:
+        raw = _bytes_of(frames[0])
+        if len(raw) > MAX_HEADER_BYTES:
+            return None
+        h = _unpackb(raw)
+        req = h["meta"]["req"]
+    except Exception:  # noqa: BLE001 - not even that much is readable
+        return None
+    return req if type(req) in (int, str) and (type(req) is int or len(req) <= 128) else None
+
+
 def event(kind: str, session: str = "", **meta: Any) -> Message:
     return Message(type=EVENT, session=session, meta={"kind": kind, **meta})
 

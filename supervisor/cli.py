@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import zmq
+
 from giris.runtime.config import Config, default_endpoint, load
 from giris.runtime.errors import GirisError
 from giris.runtime.logs import setup_logging
@@ -76,17 +78,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except (OSError, ValueError, zmq.ZMQError) as e:  # a file, a config value, an endpoint
+        log.debug("failed", exc_info=True)
+        print(f"giris: error: {_said(e)}", file=sys.stderr)
+        return 2
+
+
+def _said(e: BaseException) -> str:
+    """An error in a user's words: the file with an OS error, the message otherwise."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, zmq.ZMQError):
+        return f"cannot connect: {e}"
+    return str(e) or type(e).__name__
 
 
 # ---------------------------------------------------------------------- say
 def cmd_say(args: argparse.Namespace) -> int:
-    from giris.runtime.client import AudioChunk, Client, Coefficients, Frame
+    from giris.runtime.client import AudioChunk, Client, Coefficients, Event, Frame
     from giris.runtime.media import Mp4Writer, write_coefficients
 
+    output = _output_path(args.output, ".mp4")
+    coeffs_path = _output_path(args.coeffs, ".csv") if args.coeffs else None
+    partial = output.with_name(f".{output.stem}.{os.getpid()}.partial.mp4")
     want = ["audio", "frames"] + (["coeffs"] if args.coeffs else [])
     opts = dict(voice=args.voice, emotion=args.emotion, intensity=args.intensity, fps=args.fps,
                 size=args.size, rate=args.rate, want=want, seed=args.seed)
-    runtime = client = None
+    runtime = client = session = writer = None
+    done = False
     t0 = time.monotonic()
     progress = Progress(enabled=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("GIRIS_PROGRESS")))
     try:
@@ -114,8 +133,9 @@ def cmd_say(args: argparse.Namespace) -> int:
         assert client is not None
         session = client.open_session(args.avatar, **opts)
         fps = session.fps
-        writer = None
         coeff_rows: list = []
+        ended: dict = {}
+        restarted: list[str] = []
         audio_end = frames = 0
         sample_rate = 0
         size = int(session.spec.get("size", 512))
@@ -127,7 +147,7 @@ def cmd_say(args: argparse.Namespace) -> int:
             if isinstance(item, AudioChunk):
                 if writer is None:
                     sample_rate = item.sample_rate
-                    writer = Mp4Writer(args.output, fps=fps, width=size, height=size,
+                    writer = Mp4Writer(partial, fps=fps, width=size, height=size,
                                        sample_rate=sample_rate)
                 writer.add_audio(item.pcm, item.start_sample)
                 audio_end = max(audio_end, item.start_sample + len(item.pcm))
@@ -140,14 +160,25 @@ def cmd_say(args: argparse.Namespace) -> int:
                 frames += 1
             elif isinstance(item, Coefficients):
                 coeff_rows.append(item)
+            elif isinstance(item, Event):
+                if item.kind == "stage_restarted":
+                    restarted.append(str(item.meta.get("stage")))
+                elif item.kind == "utterance_done":
+                    ended = item.meta
             expected = math.ceil(audio_end * fps / sample_rate) if sample_rate else 0
             progress.update(frames, expected, audio_end / sample_rate if sample_rate else 0.0)
-        session.close()
+        if not ended.get("complete"):  # a stage crashed mid-way: the video would lack a part
+            why = f" (stage {', '.join(restarted)} restarted)" if restarted else ""
+            raise GirisError(f"the utterance was cut short{why}: {frames} frames made; nothing "
+                             "written, try again", code="incomplete")
         if writer is None:
             raise GirisError("nothing was synthesized", code="internal")
         writer.close()
-        if args.coeffs:
-            write_coefficients(args.coeffs, coeff_rows)
+        writer = None
+        os.replace(partial, output)  # a finished file, or the one that was there before
+        done = True
+        if coeffs_path is not None:
+            write_coefficients(coeffs_path, coeff_rows)
         progress.done()
         summary = {"output": args.output, "frames": frames, "fps": fps,
                    "audio_s": round(audio_end / sample_rate, 3),
@@ -160,10 +191,39 @@ def cmd_say(args: argparse.Namespace) -> int:
         print(json.dumps(summary, ensure_ascii=False))
         return 0
     finally:
+        if not done:
+            if writer is not None:
+                try:
+                    writer.abort()
+                except Exception:  # noqa: BLE001 - the file goes anyway
+                    pass
+            partial.unlink(missing_ok=True)
+        if session is not None and not session.closed:
+            try:
+                session.close()
+            except GirisError:
+                pass  # the server is gone or closed it: nothing is held there
         if runtime is not None:
             runtime.stop()
         elif client is not None:
             client.close()
+
+
+def _output_path(name: str, suffix: str) -> Path:
+    """Where a result goes, checked before any work: the folder must exist and the name
+    say what it will hold."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() != suffix:
+        raise GirisError(f"{name}: the output is {suffix[1:].upper()}; name it *{suffix}",
+                         code="bad_input")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise GirisError(f"{name}: no folder {folder}", code="bad_input")
+    if not os.access(folder, os.W_OK):
+        raise GirisError(f"{name}: the folder {folder} is not writable", code="bad_input")
+    if path.is_dir():
+        raise GirisError(f"{name} is a folder", code="bad_input")
+    return path
 
 
 class Progress:

@@ -97,7 +97,11 @@ class Gateway:
                     user = None
             req = None
             try:
-                msg = P.decode(frames[1:], max_bytes=max_bytes)
+                try:
+                    msg = P.decode(frames[1:], max_bytes=max_bytes)
+                except ProtocolError:
+                    req = P.request_id(frames[1:])  # so the client's waiter gets its answer now
+                    raise
                 req = msg.meta.get("req")
                 if msg.type not in P.CLIENT_TYPES:
                     raise ProtocolError(f"clients cannot send {msg.type!r}", code="unknown_type")
@@ -241,7 +245,7 @@ class Gateway:
                 raise BadInput(f"{key} must be a string")
         offers = self.sup.offers()
         want = spec.get("want", ["audio", "frames"] if offers is None or "frames" in offers else offers)
-        if not isinstance(want, list) or not set(want) <= WANTS:
+        if not isinstance(want, list) or not all(type(w) is str and w in WANTS for w in want):
             raise BadInput(f"want must be a list drawn from {sorted(WANTS)}")
         missing = [w for w in want if offers is not None and w not in offers]
         if missing:
@@ -250,7 +254,12 @@ class Gateway:
                            offers=offers)
         spec["want"] = list(want)
         for key in ("realtime", "zero_copy"):
-            spec[key] = bool(spec.get(key, False))
+            spec[key] = spec.get(key, False)
+            if type(spec[key]) is not bool:
+                raise BadInput(f"{key} must be true or false")
+        seed = spec.get("seed")
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
+            raise BadInput(f"seed must be an integer in 0..2^63-1, got {seed!r}")
         return spec
 
     def say(self, rec: SessionRecord, msg: P.Message) -> None:
@@ -262,6 +271,9 @@ class Gateway:
         if len(text) > limit:
             raise LimitExceeded(f"text of {len(text)} characters exceeds {limit}",
                                 code="too_large", limit=limit, size=len(text))
+        for key in ("batch", "trace"):
+            if type(msg.meta.get(key, False)) is not bool and msg.meta.get(key) is not None:
+                raise BadInput(f"{key} must be true or false")
         meta: dict[str, Any] = {"text": text}
         for key in ("emotion", "intensity", "rate", "batch"):
             if msg.meta.get(key) is not None:
@@ -289,14 +301,16 @@ class Gateway:
         sr = msg.meta.get("sample_rate")
         if not isinstance(sr, int) or not 8000 <= sr <= 96000:
             raise BadInput("sample_rate must be an integer in 8000..96000")
-        utt_id = msg.meta.get("utterance")
+        utt_id = _utterance(msg)
         if utt_id is None:
             utt = self.new_utterance(rec)
         else:
-            utt = rec.utterances.get(utt_id) if isinstance(utt_id, int) else None
+            utt = rec.utterances.get(utt_id)
             if utt is None or utt.cancelled:
                 raise BadInput("unknown or finished utterance for audio_in")
-        final = bool(msg.meta.get("final", False))
+        final = msg.meta.get("final", False)
+        if type(final) is not bool:
+            raise BadInput("final must be true or false")
         out = P.Message(P.AUDIO_IN, session=rec.token, seq=utt.id,
                         meta={"utterance": utt.id, "sample_rate": sr, "final": final})
         out.add_inline(pcm)
@@ -304,7 +318,7 @@ class Gateway:
         self.reply(rec.client, msg.meta.get("req"), session=rec.token, utterance=utt.id)
 
     def cancel(self, rec: SessionRecord, msg: P.Message) -> None:
-        utt = msg.meta.get("utterance")
+        utt = _utterance(msg)
         targets = [u for u in rec.utterances.values() if utt is None or u.id == utt]
         send(self.sup.first_stage_socket(), P.Message(P.CANCEL, session=rec.token,
                                                       meta={"utterance": utt}))
@@ -354,6 +368,14 @@ class Gateway:
         for rec in self.sup.registry:
             if now - rec.last_seen > idle:
                 self.close_session(rec, reason="idle")
+
+
+def _utterance(msg: P.Message) -> int | None:
+    """The ``utterance`` a request names: an integer, or none (absent or null)."""
+    utt = msg.meta.get("utterance")
+    if utt is not None and type(utt) is not int:
+        raise BadInput(f"utterance must be an integer, got {utt!r}")
+    return utt
 
 
 def _plain(v: Any) -> bool:

@@ -54,3 +54,65 @@ def test_the_shipped_configs_load():
         cfg = load(f)
         assert list(cfg.stages) == ["tts", "coeffs", "motion", "render"], f
     assert load(root / "gpu.toml").stages["render"].device == "cuda:0"
+
+
+def _sessions(srv) -> int:
+    return srv.client().status(timeout=5)["sessions"]
+
+
+def test_say_connect_fails_cleanly_keeps_the_old_file_and_closes_its_session(make_server, tmp_path: Path):
+    """Every failure of ``giris say`` is one line on stderr with exit status 2, leaves the
+    file that was at the output path as it was (no half-written MP4 in its place) and no
+    session on the server (each used to hold one until the idle timeout)."""
+    import av
+
+    srv = make_server()
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"the previous take")
+    ep = ["--connect", srv.endpoint, "--quiet", "-o", str(out)]
+    failures = {
+        "rejected text": (["   "], "bad_input"),
+        "a stage crashes mid-utterance": (["one two CRASH three"], "incomplete"),
+        "missing avatar file": (["hi", "--avatar", str(tmp_path / "nope.png")], "does not exist"),
+        "avatar is a folder": (["hi", "--avatar", str(tmp_path) + "/"], "bad_input"),
+        "seed out of range": (["hi", "--seed", "99999999999999999999999"], "bad_input"),
+    }
+    for name, (args, said) in failures.items():
+        r = giris("say", *ep, *args)
+        assert r.returncode == 2, (name, r.stdout, r.stderr)
+        assert said in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert r.stderr.count("\n") == 1, (name, r.stderr)
+        assert out.read_bytes() == b"the previous take", name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "srv0"], name
+        assert _sessions(srv) == 0, name
+    for args, said in [(["-o", str(tmp_path / "no" / "dir" / "x.mp4")], "no folder"),
+                       (["-o", str(tmp_path / "x.txt")], "name it *.mp4"),
+                       (["--config", str(tmp_path / "missing.toml")], "missing.toml"),
+                       (["--coeffs", str(tmp_path / "c.txt")], "name it *.csv")]:
+        r = giris("say", "hi", "--quiet", *args)  # refused before any model loads
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "bad.toml").write_text("[server\n")
+    r = giris("say", "hi", "--quiet", "--config", str(tmp_path / "bad.toml"), "-o", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "giris: error" in r.stderr
+    # and a run that works replaces the old file with a whole video, nothing else left
+    r = giris("say", *ep, "one two")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "out.mp4", "srv0"]
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].frames == json.loads(r.stdout.splitlines()[-1])["frames"]
+    assert _sessions(srv) == 0
+
+
+def test_a_client_closing_closes_its_sessions_on_the_server(make_server):
+    import time
+
+    srv = make_server()
+    c = srv.client()
+    for _ in range(3):
+        c.open_session()
+    assert _sessions(srv) == 3
+    c.close()
+    deadline = time.monotonic() + 5  # at once, not after the 30 s idle timeout
+    while _sessions(srv) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sessions(srv) == 0

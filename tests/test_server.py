@@ -401,6 +401,28 @@ def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(make_server):
     assert codes["unknown type"] == codes["server-only type"] == "unknown_type"
     assert codes["made-up token"] == codes["foreign token"] == "unknown_session"
     assert codes["oversized payload"] == "too_large"
+    # values of the wrong type inside a well-formed request: refused, not coerced
+    spec = {"want": ["audio"]}
+    loose = {
+        "seed not an integer": P.Message(P.OPEN_SESSION, meta={"spec": {**spec, "seed": 1.5}}),
+        "seed a bool": P.Message(P.OPEN_SESSION, meta={"spec": {**spec, "seed": True}}),
+        "realtime a string": P.Message(P.OPEN_SESSION, meta={"spec": {**spec, "realtime": "yes"}}),
+        "want unhashable": P.Message(P.OPEN_SESSION, meta={"spec": {"want": [["audio"]]}}),
+        "batch a string": P.Message(P.SAY, session=good.token, meta={"text": "hi", "batch": "yes"}),
+        "cancel a string": P.Message(P.CANCEL, session=good.token, meta={"utterance": "x"}),
+        "cancel a list": P.Message(P.CANCEL, session=good.token, meta={"utterance": [1]}),
+    }
+    good_sock = good.client  # the good session's own connection, for its own token
+    for name, msg in loose.items():
+        if msg.session:
+            with pytest.raises(BadInput, match="must be"):
+                good_sock.request(msg)
+        else:
+            m = _ask(sock, P.encode(msg))
+            assert m.meta["kind"] == "error" and m.meta["code"] == "bad_input", (name, m.meta)
+    # a header that fails validation still gets its request id back (no wait for a timeout)
+    m = _ask(sock, [msgpack.packb({"v": 1, "type": "say", "seq": "x", "meta": {"req": 7}})])
+    assert m.meta["code"] == "bad_message" and m.meta["req"] == 7
     sock.close()
     with pytest.raises(LimitExceeded):
         good.start_say("word " * 50)
