@@ -198,13 +198,23 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     return cfg
 
 
+#: the annotation of a scalar config field → (accepted type, its name for a message);
+#: a float field takes an integer too, no numeric field takes true/false
+_SCALARS: dict[str, tuple[Any, str]] = {"int": (int, "an integer"), "float": ((int, float), "a number"),
+                                        "bool": (bool, "true or false"), "str": (str, "a string")}
+
+
 def _fill(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, Mapping):
         raise ValueError(f"[{where}] must be a table")
-    names = {f.name for f in fields(cls)}
-    unknown = set(values) - names
+    kinds = {f.name: str(f.type) for f in fields(cls)}
+    unknown = set(values) - set(kinds)
     if unknown:
         raise ValueError(f"unknown key(s) in [{where}]: {', '.join(sorted(unknown))}")
+    for key, v in values.items():  # a wrong type fails here, named, not deep inside a worker
+        want = _SCALARS.get(kinds[key])
+        if want is not None and not (isinstance(v, want[0]) and not isinstance(v, bool) or type(v) is want[0]):
+            raise ValueError(f"[{where}] {key} must be {want[1]}, not {v!r}")
     obj = cls(**{k: copy.deepcopy(v) for k, v in values.items() if k != "engine"},
               **({"engine": values["engine"]} if "engine" in values else {}))
     return obj

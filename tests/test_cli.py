@@ -116,3 +116,19 @@ def test_a_client_closing_closes_its_sessions_on_the_server(make_server):
     while _sessions(srv) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _sessions(srv) == 0
+
+
+def test_a_config_value_of_the_wrong_type_is_named():
+    import pytest
+
+    from giris.runtime.config import from_mapping
+
+    for section, key, value, said in [("limits", "max_size", "big", "an integer"),
+                                      ("limits", "max_fps", True, "a number"),
+                                      ("server", "insecure", 1, "true or false"),
+                                      ("server", "endpoint", 5, "a string")]:
+        with pytest.raises(ValueError, match=f"\\[{section}\\] {key} must be {said}"):
+            from_mapping({section: {key: value}})
+    with pytest.raises(ValueError, match=r"\[stages.render\] pool_slots must be an integer"):
+        from_mapping({"stages": {"render": {"engine": "warp", "pool_slots": "many"}}})
+    assert from_mapping({"timeouts": {"client_idle": 5}}).timeouts.client_idle == 5  # int for float
