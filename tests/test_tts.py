@@ -24,6 +24,78 @@ def test_text_is_cleaned_of_symbols_and_cut_for_an_early_first_chunk():
     assert pieces("One two three four five six seven.", 0) == [("One two three four five six seven.", True)]
 
 
+def test_a_clause_too_long_for_one_run_is_cut_in_even_runs():
+    """Piper's prior over one clause of 400 words took 12 s in one ONNX call (the worker was
+    killed as hung): a long clause is cut at spaces into even runs, a long "word" by
+    characters, and the very first clause still after ``first_words``."""
+    plan = pieces("word " * 399, 4)
+    assert plan[0] == ("word word word word", False) and plan[-1][1]
+    assert not any(end for _, end in plan[:-1])  # one sentence: one pause, at its end
+    runs = [len(p.split()) for p, _ in plan[1:]]
+    assert sum(runs) == 395 and max(runs) <= 40 and max(runs) - min(runs) <= 1
+    assert all(len(p) <= 200 for p, _ in plan)
+    plan = pieces("a" * 1990, 4)
+    assert "".join(p for p, _ in plan) == "a" * 1990 and len(plan) == 10
+    assert all(len(p) <= 200 for p, _ in plan)
+    plan = pieces("Say " + "x" * 450 + " and more words here, fine.", 0)
+    assert [p for p, _ in plan] == ["Say", *["x" * 150] * 3, "and more words here,", "fine."]
+    # a long word's cut does not part a letter from its combining marks
+    word = "q\u0301" * 101 + "q"  # (no letter q-acute: NFC leaves the mark apart)
+    plan = [p for p, _ in pieces(word, 0)]
+    assert "".join(plan) == word and len(plan) == 2
+    assert not any(p.startswith("\u0301") for p in plan)
+    assert pieces("Short one, and done.", 4) == [("Short one,", False), ("and done.", True)]
+
+
+def test_sentences_and_clauses_end_at_the_punctuation_of_every_script():
+    assert pieces("你好，世界。我很好。谢谢你！再见。", 4) == [
+        ("你好，", False), ("世界。", True), ("我很好。", True), ("谢谢你！", True), ("再见。", True)]
+    assert pieces("「你好。」他说：好的、谢谢？？行", 0) == [
+        ("「你好。」", True), ("他说：", False), ("好的、", False), ("谢谢？？", True), ("行", True)]
+    assert pieces("こんにちは。元気ですか？", 0) == [("こんにちは。", True), ("元気ですか？", True)]
+    assert pieces("مرحبا، كيف حالك؟ أنا بخير؛ شكرا.", 0) == [
+        ("مرحبا،", False), ("كيف حالك؟", True), ("أنا بخير؛", False), ("شكرا.", True)]
+    assert pieces("नमस्ते। आप कैसे हैं॥ ठीक", 0) == [
+        ("नमस्ते।", True), ("आप कैसे हैं॥", True), ("ठीक", True)]
+    # Spanish: the inverted marks open a sentence (with or without a space before them)
+    assert pieces("Hola. ¿Qué tal?¡Muy bien! Dime, ¿y tú?", 0) == [
+        ("Hola.", True), ("¿Qué tal?", True), ("¡Muy bien!", True), ("Dime,", False), ("¿y tú?", True)]
+    # full-width marks; ASCII ones still need a space after them; the ellipsis ends one
+    assert pieces("Ｏｋ！Ｙｅｓ．Ｎｏ；ｆｉｎｅ", 0) == [
+        ("Ｏｋ！", True), ("Ｙｅｓ．", True), ("Ｎｏ；", False), ("ｆｉｎｅ", True)]
+    assert pieces("Pi is 3.14, at 10:30. Wait… what?", 0) == [
+        ("Pi is 3.14,", False), ("at 10:30.", True), ("Wait…", True), ("what?", True)]
+    # closing quotes and brackets stay with their sentence
+    assert split_sentences('He said "Go." Then (he went.) Ok') == [
+        'He said "Go."', "Then (he went.)", "Ok"]
+
+
+def test_letters_of_a_script_the_voice_cannot_read_are_dropped():
+    from giris.workers.text import Reader, language_scripts
+
+    en = Reader.of("joe", "en-us")
+    assert pieces("Hello 你好 there, مرحبا friend. Привет!", 4, en) == [
+        ("Hello there,", False), ("friend.", True)]
+    assert pieces("Hello你好there", 4, en) == [("Hello there", True)]
+    assert pieces("Ok 42 नमस्ते", 4, en) == [("Ok 42", True)]  # its vowel signs (marks) go too
+    with pytest.raises(EngineError) as e:
+        pieces("你好 مرحبا 🙂", 4, en)
+    assert e.value.code == "bad_input" and str(e.value).endswith(
+        "the voice 'joe' (en-us) cannot read Han or Arabic script")
+    assert pieces("你好", 4) == [("你好", True)]  # no reader: nothing judged
+    assert pieces("你好", 4, Reader.of("x", "xx-unknown")) == [("你好", True)]  # unknown language
+    assert language_scripts("ja") >= {"Han", "Hiragana", "Katakana", "Latin"}
+    assert language_scripts("cmn") >= {"Han", "Latin"}
+    assert language_scripts("cmn-latn-pinyin") == {"Latin"}  # a romanized voice
+    assert language_scripts("ru") == {"Cyrillic", "Latin"} and language_scripts("de") == {"Latin", "Greek"}  # α, π as symbols
+    assert language_scripts("ar") == language_scripts("fa") == {"Arabic", "Latin"}
+    ru = Reader.of("irina", "ru")
+    assert pieces("Привет, iPhone. Καλημέρα", 0, ru) == [("Привет,", False), ("iPhone.", True)]
+    ja = Reader.of("kana", "ja")
+    assert pieces("こんにちは、カタカナー々漢字。ｶﾅ", 0, ja) == [
+        ("こんにちは、", False), ("カタカナー々漢字。", True), ("ｶﾅ", True)]
+
+
 def test_alignment_gives_each_phoneme_its_ids_and_the_pad_after_it():
     id_map = {"_": [0], "^": [1], "$": [2], "a": [3], "b": [4, 5]}
     # ^ _ a _ b b _ $   (b has two ids)
@@ -272,6 +344,45 @@ def test_piper_refuses_text_with_nothing_to_read(piper):
     assert e.value.code == "bad_input"
     out = run(piper, "Hi 🙂 there")
     assert out[0].meta["text"] == "Hi there"
+
+
+def test_piper_skips_letters_its_language_is_not_written_in(piper):
+    """espeak reads "你好" to an English voice as "Chinese letter Chinese letter", "مرحبا"
+    as "Arabic meem ..." (seconds of letter names): such letters are dropped like emoji,
+    and text of nothing else is refused, naming the voice and the script."""
+    for text, script in (("你好", "Han"), ("مرحبا", "Arabic"), ("你好，مرحبا。", "Han or Arabic")):
+        with pytest.raises(EngineError) as e:
+            run(piper, text)
+        assert e.value.code == "bad_input"
+        assert str(e.value).endswith(f"the voice 'joe' (en-us) cannot read {script} script")
+    mixed = run(piper, "Hello 你好 there, مرحبا friend.")
+    assert [o.meta["text"] for o in mixed if o.meta["text"]] == ["Hello there,", "friend."]
+    plain = run(piper, "Hello there, friend.")
+    n = [sum(len(o.tensors[0]) for o in out) for out in (mixed, plain)]
+    assert abs(n[0] - n[1]) < 0.25 * n[1]  # no letter names said
+
+
+def test_a_voice_file_that_does_not_exist_is_named_as_missing(tmp_path):
+    """``giris say --voice /tmp/missing.onnx`` maps the path to a configured voice: the
+    error said its config was missing, not the file itself."""
+    from giris.workers.tts_piper import PiperEngine
+
+    missing = tmp_path / "missing.onnx"
+    lonely = tmp_path / "lonely.onnx"  # a model without its config
+    lonely.write_bytes(b"x")
+    engine = PiperEngine({"voices": {"missing": str(missing), "lonely": str(lonely)},
+                          "voice_paths": True}, EngineContext(stage="tts"))
+    for name in ("missing", str(missing)):
+        with pytest.raises(EngineError) as e:
+            engine.open_session({"voice": name})
+        assert e.value.code == "unknown_voice"
+        assert f"{missing} does not exist" in str(e.value) and "config" not in str(e.value)
+    with pytest.raises(EngineError) as e:
+        engine.open_session({"voice": "lonely"})
+    assert e.value.code == "unknown_voice" and f"config {lonely}.json is missing" in str(e.value)
+    with pytest.raises(EngineError) as e:
+        PiperEngine({"voice": str(missing)}, EngineContext(stage="tts"))
+    assert e.value.code == "unknown_voice" and f"{missing} does not exist" in str(e.value)
 
 
 def test_coqui_engine_says_what_it_needs():

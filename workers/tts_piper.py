@@ -6,8 +6,10 @@ memory (with ``onnx``) to also return how many samples each phoneme id lasted, w
 what lets the ``coeffs`` stage place visemes on the exact audio samples instead of
 guessing them from the sound.
 
-Streaming: the text is cleaned and cut into sentences and clauses (the very first clause,
-when long, after a few words; see :mod:`giris.workers.text`); each clause runs the voice's
+Streaming: the text is cleaned (with the letters of scripts the voice's language is not
+written in, which espeak would spell out by name) and cut into sentences and clauses (the
+very first clause, when long, after a few words, and any too long for one run in even
+runs; see :mod:`giris.workers.text`); each clause runs the voice's
 front once and its decoder window by window (:mod:`giris.workers.piper_net`): the first
 window of an utterance is ~0.09 s of speech (two video frames: the smaller it is, the
 sooner the first frame), the next ones twice as long each time up to ~1.5 s. Each window
@@ -54,7 +56,7 @@ from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, check_
 from giris.workers.engine import EngineContext, EngineError
 from giris.workers import onnx_cache
 from giris.workers.piper_net import Graphs, VoiceNet, load_graphs, windows
-from giris.workers.text import pieces
+from giris.workers.text import Reader, pieces
 
 #: the voice every install has
 BUNDLED = "joe"
@@ -83,6 +85,8 @@ class _Voice:
     background: VoiceNet | None = None
     #: one loudness for every utterance of this voice (see ``_calibrate``)
     gain: float | None = None
+    #: its name, language and the scripts it reads (letters of others are dropped)
+    reader: Reader | None = None
 
 
 class PiperEngine(TTSEngine):
@@ -135,8 +139,6 @@ class PiperEngine(TTSEngine):
                 raise EngineError(f"unknown voice {name!r}: this server takes voice names only "
                                   f"({', '.join(self.known())})", code="unknown_voice")
             path = Path(name).expanduser()
-            if not path.is_file():
-                raise EngineError(f"unknown voice {name!r}: no such file", code="unknown_voice")
             return str(path), path, None
         raise EngineError(f"unknown voice {name!r}; known: {', '.join(self.known())}",
                           code="unknown_voice")
@@ -149,6 +151,8 @@ class PiperEngine(TTSEngine):
         if key in self.voices:
             self.voices.move_to_end(key)
             return self.voices[key]
+        if not model.is_file():  # a path named, or configured, that is not there
+            raise EngineError(f"voice {name!r}: the file {model} does not exist", code="unknown_voice")
         config = config or Path(f"{model}.json")
         if not config.is_file():
             raise EngineError(f"voice {name!r}: its config {config} is missing", code="unknown_voice")
@@ -162,7 +166,8 @@ class PiperEngine(TTSEngine):
             fast, background = self._nets(model, cache, entry)
             v = _Voice(name=key, piper=PiperVoice(session=fast.front, config=cfg),
                        sample_rate=int(cfg.sample_rate), length_scale=float(cfg.length_scale),
-                       hop=int(cfg.hop_length), fast=fast, background=background)
+                       hop=int(cfg.hop_length), fast=fast, background=background,
+                       reader=_reader(key, cfg))
             v.gain = self._gain(v, cache, entry)
         except EngineError:
             raise
@@ -272,7 +277,7 @@ class PiperEngine(TTSEngine):
     # ------------------------------------------------------------------ speech
     def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
         voice: _Voice = session.extra or self.voices[self.default]
-        plan = pieces(text, self.first_words)
+        plan = pieces(text, self.first_words, voice.reader)
         rate = check_rate(meta.get("rate", session.spec.get("rate"))) or self.rate
         syn = self._config(voice, rate)
         gain = Gain(voice.gain)
@@ -339,6 +344,14 @@ class PiperEngine(TTSEngine):
             own, ahead = window_marks(marks, a * v.hop, b * v.hop, int(AHEAD_S * v.sample_rate))
             yield SpeechChunk(pcm=gain.apply(audio), sample_rate=v.sample_rate, phonemes=own,
                               ahead=ahead, last=n == len(plan) - 1)
+
+
+def _reader(name: str, cfg: Any) -> Reader | None:
+    """What the voice reads: an espeak voice, the scripts of its language; one fed
+    characters (``phoneme_type`` text) knows its own, so its text is not filtered."""
+    if str(getattr(cfg.phoneme_type, "value", cfg.phoneme_type)) != "espeak":
+        return None
+    return Reader.of(name, str(cfg.espeak_voice))
 
 
 def _no_cuda() -> str:
