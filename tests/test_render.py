@@ -317,3 +317,205 @@ def test_a_session_is_charged_where_its_memory_is(session):
     held = on_gpu.held(session)
     assert set(held) == {"cuda:0", "cpu"} and sum(held.values()) == session.nbytes
     assert held["cuda:0"] == session.device_nbytes >= session.src.numel() * 4 > held["cpu"] > 0
+
+
+# --------------------------------------------------------------- decompression bombs
+def bomb_png(w: int, h: int) -> bytes:
+    """A PNG of ``w`` x ``h`` transparent black RGBA pixels, built in a few ms without
+    ever holding its pixels: 16000 x 16000 is ~1 MB of file and 1 GB decoded. Each 1 MB
+    of rows compresses alone (a full flush resets the compressor), so one compressed block
+    repeats; the stream ends with an empty last block and the Adler-32 of n zero bytes."""
+    import struct
+    import zlib
+
+    row = bytes(w * 4 + 1)  # filter byte 0, then the pixels
+    k = max(1, (1 << 20) // len(row))
+    while h % k:
+        k -= 1
+    c = zlib.compressobj(9)
+    first = c.compress(row * k) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(row * k) + c.flush(zlib.Z_FULL_FLUSH)
+    n = len(row) * h
+    idat = first + block * (h // k - 1) + b"\x01\x00\x00\xff\xff" + struct.pack(">I", (n % 65521) << 16 | 1)
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_the_bomb_builder_makes_real_pictures():
+    small = LM.decode_image(bomb_png(70, 90))
+    assert small.shape == (90, 70, 3) and not small.any()
+
+
+@pytest.mark.parametrize("side", [16000, 30000])
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(engine, side, monkeypatch):
+    """A ~1-4 MB PNG of side x side pixels is too_large from its header: FFmpeg never sees
+    it (its probe alone decoded the 16000² one, 1 GB; the 30000² one it could not decode
+    at all, which said bad_image)."""
+    import av
+
+    data = bomb_png(side, side)
+    assert len(data) < 4_000_000 and LM.image_size(data) == (side, side)
+    opened = []
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(a))
+    for limit in (LM.MAX_PIXELS, 4096 * 4096):
+        with pytest.raises(EngineError) as err:
+            LM.decode_image(data, limit)
+        assert err.value.code == "too_large" and err.value.details["limit"] == limit
+        assert f"{side}x{side} pixels" in str(err.value)
+        with pytest.raises(EngineError) as err:
+            engine.open_session({"avatar": data, "size": 128, "max_image_pixels": limit})
+        assert err.value.code == "too_large"
+    assert not opened
+
+
+def _peak_rss_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak RSS (VmHWM) := RSS now
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def test_ffmpeg_is_told_the_limit_for_headers_not_read(monkeypatch):
+    """Formats whose header decode_image does not read (TIFF, PPM...) are still not
+    decoded past the limit: FFmpeg's probe and decoder get ``max_pixels``."""
+    data = bomb_png(16000, 16000)
+    monkeypatch.setattr(LM, "image_size", lambda data: None)
+    if not _peak_rss_reset():
+        pytest.skip("peak RSS cannot be reset here")
+    before = _proc_status_bytes("VmHWM")
+    with pytest.raises(EngineError) as err:
+        LM.decode_image(data, 4096 * 4096)
+    assert err.value.code in ("bad_image", "too_large")
+    assert _proc_status_bytes("VmHWM") - before < 200_000_000  # decoded: 1 GB
+
+
+def _encoded(codec: str, fmt: str, pix: str, w: int, h: int, **options: str) -> bytes:
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=1)
+        s.width, s.height, s.pix_fmt = w, h, pix
+        s.options = options
+        img = np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix)):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("codec, fmt, pix, options", [
+    ("png", "image2pipe", "rgb24", {}), ("png", "image2pipe", "rgba", {}),
+    ("png", "image2pipe", "gray", {}), ("mjpeg", "image2pipe", "yuvj420p", {}),
+    ("libwebp", "webp", "yuv420p", {}), ("libwebp", "webp", "yuv420p", {"lossless": "1"}),
+    ("gif", "gif", "rgb8", {}), ("bmp", "image2pipe", "bgr24", {}), ("tiff", "image2pipe", "rgb24", {}),
+])
+def test_image_sizes_from_headers_and_the_limit(codec, fmt, pix, options):
+    import av
+
+    try:
+        data = _encoded(codec, fmt, pix, 75, 52, **options)
+    except (av.FFmpegError, ValueError) as e:  # an encoder this FFmpeg lacks
+        pytest.skip(f"{codec}: {e}")
+    assert LM.image_size(data) == ((75, 52) if codec != "tiff" else None)  # TIFF: not read
+    assert LM.decode_image(data, 75 * 52).shape == (52, 75, 3)  # exactly at the limit
+    with pytest.raises(EngineError) as err:
+        LM.decode_image(data, 75 * 52 - 1)
+    assert err.value.code == "too_large" and "75x52 pixels" in str(err.value)
+
+
+def test_cut_headers_and_other_bytes_are_not_sizes():
+    png = (ASSETS / "astronaut.png").read_bytes()
+    assert LM.image_size(png) == LM.decode_image(png).shape[1::-1]
+    for data in (png[:20], b"\xff\xd8\xff\xe0\x00\x10JFIF", b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+                 b"GIF89a\x00", b"BM" + bytes(10), b"not an image at all, really", b""):
+        assert LM.image_size(data) is None
+    with pytest.raises(EngineError) as err:
+        LM.decode_image(png[: len(png) // 2])  # a cut file: its header is whole
+    assert err.value.code == "bad_image"
+
+
+def test_a_failed_open_leaves_nothing_in_the_worker(engine, monkeypatch):
+    """The stage worker's opener thread: a refused avatar's decoded picture is freed when
+    the refusal is sent, not when the garbage collector happens to run (``future.result()``
+    re-raised the error in ``finish_opens``, whose frame then held the future that held
+    the error, whose traceback held that frame and the failed open's: the picture too)."""
+    import concurrent.futures
+    import gc
+    import weakref
+
+    from giris.workers.stage import StageWorker
+
+    pictures = []
+    find_face = LM.find_face
+
+    def spy(rgb):
+        pictures.append(weakref.ref(rgb))
+        return find_face(rgb)
+
+    monkeypatch.setattr(LM, "find_face", spy)
+    worker = StageWorker({"stage": "render", "last": True})
+    worker.engine = engine
+    replies = []
+    worker.reply = lambda req, **meta: replies.append((req, meta))
+    flat = bomb_png(300, 300)  # decoded, then no_face: it is flat
+    gc.collect()
+    gc.disable()  # what is left is held, not waiting for a collection
+    try:
+        for req in range(3):
+            worker.open_async(f"t{req}", req + 1, {"avatar": flat, "size": 128}, req)
+            concurrent.futures.wait([worker.opening[f"t{req}"][0]], timeout=60)
+            worker.finish_opens()
+            assert not worker.opening
+        alive = sum(ref() is not None for ref in pictures)
+    finally:
+        gc.enable()
+        worker.opener.shutdown()
+        worker.ctx.term()
+    assert [(req, m["ok"], m["error"]["code"]) for req, m in replies] == [(i, False, "no_face") for i in range(3)]
+    assert len(pictures) == 3 and alive == 0
+
+
+def test_refused_avatars_give_the_render_workers_memory_back(make_server):
+    """Through a real server: three decompression bombs (too_large) and three flat
+    6000² portraits (decoded, 108 MB each, then no_face) leave the render worker's RSS
+    where it was, each as soon as it is refused (it grew by ~1 GB a bomb, until the
+    garbage collector happened to run, sometimes never)."""
+    psutil = pytest.importorskip("psutil")
+    from giris.runtime.errors import GirisError
+    from tests.conftest import small_stages
+
+    srv = make_server({"limits": {"max_image_pixels": 6000 * 6000}, "stages": small_stages(render={
+        "engine": "warp", "pool_slots": 4, "pool_slot_bytes": 128 * 128 * 3,
+        "options": {"preload_landmarks": False}})})
+    pid = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "render")
+    worker = psutil.Process(pid)
+    c = srv.client(timeout=120)
+    c.open_session("astronaut", size=128).close()
+    rss0 = worker.memory_info().rss
+    bomb, flat = bomb_png(16000, 16000), bomb_png(6000, 6000)
+    grown = []
+    for avatar, code in [(bomb, "too_large")] * 3 + [(flat, "no_face")] * 3:
+        with pytest.raises(GirisError) as err:
+            c.open_session(avatar, size=128)
+        assert err.value.code == code
+        grown.append((worker.memory_info().rss - rss0) >> 20)
+    assert max(grown) < 64, f"the render worker grew by {grown} MB after each refusal"
+    c.open_session("astronaut", size=128).close()  # and it still works

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -207,26 +207,55 @@ class StageWorker:
         self.opening[token] = (self.opener.submit(self.engine.open_session, spec), tag, spec, req)
 
     def finish_opens(self) -> None:
+        # The failure is taken with ``exception()``, not by re-raising it from
+        # ``result()``: re-raised here, its traceback would hold this frame, whose
+        # ``future`` holds the exception again, a cycle that only the garbage collector
+        # breaks, maybe much later, and until then every frame of the failed open with
+        # it (a refused 16000x16000 avatar: its 1 GB decoded picture, per attempt).
         for token, (future, tag, spec, req) in list(self.opening.items()):
             if not future.done():
                 continue
             del self.opening[token]
-            try:
-                state = future.result()
-            except Exception as e:  # noqa: BLE001 - an unusable spec must not kill the worker
-                self._open_failed(req, e)
-                continue
-            self._install(token, tag, spec, state, req)
+            error = CancelledError() if future.cancelled() else future.exception()
+            if error is not None and not isinstance(error, (Exception, CancelledError)):
+                raise error  # SystemExit, KeyboardInterrupt: not this open's failure
+            if error is not None:  # an unusable spec must not kill the worker
+                self._open_failed(req, error)
+            else:
+                self._install(token, tag, spec, future.result(), req)
         for future in [f for f in self.abandoned if f.done()]:
             self.abandoned.remove(future)
-            if not future.cancelled() and future.exception() is None:
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if error is None:
                 self._close_state(future.result())
+            else:
+                self._forget_frames(error)
 
     def _open_failed(self, req: Any, e: BaseException) -> None:
+        # Only the message is kept (sent or logged): the traceback's frames (the engine's
+        # locals: a decoded picture, a half-built session) go now, before the answer,
+        # whatever holds the exception still (a future, a caller's frame).
+        self._forget_frames(e)
         if req is not None:
             self.reply(req, ok=False, error=_wire(e))
         else:
             log.warning("could not restore session", extra={"error": str(e)})
+
+    @staticmethod
+    def _forget_frames(e: BaseException) -> None:
+        """Drop the tracebacks of ``e``, of what it was raised from or while handling, and
+        of the members of an exception group."""
+        seen: set[int] = set()
+        todo: list[BaseException | None] = [e]
+        while todo:
+            x = todo.pop()
+            if x is None or id(x) in seen:
+                continue
+            seen.add(id(x))
+            x.__traceback__ = None
+            todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
 
     def _install(self, token: str, tag: int, spec: dict, state: Any, req: Any) -> None:
         old = self.sessions.pop(token, None)
