@@ -164,7 +164,7 @@ def test_cancel_stops_the_voice_mid_utterance(rt):
             done = item
     assert done is not None and done.meta["cancelled"] and not done.meta["complete"]
     # fifteen sentences (~25 s of speech) were asked for; the voice stopped within a
-    # window or two (chunks are windows of 0.09 s and up)
+    # window or two (chunks are windows of 0.05 s and up)
     spoken = sum(len(c.pcm) for c in chunks) / chunks[0].sample_rate
     assert spoken < 3.0, spoken
     # the session speaks on after a cancel

@@ -10,7 +10,7 @@ neighbours on each side gives the very values the whole run gives: 32 frames for
 (four couplings of four 5-tap layers), 12 for the decoder (identical to float precision
 for the bundled voice; 4: audible clicks). So the prior runs once per clause, and the
 decoder window by window, the flow over the first window's frames (and its context)
-first: the first ~0.09 s of audio is out after the prior, ~52 frames of flow and ~10 ms
+first: the first ~0.05 s of audio is out after the prior, ~48 frames of flow and ~9 ms
 of decoding, instead of after the whole clause.
 
 The cuts are found, not assumed: the decoder is the nodes named ``/dec/...`` (how Piper's

@@ -11,8 +11,8 @@ written in, which espeak would spell out by name) and cut into sentences and cla
 very first clause, when long, after a few words, and any too long for one run in even
 runs; see :mod:`giris.workers.text`); each clause runs the voice's
 front once and its decoder window by window (:mod:`giris.workers.piper_net`): the first
-window of an utterance is ~0.09 s of speech (two video frames: the smaller it is, the
-sooner the first frame), the next ones twice as long each time up to ~1.5 s. Each window
+window of an utterance is ~0.05 s of speech (the first video frame or two: the smaller
+it is, the sooner the first frame), the next ones twice as long each time up to ~1.5 s. Each window
 leaves as a chunk the moment it is decoded, with its phonemes and those just after it
 (for the next stage's anticipatory coarticulation), so the first audio leaves ~35-50 ms
 after the request (by the host's hour) whatever the length of the text, and a
@@ -26,7 +26,7 @@ voices ``{name = "path/to/voice.onnx"}``; ``voice_paths`` whether a session may 
 ``rate`` speaking rate (1.0); ``sentence_silence`` seconds of silence after a sentence
 (0.2); ``first_chunk_words`` cut the first clause after this many words when at least
 three more follow (4; 0 = never); ``first_window`` / ``window`` decoder frames (of 256
-samples) in an utterance's first chunk and in the largest (8 / 128; a tail shorter
+samples) in an utterance's first chunk and in the largest (4 / 128; a tail shorter
 than half a window joins the one before);
 ``decoder_context`` frames decoded on each side of a window and cut away (12);
 ``noise_scale`` / ``noise_w_scale`` the voice's own when unset; ``threads`` ONNX Runtime
@@ -98,7 +98,7 @@ class PiperEngine(TTSEngine):
         self.rate = check_rate(o.get("rate", 1.0), code="bad_config")
         self.sentence_silence = float(o.get("sentence_silence", 0.2))
         self.first_words = int(o.get("first_chunk_words", 4))
-        self.first_window = max(1, int(o.get("first_window", 8)))
+        self.first_window = max(1, int(o.get("first_window", 4)))
         self.window = max(self.first_window, int(o.get("window", 128)))
         self.context = max(0, int(o.get("decoder_context", 12)))
         self.noise_scale = o.get("noise_scale")
