@@ -132,3 +132,28 @@ def test_a_config_value_of_the_wrong_type_is_named():
     with pytest.raises(ValueError, match=r"\[stages.render\] pool_slots must be an integer"):
         from_mapping({"stages": {"render": {"engine": "warp", "pool_slots": "many"}}})
     assert from_mapping({"timeouts": {"client_idle": 5}}).timeouts.client_idle == 5  # int for float
+
+
+def test_closing_after_the_server_died_does_not_wait_again(make_server):
+    import signal
+    import time
+
+    import pytest
+
+    from giris.runtime.errors import ServerGone
+
+    srv = make_server()
+    c = srv.client(timeout=1.0)
+    s = c.open_session()
+    srv.proc.send_signal(signal.SIGKILL)
+    srv.proc.wait(10)
+    time.sleep(1.2)  # nothing heard from it since
+    with pytest.raises(ServerGone):
+        s.cancel()
+    t0 = time.monotonic()
+    with pytest.raises(ServerGone):
+        s.close()  # one short try, not another full request timeout (was 10 s)
+    assert time.monotonic() - t0 < 1.5
+    t0 = time.monotonic()
+    c.close()
+    assert time.monotonic() - t0 < 1.5
