@@ -213,9 +213,9 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from giris.runtime.cuda_pool import cuda_available
 
-    gpu = args.cuda or args.cuda_only or cuda_available()
-    if (args.cuda or args.cuda_only) and not cuda_available():
-        print("perf transport: --cuda needs CUDA and CuPy (pip install 'giris[gpu]')")
+    gpu = args.cuda or args.cuda_only or cuda_available(ipc=True)
+    if (args.cuda or args.cuda_only) and not cuda_available(ipc=True):
+        print("perf transport: --cuda needs CUDA with IPC and CuPy (pip install 'giris[gpu]')")
         return 2
     ways = (() if args.cuda_only else ("pool", "zmq", "queue", "bare")) + (("cuda_ipc", "cuda_host") if gpu else ())
     result: dict[str, dict[str, float]] = {}

@@ -40,12 +40,37 @@ def _cupy() -> Any:
     return cupy
 
 
-def cuda_available() -> bool:
+def cuda_available(ipc: bool = False) -> bool:
+    """A GPU CuPy can use; with ``ipc``, one that can also share its memory and events with
+    other processes, which not every CUDA host can (WSL2, Tegra boards): probed once."""
     try:
         cupy = _cupy()
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        if cupy.cuda.runtime.getDeviceCount() <= 0:
+            return False
     except Exception:  # noqa: BLE001 - no driver, no device, no CuPy: all mean "no"
         return False
+    return not ipc or _ipc_works()
+
+
+_IPC: list[bool] = []  # the probe's answer, once known
+
+
+def _ipc_works() -> bool:
+    """Export a handle to a fresh allocation and to an interprocess event, as a pool does."""
+    if not _IPC:
+        rt = _cupy().cuda.runtime
+        try:
+            mem = _cupy().cuda.Memory(256)
+            rt.ipcGetMemHandle(mem.ptr)
+            ev = rt.eventCreateWithFlags(rt.eventDisableTiming | rt.eventInterprocess)
+            try:
+                rt.ipcGetEventHandle(ev)
+            finally:
+                rt.eventDestroy(ev)
+            _IPC.append(True)
+        except Exception:  # noqa: BLE001 - cudaErrorNotSupported and kin
+            _IPC.append(False)
+    return _IPC[0]
 
 
 @dataclass
@@ -100,8 +125,14 @@ class CudaSlotPool:
                        for _ in range(table.n_slots)]
         generation = table.generation + 1
         table.reset()  # a new generation: references into older memory are stale
-        mem_handle = rt.ipcGetMemHandle(self.memory.ptr)
-        ev_handles = b"".join(rt.ipcGetEventHandle(e) for e in self.events)
+        try:
+            mem_handle = rt.ipcGetMemHandle(self.memory.ptr)
+            ev_handles = b"".join(rt.ipcGetEventHandle(e) for e in self.events)
+        except Exception as e:  # noqa: BLE001 - CUDA's own words are the useful part
+            for ev in self.events:
+                rt.eventDestroy(ev)
+            raise GirisError(f"this GPU cannot share memory with other processes (CUDA IPC: {e}); "
+                             "frames must go through host memory here", code="engine_unavailable") from e
         card = CARD.pack(MAGIC, generation, self.slot_bytes, table.n_slots, device) + mem_handle + ev_handles
         tmp = SHM_DIR / f"{self.name}.card.tmp{os.getpid()}"
         tmp.write_bytes(card)

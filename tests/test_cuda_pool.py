@@ -10,7 +10,7 @@ import pytest
 from giris.runtime.cuda_pool import cuda_available
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not cuda_available(), reason="needs CUDA and CuPy")]
+              pytest.mark.skipif(not cuda_available(ipc=True), reason="needs CUDA (with IPC) and CuPy")]
 
 CONSUMER = r"""
 import sys, cupy

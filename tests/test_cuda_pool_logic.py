@@ -92,3 +92,32 @@ def test_references_offsets_bounds_cache_and_teardown(cupy):
         table.unlink()
         table.close()
         (SHM_DIR / f"{name}.card").unlink(missing_ok=True)
+
+
+def test_a_gpu_without_cuda_ipc_is_said_so(cupy, monkeypatch):
+    """Some CUDA hosts cannot export IPC handles (WSL2, Tegra): the GPU tests and benchmark
+    rows ask for IPC and skip there, and a pool says why it cannot be made."""
+    from giris.runtime import cuda_pool
+    from giris.runtime.errors import GirisError
+
+    monkeypatch.setattr(cuda_pool, "_IPC", [])
+    assert cuda_pool.cuda_available() and cuda_pool.cuda_available(ipc=True)
+
+    def unsupported(ptr):
+        raise RuntimeError("cudaErrorNotSupported: operation not supported")
+
+    monkeypatch.setattr(cupy.runtime, "ipcGetMemHandle", unsupported)
+    monkeypatch.setattr(cuda_pool, "_IPC", [])
+    assert cuda_pool.cuda_available() and not cuda_pool.cuda_available(ipc=True)
+    table = SlotPool.create(f"giris-{os.getpid()}-noipc", 64, 2)
+    try:
+        cupy.calls.clear()
+        with pytest.raises(GirisError, match="cannot share memory") as e:
+            cuda_pool.CudaSlotPool(table, 1024)
+        assert e.value.code == "engine_unavailable"
+        created = [c for c in cupy.calls if c[0] == "evcreate"]
+        assert len([c for c in cupy.calls if c[0] == "evdestroy"]) == len(created) == 2  # none leak
+    finally:
+        table.unlink()
+        table.close()
+        (SHM_DIR / f"{table.name}.card").unlink(missing_ok=True)
