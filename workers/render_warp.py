@@ -452,7 +452,8 @@ class WarpRenderEngine(RenderEngine):
         for key, group in pending.items():  # one resampling per frame size
             srcs = torch.cat([g[0].src for g in group]) if len(group) > 1 else group[0][0].src
             res = self._resample(srcs, np.stack([g[4] for g in group]), *_hw(key[1]))
-            res = res.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+            # uint8 frames, still on the device: each is copied once, straight into its slot
+            res = res.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
             for (state, row, out, targets, _), frame in zip(group, res):
                 self._write(state, out, frame)
                 self._composite(state, row, targets, out)
@@ -474,8 +475,11 @@ class WarpRenderEngine(RenderEngine):
             out[y0:y1, :x0] = img[y0:y1, :x0]
         if x1 < s:
             out[y0:y1, x1:] = img[y0:y1, x1:]
-        if roi_frame.dtype == torch.uint8:
-            np.copyto(out[y0:y1, x0:x1], roi_frame.numpy())
+        if roi_frame.dtype == torch.uint8:  # (h, w, 3)
+            if roi_frame.device.type == "cpu":
+                np.copyto(out[y0:y1, x0:x1], roi_frame.numpy())
+            else:  # device → the slot, with no host tensor in between
+                torch.from_numpy(out[y0:y1, x0:x1]).copy_(roi_frame)
             return
         # cast whole planes (the truncating cast rounds: the source carries +0.5), then
         # interleave plane by plane: ~0.45 ms at 512² against ~0.7 for one strided cast-copy;
