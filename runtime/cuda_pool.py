@@ -28,8 +28,11 @@ from giris.runtime.protocol import TensorRef
 from giris.runtime.shm_pool import SHM_DIR, Slot, SlotPool, StaleReference
 
 HANDLE = 64  # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
-CARD = struct.Struct("<8sQQQI")  # magic, generation, slot_bytes, n_slots, device
-MAGIC = b"GIRISGPU"
+#: magic, generation, slot_bytes, n_slots, and the GPU by its PCI bus id: a device
+#: *index* means another GPU in a process with another CUDA_VISIBLE_DEVICES (a stage
+#: on cuda:1 sees its GPU as 0, a client seeing them all as 1)
+CARD = struct.Struct("<8sQQQ16s")
+MAGIC = b"GIRISGP2"
 
 
 def _cupy() -> Any:
@@ -76,6 +79,7 @@ def _ipc_works() -> bool:
 @dataclass
 class _Opened:
     generation: int
+    device: int  # this process's index of the GPU the memory is on
     base: Any  # cupy MemoryPointer of the whole pool
     events: list[int]
     nbytes: int
@@ -133,7 +137,8 @@ class CudaSlotPool:
                 rt.eventDestroy(ev)
             raise GirisError(f"this GPU cannot share memory with other processes (CUDA IPC: {e}); "
                              "frames must go through host memory here", code="engine_unavailable") from e
-        card = CARD.pack(MAGIC, generation, self.slot_bytes, table.n_slots, device) + mem_handle + ev_handles
+        bus = rt.deviceGetPCIBusId(device).encode("ascii")
+        card = CARD.pack(MAGIC, generation, self.slot_bytes, table.n_slots, bus) + mem_handle + ev_handles
         tmp = SHM_DIR / f"{self.name}.card.tmp{os.getpid()}"
         tmp.write_bytes(card)
         os.replace(tmp, SHM_DIR / f"{self.name}.card")  # atomic: readers never see half a card
@@ -186,7 +191,7 @@ class CudaPoolCache:
         cupy = _cupy()
         rt = cupy.cuda.runtime
         card = (SHM_DIR / f"{name}.card").read_bytes()
-        magic, generation, slot_bytes, n_slots, device = CARD.unpack_from(card)
+        magic, generation, slot_bytes, n_slots, bus = CARD.unpack_from(card)
         if magic != MAGIC:
             raise GirisError(f"{name} has no valid CUDA card", code="bad_pool")
         table = self.tables.get(name)
@@ -200,16 +205,25 @@ class CudaPoolCache:
         if cached is not None:  # the producer restarted: drop the old mapping
             # not under work still queued on it (unmapping memory a kernel reads is a
             # fault that poisons this process's context); arrays over it are dangling now
-            rt.deviceSynchronize()
+            with cupy.cuda.Device(cached.device):
+                rt.deviceSynchronize()
             self._close(cached)
             del self.opened[name]
+        bus_id = bus.rstrip(b"\0").decode("ascii", "replace")
+        try:
+            device = rt.deviceGetByPCIBusId(bus_id)
+        except Exception:  # noqa: BLE001 - cudaErrorInvalidDevice: not one this process sees
+            raise GirisError(f"{name} lies on the GPU at PCI {bus_id}, which this process does not "
+                             "see (its CUDA_VISIBLE_DEVICES)", code="bad_pool") from None
         off = CARD.size
-        ptr = rt.ipcOpenMemHandle(card[off:off + HANDLE], rt.cudaIpcMemLazyEnablePeerAccess)
-        nbytes = slot_bytes * n_slots
-        mem = cupy.cuda.UnownedMemory(ptr, nbytes, self)
-        events = [rt.ipcOpenEventHandle(card[off + HANDLE * (1 + i): off + HANDLE * (2 + i)])
-                  for i in range(n_slots)]
-        self.opened[name] = _Opened(generation, cupy.cuda.MemoryPointer(mem, 0), events, nbytes, slot_bytes)
+        with cupy.cuda.Device(device):  # opened, and later read, on the GPU it lies on
+            ptr = rt.ipcOpenMemHandle(card[off:off + HANDLE], rt.cudaIpcMemLazyEnablePeerAccess)
+            nbytes = slot_bytes * n_slots
+            mem = cupy.cuda.UnownedMemory(ptr, nbytes, self, device)
+            events = [rt.ipcOpenEventHandle(card[off + HANDLE * (1 + i): off + HANDLE * (2 + i)])
+                      for i in range(n_slots)]
+        self.opened[name] = _Opened(generation, device, cupy.cuda.MemoryPointer(mem, 0), events, nbytes,
+                                    slot_bytes)
         return self.opened[name]
 
     def array(self, ref: TensorRef) -> Any:
@@ -231,9 +245,10 @@ class CudaPoolCache:
         # inside its own slot (the one whose lease was checked), as the CPU pools check
         if not start <= ref.offset + lo <= ref.offset + hi <= min(start + pool.slot_bytes, pool.nbytes):
             raise StaleReference("reference out of the slot's bounds")
-        stream = cupy.cuda.get_current_stream()
-        cupy.cuda.runtime.streamWaitEvent(stream.ptr, pool.events[ref.slot], 0)
-        return cupy.ndarray(ref.shape, dtype, memptr=pool.base + ref.offset, strides=ref.strides)
+        with cupy.cuda.Device(pool.device):  # that GPU's current stream waits, and reads
+            stream = cupy.cuda.get_current_stream()
+            cupy.cuda.runtime.streamWaitEvent(stream.ptr, pool.events[ref.slot], 0)
+            return cupy.ndarray(ref.shape, dtype, memptr=pool.base + ref.offset, strides=ref.strides)
 
     def release(self, ref: TensorRef) -> bool:
         """Give the slot back once the reads queued on this stream are done: the producer
@@ -241,14 +256,19 @@ class CudaPoolCache:
         table = self.tables.get(ref.pool or "")
         if table is None:
             return False
-        _cupy().cuda.get_current_stream().synchronize()
+        cupy = _cupy()
+        opened = self.opened.get(ref.pool or "")
+        with cupy.cuda.Device(opened.device if opened is not None else cupy.cuda.runtime.getDevice()):
+            cupy.cuda.get_current_stream().synchronize()
         return table.release(ref.slot, ref.lease)
 
     def close(self) -> None:
         """Let go of every opened pool (handles, imported events, slot tables), after the
         work queued on them. Arrays still held over them must not be used afterwards."""
-        if self.opened:
-            _cupy().cuda.runtime.deviceSynchronize()
+        cupy = _cupy() if self.opened else None
+        for device in sorted({o.device for o in self.opened.values()}):
+            with cupy.cuda.Device(device):  # type: ignore[union-attr]
+                cupy.cuda.runtime.deviceSynchronize()  # type: ignore[union-attr]
         for opened in self.opened.values():
             self._close(opened)
         self.opened.clear()

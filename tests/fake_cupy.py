@@ -61,6 +61,27 @@ class Device:
     def use(self) -> None:
         pass
 
+    def __enter__(self) -> "Device":
+        calls.append(("device", self.id))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+#: PCI bus id → this process's index of that GPU (another CUDA_VISIBLE_DEVICES: another map)
+visible: dict[str, int] = {"0000:3B:00.0": 0}
+
+
+def _bus_id(index: int) -> str:
+    return next(bus for bus, i in visible.items() if i == index)
+
+
+def _by_bus_id(bus: str) -> int:
+    if bus not in visible:
+        raise RuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+    return visible[bus]
+
 
 def _ipc_handle(ptr: int) -> bytes:
     h = int(ptr).to_bytes(8, "little") * 8  # 64 bytes, as CUDA's
@@ -80,7 +101,8 @@ def _open(h: bytes, flags: int = 1) -> int:
 
 runtime = SimpleNamespace(
     eventDisableTiming=2, eventInterprocess=4, cudaIpcMemLazyEnablePeerAccess=1,
-    getDeviceCount=lambda: 1, eventCreateWithFlags=_event,
+    getDeviceCount=lambda: 1, eventCreateWithFlags=_event, getDevice=lambda: 0,
+    deviceGetPCIBusId=_bus_id, deviceGetByPCIBusId=_by_bus_id,
     ipcGetMemHandle=_ipc_handle, ipcGetEventHandle=_ipc_handle,
     ipcOpenMemHandle=_open, ipcOpenEventHandle=lambda h: _handles[bytes(h)],
     ipcCloseMemHandle=lambda p: calls.append(("close", p)),

@@ -121,3 +121,41 @@ def test_a_gpu_without_cuda_ipc_is_said_so(cupy, monkeypatch):
         table.unlink()
         table.close()
         (SHM_DIR / f"{table.name}.card").unlink(missing_ok=True)
+
+
+def test_a_consumer_finds_the_pools_gpu_by_its_pci_bus_id(cupy, monkeypatch):
+    """The card names the GPU by PCI bus id, not by index: a render stage on the server's
+    second GPU sees it as its cuda:0, a client seeing every GPU as cuda:1. The consumer
+    opens and reads the pool on its own index of that GPU, and says so when it cannot
+    see it at all."""
+    import numpy as np
+
+    from giris.runtime.cuda_pool import CudaPoolCache, CudaSlotPool
+    from giris.runtime.errors import GirisError
+
+    monkeypatch.setattr(cupy, "visible", {"0000:3B:00.0": 0})  # the producer's view
+    table = SlotPool.create(f"giris-{os.getpid()}-busid", 64, 2)
+    try:
+        pool = CudaSlotPool(table, 4 * 4 * 3)
+        slot, arr = pool.alloc((4, 4, 3), np.uint8)
+        arr[...] = 9
+        ref = pool.publish(slot, arr)
+        monkeypatch.setattr(cupy, "visible", {"0000:AF:00.0": 0, "0000:3B:00.0": 1})  # the client's
+        cache = CudaPoolCache()
+        cupy.calls.clear()
+        view = cache.array(ref)
+        assert int(view[0, 0, 0]) == 9
+        opened = [c for c in cupy.calls if c[0] in ("device", "open")]
+        assert opened[:2] == [("device", 1), ("open", opened[1][1])]  # opened on its GPU 1
+        assert ("device", 1) in cupy.calls[cupy.calls.index(opened[1]) + 1:]  # and read there
+        cache.close()
+        monkeypatch.setattr(cupy, "visible", {"0000:AF:00.0": 0})  # a client without that GPU
+        other = CudaPoolCache()
+        with pytest.raises(GirisError, match="PCI 0000:3B:00.0") as e:
+            other.array(ref)
+        assert e.value.code == "bad_pool"
+        other.close()
+    finally:
+        table.unlink()
+        table.close()
+        (SHM_DIR / f"{table.name}.card").unlink(missing_ok=True)
