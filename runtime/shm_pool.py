@@ -75,15 +75,18 @@ class SlotPool:
         self.name = name
         self._mm = mm
         self._owner = owner
-        self._header = np.ndarray((), HEADER, buffer=mm, offset=0)
+        # np.frombuffer, not np.ndarray(buffer=): only frombuffer keeps the mapping's buffer
+        # exported while a view lives, so close() cannot unmap memory a caller still reads
+        # (a zero-copy frame kept after its client closed read unmapped memory: SIGSEGV)
+        self._header = np.frombuffer(mm, HEADER, 1, 0).reshape(())
         if bytes(self._header["magic"]) != MAGIC:
             raise GirisError(f"{name} is not a Giris pool", code="bad_pool")
         self.n_slots = int(self._header["n_slots"])
         self.slot_bytes = int(self._header["slot_bytes"])
         self._data_offset = int(self._header["data_offset"])
-        self.table = np.ndarray((self.n_slots,), SLOT, buffer=mm, offset=HEADER.itemsize)
-        self._data = np.ndarray((self.n_slots, self.slot_bytes), np.uint8, buffer=mm,
-                                offset=self._data_offset)
+        self.table = np.frombuffer(mm, SLOT, self.n_slots, HEADER.itemsize)
+        self._data = np.frombuffer(mm, np.uint8, self.n_slots * self.slot_bytes,
+                                   self._data_offset).reshape(self.n_slots, self.slot_bytes)
         # Column views for the vectorised work (search, reclaim, counts) ...
         self._state = self.table["state"]
         self._holders, self._owners = self.table["holder"], self.table["owner"]

@@ -103,6 +103,27 @@ def test_close_unmaps_the_segment(pool):
     assert maps == 1  # the fixture's own mapping only
 
 
+def test_a_view_kept_after_close_keeps_its_memory(pool):
+    """A consumer may hold a frame past its pool's close (a zero-copy Frame kept after the
+    client closed): the view must keep the mapping, not read unmapped memory (SIGSEGV).
+    In a child process, so a crash fails the test instead of the run."""
+    code = f"""
+import numpy as np
+from giris.runtime.shm_pool import SlotPool
+pool = SlotPool.attach({pool.name!r})
+slot = pool.alloc()
+view = slot.array[:300].reshape(10, 10, 3)
+view[:] = 9
+again = pool.array(pool.ref(slot, view))
+del slot
+pool.close()
+print(int(view.sum()), int(again.sum()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.split() == [str(9 * 300)] * 2
+
+
 def test_ref_outside_slot_is_rejected(pool):
     slot = pool.alloc()
     with pytest.raises(ValueError):
