@@ -190,6 +190,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             cfg.stages[name] = _fill(StageConfig, sc, f"stages.{name}")
     else:
         cfg.stages = default_stages(cfg.limits.max_size)
+    _check_ranges(cfg)
     if cfg.server.launcher not in ("fork", "spawn"):
         raise ValueError("server.launcher must be 'fork' or 'spawn'")
     for name, sc in cfg.stages.items():
@@ -202,6 +203,27 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
 #: a float field takes an integer too, no numeric field takes true/false
 _SCALARS: dict[str, tuple[Any, str]] = {"int": (int, "an integer"), "float": ((int, float), "a number"),
                                         "bool": (bool, "true or false"), "str": (str, "a string")}
+
+
+def _check_ranges(cfg: "Config") -> None:
+    """Numbers that only make sense positive (a negative idle timeout closed every session
+    as it opened, after a SIGHUP reload took it live)."""
+    for section in ("timeouts", "limits", "restart"):
+        for f in fields(getattr(cfg, section)):
+            v = getattr(getattr(cfg, section), f.name)
+            zero_ok = f.name == "max_restarts"  # 0: a stage that crashes is failed at once
+            if not (v >= 0 if zero_ok else v > 0):
+                raise ValueError(f"[{section}] {f.name} must be {'≥ 0' if zero_ok else '> 0'}, not {v!r}")
+    if cfg.limits.min_size > cfg.limits.max_size:
+        raise ValueError("[limits] min_size must not exceed max_size")
+    if cfg.restart.backoff_max < cfg.restart.backoff_initial:
+        raise ValueError("[restart] backoff_max must not be below backoff_initial")
+    for name, sc in cfg.stages.items():
+        for key in ("pool_slots", "pool_slot_bytes", "session_slots"):
+            if getattr(sc, key) < 0:
+                raise ValueError(f"[stages.{name}] {key} must be ≥ 0")
+        if sc.block_timeout <= 0:
+            raise ValueError(f"[stages.{name}] block_timeout must be > 0")
 
 
 def _fill(cls: type, values: Any, where: str) -> Any:

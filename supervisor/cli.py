@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `giris status | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except (OSError, ValueError, zmq.ZMQError) as e:  # a file, a config value, an endpoint
         log.debug("failed", exc_info=True)
         print(f"giris: error: {_said(e)}", file=sys.stderr)

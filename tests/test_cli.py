@@ -22,6 +22,11 @@ def test_status_table_and_json(make_server):
         assert w["pid"] > 0 and w["state"] == "ready" and w["restarts"] == 0 and w["cpus"]
     r = giris("status", "--endpoint", srv.endpoint)
     assert r.returncode == 0 and "render" in r.stdout and "test-frames" in r.stdout
+    # `giris status | head -1`: the reader going away is no error
+    p = subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "status", "--endpoint",
+                          srv.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    assert p.wait(60) == 141 and p.stderr.read() == b""
 
 
 def test_status_of_a_missing_server_fails_cleanly(tmp_path: Path):
@@ -132,6 +137,10 @@ def test_a_config_value_of_the_wrong_type_is_named():
     with pytest.raises(ValueError, match=r"\[stages.render\] pool_slots must be an integer"):
         from_mapping({"stages": {"render": {"engine": "warp", "pool_slots": "many"}}})
     assert from_mapping({"timeouts": {"client_idle": 5}}).timeouts.client_idle == 5  # int for float
+    for section, key, value in [("timeouts", "client_idle", -5), ("limits", "max_sessions", 0),
+                                ("restart", "max_restarts", -1)]:  # and out of range
+        with pytest.raises(ValueError, match=f"\\[{section}\\] {key} must be"):
+            from_mapping({section: {key: value}})
 
 
 def test_closing_after_the_server_died_does_not_wait_again(make_server):
