@@ -15,7 +15,7 @@ import zmq
 
 from giris.runtime.client import Client, Session
 from giris.runtime.config import Config, default_config
-from giris.runtime.errors import GirisError
+from giris.runtime.errors import GirisError, StageFailed
 
 
 class Runtime:
@@ -56,6 +56,11 @@ class Runtime:
         if self._error is not None:
             self.stop()
             raise self._error
+        failed = self.supervisor.failed_stages()
+        if failed:  # a product embedding the runtime wants to know now, not at its first say
+            self.stop()
+            raise StageFailed(f"stage(s) {', '.join(failed)} could not start (see the log above "
+                              "for the engine's reason)", stages=failed)
         self.client = Client(self.config.server.endpoint, context=self.ctx)
         return self
 

@@ -299,6 +299,8 @@ class Supervisor:
             w.state = STOPPED
             return
         delay = w.policy.record_crash(now)
+        if code == os.EX_CONFIG and not w.kind:  # never started: its engine refuses its
+            delay = None                          # configuration, which retries will not change
         log.warning("stage exited", extra={"stage": w.stage, "pid": pid, "code": code, "hung": hung,
                                             "restart_in": delay})
         if self.metrics is not None:

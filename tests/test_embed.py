@@ -31,6 +31,26 @@ def test_runtime_context_manager_streams_and_cleans_up():
     assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
+def test_a_stage_whose_engine_refuses_its_config_fails_the_start_at_once():
+    """An engine that refuses its configuration (exit EX_CONFIG before it was ever ready)
+    is not restarted five times, and an embedded Runtime raises instead of starting
+    without that stage (it took ~14 s and then served nothing)."""
+    import time
+
+    from giris.runtime.errors import StageFailed
+
+    stages = small_stages()
+    stages["tts"] = {"engine": "piper", "options": {"rate": 99}}  # out of range: bad_config
+    cfg = from_mapping({"stages": stages, "defaults": {"size": 64}, "limits": {"min_size": 32}})
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed, match="tts") as e:
+        Runtime(cfg).start()
+    assert e.value.details["stages"] == ["tts"]
+    assert time.monotonic() - t0 < 10
+    assert shm_segments(os.getpid()) == []
+    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
+
+
 def test_a_stage_on_a_gpu_hands_its_frames_over_in_host_memory(monkeypatch):
     """A stage on ``cuda:0`` (the test engine never touches CUDA, so this runs anywhere)
     writes into its shared-memory pool like any other: its references say ``cpu``, where
