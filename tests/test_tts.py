@@ -546,3 +546,28 @@ def test_piper_on_a_gpu_without_onnx_runtimes_cuda_build_says_so():
     with pytest.raises(EngineError) as e:
         PiperEngine({}, EngineContext(stage="tts", device="cuda:0"))
     assert e.value.code == "engine_unavailable" and "onnxruntime-gpu" in str(e.value)
+
+
+def test_the_session_clock_keeps_its_time_when_live_audio_comes_at_another_rate():
+    """Speech at the voice's rate, then live audio at 48 kHz, then at 8 kHz: each chunk's
+    start is on the same timeline (its own rate), so frame numbers never go back (they
+    did: 23 frames made twice, pts jumping from 1.8 s back to 0.9 s)."""
+    from giris.workers.coefficients import frame_range
+    from giris.workers.engine import EngineContext, StageInput
+    from giris.workers.testing import SourceTestEngine
+
+    eng = SourceTestEngine({"word_s": 0.3}, EngineContext("tts"))
+    st = eng.open_session({})
+    outs = list(eng.process(StageInput("say", 0, 0.0, {"text": "one two three", "utterance": 1}, []), st))
+    for i, sr in enumerate((48000, 8000, 8000)):
+        pcm = np.zeros(sr // 3 + 7, np.int16)  # a third of a second, and a few samples
+        outs += list(eng.process(StageInput("audio_in", 0, 0.0, {"sample_rate": sr, "utterance": 2 + i,
+                                                                 "final": True}, [pcm]), st))
+    frames, seconds = [], 0.0
+    for o in outs:
+        sr, start, n = o.meta["sample_rate"], o.meta["start_sample"], len(o.tensors[0])
+        assert start / sr >= seconds - 1e-9 and o.pts == start / sr  # never back in time
+        seconds = (start + n) / sr
+        frames += list(frame_range(start, n, sr, 25.0))
+    assert frames == sorted(set(frames))  # no frame made twice
+    assert seconds == pytest.approx(0.9 + 3 * (1 / 3), abs=0.01)

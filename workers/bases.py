@@ -44,6 +44,8 @@ class TTSSession:
     spec: dict
     #: next sample on the session clock (audio of successive utterances is laid end to end)
     clock: int = 0
+    #: the sample rate ``clock`` counts in (0: none yet); live audio may come at another
+    rate: int = 0
     chunks: int = 0
     extra: Any = None
 
@@ -103,6 +105,10 @@ class TTSEngine(Engine):
 
     def _emit(self, chunk: SpeechChunk, state: TTSSession, utterance: int, final: bool,
               style: dict) -> Output:
+        sr = int(chunk.sample_rate)
+        if state.rate and state.rate != sr:  # the clock changes unit: same time, rounded up,
+            state.clock = -(-state.clock * sr // state.rate)  # so no frame is made twice
+        state.rate = sr
         start = state.clock
         state.clock += int(chunk.pcm.shape[0])
         seq = state.chunks
