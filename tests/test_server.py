@@ -666,3 +666,19 @@ def test_a_traced_request_says_where_its_time_went(make_server):
     for i in plain:
         if isinstance(i, Frame):
             i.release()
+
+
+def test_a_session_that_wants_no_frames_renders_none(make_server):
+    """A client driving its own 3D avatar asks for coefficients (and audio) only: the
+    renderer draws nothing for it (it drew and threw away every frame) and the utterance
+    still ends."""
+    srv = make_server()
+    s = srv.client().open_session(want=["audio", "coeffs"])
+    out = collect(s, "one two three")
+    samples = sum(len(a.pcm) for a in out["audio"])
+    assert samples == 3 * int(WORD_S * 16000)
+    n = math.ceil(samples * 25 / 16000)
+    assert sum(c.values.shape[0] for c in out["coeffs"]) == n and not out["frames"]
+    done = out["events"][-1]
+    assert done.kind == "utterance_done" and done.meta["complete"] and done.meta["frames"] == 0
+    assert srv.status()["frames_out"] == 0  # the server counts every frame made, wanted or not

@@ -281,6 +281,9 @@ class RenderEngine(Engine):
         first = int(meta["first_frame"])
         n = coeffs.shape[0]
         final = bool(meta.get("final"))
+        want = (getattr(state, "spec", None) or {}).get("want")
+        if want is not None and "frames" not in want:  # coefficients only: draw nothing
+            n = 0
         for i in range(n):
             k = first + i
             yield FrameJob(row=coeffs[i], shape=self.frame_shape(state), output=Output(
