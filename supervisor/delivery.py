@@ -176,6 +176,30 @@ class Delivery:
         self.tick(float("inf"))
         self.paced.clear()
 
+    def drop_paced(self, rec: SessionRecord, utterance: int | None = None) -> int:
+        """Take what waits for its pacing slot out of the queue: the session's items of
+        ``utterance`` (all of them when None). Zero-copy frames give their slots back (the
+        client never saw them). The session's clock starts over, so what comes next leaves a
+        playout delay after it is made, not behind the dropped frames' slots."""
+        keep, dropped = [], 0
+        for p in self.paced:
+            if p[2] == rec.token and (utterance is None or p[3].meta.get("utterance") == utterance):
+                dropped += 1
+                if p[3].type == P.FRAME:
+                    self.sup.pools.release_all(p[3])  # inline copies have no pool refs
+            else:
+                keep.append(p)
+        if dropped:
+            heapq.heapify(keep)
+            self.paced = keep
+        left = [p[0] for p in self.paced if p[2] == rec.token]
+        if not left:
+            self.clock.pop(rec.token, None)
+        elif rec.token in self.clock:  # another utterance still waits: keep its order
+            t0, k0, _ = self.clock[rec.token]
+            self.clock[rec.token] = (t0, k0, max(left))
+        return dropped
+
     def forget(self, rec: SessionRecord) -> None:
         self.clock.pop(rec.token, None)
         if any(p[2] == rec.token for p in self.paced):
@@ -183,13 +207,19 @@ class Delivery:
             heapq.heapify(self.paced)
 
     # ------------------------------------------------------------------ utterances
-    def utterance_done(self, rec: SessionRecord, utt: Utterance, complete: bool, **extra: Any) -> None:
+    def utterance_done(self, rec: SessionRecord, utt: Utterance, complete: bool,
+                       at_once: bool = False, **extra: Any) -> None:
         if rec.utterances.pop(utt.id, None) is None:
             return
         ev = P.event("utterance_done", session=rec.token, utterance=utt.id, frames=utt.frames,
                      complete=complete, **extra)
-        if extra.get("cancelled"):
-            self.sup.gateway.to(rec.client, ev)  # a cancel is answered at once, never paced
+        if at_once or extra.get("cancelled"):
+            # Cut short by the client: answered at once, never paced. What of it still waits
+            # for its pacing slot is dropped, so nothing of the utterance follows its end (a
+            # client may stop reading here) and the next utterance does not wait behind it.
+            utt.cancelled = True
+            self.drop_paced(rec, utt.id)
+            self.sup.gateway.to(rec.client, ev)
         else:
             self.send(rec, ev)
 

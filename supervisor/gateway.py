@@ -145,9 +145,8 @@ class Gateway:
             elif msg.type == P.SAY:
                 rec.rate_check(self.sup.config.limits.max_requests_per_second, now)
                 self.say(rec, msg)
-            elif msg.type == P.AUDIO_IN:
-                rec.rate_check(self.sup.config.limits.max_requests_per_second * 5, now)
-                self.audio_in(rec, msg)
+            elif msg.type == P.AUDIO_IN:  # a budget of its own, in seconds of audio
+                self.audio_in(rec, msg, now)
             elif msg.type == P.CANCEL:
                 self.cancel(rec, msg)
 
@@ -192,6 +191,7 @@ class Gateway:
         def estimated(replies: dict[str, dict]) -> None:
             err = _first_error(replies)
             if err:
+                sup.delivery.count_error(str(err.get("code")))
                 return self.to(client, P.error(err, req=req))
             total: dict[str, int] = {}
             for r in replies.values():
@@ -204,17 +204,22 @@ class Gateway:
                 return self.to(client, P.error(e, req=req))
             rec = SessionRecord(token=sup.registry.new_token(), client=client, user=user,
                                 spec=spec, avatar=avatar, estimate=total)
+            # the stages cap what one client's sessions hold of their pools together; in the
+            # spec, so a restarted stage gets it back with the session (clients cannot set it:
+            # validate_spec refuses unknown keys)
+            spec["client_tag"] = rec.client_tag
             sup.registry.add(rec)  # reserves the budget while stages open it
 
             def opened(replies: dict[str, dict]) -> None:
                 err = _first_error(replies)
                 if err or sup.registry.lookup(rec.token) is None:
                     self.close_session(rec, reason="failed", notify=False)
-                    return self.to(client, P.error(err or {"code": "unknown_session",
-                                                            "message": "session closed while opening"},
-                                                   req=req))
+                    err = err or {"code": "unknown_session", "message": "session closed while opening"}
+                    sup.delivery.count_error(str(err.get("code")))
+                    return self.to(client, P.error(err, req=req))
                 log.info("session opened", extra={"session": rec.token[:8], "spec": _brief(spec)})
-                self.reply(client, req, session=rec.token, spec=spec, estimate=total)
+                self.reply(client, req, session=rec.token, estimate=total,
+                           spec={k: v for k, v in spec.items() if k != "client_tag"})
 
             sup.fan_out(P.Message(P.OPEN_SESSION, session=rec.token,
                                   meta={"spec": spec, "tag": rec.tag},
@@ -291,7 +296,7 @@ class Gateway:
         send(self.sup.first_stage_socket(), P.Message(P.SAY, session=rec.token, seq=utt.id, meta=meta))
         self.reply(rec.client, msg.meta.get("req"), session=rec.token, utterance=utt.id)
 
-    def audio_in(self, rec: SessionRecord, msg: P.Message) -> None:
+    def audio_in(self, rec: SessionRecord, msg: P.Message, now: float) -> None:
         self._check_stages()
         if len(msg.tensors) != 1 or msg.tensors[0].pool is not None:
             raise BadInput("audio_in carries one inline int16 tensor")
@@ -302,15 +307,22 @@ class Gateway:
         if not isinstance(sr, int) or not 8000 <= sr <= 96000:
             raise BadInput("sample_rate must be an integer in 8000..96000")
         utt_id = _utterance(msg)
-        if utt_id is None:
-            utt = self.new_utterance(rec)
-        else:
+        utt: Utterance | None = None
+        if utt_id is not None:
             utt = rec.utterances.get(utt_id)
             if utt is None or utt.cancelled:
                 raise BadInput("unknown or finished utterance for audio_in")
         final = msg.meta.get("final", False)
         if type(final) is not bool:
             raise BadInput("final must be true or false")
+        try:
+            rec.audio_check(pcm.shape[0] / sr, now)
+        except LimitExceeded as e:
+            if utt is not None:  # the utterance has a gap now: end it, never leave it open
+                self.end_utterance(rec, utt, e)
+            raise
+        if utt is None:
+            utt = self.new_utterance(rec)
         out = P.Message(P.AUDIO_IN, session=rec.token, seq=utt.id,
                         meta={"utterance": utt.id, "sample_rate": sr, "final": final})
         out.add_inline(pcm)
@@ -327,6 +339,17 @@ class Gateway:
         for u in targets:
             u.cancelled = True
             self.sup.delivery.utterance_done(rec, u, complete=False, cancelled=True)
+
+    def end_utterance(self, rec: SessionRecord, utt: Utterance, err: GirisError) -> None:
+        """End ``utt`` before its time for ``err``: the stages drop it, its stream gets the
+        error (a reader raises it) and at once ``utterance_done`` (not complete), with
+        nothing of it after them."""
+        send(self.sup.first_stage_socket(), P.Message(P.CANCEL, session=rec.token,
+                                                      meta={"utterance": utt.id}))
+        ev = P.error(err, session=rec.token)
+        ev.meta["utterance"] = utt.id
+        self.to(rec.client, ev)
+        self.sup.delivery.utterance_done(rec, utt, complete=False, at_once=True, error=err.code)
 
     def release(self, rec: SessionRecord, msg: P.Message) -> None:
         refs = msg.meta.get("refs")

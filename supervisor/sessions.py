@@ -11,6 +11,15 @@ from giris.runtime.errors import BudgetExceeded, LimitExceeded, SessionNotFound
 from giris.runtime.shm_pool import session_tag
 
 
+#: live audio in (``audio_in``) has a budget of its own, apart from requests (``say``):
+#: seconds of audio per second of wall time, averaged over a burst of AUDIO_BURST_S of audio
+#: (a client may send ahead, or catch up after a stall) ...
+AUDIO_RATE = 4.0
+AUDIO_BURST_S = 12.0
+#: ... and messages per second, however short (10 ms chunks are 100 a second)
+AUDIO_MESSAGES_PER_S = 500
+
+
 @dataclass
 class Utterance:
     id: int
@@ -44,12 +53,21 @@ class SessionRecord:
     #: end of the audio seen so far on the session clock (replayed to a restarted tts)
     audio_end: int = 0
     requests: deque = field(default_factory=deque)
+    #: audio_in messages in the last second, and the audio budget left (seconds) as of when
+    audio_messages: deque = field(default_factory=deque)
+    audio_budget: tuple[float, float] | None = None
     frames_out: int = 0
     #: the highest frame index delivered, to tell clients where a gap starts
     last_frame: int = -1
 
     def __post_init__(self) -> None:
         self.tag = session_tag(self.token)
+
+    @property
+    def client_tag(self) -> int:
+        """A stable tag for the connection (and CURVE key) that owns the session: stages
+        cap what one client's sessions hold together (``session_tag`` space, never 0)."""
+        return session_tag("client:" + self.client.hex() + ":" + (self.user or ""))
 
     @property
     def zero_copy(self) -> bool:
@@ -67,6 +85,26 @@ class SessionRecord:
             raise LimitExceeded(f"more than {per_second:g} requests per second", code="rate_limited",
                                 limit=per_second)
         self.requests.append(now)
+
+    def audio_check(self, seconds: float, now: float) -> None:
+        """Live audio: its own budget, so 10 ms chunks (100 a second) never count against
+        ``say`` and ``cancel``. A token bucket of AUDIO_BURST_S seconds of audio refilled at
+        AUDIO_RATE seconds per second, and at most AUDIO_MESSAGES_PER_S messages in any
+        one-second window. A message longer than the burst passes on a full bucket (and
+        overdraws it). Nothing is charged for a refused message."""
+        while self.audio_messages and self.audio_messages[0] <= now - 1.0:
+            self.audio_messages.popleft()
+        if len(self.audio_messages) >= AUDIO_MESSAGES_PER_S:
+            raise LimitExceeded(f"more than {AUDIO_MESSAGES_PER_S} audio_in messages per second",
+                                code="rate_limited", limit=AUDIO_MESSAGES_PER_S)
+        left, at = self.audio_budget or (AUDIO_BURST_S, now)
+        left = min(AUDIO_BURST_S, left + (now - at) * AUDIO_RATE)
+        if seconds > left and left < AUDIO_BURST_S:  # one long message alone may overdraw
+            raise LimitExceeded(f"live audio faster than {AUDIO_RATE:g} s per second (bursts of "
+                                f"{AUDIO_BURST_S:g} s)", code="rate_limited", limit=AUDIO_RATE,
+                                burst=AUDIO_BURST_S)
+        self.audio_budget = (left - seconds, now)
+        self.audio_messages.append(now)
 
 
 class SessionRegistry:

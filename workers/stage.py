@@ -66,6 +66,8 @@ class WorkerSession:
     not_before: float = 0.0
     #: since when the session has held its share of the pool (its client is behind)
     held_since: float | None = None
+    #: the client (connection) that owns it: one client's sessions share a cap (0: none)
+    client: int = 0
     #: (utterance, stamps so far) of a traced request, until this stage's next output for
     #: that utterance carries them on
     trace: tuple[Any, list] | None = None
@@ -99,6 +101,11 @@ class StageWorker:
         self.block_timeout = float(spec.get("block_timeout", 5.0))
         #: most pool slots one session may hold (see ``_held_back``); 0: no cap
         self.session_slots = int(spec.get("session_slots") or 0)
+        #: most pool slots the sessions of one client may hold together: half the pool (or
+        #: ``session_slots``, if more), so a client that keeps its zero-copy frames, over
+        #: however many sessions, leaves the rest of the pool to the other clients
+        self.client_slots = max(self.session_slots, self.pool.n_slots // 2) if self.pool else 0
+        self._counts_at, self._client_counts = -1.0, {}
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -262,7 +269,8 @@ class StageWorker:
         if old is not None:
             self._drop(old)
         self.sessions[token] = WorkerSession(token, tag, state, fps=float(spec.get("fps") or 25),
-                                             realtime=bool(spec.get("realtime")))
+                                             realtime=bool(spec.get("realtime")),
+                                             client=int(spec.get("client_tag") or 0))
         if req is not None:
             self.reply(req, ok=True, held=self._held(state))
 
@@ -324,6 +332,9 @@ class StageWorker:
             else:
                 keep.append(m)
         s.queue = keep
+        # a live session's clock starts over with what comes next: its frames continue the
+        # session's frame count past the cut, and must not wait as if those had been shown
+        s.clock, s.not_before = None, 0.0
         try:
             self.engine.cancel(s.state, utt)
         except Exception:  # noqa: BLE001
@@ -333,14 +344,17 @@ class StageWorker:
 
     # ------------------------------------------------------------------ work
     def _held_back(self, s: WorkerSession, now: float) -> bool:
-        """Whether the session holds its share of the pool (``session_slots``) and must wait
-        for its client to give frames back, leaving the other sessions to go on. Past
+        """Whether the session holds its share of the pool (``session_slots``), or its
+        client's sessions together theirs (``client_slots``), and must wait for the client
+        to give frames back, leaving the other clients' sessions to go on. Past
         ``block_timeout`` its item fails with ``pool_full``, as a full pool does."""
         pool = self.pool
         if pool is None or not self.session_slots or s.gen is None and not s.queue:
             return False
-        if pool.owned_by(s.tag) < self.session_slots:
+        if pool.owned_by(s.tag) < self.session_slots and self._client_held(s, now) < self.client_slots:
             s.held_since = None
+            if s.client:  # it may take a slot this step: count it for its siblings
+                self._client_counts[s.client] += 1
             return False
         if s.held_since is None:
             s.held_since = now
@@ -348,11 +362,24 @@ class StageWorker:
             s.held_since = None
             if s.gen is None and s.queue:
                 self._begin(s, s.queue.popleft())
-            self._failed(s, PoolFull(f"session holds {self.session_slots} slots of {pool.name} "
-                                     "its client has not given back", pool=pool.name))
+            self._failed(s, PoolFull(f"session (or its client's sessions) holds {self.session_slots} "
+                                     f"(or {self.client_slots}) slots of {pool.name} its client "
+                                     "has not given back", pool=pool.name))
             return True
         s.not_before = now + 0.005  # look again soon; the loop sleeps until then
         return True
+
+    def _client_held(self, s: WorkerSession, now: float) -> int:
+        """Slots the sessions of ``s``'s client hold together (0 for a session of no client);
+        counted once a step per client (then one more for each session let go on)."""
+        if not s.client or self.pool is None:
+            return 0
+        if self._counts_at != now:
+            self._counts_at, self._client_counts = now, {}
+        if s.client not in self._client_counts:
+            self._client_counts[s.client] = sum(self.pool.owned_by(o.tag) for o in self.sessions.values()
+                                                if o.client == s.client)
+        return self._client_counts[s.client]
 
     def step_all(self) -> None:
         if self.batching:

@@ -1,0 +1,183 @@
+"""Live sessions under real use: cancels of paced streams, live audio against the rate limits,
+clients that hold pool slots, and errors counted in the metrics. Small test engines."""
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+from giris.runtime import protocol as P
+from giris.runtime.client import Frame
+from giris.runtime.errors import GirisError
+from tests.conftest import collect, small_stages
+
+
+def _next(s, timeout: float):
+    """The session's next raw message, or None after ``timeout``; zero-copy frames are
+    given back at once (as a client that shows and drops them would)."""
+    try:
+        msg = s.client.next_message(s.token, timeout)
+    except GirisError:
+        return None
+    if msg.type == P.FRAME:
+        item = s._item(msg)
+        if isinstance(item, Frame):
+            item.release()
+    return msg
+
+
+def test_cancel_of_a_live_session_drops_what_waits_for_its_pacing_slot(make_server):
+    """A live session's frames wait in the server for their time on the wall clock (and the
+    renderer draws up to 1 s ahead). A cancel used to leave them queued: ~30 frames and audio
+    chunks came after ``utterance_done(cancelled)``, where a client may stop reading, zero-copy
+    slots stayed taken, and the next utterance's first frame waited ~1 s behind them."""
+    srv = make_server()
+    s = srv.client().open_session(realtime=True, zero_copy=True)
+    utt = s.start_say(" ".join(["word"] * 40))  # 8 s of speech
+    frames = 0
+    while frames < 3:
+        msg = _next(s, 10)
+        assert msg is not None
+        frames += msg.type == P.FRAME
+    assert s.cancel(utt) == [utt]
+    done, after = False, []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        msg = _next(s, 0.1)
+        if msg is None:
+            continue
+        if msg.type == P.EVENT and msg.meta.get("kind") == "utterance_done":
+            assert msg.meta["utterance"] == utt and msg.meta["cancelled"]
+            done = True
+        elif done and msg.meta.get("utterance") == utt:
+            after.append(msg.type)
+    assert done and after == []
+    pools = srv.status()["pools"]
+    assert pools and all(p["in_use"] == 0 for p in pools.values()), pools
+
+    t0 = time.monotonic()
+    first = end = None
+    for item in s.say("one two"):  # 0.4 s of speech, 10 frames
+        if isinstance(item, Frame):
+            first = first or time.monotonic() - t0
+            item.release()
+    end = time.monotonic() - t0
+    assert first is not None and first < 0.5, first
+    assert end < 1.5, end  # paced from its own start, not as if the cut frames had been shown
+
+
+def test_live_audio_in_10ms_chunks_with_a_say_between(make_server):
+    """Live audio used to share the per-session request counter with ``say`` (at 5x its
+    rate): 10 ms chunks (100 a second) were refused with ``rate_limited`` after a second,
+    leaving the utterance open for good, and a ``say`` during 20 ms chunks failed. Audio has a
+    budget of its own now, in seconds of audio."""
+    srv = make_server()
+    s = srv.client().open_session()
+    sr, n = 48000, 480
+    t = np.arange(3 * sr) / sr
+    pcm = (8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
+    utt, said = None, None
+    t0 = time.monotonic()
+    for k, a in enumerate(range(0, len(pcm), n)):
+        utt = s.send_audio(pcm[a:a + n], sr, utterance=utt, final=a + n >= len(pcm))
+        if k == 150:
+            said = s.start_say("one two")
+        time.sleep(max(0.0, t0 + (a + n) / sr - time.monotonic()))
+    assert said is not None
+    live = list(s.stream(utt, timeout=15))
+    assert live[-1].kind == "utterance_done" and live[-1].meta["complete"]
+    assert sum(isinstance(i, Frame) for i in live) == 75  # 3 s at 25 fps
+    spoken = list(s.stream(said, timeout=15))
+    assert spoken[-1].kind == "utterance_done" and spoken[-1].meta["complete"]
+
+
+def test_audio_in_refused_for_rate_ends_its_utterance(make_server):
+    """Audio far faster than real time is refused with ``rate_limited``; the utterance it
+    continued must not stay open (no ``utterance_done`` ever came): its stream gets the error
+    and the utterance ends, not complete."""
+    srv = make_server()
+    s = srv.client().open_session()
+    sr = 16000
+    chunk = np.zeros(sr, np.int16)  # 1 s of audio a message, sent as fast as it goes
+    utt = s.send_audio(chunk, sr)
+    refused = None
+    for _ in range(40):
+        try:
+            s.send_audio(chunk, sr, utterance=utt)
+        except GirisError as e:
+            refused = e
+            break
+    assert refused is not None and refused.code == "rate_limited"
+    got = None
+    try:
+        for item in s.stream(utt, timeout=10):
+            pass
+    except GirisError as e:
+        got = e
+    assert got is not None and got.code == "rate_limited"
+    # the session serves on; a new utterance is not charged for the refused audio
+    time.sleep(1.0)
+    out = collect(s, "one")
+    assert out["events"][-1].meta["complete"]
+
+
+def test_one_clients_held_frames_leave_pool_slots_to_other_clients(make_server):
+    """Each session's cap (``session_slots``) did not bound a client: four zero-copy
+    sessions of one client that never give frames back took every slot of the render pool,
+    and another client's session failed with ``pool_full``. One client's sessions together
+    hold at most half the pool now."""
+    srv = make_server({"stages": small_stages(render={"pool_slots": 16, "session_slots": 4,
+                                                      "block_timeout": 2.0})})
+    hog = srv.client()
+    kept: list = []
+    streams = []
+    for _ in range(4):
+        s = hog.open_session(zero_copy=True)
+        streams.append((s, s.start_say(" ".join(["word"] * 10))))
+
+    def keep(s, utt):
+        try:
+            for item in s.stream(utt, timeout=10):
+                if isinstance(item, Frame):
+                    item._release = None  # never given back
+                    kept.append(item)
+        except GirisError:
+            pass  # pool_full: its own sessions are held back
+
+    readers = [threading.Thread(target=keep, args=st, daemon=True) for st in streams]
+    for r in readers:
+        r.start()
+    assert_until = time.monotonic() + 5
+    while time.monotonic() < assert_until and len(kept) < 8:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert len(kept) <= 8
+    other = srv.client().open_session()
+    out = collect(other, "five six")
+    assert len(out["frames"]) == 10 and out["events"][-1].meta["complete"]
+    for r in readers:
+        r.join(15)
+
+
+def test_stage_errors_at_open_are_counted(make_server):
+    """Errors a stage raises while opening a session (``bad_image``, ``unknown_voice``) reach
+    the client but were missing from ``giris_errors_total``."""
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    srv = make_server({"server": {"metrics_port": port}})
+    c = srv.client()
+    for kw, code in (({"avatar": b"not an image"}, "bad_image"), ({"voice": "nobody"}, "unknown_voice")):
+        try:
+            c.open_session(**kw)
+            raise AssertionError("opened")
+        except GirisError as e:
+            assert e.code == code
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for code in ("bad_image", "unknown_voice"):
+        m = re.search(rf'^giris_errors_total{{code="{code}"}} ([0-9.e+]+)$', text, re.M)
+        assert m and float(m.group(1)) == 1, code
