@@ -262,6 +262,8 @@ class Gateway:
             spec[key] = spec.get(key, False)
             if type(spec[key]) is not bool:
                 raise BadInput(f"{key} must be true or false")
+        if spec["zero_copy"] and self.sup.endpoint.startswith("tcp://"):
+            spec["zero_copy"] = False  # a remote client cannot map our pool: inline bytes
         seed = spec.get("seed")
         if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
             raise BadInput(f"seed must be an integer in 0..2^63-1, got {seed!r}")

@@ -96,3 +96,11 @@ def test_tcp_without_curve_needs_insecure(make_server, tmp_path):
     srv2.endpoint = f"tcp://127.0.0.1:{port}"
     srv2.wait_serving()
     assert "WITHOUT encryption" in srv2.logs()
+    # a client over tcp may be on another host: frames come as bytes, never pool references
+    from tests.conftest import collect
+
+    s = srv2.client().open_session(zero_copy=True)
+    assert s.spec["zero_copy"] is False
+    frames = collect(s, "one two")["frames"]
+    assert frames and srv2.status()["pools"] and all(
+        p["in_use"] == 0 for p in srv2.status()["pools"].values())
