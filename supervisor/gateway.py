@@ -294,6 +294,7 @@ class Gateway:
         if msg.meta.get("trace") is True:  # stamps of each process on the way (same-host clocks)
             meta["trace"] = [["gateway", time.monotonic()]]
         utt = self.new_utterance(rec)
+        utt.closed_input = True
         meta["utterance"] = utt.id
         send(self.sup.first_stage_socket(), P.Message(P.SAY, session=rec.token, seq=utt.id, meta=meta))
         self.reply(rec.client, msg.meta.get("req"), session=rec.token, utterance=utt.id)
@@ -314,6 +315,8 @@ class Gateway:
             utt = rec.utterances.get(utt_id)
             if utt is None or utt.cancelled:
                 raise BadInput("unknown or finished utterance for audio_in")
+            if utt.closed_input:  # its frames were already counted to its end
+                raise BadInput(f"utterance {utt_id} has ended its audio (final, or it is a say)")
         final = msg.meta.get("final", False)
         if type(final) is not bool:
             raise BadInput("final must be true or false")
@@ -325,6 +328,7 @@ class Gateway:
             raise
         if utt is None:
             utt = self.new_utterance(rec)
+        utt.closed_input = final
         out = P.Message(P.AUDIO_IN, session=rec.token, seq=utt.id,
                         meta={"utterance": utt.id, "sample_rate": sr, "final": final})
         out.add_inline(pcm)

@@ -29,6 +29,8 @@ class Utterance:
     first_frame_at: float | None = None
     interrupted: bool = False
     cancelled: bool = False
+    #: its input ended (a say, or audio_in with final): no more audio may join it
+    closed_input: bool = False
     #: when the last stage's final frame (or mark) came; the utterance is done once the
     #: client streams from earlier stages (audio, coefficients) have ended too
     ended_at: float | None = None

@@ -181,3 +181,23 @@ def test_stage_errors_at_open_are_counted(make_server):
     for code in ("bad_image", "unknown_voice"):
         m = re.search(rf'^giris_errors_total{{code="{code}"}} ([0-9.e+]+)$', text, re.M)
         assert m and float(m.group(1)) == 1, code
+
+
+def test_audio_after_an_utterance_ended_its_input_is_refused(make_server):
+    """Audio sent after ``final`` (or to a say's utterance) used to be taken: its sound came
+    back, its frames were dropped (the utterance's frames were already counted to its end)."""
+    import pytest
+
+    from giris.runtime.errors import BadInput
+
+    srv = make_server()
+    s = srv.client().open_session()
+    tone = (4000 * np.sin(np.arange(1600) * 0.2)).astype(np.int16)
+    utt = s.send_audio(tone, 16000, final=True)
+    with pytest.raises(BadInput, match="ended its audio"):
+        s.send_audio(tone, 16000, utterance=utt)
+    said = s.start_say("one")
+    with pytest.raises(BadInput, match="ended its audio"):
+        s.send_audio(tone, 16000, utterance=said)
+    assert list(s.stream(utt, timeout=15))[-1].meta["complete"]
+    assert list(s.stream(said, timeout=15))[-1].meta["complete"]
