@@ -1,41 +1,112 @@
 """The asyncio twin of the client: the same sessions, awaitable and async-iterable.
 
 It rides on the synchronous client's I/O thread (which already keeps the socket off the
-caller's thread) and hands blocking waits to the default executor, so an event loop
-never blocks on Giris.
+caller's thread) and hands blocking waits to an executor of its own (the loop's default
+one has few threads: many streams waiting in it would stall every other ``run_in_executor``
+of the program), so an event loop never blocks on Giris. Closing the client wakes every
+waiting stream at once (it raises ServerGone), so ``asyncio.run`` returns promptly.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
-from giris.runtime.client import Client, Item, Session
+import numpy as np
+
+from giris.runtime import protocol as P
+from giris.runtime.client import Client, Coefficients, Frame, Item, Session
+
+T = TypeVar("T")
+
+#: threads for blocking waits, per client: each stream being read holds one while it waits
+MAX_WAITERS = 256
 
 
 class AsyncSession:
-    def __init__(self, session: Session) -> None:
+    """An open session: ``async for item in session.say(text)``; see :class:`Session`."""
+
+    def __init__(self, session: Session, executor: concurrent.futures.Executor | None = None) -> None:
         self.sync = session
         self.token = session.token
         self.spec = session.spec
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            MAX_WAITERS, thread_name_prefix="giris-aio")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kw))
+
+    async def start_say(self, text: str, **kw: Any) -> int:
+        """Start an utterance; returns its id (see :meth:`Session.start_say`)."""
+        return await self._call(self.sync.start_say, text, **kw)
 
     async def say(self, text: str, **kw: Any) -> AsyncIterator[Item]:
-        loop = asyncio.get_running_loop()
+        """Stream ``text``'s items; leaving early (``break``, a cancelled task) cancels the
+        utterance, as with :meth:`Session.say`."""
         timeout = kw.pop("timeout", None)
-        utt = await loop.run_in_executor(None, functools.partial(self.sync.start_say, text, **kw))
-        it = self.sync.stream(utt, timeout=timeout)
-        done = object()
-        while True:
-            item = await loop.run_in_executor(None, next, it, done)
-            if item is done:
-                return
-            yield item
+        utt = await self.start_say(text, **kw)
+        items = self.stream(utt, timeout=timeout, cancel_on_exit=True)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            await items.aclose()  # now, not when the loop gets round to collecting it
+
+    async def coefficients(self, text: str, **kw: Any) -> AsyncIterator[Coefficients]:
+        """Only the coefficient stream (see :meth:`Session.coefficients`)."""
+        items = self.say(text, **kw)
+        try:
+            async for item in items:
+                if isinstance(item, Coefficients):
+                    yield item
+                elif isinstance(item, Frame):
+                    item.release()
+        finally:
+            await items.aclose()
+
+    async def stream(self, utterance: int, timeout: float | None = None, *,
+                     cancel_on_exit: bool = False) -> AsyncIterator[Item]:
+        """Items of ``utterance`` until its ``utterance_done`` (see :meth:`Session.stream`)."""
+        s = self.sync
+        limit = timeout or s.client.timeout
+        loop = asyncio.get_running_loop()
+        done = False
+        fut: concurrent.futures.Future | None = None
+        try:
+            while True:
+                fut = self._executor.submit(s._next, utterance, limit)
+                msg = await asyncio.wrap_future(fut, loop=loop)
+                fut = None
+                if msg is None:
+                    done = True
+                    return
+                if msg.type == P.EVENT and msg.meta.get("kind") == "error":
+                    done = True
+                    s._abandon(utterance, cancel=False)
+                item, done = s._to_item(msg)
+                if item is not None:
+                    yield item
+                if done:
+                    return
+        finally:
+            if not done and cancel_on_exit:
+                s._abandon(utterance)  # also wakes the read still waiting for it
+                if fut is not None:  # a message it takes after all is nobody's: give it back
+                    fut.add_done_callback(functools.partial(_drop_late, s))
+
+    async def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
+                         final: bool = False) -> int:
+        """Live audio in (see :meth:`Session.send_audio`)."""
+        return await self._call(self.sync.send_audio, pcm, sample_rate, utterance=utterance,
+                                final=final)
 
     async def cancel(self, utterance: int | None = None) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(None, self.sync.cancel, utterance)
+        return await self._call(self.sync.cancel, utterance)
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.sync.close)
+        await self._call(self.sync.close)
 
     async def __aenter__(self) -> "AsyncSession":
         return self
@@ -44,22 +115,34 @@ class AsyncSession:
         await self.close()
 
 
+def _drop_late(session: Session, fut: concurrent.futures.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+        session._drop(fut.result())
+
+
 class AsyncClient:
     """``async with AsyncClient(endpoint) as c: s = await c.open_session(...)``."""
 
     def __init__(self, endpoint: str, **kw: Any) -> None:
         self.sync = Client(endpoint, **kw)
+        self._executor = concurrent.futures.ThreadPoolExecutor(MAX_WAITERS,
+                                                               thread_name_prefix="giris-aio")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kw))
 
     async def open_session(self, avatar: Any = None, **kw: Any) -> AsyncSession:
-        loop = asyncio.get_running_loop()
-        s = await loop.run_in_executor(None, functools.partial(self.sync.open_session, avatar, **kw))
-        return AsyncSession(s)
+        s = await self._call(self.sync.open_session, avatar, **kw)
+        return AsyncSession(s, self._executor)
 
     async def status(self) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(None, self.sync.status)
+        return await self._call(self.sync.status)
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.sync.close)
+        """Close the client: streams still waiting raise ServerGone at once."""
+        await self._call(self.sync.close)
+        self._executor.shutdown(wait=False)
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -7,7 +7,9 @@ wait is bounded: a silent server raises :class:`ServerGone`, never hangs.
 """
 from __future__ import annotations
 
+import collections
 import itertools
+import numbers
 import os
 import queue
 import threading
@@ -23,7 +25,8 @@ from giris.runtime import protocol as P
 from giris.runtime.errors import BadInput, GirisError, ServerGone, Timeout, from_wire
 from giris.runtime.transport import PoolSet, recv, send
 
-_SENTINEL = object()
+_SENTINEL = object()  #: put in each session queue by Client.close(): wakes its readers
+_WAKE = object()  #: wakes a session's reader to look again (an utterance was abandoned)
 
 
 # ---------------------------------------------------------------------- stream items
@@ -107,8 +110,12 @@ class Client:
         self._reqs = itertools.count(1)
         self._waiters: dict[int, list] = {}
         self._sessions: dict[str, "queue.Queue[P.Message]"] = {}
+        #: per session, utterances nobody reads any more: their messages are dropped on arrival
+        self._abandoned: dict[str, set[int]] = {}
+        #: requests sent without waiting (an abandoned stream's cancel): replies dropped
+        self._unwaited: set[int] = set()
         self._lock = threading.Lock()
-        self._outbox: "queue.Queue[list]" = queue.Queue()
+        self._outbox: "queue.Queue[tuple[int | None, list]]" = queue.Queue()
         self._closed = threading.Event()
         self._last_heard = time.monotonic()
         #: the last request found the server silent: closing need not wait long for it
@@ -163,13 +170,19 @@ class Client:
 
     def close(self) -> None:
         """Close the sessions still open (without waiting for the answers: the server frees
-        them at once instead of at its idle timeout) and the connection."""
+        them at once instead of at its idle timeout) and the connection. Readers still
+        waiting on a stream or a reply are woken at once and raise ServerGone ("client is
+        closed") instead of sitting out their timeouts."""
         if self._closed.is_set():
             return
         for token in list(self._sessions):
             self.post(P.Message(P.CLOSE_SESSION, session=token))
-        self._sessions.clear()
         self._closed.set()
+        for q in list(self._sessions.values()):
+            q.put(_SENTINEL)
+        self._sessions.clear()
+        for waiter in list(self._waiters.values()):
+            waiter[0].set()  # no reply in it: request() says the client is closed
         self._poke()
         self._thread.join(5)
         self.pools.close()
@@ -201,18 +214,30 @@ class Client:
                 self._gone = True
                 raise ServerGone(f"no answer from {self.endpoint} in {limit:g} s")
             raise Timeout(f"{msg.type} got no reply in {limit:g} s")
-        reply: P.Message = waiter[1]
+        reply: P.Message | None = waiter[1]
+        if reply is None:  # woken by close()
+            self._waiters.pop(req, None)
+            raise ServerGone("client is closed")
         if reply.type == P.EVENT and reply.meta.get("kind") == "error":
             raise from_wire(reply.meta)
         return reply
 
     def post(self, msg: P.Message) -> None:
+        """Queue ``msg`` for the I/O thread; never blocks."""
         try:
             frames = [bytes(f) if not isinstance(f, bytes) else f for f in P.encode(msg)]
         except (TypeError, ValueError, OverflowError) as e:  # msgpack: a value it cannot carry
             raise BadInput(f"{msg.type}: a value cannot be sent ({e})") from None
-        self._outbox.put(frames)
+        self._outbox.put((msg.meta.get("req"), frames))
         self._poke()
+
+    def post_unwaited(self, msg: P.Message) -> None:
+        """Send a request whose reply nobody waits for (it is dropped when it comes): for
+        best-effort requests that must not block, e.g. on a dead server."""
+        req = next(self._reqs)
+        msg.meta["req"] = req
+        self._unwaited.add(req)
+        self.post(msg)
 
     def _poke(self) -> None:
         with self._lock:
@@ -222,15 +247,36 @@ class Client:
                 pass
 
     def next_message(self, token: str, timeout: float) -> P.Message:
+        """The session's next message, whatever its utterance (Session sorts them)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._take(token, max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                raise self._silence(timeout)
+            if msg is not _WAKE:
+                return msg
+
+    def _take(self, token: str, timeout: float) -> Any:
+        """One message, ``_WAKE``, or None when nothing came in ``timeout``."""
         q = self._sessions.get(token)
         if q is None:
+            if self._closed.is_set():
+                raise ServerGone("client is closed")
             raise GirisError("session is closed", code="unknown_session")
         try:
-            return q.get(timeout=timeout)
+            msg = q.get(timeout=timeout)
         except queue.Empty:
-            if self._closed.is_set() or time.monotonic() - self._last_heard > timeout:
-                raise ServerGone(f"server silent for {timeout:g} s") from None
-            raise Timeout(f"nothing arrived in {timeout:g} s") from None
+            return None
+        if msg is _SENTINEL:
+            raise ServerGone("client is closed")
+        return msg
+
+    def _silence(self, timeout: float) -> GirisError:
+        if self._closed.is_set():
+            return ServerGone("client is closed")
+        if time.monotonic() - self._last_heard > timeout:
+            return ServerGone(f"server silent for {timeout:g} s")
+        return Timeout(f"nothing arrived in {timeout:g} s")
 
     def _io(self) -> None:
         try:
@@ -251,8 +297,13 @@ class Client:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_recv, zmq.POLLIN)
         next_beat = time.monotonic() + self.heartbeat
+        # Sends never block (a server that refuses our CURVE key, or is not there, leaves
+        # the DEALER with no peer: a blocking send would hang this thread and close()).
+        # What cannot go yet waits here, in order, and goes when the socket can take it.
+        pending: collections.deque = collections.deque()
         try:
             while not self._closed.is_set():
+                poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if pending else 0))
                 ready = dict(poller.poll(int(self.heartbeat * 500)))
                 if self._wake_recv in ready:
                     while True:
@@ -262,10 +313,19 @@ class Client:
                             break
                 while True:
                     try:
-                        frames = self._outbox.get_nowait()
+                        pending.append(self._outbox.get_nowait())
                     except queue.Empty:
                         break
-                    sock.send_multipart(frames, copy=False)
+                while pending:
+                    req, frames = pending[0]
+                    if req is not None and req not in self._waiters and req not in self._unwaited:
+                        pending.popleft()  # its caller gave up waiting: do not send it late
+                        continue
+                    try:
+                        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    pending.popleft()
                 if sock in ready:
                     for _ in range(512):
                         try:
@@ -278,13 +338,18 @@ class Client:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat
-                    if self._sessions or self._waiters:  # a client awaiting an open is alive too
-                        send(sock, P.Message(P.HEARTBEAT))
+                    if (self._sessions or self._waiters) and not pending:  # a client awaiting an open is alive too
+                        try:
+                            send(sock, P.Message(P.HEARTBEAT), zmq.NOBLOCK)
+                        except zmq.Again:
+                            pass  # no peer to take it: the next one will do
         finally:
             flushed = False
             while True:  # what close() queued last (its sessions' close_session)
                 try:
-                    sock.send_multipart(self._outbox.get_nowait(), zmq.NOBLOCK, copy=False)
+                    if not pending:
+                        pending.append(self._outbox.get_nowait())
+                    sock.send_multipart(pending.popleft()[1], zmq.NOBLOCK, copy=False)
                     flushed = True
                 except (queue.Empty, zmq.ZMQError):
                     break
@@ -298,11 +363,20 @@ class Client:
         self._gone = False
         req = msg.meta.get("req") if msg.type in (P.REPLY, P.EVENT, P.HEARTBEAT) else None
         if req is not None and req in self._waiters:
-            waiter = self._waiters.pop(req)
-            waiter[1] = msg
-            waiter[0].set()
+            waiter = self._waiters.pop(req, None)
+            if waiter is not None:
+                waiter[1] = msg
+                waiter[0].set()
+            return
+        if req is not None and req in self._unwaited:
+            self._unwaited.discard(req)
             return
         if msg.type == P.HEARTBEAT:
+            return
+        abandoned = self._abandoned.get(msg.session)
+        if abandoned and _utterance_of(msg) in abandoned:  # nobody reads it: drop it now
+            if msg.tensors:
+                self._release_refs(msg.session, msg.tensors)
             return
         q = self._sessions.get(msg.session)
         if q is not None:
@@ -317,6 +391,12 @@ class Client:
 
     def _forget(self, token: str) -> None:
         self._sessions.pop(token, None)
+        self._abandoned.pop(token, None)
+
+
+def _utterance_of(msg: P.Message) -> int | None:
+    utt = msg.meta.get("utterance")
+    return None if isinstance(utt, list) else utt
 
 
 # ---------------------------------------------------------------------- a session
@@ -327,7 +407,12 @@ class Session:
         self.client = client
         self.token = token
         self.spec = spec
-        self._backlog: dict[int | None, list[P.Message]] = {}
+        #: messages read for an utterance other than the reader's own, by utterance
+        #: (None: the session's own events); guarded by _cond, as several threads or
+        #: tasks may stream different utterances of the session at once
+        self._backlog: dict[int | None, collections.deque[P.Message]] = {}
+        self._cond = threading.Condition()
+        self._reading = False  #: one reader at a time takes from the client's queue
         self.events: list[Event] = []
         self.closed = False
 
@@ -344,7 +429,7 @@ class Session:
         ``trace``: see :meth:`start_say`."""
         utt = self.start_say(text, emotion=emotion, intensity=intensity, rate=rate, batch=batch,
                              trace=trace)
-        return self.stream(utt, timeout=timeout)
+        return self.stream(utt, timeout=timeout, cancel_on_exit=True)
 
     def start_say(self, text: str, *, emotion: str | None = None, intensity: float | None = None,
                   rate: float | None = None, batch: bool = False, trace: bool = False) -> int:
@@ -359,64 +444,173 @@ class Session:
 
     def coefficients(self, text: str, **kw: Any) -> Iterator[Coefficients]:
         """Only the coefficient stream (for clients that drive their own 3D avatar)."""
-        for item in self.say(text, **kw):
-            if isinstance(item, Coefficients):
-                yield item
-            elif isinstance(item, Frame):
-                item.release()
+        items = self.say(text, **kw)
+        try:
+            for item in items:
+                if isinstance(item, Coefficients):
+                    yield item
+                elif isinstance(item, Frame):
+                    item.release()
+        finally:
+            items.close()  # leaving early cancels the utterance (see stream)
 
     def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
                    final: bool = False) -> int:
-        """Live audio in (mono int16): the avatar lip-syncs to it. Returns the utterance id."""
+        """Live audio in: the avatar lip-syncs to it. Returns the utterance id.
+
+        ``pcm`` must be a 1-D ``int16`` numpy array (mono) and ``sample_rate`` an integer:
+        anything else is a BadInput, not converted (a cast turned float audio in [-1, 1]
+        into silence, wrapped int32, and interleaved stereo into noise at twice the rate)."""
+        if not isinstance(pcm, np.ndarray) or pcm.dtype != np.dtype(np.int16) or pcm.ndim != 1:
+            got = (f"{pcm.dtype} array of shape {pcm.shape}" if isinstance(pcm, np.ndarray)
+                   else type(pcm).__name__)
+            raise BadInput(f"send_audio takes mono int16 PCM as a 1-D numpy array, got {got} "
+                           "(float audio: (x * 32767).astype(np.int16); stereo: one channel, "
+                           "e.g. x[:, 0])")
+        if (isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real)
+                or not float(sample_rate).is_integer() or sample_rate <= 0):
+            raise BadInput(f"send_audio: sample_rate must be a positive whole number of Hz, "
+                           f"got {sample_rate!r}")
         msg = P.Message(P.AUDIO_IN, session=self.token,
                         meta={"sample_rate": int(sample_rate), "final": bool(final),
                               **({"utterance": utterance} if utterance is not None else {})})
-        msg.add_inline(np.ascontiguousarray(pcm, np.int16).reshape(-1))
+        msg.add_inline(np.ascontiguousarray(pcm))
         return int(self.client.request(msg).meta["utterance"])
 
     def cancel(self, utterance: int | None = None) -> list[int]:
+        """Stop ``utterance`` (None: all of the session's) between two chunks; its stream
+        still ends with an ``utterance_done`` (``cancelled``). Returns the ids cancelled."""
         reply = self.client.request(P.Message(P.CANCEL, session=self.token,
                                               meta={"utterance": utterance}))
         return list(reply.meta.get("cancelled", []))
 
-    def stream(self, utterance: int, timeout: float | None = None) -> Iterator[Item]:
-        """Items of ``utterance`` until its ``utterance_done``; errors raise typed exceptions."""
-        limit = timeout or self.client.timeout
-        while True:
-            msg = self._next(utterance, limit)
-            if msg.type == P.EVENT:
-                kind = msg.meta.get("kind")
-                ev = Event(kind, msg.meta)
-                if kind == "utterance_done":
-                    if msg.meta.get("error") and not msg.meta.get("complete"):
-                        continue  # the error event itself was raised already
-                    yield ev
-                    return
-                if kind == "error":
-                    raise from_wire(msg.meta)
-                if kind == "session_closed":
-                    self.closed = True
-                    raise GirisError(f"session closed by the server ({msg.meta.get('reason')})",
-                                     code="session_closed")
-                self.events.append(ev)
-                yield ev
-                continue
-            item = self._item(msg)
-            if item is not None:
-                yield item
+    def stream(self, utterance: int, timeout: float | None = None, *,
+               cancel_on_exit: bool = False) -> Iterator[Item]:
+        """Items of ``utterance`` until its ``utterance_done``; errors raise typed exceptions.
 
-    def _next(self, utterance: int, timeout: float) -> P.Message:
-        for key in (utterance, None):
-            if self._backlog.get(key):
-                return self._backlog[key].pop(0)
-        while True:
-            msg = self.client.next_message(self.token, timeout)
-            utt = msg.meta.get("utterance")
-            if isinstance(utt, list):
-                utt = None
-            if utt is None or utt == utterance:
-                return msg
-            self._backlog.setdefault(utt, []).append(msg)
+        Leaving early (``break``, an exception, a cancelled task) with ``cancel_on_exit``
+        (what ``say`` does: its caller has no id to come back with) cancels the utterance
+        without waiting for the server and drops what is still to come of it; otherwise a
+        later ``stream(utterance)`` goes on where this one stopped."""
+        limit = timeout or self.client.timeout
+        done = False
+        try:
+            while True:
+                msg = self._next(utterance, limit)
+                if msg is None:  # abandoned meanwhile (another reader left it)
+                    done = True
+                    return
+                if msg.type == P.EVENT and msg.meta.get("kind") == "error":
+                    done = True  # over: its utterance_done (error) is dropped when it comes
+                    self._abandon(utterance, cancel=False)
+                item, done = self._to_item(msg)
+                if item is not None:
+                    yield item
+                if done:
+                    return
+        finally:
+            if not done and cancel_on_exit:
+                self._abandon(utterance)
+
+    def _to_item(self, msg: P.Message) -> tuple[Item | None, bool]:
+        """A message as a stream item, and whether it ends the utterance."""
+        if msg.type == P.EVENT:
+            kind = msg.meta.get("kind")
+            ev = Event(kind, msg.meta)
+            if kind == "utterance_done":
+                if msg.meta.get("error") and not msg.meta.get("complete"):
+                    return None, False  # the error event itself was raised already
+                return ev, True
+            if kind == "error":
+                raise from_wire(msg.meta)
+            if kind == "session_closed":
+                self.closed = True
+                raise GirisError(f"session closed by the server ({msg.meta.get('reason')})",
+                                 code="session_closed")
+            self.events.append(ev)
+            return ev, False
+        return self._item(msg), False
+
+    def _abandon(self, utterance: int, cancel: bool = True) -> None:
+        """Nobody will read ``utterance`` any more: cancel it (best-effort, no wait), drop
+        what was kept of it (giving pooled frames back) and what is still to come."""
+        client = self.client
+        client._abandoned.setdefault(self.token, set()).add(utterance)
+        if cancel and not self.closed and not client._closed.is_set():
+            try:
+                client.post_unwaited(P.Message(P.CANCEL, session=self.token,
+                                               meta={"utterance": utterance}))
+            except GirisError:
+                pass
+        with self._cond:
+            for msg in self._backlog.pop(utterance, ()):
+                self._drop(msg)
+            q = client._sessions.get(self.token)
+            if q is not None and self._reading:
+                q.put(_WAKE)  # its reader may be this utterance's: let it see
+            elif q is not None:  # sort what already came, dropping this utterance's
+                while True:
+                    try:
+                        msg = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if msg is _SENTINEL:
+                        q.put(msg)
+                        break
+                    if msg is not _WAKE:
+                        self._sort(msg)
+            self._cond.notify_all()
+
+    def _drop(self, msg: P.Message) -> None:
+        if msg.tensors:
+            self.client._release_refs(self.token, msg.tensors)
+
+    def _sort(self, msg: P.Message) -> None:
+        """Keep ``msg`` for its utterance's reader (under _cond)."""
+        utt = _utterance_of(msg)
+        if utt is not None and utt in self.client._abandoned.get(self.token, ()):
+            self._drop(msg)
+        else:
+            self._backlog.setdefault(utt, collections.deque()).append(msg)
+
+    def _next(self, utterance: int, timeout: float) -> P.Message | None:
+        """The next message for ``utterance`` (or the session), None once it is abandoned.
+
+        Thread-safe: one reader at a time takes from the client's queue and sorts what is
+        not its own into the backlog; the others wait on the condition for theirs."""
+        client = self.client
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if utterance in client._abandoned.get(self.token, ()):
+                    return None
+                for key in (utterance, None):
+                    b = self._backlog.get(key)
+                    if b:
+                        msg = b.popleft()
+                        if not b:
+                            del self._backlog[key]
+                        return msg
+                if client._closed.is_set():
+                    raise ServerGone("client is closed")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise client._silence(timeout)
+                if self._reading:
+                    self._cond.wait(left)
+                    continue
+                self._reading = True
+                try:
+                    self._cond.release()
+                    try:
+                        msg = client._take(self.token, left)
+                    finally:
+                        self._cond.acquire()
+                finally:
+                    self._reading = False
+                    self._cond.notify_all()
+                if msg is not None and msg is not _WAKE:
+                    self._sort(msg)
 
     def _item(self, msg: P.Message) -> Item | None:
         m = msg.meta

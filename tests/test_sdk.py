@@ -1,0 +1,211 @@
+"""The client SDK's own promises: leaving a stream early cancels it, several readers of a
+session at once, closing wakes every waiter, a server that cannot be reached never hangs
+the client, and live audio is taken as it is or refused (never silently converted)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from giris.runtime.client import Client, Event, Frame
+from giris.runtime.errors import BadInput, ServerGone, Timeout
+from tests.conftest import collect, small_stages
+
+
+def _first_frame_s(session, text: str) -> float:
+    t0 = time.monotonic()
+    for item in session.say(text, timeout=20):
+        if isinstance(item, Frame):
+            item.release()
+            return time.monotonic() - t0
+    raise AssertionError("no frame")
+
+
+def _queued(session) -> int:
+    """Messages kept for the session but not read: its backlog and the client's queue."""
+    q = session.client._sessions.get(session.token)
+    return sum(len(b) for b in session._backlog.values()) + (q.qsize() if q else 0)
+
+
+def test_breaking_out_of_say_cancels_the_utterance_and_keeps_nothing(make_server):
+    """An abandoned ``say`` used to run on, its hundreds of messages piling up in the
+    session's backlog, and the next utterance waited behind it."""
+    srv = make_server()
+    s = srv.client().open_session()
+    for item in s.say(" ".join(["SLOW"] * 100)):  # 5 s of work on the server
+        if isinstance(item, Frame):
+            item.release()
+            break
+    assert _first_frame_s(s, "next one") < 2.0
+    time.sleep(0.5)  # what was still on the way is dropped as it comes
+    assert _queued(s) == 0
+    assert len(collect(s, "one two")["frames"]) == 10 and _queued(s) == 0
+
+
+def test_breaking_out_of_zero_copy_streams_gives_their_slots_back(make_server):
+    """Frames of an abandoned zero-copy stream held pool slots until the session stalled
+    with pool_full."""
+    srv = make_server({"stages": small_stages(render={"session_slots": 3, "block_timeout": 2.0})})
+    s = srv.client().open_session(zero_copy=True)
+    for _ in range(4):
+        for item in s.say(" ".join(["word"] * 20)):
+            if isinstance(item, Frame):
+                item.release()
+                break
+    out = collect(s, "one two")
+    assert len(out["frames"]) == 10 and out["events"][-1].meta["complete"]
+    time.sleep(0.3)
+    pools = srv.status()["pools"]
+    assert all(p["in_use"] == 0 for p in pools.values()), pools
+
+
+def test_two_threads_stream_two_utterances_of_one_session(make_server):
+    """Readers sharing a session's backlog without a lock lost each other's messages
+    (and read them out of order): a reader then timed out."""
+    srv = make_server()
+    s = srv.client().open_session()
+    for _ in range(3):
+        texts = {s.start_say("a b c d"): 20, s.start_say("e f g"): 15}
+        got: dict[int, list] = {}
+
+        def read(utt: int) -> None:
+            got[utt] = [i.index if isinstance(i, Frame) else i.kind
+                        for i in s.stream(utt, timeout=5) if isinstance(i, (Frame, Event))]
+
+        threads = [threading.Thread(target=read, args=(u,)) for u in texts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        for utt, n in texts.items():
+            frames = got[utt][:-1]
+            assert got[utt][-1] == "utterance_done", got[utt][-3:]
+            assert len(frames) == n and frames == sorted(frames)
+    assert _queued(s) == 0
+
+
+def test_closing_the_async_client_wakes_its_streams_at_once(make_server):
+    """Streams waiting in the loop's default executor held it (other awaits of the
+    program stalled) and ``asyncio.run`` returned only when their 30 s waits ran out."""
+    from giris.runtime.aio import AsyncClient
+
+    srv = make_server({"stages": small_stages(tts={"options": {"word_s": 0.2, "slow_s": 20.0}})})
+
+    async def run() -> tuple[float, list]:
+        c = AsyncClient(srv.endpoint, timeout=30)
+        s = await c.open_session()
+
+        async def listen() -> None:
+            async for _ in s.say("SLOW"):
+                pass
+
+        tasks = [asyncio.create_task(listen()) for _ in range(12)]
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, time.sleep, 0)
+        other = time.monotonic() - t0
+        await c.close()
+        return other, await asyncio.gather(*tasks, return_exceptions=True)
+
+    t0 = time.monotonic()
+    other, results = asyncio.run(run())
+    assert time.monotonic() - t0 < 5
+    assert other < 1.0
+    assert all(isinstance(r, ServerGone) and "closed" in str(r) for r in results), results
+
+
+def test_an_async_stream_cancelled_midway_cancels_its_utterance(make_server):
+    from giris.runtime.aio import AsyncClient
+
+    srv = make_server()
+
+    async def run() -> tuple[float, int]:
+        async with AsyncClient(srv.endpoint) as c:
+            s = await c.open_session()
+            got: list = []
+
+            async def consume() -> None:
+                async for item in s.say(" ".join(["SLOW"] * 100)):
+                    got.append(item)
+
+            task = asyncio.create_task(consume())
+            while len(got) < 3:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            t0 = time.monotonic()
+            utt = await s.start_say("one two")
+            frames = [i.index async for i in s.stream(utt) if isinstance(i, Frame)]
+            assert len(frames) == 10
+            await asyncio.sleep(0.3)
+            return time.monotonic() - t0, _queued(s.sync)
+
+    took, left = asyncio.run(run())
+    assert took < 3.0 and left == 0
+
+
+@pytest.mark.parametrize("where", ["nothing listens", "key refused"])
+def test_an_unreachable_server_fails_requests_and_closes_at_once(tmp_path, where):
+    """A client whose CURVE key the server refuses had its I/O thread stuck for good in a
+    blocking send: close() took 5 s and left the thread behind."""
+    kw: dict = {}
+    auth = router = None
+    if where == "nothing listens":
+        endpoint = f"ipc://{tmp_path}/nobody.sock"
+    else:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        ctx = zmq.Context.instance()
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        auth.configure_curve(domain="*", location=str(tmp_path))  # no key is allowed
+        public, secret = zmq.curve_keypair()
+        router = ctx.socket(zmq.ROUTER)
+        router.linger = 0
+        router.curve_server, router.curve_publickey, router.curve_secretkey = True, public, secret
+        endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+        kw["server_key"] = public
+    try:
+        c = Client(endpoint, timeout=1, heartbeat=0.1, **kw)
+        t0 = time.monotonic()
+        with pytest.raises((ServerGone, Timeout)):
+            c.open_session(timeout=1)
+        assert time.monotonic() - t0 < 2
+        time.sleep(0.5)  # heartbeats meanwhile
+        t0 = time.monotonic()
+        c.close()
+        assert time.monotonic() - t0 < 1
+        c._thread.join(1)
+        assert not c._thread.is_alive()
+        with pytest.raises(ServerGone):
+            c.status()
+    finally:
+        if router is not None:
+            router.close()
+        if auth is not None:
+            auth.stop()
+
+
+def test_send_audio_refuses_what_it_would_mangle(make_server):
+    """Float audio became silence, int32 wrapped, stereo was interleaved and a fractional
+    rate truncated, all without a word."""
+    srv = make_server()
+    s = srv.client().open_session()
+    tone = (8000 * np.sin(np.arange(1600) / 10)).astype(np.int16)
+    for pcm in (tone.astype(np.float32) / 32768, tone.astype(np.int32),
+                np.stack([tone, tone], axis=1), tone.tolist(), tone.astype(">i2")):
+        with pytest.raises(BadInput, match="int16"):
+            s.send_audio(pcm, 16000)
+    for rate in (16000.5, "16000", 0, True):
+        with pytest.raises(BadInput, match="sample_rate"):
+            s.send_audio(tone, rate)
+    utt = s.send_audio(tone, 16000)
+    assert s.send_audio(tone, 16000.0, utterance=utt, final=True) == utt
+    items = list(s.stream(utt, timeout=10))
+    assert isinstance(items[-1], Event) and items[-1].kind == "utterance_done"
+    assert any(isinstance(i, Frame) for i in items)
