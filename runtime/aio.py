@@ -15,7 +15,6 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import numpy as np
 
-from giris.runtime import protocol as P
 from giris.runtime.client import Client, Coefficients, Frame, Item, Session
 
 T = TypeVar("T")
@@ -79,13 +78,7 @@ class AsyncSession:
                 fut = self._executor.submit(s._next, utterance, limit)
                 msg = await asyncio.wrap_future(fut, loop=loop)
                 fut = None
-                if msg is None:
-                    done = True
-                    return
-                if msg.type == P.EVENT and msg.meta.get("kind") == "error":
-                    done = True
-                    s._abandon(utterance, cancel=False)
-                item, done = s._to_item(msg)
+                item, done = s._advance(utterance, msg)
                 if item is not None:
                     yield item
                 if done:

@@ -495,22 +495,23 @@ class Session:
         limit = timeout or self.client.timeout
         done = False
         try:
-            while True:
-                msg = self._next(utterance, limit)
-                if msg is None:  # abandoned meanwhile (another reader left it)
-                    done = True
-                    return
-                if msg.type == P.EVENT and msg.meta.get("kind") == "error":
-                    done = True  # over: its utterance_done (error) is dropped when it comes
-                    self._abandon(utterance, cancel=False)
-                item, done = self._to_item(msg)
+            while not done:
+                item, done = self._advance(utterance, self._next(utterance, limit))
                 if item is not None:
                     yield item
-                if done:
-                    return
         finally:
             if not done and cancel_on_exit:
                 self._abandon(utterance)
+
+    def _advance(self, utterance: int, msg: P.Message | None) -> tuple[Item | None, bool]:
+        """(item, whether the utterance is over) for the next message of ``utterance``: none
+        means another reader abandoned it meanwhile; an error event abandons it (its
+        ``utterance_done`` is dropped when it comes) and raises."""
+        if msg is None:
+            return None, True
+        if msg.type == P.EVENT and msg.meta.get("kind") == "error":
+            self._abandon(utterance, cancel=False)
+        return self._to_item(msg)
 
     def _to_item(self, msg: P.Message) -> tuple[Item | None, bool]:
         """A message as a stream item, and whether it ends the utterance."""
@@ -535,7 +536,10 @@ class Session:
         """Nobody will read ``utterance`` any more: cancel it (best-effort, no wait), drop
         what was kept of it (giving pooled frames back) and what is still to come."""
         client = self.client
-        client._abandoned.setdefault(self.token, set()).add(utterance)
+        gone = client._abandoned.setdefault(self.token, set())
+        if utterance in gone:
+            cancel = False  # once is enough (an error ended it, or another reader left it)
+        gone.add(utterance)
         if cancel and not self.closed and not client._closed.is_set():
             try:
                 client.post_unwaited(P.Message(P.CANCEL, session=self.token,
