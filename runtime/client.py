@@ -429,7 +429,7 @@ class Session:
         ``trace``: see :meth:`start_say`."""
         utt = self.start_say(text, emotion=emotion, intensity=intensity, rate=rate, batch=batch,
                              trace=trace)
-        return self.stream(utt, timeout=timeout, cancel_on_exit=True)
+        return Speech(self, utt, self.stream(utt, timeout=timeout, cancel_on_exit=True))
 
     def start_say(self, text: str, *, emotion: str | None = None, intensity: float | None = None,
                   rate: float | None = None, batch: bool = False, trace: bool = False) -> int:
@@ -659,6 +659,34 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class Speech(Iterator[Item]):
+    """What :meth:`Session.say` returns: the utterance's items, as its generator yields them.
+
+    The request is sent at once (a bad one raises at the call), and an utterance whose
+    items are never read at all is cancelled when this is closed or collected: a generator
+    that never started runs no ``finally``, so the plain one would leave it speaking."""
+
+    def __init__(self, session: "Session", utterance: int, items: Iterator[Item]) -> None:
+        self.session, self.utterance, self._items = session, utterance, items
+        self._started = False
+
+    def __next__(self) -> Item:
+        self._started = True
+        return next(self._items)
+
+    def close(self) -> None:
+        if not self._started:
+            self._started = True
+            self.session._abandon(self.utterance)
+        self._items.close()  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
+            pass
 
 
 def _read_avatar(path: str | os.PathLike) -> bytes:

@@ -46,6 +46,24 @@ def test_breaking_out_of_say_cancels_the_utterance_and_keeps_nothing(make_server
     assert len(collect(s, "one two")["frames"]) == 10 and _queued(s) == 0
 
 
+def test_a_say_never_read_is_cancelled_when_let_go(make_server):
+    """``say`` sends the request at once (a bad one raises at the call); a generator that
+    never started runs no ``finally``, so one never read used to speak on unseen."""
+    import gc
+
+    srv = make_server()
+    s = srv.client().open_session()
+    with pytest.raises(BadInput):
+        s.say("   ")
+    speech = s.say(" ".join(["SLOW"] * 100))  # 5 s of work on the server
+    assert speech.utterance >= 1
+    del speech
+    gc.collect()
+    assert _first_frame_s(s, "next one") < 2.0
+    time.sleep(0.5)
+    assert _queued(s) == 0
+
+
 def test_breaking_out_of_zero_copy_streams_gives_their_slots_back(make_server):
     """Frames of an abandoned zero-copy stream held pool slots until the session stalled
     with pool_full."""
