@@ -206,8 +206,9 @@ class Gateway:
                                 spec=spec, avatar=avatar, estimate=total)
             # the stages cap what one client's sessions hold of their pools together; in the
             # spec, so a restarted stage gets it back with the session (clients cannot set it:
-            # validate_spec refuses unknown keys)
-            spec["client_tag"] = rec.client_tag
+            # validate_spec refuses unknown keys). Embedded (inproc), the product is the only
+            # client there is: its sessions share nothing with anyone, so no cap
+            spec["client_tag"] = 0 if sup.endpoint.startswith("inproc://") else rec.client_tag
             sup.registry.add(rec)  # reserves the budget while stages open it
 
             def opened(replies: dict[str, dict]) -> None:
