@@ -443,7 +443,12 @@ class Session:
         return int(reply.meta["utterance"])
 
     def coefficients(self, text: str, **kw: Any) -> Iterator[Coefficients]:
-        """Only the coefficient stream (for clients that drive their own 3D avatar)."""
+        """Only the coefficient stream (for clients that drive their own 3D avatar); the
+        session must have been opened with ``want`` including ``"coeffs"`` (the server
+        sends none otherwise, and this would yield nothing)."""
+        if "coeffs" not in self.spec.get("want", ()):
+            raise BadInput("this session was opened without want=[..., 'coeffs']: it gets no "
+                           "coefficients; open one that asks for them")
         items = self.say(text, **kw)
         try:
             for item in items:

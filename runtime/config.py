@@ -229,6 +229,8 @@ def _check_ranges(cfg: "Config") -> None:
 def _fill(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, Mapping):
         raise ValueError(f"[{where}] must be a table")
+    if cls is StageConfig and "engine" not in values:
+        raise ValueError(f"[{where}] needs an engine (e.g. engine = \"warp\"; the giris.engines entry points)")
     kinds = {f.name: str(f.type) for f in fields(cls)}
     unknown = set(values) - set(kinds)
     if unknown:

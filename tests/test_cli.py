@@ -134,6 +134,8 @@ def test_a_config_value_of_the_wrong_type_is_named():
                                       ("server", "endpoint", 5, "a string")]:
         with pytest.raises(ValueError, match=f"\\[{section}\\] {key} must be {said}"):
             from_mapping({section: {key: value}})
+    with pytest.raises(ValueError, match=r"\[stages.render\] needs an engine"):
+        from_mapping({"stages": {"render": {"device": "cpu"}}})  # was a TypeError traceback
     with pytest.raises(ValueError, match=r"\[stages.render\] pool_slots must be an integer"):
         from_mapping({"stages": {"render": {"engine": "warp", "pool_slots": "many"}}})
     assert from_mapping({"timeouts": {"client_idle": 5}}).timeouts.client_idle == 5  # int for float

@@ -227,3 +227,14 @@ def test_send_audio_refuses_what_it_would_mangle(make_server):
     items = list(s.stream(utt, timeout=10))
     assert isinstance(items[-1], Event) and items[-1].kind == "utterance_done"
     assert any(isinstance(i, Frame) for i in items)
+
+
+def test_coefficients_need_a_session_that_asks_for_them(make_server):
+    """The server sends coefficients only to sessions that want them: on any other,
+    ``coefficients()`` yielded nothing at all; now it says why."""
+    srv = make_server()
+    c = srv.client()
+    with pytest.raises(BadInput, match="coeffs"):
+        list(c.open_session().coefficients("one two"))
+    rows = sum(b.values.shape[0] for b in c.open_session(want=["coeffs"]).coefficients("one two"))
+    assert rows == 10
