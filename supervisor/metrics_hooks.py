@@ -17,6 +17,8 @@ class MetricsHooks:
     def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
         self.m = metrics or Metrics()
         self.budgets = dict(cfg.budgets)
+        for stage in cfg.stage_names():  # a 0 from the start: rate() and alerts need a first sample
+            self.m.stage_restarts.labels(stage=stage)
         self.next_refresh = 0.0
 
     def serve(self, host: str, port: int) -> tuple[int, Callable[[], None]]:

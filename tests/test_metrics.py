@@ -104,3 +104,18 @@ def test_update_fps() -> None:
     assert m.update_fps(now=102.0) == pytest.approx(25.0)
     assert samples(m.render())[("giris_frames_per_second", ())] == pytest.approx(25.0)
     assert m.update_fps(now=103.0) == 0.0
+
+
+def test_every_stage_has_a_restart_count_from_the_start() -> None:
+    """A counter with no sample until its first increment breaks rate() and absent-data
+    alerts: each configured stage shows 0 restarts before any."""
+    from prometheus_client import CollectorRegistry
+
+    from giris.runtime.config import default_config
+    from giris.supervisor.metrics_hooks import MetricsHooks
+
+    hooks = MetricsHooks(default_config(), Metrics(CollectorRegistry()))
+    s = samples(hooks.m.render())
+    assert {stage: s[("giris_stage_restarts_total", (("stage", stage),))]
+            for stage in ("tts", "coeffs", "motion", "render")} == dict.fromkeys(
+        ("tts", "coeffs", "motion", "render"), 0.0)
