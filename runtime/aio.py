@@ -110,7 +110,7 @@ class AsyncSession:
 
 def _drop_late(session: Session, fut: concurrent.futures.Future) -> None:
     if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
-        session._drop(fut.result())
+        session.client._drop(fut.result())
 
 
 class AsyncClient:

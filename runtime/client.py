@@ -373,15 +373,22 @@ class Client:
             return
         if msg.type == P.HEARTBEAT:
             return
-        abandoned = self._abandoned.get(msg.session)
-        if abandoned and _utterance_of(msg) in abandoned:  # nobody reads it: drop it now
-            if msg.tensors:
-                self._release_refs(msg.session, msg.tensors)
+        if self._is_abandoned(msg.session, _utterance_of(msg)):  # nobody reads it: drop it now
+            self._drop(msg)
             return
         q = self._sessions.get(msg.session)
         if q is not None:
             q.put(msg)
         elif msg.tensors:  # a stray zero-copy frame of a closed session: give it back
+            self._release_refs(msg.session, msg.tensors)
+
+    def _is_abandoned(self, token: str, utterance: int | None) -> bool:
+        """Whether nobody reads ``utterance`` of the session any more (its messages go)."""
+        return utterance is not None and utterance in self._abandoned.get(token, ())
+
+    def _drop(self, msg: P.Message) -> None:
+        """A message nobody will read: its pooled frames go back."""
+        if msg.tensors:
             self._release_refs(msg.session, msg.tensors)
 
     def _release_refs(self, token: str, refs: list[P.TensorRef]) -> None:
@@ -553,7 +560,7 @@ class Session:
                 pass
         with self._cond:
             for msg in self._backlog.pop(utterance, ()):
-                self._drop(msg)
+                client._drop(msg)
             q = client._sessions.get(self.token)
             if q is not None and self._reading:
                 q.put(_WAKE)  # its reader may be this utterance's: let it see
@@ -570,15 +577,11 @@ class Session:
                         self._sort(msg)
             self._cond.notify_all()
 
-    def _drop(self, msg: P.Message) -> None:
-        if msg.tensors:
-            self.client._release_refs(self.token, msg.tensors)
-
     def _sort(self, msg: P.Message) -> None:
         """Keep ``msg`` for its utterance's reader (under _cond)."""
         utt = _utterance_of(msg)
-        if utt is not None and utt in self.client._abandoned.get(self.token, ()):
-            self._drop(msg)
+        if self.client._is_abandoned(self.token, utt):
+            self.client._drop(msg)
         else:
             self._backlog.setdefault(utt, collections.deque()).append(msg)
 
@@ -591,7 +594,7 @@ class Session:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                if utterance in client._abandoned.get(self.token, ()):
+                if client._is_abandoned(self.token, utterance):
                     return None
                 for key in (utterance, None):
                     b = self._backlog.get(key)

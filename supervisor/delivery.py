@@ -201,10 +201,7 @@ class Delivery:
         return dropped
 
     def forget(self, rec: SessionRecord) -> None:
-        self.clock.pop(rec.token, None)
-        if any(p[2] == rec.token for p in self.paced):
-            self.paced = [p for p in self.paced if p[2] != rec.token]
-            heapq.heapify(self.paced)
+        self.drop_paced(rec)  # every item of the session, and its clock
 
     # ------------------------------------------------------------------ utterances
     def utterance_done(self, rec: SessionRecord, utt: Utterance, complete: bool,

@@ -81,11 +81,7 @@ class SessionRecord:
 
     def rate_check(self, per_second: float, now: float) -> None:
         """At most ``per_second`` requests in any one-second window."""
-        while self.requests and self.requests[0] <= now - 1.0:
-            self.requests.popleft()
-        if len(self.requests) >= per_second:
-            raise LimitExceeded(f"more than {per_second:g} requests per second", code="rate_limited",
-                                limit=per_second)
+        _within(self.requests, per_second, now, "requests")
         self.requests.append(now)
 
     def audio_check(self, seconds: float, now: float) -> None:
@@ -94,11 +90,7 @@ class SessionRecord:
         AUDIO_RATE seconds per second, and at most AUDIO_MESSAGES_PER_S messages in any
         one-second window. A message longer than the burst passes on a full bucket (and
         overdraws it). Nothing is charged for a refused message."""
-        while self.audio_messages and self.audio_messages[0] <= now - 1.0:
-            self.audio_messages.popleft()
-        if len(self.audio_messages) >= AUDIO_MESSAGES_PER_S:
-            raise LimitExceeded(f"more than {AUDIO_MESSAGES_PER_S} audio_in messages per second",
-                                code="rate_limited", limit=AUDIO_MESSAGES_PER_S)
+        _within(self.audio_messages, AUDIO_MESSAGES_PER_S, now, "audio_in messages")
         left, at = self.audio_budget or (AUDIO_BURST_S, now)
         left = min(AUDIO_BURST_S, left + (now - at) * AUDIO_RATE)
         if seconds > left and left < AUDIO_BURST_S:  # one long message alone may overdraw
@@ -107,6 +99,16 @@ class SessionRecord:
                                 burst=AUDIO_BURST_S)
         self.audio_budget = (left - seconds, now)
         self.audio_messages.append(now)
+
+
+def _within(window: deque, per_second: float, now: float, what: str) -> None:
+    """Forget the stamps in ``window`` older than a second; refuse one more past
+    ``per_second`` of them (the caller appends ``now`` when it takes it)."""
+    while window and window[0] <= now - 1.0:
+        window.popleft()
+    if len(window) >= per_second:
+        raise LimitExceeded(f"more than {per_second:g} {what} per second", code="rate_limited",
+                            limit=per_second)
 
 
 class SessionRegistry:
