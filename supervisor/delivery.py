@@ -29,6 +29,14 @@ log = logging.getLogger("giris.delivery")
 CLIENT_STREAMS = frozenset({P.AUDIO, P.COEFFS})
 #: how long an utterance whose frames have ended waits for those streams' ends
 STREAM_GRACE_S = 1.0
+#: a live stream that starts while others start too (their utterances asked for less than
+#: ``CROWD_WINDOW_S`` ago) starts this much later per other one, at most ``CROWD_MAX_S``:
+#: the first second of speech costs the voice the most (each clause's front, small
+#: windows), and four live sessions started at once on two cores each ran dry once or
+#: twice in it with 0.12 s in hand; with ~0.4 s, none did
+CROWD_DELAY_S = 0.1
+CROWD_WINDOW_S = 1.0
+CROWD_MAX_S = 0.4
 
 
 class Delivery:
@@ -37,8 +45,9 @@ class Delivery:
         #: (due, order, token, message, refs to release after sending)
         self.paced: list[tuple[float, int, str, P.Message, list]] = []
         self._order = itertools.count()
-        #: token -> (t0, k0, last_due): frame k0 is due at t0 (k0 None until a frame anchors it)
-        self.clock: dict[str, tuple[float, int | None, float]] = {}
+        #: token -> (t0, k0, last_due, utterance): frame k0 is due at t0 (k0 None until a
+        #: frame anchors it); ``utterance`` that of the last frame
+        self.clock: dict[str, tuple[float, int | None, float, Any]] = {}
         self.frames_out = 0
         self.errors: dict[str, int] = {}
 
@@ -136,22 +145,37 @@ class Delivery:
             return
         now = time.monotonic()
         delay = float(rec.spec.get("playout_delay", 0.0))
-        t0, k0, last_due = self.clock.get(rec.token, (now, None, now))
+        t0, k0, last_due, last_utt = self.clock.get(rec.token, (now, None, now, None))
+        utt = msg.meta.get("utterance")
         if msg.type == P.FRAME:
             fps = float(rec.spec.get("fps", 25))
             due = t0 + (msg.seq - (k0 or 0)) / fps
-            if k0 is None or due < now - 1.5 / fps or due > now + 5.0 + delay:
-                # the stream (re)starts: anchor the clock a playout delay ahead
-                t0, k0 = now + delay, msg.seq
+            if (k0 is None or due < now - 1.5 / fps or due > now + 5.0 + delay
+                    or utt != last_utt and due < now + delay):
+                # the stream (re)starts: anchor the clock a playout delay ahead. So does
+                # an utterance that would follow the one before with less than that in
+                # hand: it would have none for its own start-up (a pause between two
+                # utterances is speech; a stall in one is not)
+                t0, k0 = now + delay + self.crowd_delay(rec, now, delay), msg.seq
                 due = t0
+            last_utt = utt
         else:
             due = last_due  # events and audio keep their place behind paced frames
         due = max(due, last_due)
-        self.clock[rec.token] = (t0, k0, due)
+        self.clock[rec.token] = (t0, k0, due, last_utt)
         if due <= now and not self.paced:
             self.sup.gateway.to(rec.client, msg)
         else:
             heapq.heappush(self.paced, (due, next(self._order), rec.token, msg, []))
+
+    def crowd_delay(self, rec: SessionRecord, now: float, delay: float) -> float:
+        """The cushion a live stream starting now gets for the others starting with it
+        (none for a session that asked for no playout delay)."""
+        if delay <= 0:
+            return 0.0
+        crowd = sum(1 for r in self.sup.registry if r is not rec and r.realtime
+                    and any(now - u.said_at < CROWD_WINDOW_S for u in r.utterances.values()))
+        return min(CROWD_MAX_S, crowd * CROWD_DELAY_S)
 
     def next_due(self) -> float:
         if not self.paced:
@@ -196,8 +220,8 @@ class Delivery:
         if not left:
             self.clock.pop(rec.token, None)
         elif rec.token in self.clock:  # another utterance still waits: keep its order
-            t0, k0, _ = self.clock[rec.token]
-            self.clock[rec.token] = (t0, k0, max(left))
+            t0, k0, _, last_utt = self.clock[rec.token]
+            self.clock[rec.token] = (t0, k0, max(left), last_utt)
         return dropped
 
     def forget(self, rec: SessionRecord) -> None:

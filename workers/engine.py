@@ -75,6 +75,9 @@ class EngineContext:
     #: slot when the stage has a pool (so the frame is never copied), else plain memory.
     alloc: Callable[[tuple, Any], np.ndarray] = lambda shape, dtype: np.empty(shape, dtype)
     log: logging.Logger = log
+    #: ``busy() -> int``: the worker's other sessions with work waiting, now; an engine may
+    #: trade a little latency for throughput when it is not alone (see the piper engine)
+    busy: Callable[[], int] = lambda: 0
 
 
 class Engine:

@@ -1,9 +1,11 @@
 """The stage worker: one process per stage replica, spawned by the supervisor.
 
 It loads its engine once, then loops: read control (sessions opening and closing) and
-input (work), advance each busy session's engine generator by one output in turn (so a
+input (work), advance by one output the engine generator of the busy session whose next
+output is due first (live sessions by when their speech runs out, see ``_urgency``; a
 long utterance of one session never starves another, and a ``cancel`` takes effect
-between two chunks), route each output downstream and/or to the client, heartbeat.
+between two chunks), route each output downstream and/or to the client, heartbeat. The
+renderer instead draws one frame of every busy session in one batch.
 
 Sessions open on a thread of their own: fitting a portrait (decode, face detection,
 rig: 0.1-1 s for a photo) or loading a voice must not freeze the frames of the
@@ -44,6 +46,9 @@ MAX_TRACE = 32
 #: seconds a live session's frames may be drawn ahead of its clock (frames made earlier
 #: would only wait in the supervisor's memory)
 LIVE_LEAD_S = 1.0
+#: how long an offline session may wait for its next step while live sessions go first:
+#: a live session whose audio lasts longer than this ahead of its viewer lets it go
+OFFLINE_WAIT_S = 1.0
 
 
 @dataclass
@@ -71,6 +76,14 @@ class WorkerSession:
     #: (utterance, stamps so far) of a traced request, until this stage's next output for
     #: that utterance carries them on
     trace: tuple[Any, list] | None = None
+    #: live sessions' playout: (wall time, pts) of the media it plays at that time, and
+    #: the end (pts) of the media made so far (None until an item's first output)
+    media: tuple[float, float] | None = None
+    media_end: float = 0.0
+    #: seconds a live stream starts behind its first output (the session's playout delay)
+    delay: float = 0.0
+    #: when it last took a step, or (idle) when work came: its turn among offline sessions
+    last_step: float = 0.0
 
 
 class StageWorker:
@@ -113,7 +126,8 @@ class StageWorker:
         self.control = socket(self.ctx, zmq.DEALER, identity=sp["identity"].encode())
         self.control.connect(sp["control"])
         context = EngineContext(stage=self.stage, device=sp.get("device", "cpu"),
-                                alloc=self.alloc, log=logging.getLogger(f"giris.engine.{self.stage}"))
+                                alloc=self.alloc, log=logging.getLogger(f"giris.engine.{self.stage}"),
+                                busy=self.busy)
         t0 = time.monotonic()
         self.engine = engine_class(sp["engine"])(sp.get("options") or {}, context)
         self.engine.warmup()
@@ -270,6 +284,7 @@ class StageWorker:
             self._drop(old)
         self.sessions[token] = WorkerSession(token, tag, state, fps=float(spec.get("fps") or 25),
                                              realtime=bool(spec.get("realtime")),
+                                             delay=float(spec.get("playout_delay") or 0.0),
                                              client=int(spec.get("client_tag") or 0))
         if req is not None:
             self.reply(req, ok=True, held=self._held(state))
@@ -319,6 +334,8 @@ class StageWorker:
             if msg.type == P.CANCEL:
                 self.cancel(s, msg)
             else:
+                if s.gen is None and not s.queue:
+                    s.last_step = time.monotonic()  # idle until now: its turn counts from here
                 s.queue.append(msg)
 
     def cancel(self, s: WorkerSession, msg: P.Message) -> None:
@@ -334,7 +351,7 @@ class StageWorker:
         s.queue = keep
         # a live session's clock starts over with what comes next: its frames continue the
         # session's frame count past the cut, and must not wait as if those had been shown
-        s.clock, s.not_before = None, 0.0
+        s.clock, s.not_before, s.media = None, 0.0, None
         try:
             self.engine.cancel(s.state, utt)
         except Exception:  # noqa: BLE001
@@ -344,17 +361,24 @@ class StageWorker:
 
     # ------------------------------------------------------------------ work
     def _held_back(self, s: WorkerSession, now: float) -> bool:
-        """Whether the session holds its share of the pool (``session_slots``), or its
-        client's sessions together theirs (``client_slots``), and must wait for the client
-        to give frames back, leaving the other clients' sessions to go on. Past
-        ``block_timeout`` its item fails with ``pool_full``, as a full pool does."""
+        """Whether the session holds its share of the pool, or its client's sessions
+        together theirs (``client_slots``), and must wait for the client to give frames
+        back, leaving the other clients' sessions to go on. Past ``block_timeout`` its
+        item fails with ``pool_full``, as a full pool does.
+
+        A session's share is ``session_slots``, and of its client's share no more than
+        an even part among the client's sessions at work: without that, the live
+        sessions of one client that were ahead held all of its slots with frames waiting
+        for their time, and a sibling that fell behind could draw none (1-2 s stalls with
+        four live sessions of one client)."""
         pool = self.pool
         if pool is None or not self.session_slots or s.gen is None and not s.queue:
             return False
-        if pool.owned_by(s.tag) < self.session_slots and self._client_held(s, now) < self.client_slots:
+        held, share = self._client_held(s, now)
+        if pool.owned_by(s.tag) < share and held < self.client_slots:
             s.held_since = None
             if s.client:  # it may take a slot this step: count it for its siblings
-                self._client_counts[s.client] += 1
+                self._client_counts[s.client][0] += 1
             return False
         if s.held_since is None:
             s.held_since = now
@@ -362,35 +386,86 @@ class StageWorker:
             s.held_since = None
             if s.gen is None and s.queue:
                 self._begin(s, s.queue.popleft())
-            self._failed(s, PoolFull(f"session (or its client's sessions) holds {self.session_slots} "
+            self._failed(s, PoolFull(f"session (or its client's sessions) holds {share} "
                                      f"(or {self.client_slots}) slots of {pool.name} its client "
                                      "has not given back", pool=pool.name))
             return True
         s.not_before = now + 0.005  # look again soon; the loop sleeps until then
         return True
 
-    def _client_held(self, s: WorkerSession, now: float) -> int:
-        """Slots the sessions of ``s``'s client hold together (0 for a session of no client);
-        counted once a step per client (then one more for each session let go on)."""
+    def _client_held(self, s: WorkerSession, now: float) -> tuple[int, int]:
+        """(slots the sessions of ``s``'s client hold together, the most ``s`` may hold):
+        counted once a step per client (then one more for each session let go on). A
+        session of no client (embedded) has ``session_slots`` and no client cap."""
         if not s.client or self.pool is None:
-            return 0
+            return 0, self.session_slots
         if self._counts_at != now:
             self._counts_at, self._client_counts = now, {}
         if s.client not in self._client_counts:
-            self._client_counts[s.client] = sum(self.pool.owned_by(o.tag) for o in self.sessions.values()
-                                                if o.client == s.client)
-        return self._client_counts[s.client]
+            held, working = 0, 0
+            for o in self.sessions.values():
+                if o.client == s.client:
+                    n = self.pool.owned_by(o.tag)
+                    held += n
+                    working += bool(n or o.gen is not None or o.queue)
+            share = min(self.session_slots, max(1, self.client_slots // max(1, working)))
+            self._client_counts[s.client] = [held, share]
+        held, share = self._client_counts[s.client]
+        return held, share
 
     def step_all(self) -> None:
+        """One output of the session that needs it most (see ``_urgency``); the loop
+        comes back here after reading its sockets, so a cancel or a new utterance is
+        seen between any two outputs."""
         if self.batching:
             return self.step_batched()
         now = time.monotonic()
-        for s in list(self.sessions.values()):
-            if self._held_back(s, now):
-                continue
-            out = self._advance(s)
-            if out is not None:
-                self.route(s, out)
+        ready = [s for s in list(self.sessions.values())
+                 if (s.gen is not None or s.queue) and s.not_before <= now and not self._held_back(s, now)]
+        if not ready:
+            return
+        s = min(ready, key=self._urgency)
+        s.last_step = now
+        out = self._advance(s)
+        if out is not None:
+            self.route(s, out)
+
+    @staticmethod
+    def _urgency(s: WorkerSession) -> float:
+        """When the session's next output is due: earliest deadline first. A live
+        session's is when the media it has made so far will have played out (it stalls
+        then); a live stream's first output, a playout delay after it was asked for (later
+        only starts it later: a session about to stall goes first); an offline session's,
+        ``OFFLINE_WAIT_S`` after its last step (live sessions go first while they are less
+        than that ahead; offline sessions take turns).
+
+        Round robin, the old way, gave four live sessions started together their long
+        chunks (up to ~1.5 s of speech, ~0.2 s of compute each) in turn whatever how much
+        each had left to play: the last ones ran dry, ~0.3-0.5 s stalls."""
+        if not s.realtime:
+            return s.last_step + OFFLINE_WAIT_S
+        if s.media is None:
+            return s.last_step + s.delay
+        t0, p0 = s.media
+        return t0 + s.media_end - p0
+
+    def _played(self, s: WorkerSession, out: Output, now: float) -> None:
+        """Book a live session's audio output: when it will play (``s.media``), and how far
+        the audio made reaches. A chunk that would have played already (the stage fell
+        behind) restarts the stream, as the supervisor's pacing does: a playout delay on."""
+        if not (s.realtime and out.type == P.AUDIO and out.tensors):
+            return
+        rate = out.meta.get("sample_rate")
+        if not isinstance(rate, int) or rate <= 0:
+            return
+        end = out.pts + out.tensors[0].shape[0] / rate
+        if s.media is None or s.media[0] + (out.pts - s.media[1]) < now:
+            s.media = (now + s.delay, out.pts)
+        s.media_end = max(end, out.pts)
+        # more than LIVE_LEAD_S of speech in hand: the core is the renderer's until then
+        # (made all at once, four sessions' speech took the core the renderer needed to
+        # draw their frames in time)
+        s.not_before = self._urgency(s) - LIVE_LEAD_S
 
     def _advance(self, s: WorkerSession) -> Any:
         """The session's next output (starting its next queued item if idle), or None:
@@ -481,6 +556,9 @@ class StageWorker:
         item = StageInput(type=msg.type, seq=msg.seq, pts=msg.pts, meta=msg.meta, tensors=arrays)
         s.current = msg
         s.started = time.monotonic()
+        s.media = None  # a new item: its first output is a stream's first again
+        if not self.batching:
+            s.not_before = 0.0
         trace = msg.meta.get("trace")
         if type(trace) is list and len(trace) < MAX_TRACE:  # a traced request: stamp it
             s.trace = (msg.meta.get("utterance"), [*trace, [f"{self.stage} in", s.started]])
@@ -539,12 +617,19 @@ class StageWorker:
                     raise
                 self._beat_if_due(now)
 
+    def busy(self) -> int:
+        """Sessions with work waiting, other than the one being stepped."""
+        return sum(1 for s in self.sessions.values()
+                   if s is not self.current and (s.gen is not None or s.queue))
+
     def _beat_if_due(self, now: float) -> None:
         if now >= self.next_beat:
             self.heartbeat()
             self.next_beat = now + self.beat_every
 
     def route(self, s: WorkerSession, out: Output) -> None:
+        if s.realtime:
+            self._played(s, out, time.monotonic())
         msg = P.Message(type=out.type, session=s.token, seq=out.seq, pts=out.pts, meta=out.meta)
         if s.trace is not None:  # the first output since a traced input carries its stamps
             utt, stamps = s.trace

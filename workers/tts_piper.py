@@ -12,7 +12,8 @@ very first clause, when long, after a few words, and any too long for one run in
 runs; see :mod:`giris.workers.text`); each clause runs the voice's
 front once and its decoder window by window (:mod:`giris.workers.piper_net`): the first
 window of an utterance is ~0.05 s of speech (the first video frame or two: the smaller
-it is, the sooner the first frame), the next ones twice as long each time up to ~1.5 s. Each window
+it is, the sooner the first frame; ~0.19 s when the worker's other sessions are speaking
+too), the next ones twice as long each time up to ~0.75 s. Each window
 leaves as a chunk the moment it is decoded, with its phonemes and those just after it
 (for the next stage's anticipatory coarticulation), so the first audio leaves ~35-50 ms
 after the request (by the host's hour) whatever the length of the text, and a
@@ -26,8 +27,11 @@ voices ``{name = "path/to/voice.onnx"}``; ``voice_paths`` whether a session may 
 ``rate`` speaking rate (1.0); ``sentence_silence`` seconds of silence after a sentence
 (0.2); ``first_chunk_words`` cut the first clause after this many words when at least
 three more follow (4; 0 = never); ``first_window`` / ``window`` decoder frames (of 256
-samples) in an utterance's first chunk and in the largest (4 / 128; a tail shorter
-than half a window joins the one before);
+samples) in an utterance's first chunk and in the largest (4 / 64; a tail shorter
+than half a window joins the one before; 64 rather than 128: as fast over a whole text,
+and the worker can turn to another live session twice as often); ``busy_first_window``
+the first window, and the least next one, while other sessions of the worker are
+speaking (16);
 ``decoder_context`` frames decoded on each side of a window and cut away (12);
 ``noise_scale`` / ``noise_w_scale`` the voice's own when unset; ``threads`` ONNX Runtime
 threads for an utterance's first chunk (default: the CPUs this worker may run on; the
@@ -99,7 +103,8 @@ class PiperEngine(TTSEngine):
         self.sentence_silence = float(o.get("sentence_silence", 0.2))
         self.first_words = int(o.get("first_chunk_words", 4))
         self.first_window = max(1, int(o.get("first_window", 4)))
-        self.window = max(self.first_window, int(o.get("window", 128)))
+        self.busy_first_window = max(1, int(o.get("busy_first_window", 16)))
+        self.window = max(self.first_window, self.busy_first_window, int(o.get("window", 64)))
         self.context = max(0, int(o.get("decoder_context", 12)))
         self.noise_scale = o.get("noise_scale")
         self.noise_w_scale = o.get("noise_w_scale")
@@ -316,7 +321,14 @@ class PiperEngine(TTSEngine):
         sessions, leaving a core to the stages animating what is out; a batch request
         (the non-streaming baseline) animates nothing before the end, so it keeps every
         core and decodes each clause whole."""
-        net = v.fast if first or batch else v.background or v.fast
+        # Not alone (other sessions of this worker are speaking): the first window is made
+        # larger and on one thread. Four live sessions started together each waited for
+        # the others' first chunks, then ran dry after 0.05 s of speech, while their second
+        # windows waited in turn: a stall each, ~0.25-0.4 s. A first window of 16 frames
+        # costs ~12 ms more and holds ~0.19 s; two threads on a core the renderer also
+        # needs are slower than one.
+        crowded = first and not batch and self.ctx.busy() > 0
+        net = v.fast if (first or batch) and not crowded else v.background or v.fast
         cfg = v.piper.config
         ids = v.piper.phonemes_to_ids(phonemes)
         args = {"input": np.asarray([ids], np.int64),
@@ -334,16 +346,22 @@ class PiperEngine(TTSEngine):
         total = front.frames
         marks = align(phonemes, cfg.phoneme_id_map, hops, total * v.hop)
         if batch:
-            plan = [(0, total)]
+            plan: Iterator[tuple[int, int]] = iter([(0, total)])
         else:
-            plan = list(windows(total, self.first_window if first else self.window, self.window))
-        for n, (a, b) in enumerate(plan):
+            size = (self.busy_first_window if crowded else self.first_window) if first else self.window
+            # a stream that was alone when it started and is not any more grows at once
+            # to the crowded first window (more speech per turn, for about the same cost)
+            plan = windows(total, size, self.window,
+                           lambda: self.busy_first_window if self.ctx.busy() else 0)
+            # the first two windows from the head of flow (see Latent)
+            front.reach = min(total, 3 * size) + self.context
+        for a, b in plan:
             audio = net.decode(front, a, b, self.context, v.hop)
             if first and not batch:
                 net = v.background or v.fast
             own, ahead = window_marks(marks, a * v.hop, b * v.hop, int(AHEAD_S * v.sample_rate))
             yield SpeechChunk(pcm=gain.apply(audio), sample_rate=v.sample_rate, phonemes=own,
-                              ahead=ahead, last=n == len(plan) - 1)
+                              ahead=ahead, last=b == total)
 
 
 def _reader(name: str, cfg: Any) -> Reader | None:
