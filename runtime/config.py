@@ -113,6 +113,10 @@ class Limits:
     min_size: int = 128
     max_size: int = 1024
     max_fps: float = 60.0
+    #: live (realtime) sessions the server takes at once, counted in 512² sessions at
+    #: 25 FPS (a 256² one is a quarter, 30 FPS 1.2×); 0: no limit. Set it from ``python
+    #: -m perf render --capacity`` on the host: past it, every live session stalls
+    live_capacity: float = 0.0
 
 
 @dataclass
@@ -211,7 +215,8 @@ def _check_ranges(cfg: "Config") -> None:
     for section in ("timeouts", "limits", "restart"):
         for f in fields(getattr(cfg, section)):
             v = getattr(getattr(cfg, section), f.name)
-            zero_ok = f.name == "max_restarts"  # 0: a stage that crashes is failed at once
+            # max_restarts 0: a stage that crashes is failed at once; live_capacity 0: no limit
+            zero_ok = f.name in ("max_restarts", "live_capacity")
             if not (v >= 0 if zero_ok else v > 0):
                 raise ValueError(f"[{section}] {f.name} must be {'≥ 0' if zero_ok else '> 0'}, not {v!r}")
     if cfg.limits.min_size > cfg.limits.max_size:

@@ -323,6 +323,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     offers = (st.get("pipeline") or {}).get("offers")
     if offers is not None:
         print(f"streams offered: {', '.join(offers) or 'none'}")
+    live = st.get("live") or {}
+    if live.get("load") or live.get("capacity"):
+        cap = f"{live['capacity']:g}" if live.get("capacity") else "unlimited"
+        print(f"live load: {live.get('load', 0):.2f} of {cap} (512² sessions at 25 FPS)")
     rows = [("stage", "engine", "pid", "state", "restarts", "cpus", "device", "sessions", "queued")]
     for w in st["workers"]:
         rows.append((w["stage"], str(w["engine"]), str(w["pid"]), w["state"], str(w["restarts"]),

@@ -171,6 +171,7 @@ class Gateway:
             raise LimitExceeded(f"at most {limits.max_sessions_per_client} sessions per client",
                                 limit=limits.max_sessions_per_client)
         spec = self.validate_spec(msg.meta.get("spec", {}))
+        sup.registry.admit_live(spec, limits.live_capacity)  # and again below, when it is added
         avatar = None
         if msg.tensors:
             a = sup.pools.array(msg, msg.tensors[0]) if msg.tensors[0].pool is None else None
@@ -199,6 +200,8 @@ class Gateway:
                     total[dev] = total.get(dev, 0) + int(n)
             try:
                 sup.registry.admit(total)
+                # again: another live session may have been admitted while the stages estimated
+                sup.registry.admit_live(spec, sup.config.limits.live_capacity)
             except GirisError as e:
                 sup.delivery.count_error(e.code)
                 return self.to(client, P.error(e, req=req))

@@ -146,6 +146,24 @@ class SessionRegistry:
     def of_client(self, client: bytes) -> list[SessionRecord]:
         return [r for r in self.sessions.values() if r.client == client]
 
+    def live_load(self) -> float:
+        """The live sessions' load, in 512² sessions at 25 FPS (see ``live_load``)."""
+        return sum(live_load(r.spec) for r in self.sessions.values())
+
+    def admit_live(self, spec: dict[str, Any], capacity: float) -> None:
+        """Raise LimitExceeded, with the figures, if a live session of ``spec`` would take
+        the live sessions past ``capacity`` (0: no limit)."""
+        need = live_load(spec)
+        if not capacity or not need:
+            return
+        used = self.live_load()
+        if used + need > capacity + 1e-9:
+            raise LimitExceeded(
+                f"live sessions: this one needs {need:.2f} of the server's live capacity, "
+                f"{used:.2f} of {capacity:g} in use (in 512² sessions at 25 FPS); try a "
+                "smaller size, fewer frames per second, or an offline session",
+                limit=capacity, requested=round(need, 4), in_use=round(used, 4))
+
     def usage(self) -> dict[str, int]:
         used: dict[str, int] = {}
         for rec in self.sessions.values():
@@ -164,3 +182,11 @@ class SessionRegistry:
                 raise BudgetExceeded(
                     f"{dev}: session needs {need} bytes, {used.get(dev, 0)} of {budget} in use",
                     device=dev, requested=int(need), in_use=int(used.get(dev, 0)), budget=int(budget))
+
+
+def live_load(spec: dict[str, Any]) -> float:
+    """What a session costs the renderer live, in 512² sessions at 25 FPS: pixels times
+    frame rate (0 for an offline session, which takes frames as they come)."""
+    if not spec.get("realtime"):
+        return 0.0
+    return (float(spec.get("size", 512)) / 512) ** 2 * float(spec.get("fps", 25)) / 25

@@ -140,9 +140,10 @@ def test_a_config_value_of_the_wrong_type_is_named():
         from_mapping({"stages": {"render": {"engine": "warp", "pool_slots": "many"}}})
     assert from_mapping({"timeouts": {"client_idle": 5}}).timeouts.client_idle == 5  # int for float
     for section, key, value in [("timeouts", "client_idle", -5), ("limits", "max_sessions", 0),
-                                ("restart", "max_restarts", -1)]:  # and out of range
-        with pytest.raises(ValueError, match=f"\\[{section}\\] {key} must be"):
+                                ("restart", "max_restarts", -1), ("limits", "live_capacity", -1)]:
+        with pytest.raises(ValueError, match=f"\\[{section}\\] {key} must be"):  # out of range
             from_mapping({section: {key: value}})
+    assert from_mapping({"limits": {"live_capacity": 0}}).limits.live_capacity == 0  # no limit
 
 
 def test_closing_after_the_server_died_does_not_wait_again(make_server):

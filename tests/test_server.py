@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -266,6 +268,29 @@ def test_budget_refuses_the_session_that_would_exceed_it_with_figures(make_serve
     assert len(collect(a, "still streaming")["frames"]) == 10  # the others keep running
     b.close()
     c.open_session()  # room again once one closed
+
+
+def test_live_capacity_refuses_the_live_session_past_it_with_figures(make_server):
+    """Past what the host renders live, every live session stalls; an operator sets the
+    capacity ``perf render --capacity`` measured, and the session past it is refused."""
+    from giris.runtime.errors import LimitExceeded
+
+    srv = make_server({"limits": {"live_capacity": 1.5}})
+    c = srv.client()
+    live = c.open_session(realtime=True, size=512)  # 1.0
+    quarter = c.open_session(realtime=True, size=256)  # 0.25
+    with pytest.raises(LimitExceeded) as e:
+        c.open_session(realtime=True, size=256, fps=50)  # 0.5: 1.75 > 1.5
+    assert e.value.details == {"limit": 1.5, "requested": 0.5, "in_use": 1.25}
+    assert "live capacity" in str(e.value)
+    c.open_session(realtime=False, size=512)  # offline sessions take frames as they come
+    assert srv.status()["live"] == {"load": 1.25, "capacity": 1.5}
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "status", "--endpoint",
+                        srv.endpoint], capture_output=True, text=True, timeout=60)
+    assert "live load: 1.25 of 1.5 (512² sessions at 25 FPS)" in r.stdout
+    assert len(collect(live, "still live")["frames"]) == 10  # the others keep running
+    quarter.close()
+    c.open_session(realtime=True, size=256, fps=50)  # room again once one closed
 
 
 def test_close_idle_and_sigterm_free_everything(make_server):
