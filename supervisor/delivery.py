@@ -64,10 +64,16 @@ class Delivery:
         if type(msg.meta.get("trace")) is list:
             msg.meta["trace"].append(["supervisor", now])
         want = rec.spec.get("want", ())
-        if msg.type == P.EVENT:  # an engine error for this utterance ends it
+        if msg.type == P.EVENT:  # an engine error for this utterance ends it, everywhere
             self.count_error(str(msg.meta.get("code", "internal")))
-            self.send(rec, msg)
-            self.utterance_done(rec, utt, complete=False, error=msg.meta.get("code"))
+            # the other stages drop the rest of it: they made it on (a live one at its pace,
+            # ~10 s for a long text), and the session's next utterance waited behind it.
+            # The error and the end go at once, and what of it waits for its pacing slot is
+            # dropped (a reader stops at the error; zero-copy frames held their slots until
+            # their time, and the next utterance failed with pool_full for want of them)
+            sup.gateway.stop_stages(rec, utt.id)
+            sup.gateway.to(rec.client, msg)
+            self.utterance_done(rec, utt, complete=False, at_once=True, error=msg.meta.get("code"))
             return
         if msg.type == P.AUDIO:
             end = int(msg.meta.get("start_sample", 0)) + (msg.tensors[0].shape[0] if msg.tensors else 0)
@@ -150,13 +156,16 @@ class Delivery:
         if msg.type == P.FRAME:
             fps = float(rec.spec.get("fps", 25))
             due = t0 + (msg.seq - (k0 or 0)) / fps
-            if (k0 is None or due < now - 1.5 / fps or due > now + 5.0 + delay
-                    or utt != last_utt and due < now + delay):
+            starts = k0 is None or utt != last_utt
+            if (k0 is None or starts and due < now + delay or due < now - 1.5 / fps
+                    or due > now + 5.0 + delay):
                 # the stream (re)starts: anchor the clock a playout delay ahead. So does
                 # an utterance that would follow the one before with less than that in
                 # hand: it would have none for its own start-up (a pause between two
-                # utterances is speech; a stall in one is not)
-                t0, k0 = now + delay + self.crowd_delay(rec, now, delay), msg.seq
+                # utterances is speech; a stall in one is not). A stream's start (not a
+                # late frame's) also gets the cushion for the others starting with it
+                crowd = self.crowd_delay(rec, now, delay) if starts else 0.0
+                t0, k0 = now + delay + crowd, msg.seq
                 due = t0
             last_utt = utt
         else:
@@ -202,14 +211,16 @@ class Delivery:
 
     def drop_paced(self, rec: SessionRecord, utterance: int | None = None) -> int:
         """Take what waits for its pacing slot out of the queue: the session's items of
-        ``utterance`` (all of them when None). Zero-copy frames give their slots back (the
-        client never saw them). The session's clock starts over, so what comes next leaves a
-        playout delay after it is made, not behind the dropped frames' slots."""
-        keep, dropped = [], 0
+        ``utterance`` (all of them when None); the frames among them, counted. Zero-copy
+        frames give their slots back (the client never saw them). The session's clock
+        starts over, so what comes next leaves a playout delay after it is made, not behind
+        the dropped frames' slots."""
+        keep, dropped, frames = [], 0, 0
         for p in self.paced:
             if p[2] == rec.token and (utterance is None or p[3].meta.get("utterance") == utterance):
                 dropped += 1
                 if p[3].type == P.FRAME:
+                    frames += 1
                     self.sup.pools.release_all(p[3])  # inline copies have no pool refs
             else:
                 keep.append(p)
@@ -222,7 +233,7 @@ class Delivery:
         elif rec.token in self.clock:  # another utterance still waits: keep its order
             t0, k0, _, last_utt = self.clock[rec.token]
             self.clock[rec.token] = (t0, k0, max(left), last_utt)
-        return dropped
+        return frames
 
     def forget(self, rec: SessionRecord) -> None:
         self.drop_paced(rec)  # every item of the session, and its clock
@@ -238,8 +249,9 @@ class Delivery:
             # Cut short by the client: answered at once, never paced. What of it still waits
             # for its pacing slot is dropped, so nothing of the utterance follows its end (a
             # client may stop reading here) and the next utterance does not wait behind it.
+            # ``frames`` counts those the client got.
             utt.cancelled = True
-            self.drop_paced(rec, utt.id)
+            ev.meta["frames"] = utt.frames - self.drop_paced(rec, utt.id)
             self.sup.gateway.to(rec.client, ev)
         else:
             self.send(rec, ev)

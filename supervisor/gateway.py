@@ -342,7 +342,7 @@ class Gateway:
     def cancel(self, rec: SessionRecord, msg: P.Message) -> None:
         utt = _utterance(msg)
         targets = [u for u in rec.utterances.values() if utt is None or u.id == utt]
-        self._stop_stages(rec, utt)
+        self.stop_stages(rec, utt)
         self.reply(rec.client, msg.meta.get("req"), session=rec.token,
                    cancelled=[u.id for u in targets])
         for u in targets:
@@ -353,13 +353,13 @@ class Gateway:
         """End ``utt`` before its time for ``err``: the stages drop it, its stream gets the
         error (a reader raises it) and at once ``utterance_done`` (not complete), with
         nothing of it after them."""
-        self._stop_stages(rec, utt.id)
+        self.stop_stages(rec, utt.id)
         ev = P.error(err, session=rec.token)
         ev.meta["utterance"] = utt.id
         self.to(rec.client, ev)
         self.sup.delivery.utterance_done(rec, utt, complete=False, at_once=True, error=err.code)
 
-    def _stop_stages(self, rec: SessionRecord, utterance: int | None) -> None:
+    def stop_stages(self, rec: SessionRecord, utterance: int | None) -> None:
         """Have every stage drop ``utterance`` of the session (all of them when None): the
         cancel goes down the pipeline from the first stage, behind what it already sent."""
         send(self.sup.first_stage_socket(), P.Message(P.CANCEL, session=rec.token,

@@ -10,11 +10,12 @@ import time
 from giris.runtime import protocol as P
 from giris.runtime.client import Event, Frame
 from giris.runtime.errors import GirisError
-from giris.workers.engine import Output
+from giris.workers.engine import EngineContext, Output, StageInput
 from giris.workers.stage import LIVE_LEAD_S, OFFLINE_WAIT_S, StageWorker, WorkerSession
 from tests.conftest import small_stages
 
 import numpy as np
+import pytest
 
 
 def _first_frame_after(s, text: str, timeout: float = 20.0) -> tuple[float, list[float]]:
@@ -117,6 +118,46 @@ def test_live_streams_started_together_get_a_deeper_cushion(make_server):
     assert d.crowd_delay(me, time.monotonic(), 0.0) == 0.0
 
 
+def test_an_utterance_that_failed_is_dropped_by_every_stage(make_server):
+    """A live utterance that failed part-way (its client kept its zero-copy frames:
+    ``pool_full``) ended for the client, but the stages went on making the rest of it at
+    live pace, and the session's next utterance waited ~10 s behind it; its frames made
+    before the failure then held their slots until their time, and the next utterance
+    failed with ``pool_full`` in turn."""
+    srv = make_server({"stages": small_stages(render={"pool_slots": 16, "session_slots": 4,
+                                                      "block_timeout": 1.0})})
+    s = srv.client().open_session(realtime=True, zero_copy=True)
+    held = []  # the frames' release callbacks: kept until the utterance failed
+    try:
+        for item in s.say(" ".join(["word"] * 60)):  # 12 s of speech
+            if isinstance(item, Frame):
+                held.append(item._release)
+                item._release = None
+        raise AssertionError("no pool_full")
+    except GirisError as e:
+        assert e.code == "pool_full"
+    for release in held:
+        release()
+    first, stamps = _first_frame_after(s, "one two")
+    assert len(stamps) == 10 and first < 3.0  # (it was ~10 s)
+
+
+def test_a_cancelled_live_utterance_counts_the_frames_its_client_got(make_server):
+    srv = make_server()
+    s = srv.client().open_session(realtime=True, zero_copy=True)
+    utt = s.start_say(" ".join(["word"] * 30))
+    got, done = 0, None
+    for item in s.stream(utt):
+        if isinstance(item, Frame):
+            item.release()
+            got += 1
+            if got == 10:
+                s.cancel(utt)  # frames made for the next ~0.1-1 s wait for their time
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            done = item
+    assert done is not None and done.meta["cancelled"] and done.meta["frames"] == got
+
+
 # ---------------------------------------------------------------------- the worker's rules
 def _session(realtime: bool, last_step: float = 0.0, delay: float = 0.12) -> WorkerSession:
     return WorkerSession(token="t", tag=1, state=None, realtime=realtime, delay=delay, last_step=last_step)
@@ -139,12 +180,12 @@ def test_a_stage_serves_the_live_session_that_runs_dry_first():
     w._played(long, _audio(0.0, 0.6), now)
     new = _session(True, last_step=now)
     offline = _session(False, last_step=now)
-    order = sorted([offline, long, new, short], key=StageWorker._urgency)
+    order = sorted([offline, long, new, short], key=lambda s: StageWorker._urgency(s, now))
     assert order == [new, short, long, offline]
-    assert StageWorker._urgency(short) == now + 0.12 + 0.2
-    assert StageWorker._urgency(offline) == now + OFFLINE_WAIT_S
+    assert StageWorker._urgency(short, now) == now + 0.12 + 0.2
+    assert StageWorker._urgency(offline, now) == now + OFFLINE_WAIT_S
     # an offline session that has waited long enough goes before a live one well ahead
-    assert StageWorker._urgency(_session(False, last_step=now - 1.5)) < StageWorker._urgency(long)
+    assert StageWorker._urgency(_session(False, last_step=now - 1.5), now) < StageWorker._urgency(long, now)
 
 
 def test_a_live_session_far_ahead_leaves_the_core_until_it_is_needed():
@@ -162,3 +203,135 @@ def test_a_live_session_far_ahead_leaves_the_core_until_it_is_needed():
     off = _session(False)
     w._played(off, _audio(0.0, 5.0), now)
     assert off.media is None and off.not_before == 0.0
+
+
+def test_coefficient_frames_are_booked_by_the_frames_they_cover():
+    """Stages that make coefficients (not audio) book their live outputs too: a live
+    session well ahead there lets an offline one have the core (it had one turn a second)."""
+    w = StageWorker.__new__(StageWorker)
+    s = _session(True)
+    s.fps = 25.0
+    block = Output(type=P.COEFFS, seq=0, pts=0.0, meta={}, tensors=[np.zeros((50, 73), np.float32)])
+    w._played(s, block, 100.0)  # 50 frames: 2 s
+    assert s.media == (100.12, 0.0) and s.media_end == 2.0
+    assert s.not_before == 100.12 + 2.0 - LIVE_LEAD_S
+
+
+def test_a_cancel_of_another_utterance_keeps_the_booking_of_the_one_being_made():
+    from collections import deque
+
+    w = StageWorker.__new__(StageWorker)
+    w.batching = False
+    w.pools = type("Pools", (), {"release_all": lambda self, m: None})()
+    w.last, w.engine = True, type("E", (), {"cancel": lambda self, st, u: None})()
+    s = _session(True)
+    s.current = P.Message(P.SAY, session="t", meta={"utterance": 2})
+    s.queue = deque()
+    w._played(s, _audio(0.0, 3.0), 100.0)
+    booked = (s.media, s.not_before)
+    w.cancel(s, P.Message(P.CANCEL, session="t", meta={"utterance": 1}))
+    assert (s.media, s.not_before) == booked and s.current is not None
+    w.cancel(s, P.Message(P.CANCEL, session="t", meta={"utterance": None}))
+    assert s.media is None and s.not_before == 0.0
+
+
+def test_busy_is_answered_on_the_loop_thread_only():
+    """The voice asks ``busy()`` to size an utterance's first window; a voice loading on
+    the opener thread (for a session being opened) asked it too, iterating the session
+    table while the loop changed it, and warmed only some of its nets."""
+    w = StageWorker.__new__(StageWorker)
+    w.loop_thread = threading.get_ident()
+    w.current = None
+    other = _session(True)
+    other.queue.append(object())
+    w.sessions = {"a": other}
+    assert w.busy() == 1
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(w.busy()))
+    t.start()
+    t.join()
+    assert seen == [0]
+
+
+def test_idle_sessions_holding_a_frame_do_not_shrink_a_working_siblings_share():
+    class Pool:
+        n_slots = 48
+
+        def __init__(self, owned):
+            self.owned = owned
+
+        def owned_by(self, tag):
+            return self.owned.get(tag, 0)
+
+    w = StageWorker.__new__(StageWorker)
+    w.session_slots, w.client_slots, w._counts_at, w._client_counts = 12, 24, -1.0, {}
+    idle = [WorkerSession(token=f"i{k}", tag=10 + k, state=None, client=7) for k in range(7)]
+    speaking = WorkerSession(token="s", tag=99, state=None, client=7)
+    speaking.queue.append(object())
+    w.sessions = {x.token: x for x in idle + [speaking]}
+    w.pool = Pool({x.tag: 1 for x in idle})  # each keeps its last zero-copy frame
+    held, share = w._client_held(speaking, 1.0)
+    assert held == 7 and share == 12
+
+
+def test_an_utterance_queued_behind_one_still_playing_is_due_when_that_one_has_played():
+    """Each new item used to start the session's booking over, as if nothing played: four
+    utterances queued on a live session had the voice ~3 s ahead (1 s promised)."""
+    w = StageWorker.__new__(StageWorker)
+    now = 100.0
+    s = _session(True, last_step=now)
+    w._played(s, _audio(0.0, 3.0), now)  # utterance 1: plays until now + 3.12
+    s.fresh = True  # utterance 2 begins
+    assert StageWorker._urgency(s, now + 1.0) == now + 3.12
+    # after a pause (utterance 1 has played out) an item starts the stream again
+    s.last_step = now + 5.0
+    assert StageWorker._urgency(s, now + 5.0) == now + 5.0 + 0.12
+    # but a stream that ran dry mid-item is due at once: it stalls
+    s.fresh = False
+    assert StageWorker._urgency(s, now + 5.0) == now + 3.12
+
+
+def test_piper_gives_the_worker_a_turn_between_a_later_clauses_front_and_its_first_window(piper):
+    """A clause's front and whole flow, then its first window, were one step of ~0.15 s,
+    during which a live microphone session on the same worker waited (~0.3 s stalls)."""
+    state = piper.open_session({})
+    item = StageInput(type="say", seq=0, pts=0.0, meta={"utterance": 1, "text": "Hello there, my friend."})
+    raw = list(piper.process(item, state))
+    turns = [i for i, o in enumerate(raw) if o is None]
+    assert turns and 0 not in turns  # never before the first audio
+    for i in turns:  # each right before a clause's first chunk
+        assert raw[i + 1] is not None and raw[i + 1].meta["text"]
+
+
+@pytest.fixture(scope="module")
+def piper():
+    from giris.workers.tts_piper import PiperEngine
+
+    return PiperEngine({}, EngineContext(stage="tts"))
+
+
+def test_only_a_streams_start_gets_the_cushion_for_others_starting():
+    """A stream already playing that stalled while others started froze 0.3 s longer: the
+    cushion for streams starting together is for a stream's start, not a late frame's."""
+    from types import SimpleNamespace
+
+    from giris.supervisor.delivery import CROWD_DELAY_S, Delivery
+
+    sent = []
+    starting = SimpleNamespace(realtime=True, utterances={})
+    me = SimpleNamespace(realtime=True, token="me", client=b"c", utterances={},
+                         spec={"fps": 25, "playout_delay": 0.1})
+    d = Delivery(SimpleNamespace(registry=[me, starting],
+                                 gateway=SimpleNamespace(to=lambda c, m: sent.append(m))))
+
+    def frame(seq: int, utt: int) -> P.Message:
+        return P.Message(P.FRAME, session="me", seq=seq, meta={"utterance": utt})
+
+    starting.utterances[1] = SimpleNamespace(said_at=time.monotonic())
+    t = time.monotonic()
+    d.send(me, frame(0, 1))  # a start beside another one starting: delay + cushion
+    assert d.clock["me"][0] >= t + 0.1 + CROWD_DELAY_S - 1e-3
+    d.clock["me"] = (time.monotonic() - 1.0, 0, time.monotonic() - 1.0, 1)  # frame 0 long shown
+    t = time.monotonic()
+    d.send(me, frame(3, 1))  # late mid-stream: the delay again, no cushion
+    assert t + 0.1 - 1e-3 <= d.clock["me"][0] <= time.monotonic() + 0.1

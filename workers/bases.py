@@ -56,7 +56,8 @@ class TTSEngine(Engine):
     stage = "tts"
     sample_rate: int = 22050
 
-    def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
+    def synthesize(self, text: str, session: TTSSession,
+                   meta: Mapping[str, Any]) -> Iterator[SpeechChunk | None]:
         """Yield speech for ``text`` chunk by chunk, the first one as early as possible."""
         raise NotImplementedError
 
@@ -82,11 +83,14 @@ class TTSEngine(Engine):
         utterance = int(item.meta.get("utterance", 0))
         style = {k: item.meta[k] for k in PASS_THROUGH if k in item.meta}
         if item.meta.get("batch"):  # the non-streaming baseline: all speech, then one chunk
-            chunks = iter([_join(list(chunks), self.sample_rate)])
+            chunks = iter([_join([c for c in chunks if c is not None], self.sample_rate)])
         final = item.type == "say" or bool(item.meta.get("final", True))
         pending: SpeechChunk | None = None
         sent = ended = False
         for chunk in chunks:
+            if chunk is None:  # a turn for the worker's other sessions (see Engine.process)
+                yield None
+                continue
             if pending is not None:
                 yield self._emit(pending, state, utterance, False, style)
                 pending, sent = None, True

@@ -104,8 +104,10 @@ class Engine:
         """Build per-session state; raise :class:`EngineError` for an unusable spec."""
         return {}
 
-    def process(self, item: StageInput, state: Any) -> Iterator[Output]:
-        """Yield outputs as soon as each is ready (a generator: streaming, cancellable)."""
+    def process(self, item: StageInput, state: Any) -> Iterator[Output | None]:
+        """Yield outputs as soon as each is ready (a generator: streaming, cancellable).
+        ``None`` yields the worker to its other sessions between two long pieces of work
+        that make one output (the worker steps the session again when it is its turn)."""
         raise NotImplementedError
 
     def cancel(self, state: Any, utterance: int) -> None:

@@ -201,6 +201,12 @@ class VoiceNet:
         y = np.asarray(y, np.float32).reshape(-1)
         return y[(start - lo) * hop:(stop - lo) * hop]
 
+    def flow_all(self, lat: Latent) -> None:
+        """The whole clause's z now (the decoder would make it on first need)."""
+        if self.flow is not None and lat.valid < lat.frames:
+            with self._pinned():
+                self._flow(lat, lat.frames)
+
     def _flow(self, lat: Latent, hi: int) -> None:
         """z up to frame ``hi`` at least: the whole clause's, or only a head of it for a
         head request (the flow over ``FLOW_CONTEXT`` frames more than asked, or than

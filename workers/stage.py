@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -80,10 +81,14 @@ class WorkerSession:
     #: the end (pts) of the media made so far (None until an item's first output)
     media: tuple[float, float] | None = None
     media_end: float = 0.0
+    #: the utterance of the last output booked
+    media_utt: Any = None
     #: seconds a live stream starts behind its first output (the session's playout delay)
     delay: float = 0.0
     #: when it last took a step, or (idle) when work came: its turn among offline sessions
     last_step: float = 0.0
+    #: its current item has made no (booked) output yet
+    fresh: bool = True
 
 
 class StageWorker:
@@ -103,6 +108,8 @@ class StageWorker:
         self.latencies: list[float] = []
         self.running = True
         self.looping = False
+        #: the thread that steps the sessions (``busy`` answers it alone)
+        self.loop_thread = threading.get_ident()
         self.scratch: set[int] = set()
         #: sessions being opened on the opener thread: token -> (future, tag, spec, request)
         self.opening: dict[str, tuple[Future, int, dict, Any]] = {}
@@ -340,7 +347,8 @@ class StageWorker:
 
     def cancel(self, s: WorkerSession, msg: P.Message) -> None:
         utt = msg.meta.get("utterance")
-        if s.current is not None and (utt is None or s.current.meta.get("utterance") == utt):
+        cut = s.current is not None and (utt is None or s.current.meta.get("utterance") == utt)
+        if cut:
             self._finish(s)
         keep = deque()
         for m in s.queue:
@@ -350,8 +358,13 @@ class StageWorker:
                 keep.append(m)
         s.queue = keep
         # a live session's clock starts over with what comes next: its frames continue the
-        # session's frame count past the cut, and must not wait as if those had been shown
-        s.clock, s.not_before, s.media = None, 0.0, None
+        # session's frame count past the cut, and must not wait as if those had been shown;
+        # so does the booking of what it made (the booking of another utterance, still
+        # being made, stays)
+        if self.batching:
+            s.clock, s.not_before = None, 0.0
+        elif cut or utt is None or utt == s.media_utt:
+            s.media, s.not_before = None, 0.0
         try:
             self.engine.cancel(s.state, utt)
         except Exception:  # noqa: BLE001
@@ -373,6 +386,7 @@ class StageWorker:
         four live sessions of one client)."""
         pool = self.pool
         if pool is None or not self.session_slots or s.gen is None and not s.queue:
+            s.held_since = None  # (a wait cut by a cancel must not count against the next)
             return False
         held, share = self._client_held(s, now)
         if pool.owned_by(s.tag) < share and held < self.client_slots:
@@ -405,9 +419,8 @@ class StageWorker:
             held, working = 0, 0
             for o in self.sessions.values():
                 if o.client == s.client:
-                    n = self.pool.owned_by(o.tag)
-                    held += n
-                    working += bool(n or o.gen is not None or o.queue)
+                    held += self.pool.owned_by(o.tag)
+                    working += o.gen is not None or bool(o.queue)  # (s itself is)
             share = min(self.session_slots, max(1, self.client_slots // max(1, working)))
             self._client_counts[s.client] = [held, share]
         held, share = self._client_counts[s.client]
@@ -424,39 +437,43 @@ class StageWorker:
                  if (s.gen is not None or s.queue) and s.not_before <= now and not self._held_back(s, now)]
         if not ready:
             return
-        s = min(ready, key=self._urgency)
+        s = min(ready, key=lambda s: self._urgency(s, now))
         s.last_step = now
         out = self._advance(s)
         if out is not None:
             self.route(s, out)
 
     @staticmethod
-    def _urgency(s: WorkerSession) -> float:
+    def _urgency(s: WorkerSession, now: float) -> float:
         """When the session's next output is due: earliest deadline first. A live
         session's is when the media it has made so far will have played out (it stalls
-        then); a live stream's first output, a playout delay after it was asked for (later
-        only starts it later: a session about to stall goes first); an offline session's,
-        ``OFFLINE_WAIT_S`` after its last step (live sessions go first while they are less
-        than that ahead; offline sessions take turns).
+        then; an item queued behind one still playing is due then too); a live stream's
+        start (its first output, or an item's first after the one before has played
+        out), a playout delay after it was asked for (later only starts it later: a
+        session about to stall goes first); an offline session's, ``OFFLINE_WAIT_S``
+        after its last step (live sessions go first while they are less than that ahead;
+        offline sessions take turns).
 
         Round robin, the old way, gave four live sessions started together their long
         chunks (up to ~1.5 s of speech, ~0.2 s of compute each) in turn whatever how much
         each had left to play: the last ones ran dry, ~0.3-0.5 s stalls."""
         if not s.realtime:
             return s.last_step + OFFLINE_WAIT_S
+        start = s.last_step + s.delay
         if s.media is None:
-            return s.last_step + s.delay
+            return start
         t0, p0 = s.media
-        return t0 + s.media_end - p0
+        due = t0 + s.media_end - p0
+        return start if s.fresh and due < now else due
 
     def _played(self, s: WorkerSession, out: Output, now: float) -> None:
-        """Book a live session's audio output: when it will play (``s.media``), and how far
-        the audio made reaches. A chunk that would have played already (the stage fell
+        """Book a live session's audio (or coefficient frames) output: when it will play
+        (``s.media``), and how far what was made reaches. A chunk that would have played already (the stage fell
         behind) restarts the stream, as the supervisor's pacing does: a playout delay on."""
-        if not (s.realtime and out.type == P.AUDIO and out.tensors):
+        if not (s.realtime and out.tensors and out.type in (P.AUDIO, P.COEFFS)):
             return
-        rate = out.meta.get("sample_rate")
-        if not isinstance(rate, int) or rate <= 0:
+        rate = out.meta.get("sample_rate") if out.type == P.AUDIO else s.fps  # samples, frames
+        if not isinstance(rate, (int, float)) or rate <= 0:
             return
         end = out.pts + out.tensors[0].shape[0] / rate
         if s.media is None or s.media[0] + (out.pts - s.media[1]) < now:
@@ -465,7 +482,9 @@ class StageWorker:
         # more than LIVE_LEAD_S of speech in hand: the core is the renderer's until then
         # (made all at once, four sessions' speech took the core the renderer needed to
         # draw their frames in time)
-        s.not_before = self._urgency(s) - LIVE_LEAD_S
+        s.fresh = False
+        s.media_utt = out.meta.get("utterance")
+        s.not_before = self._urgency(s, now) - LIVE_LEAD_S
 
     def _advance(self, s: WorkerSession) -> Any:
         """The session's next output (starting its next queued item if idle), or None:
@@ -556,9 +575,9 @@ class StageWorker:
         item = StageInput(type=msg.type, seq=msg.seq, pts=msg.pts, meta=msg.meta, tensors=arrays)
         s.current = msg
         s.started = time.monotonic()
-        s.media = None  # a new item: its first output is a stream's first again
-        if not self.batching:
-            s.not_before = 0.0
+        # (a live session's booking goes on: an item queued behind one still playing is due
+        # when that one has played; after a pause it starts a stream again, see _urgency)
+        s.fresh = True
         trace = msg.meta.get("trace")
         if type(trace) is list and len(trace) < MAX_TRACE:  # a traced request: stamp it
             s.trace = (msg.meta.get("utterance"), [*trace, [f"{self.stage} in", s.started]])
@@ -618,8 +637,12 @@ class StageWorker:
                 self._beat_if_due(now)
 
     def busy(self) -> int:
-        """Sessions with work waiting, other than the one being stepped."""
-        return sum(1 for s in self.sessions.values()
+        """Sessions with work waiting, other than the one being stepped; 0 asked from
+        another thread (a voice loading for a session being opened warms every net it
+        has, as if alone)."""
+        if threading.get_ident() != self.loop_thread:
+            return 0
+        return sum(1 for s in list(self.sessions.values())
                    if s is not self.current and (s.gen is not None or s.queue))
 
     def _beat_if_due(self, now: float) -> None:

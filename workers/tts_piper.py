@@ -280,7 +280,8 @@ class PiperEngine(TTSEngine):
             pass
 
     # ------------------------------------------------------------------ speech
-    def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
+    def synthesize(self, text: str, session: TTSSession,
+                   meta: Mapping[str, Any]) -> Iterator[SpeechChunk | None]:
         voice: _Voice = session.extra or self.voices[self.default]
         plan = pieces(text, self.first_words, voice.reader)
         rate = check_rate(meta.get("rate", session.spec.get("rate"))) or self.rate
@@ -291,13 +292,17 @@ class PiperEngine(TTSEngine):
             parts = [p for p in voice.piper.phonemize(piece) if p]  # espeak may split further
             for k, phonemes in enumerate(parts):
                 last_part = i == len(plan) - 1 and k == len(parts) - 1
-                for n, chunk in enumerate(self._speech(voice, phonemes, syn, gain, first=i == k == 0,
-                                                       batch=batch)):
+                n = 0
+                for chunk in self._speech(voice, phonemes, syn, gain, first=i == k == 0, batch=batch):
+                    if chunk is None:
+                        yield None
+                        continue
                     chunk.text = piece if n == k == 0 else ""  # once per clause, for captions
                     if chunk.last and sentence_end and k == len(parts) - 1:
                         pad_silence(chunk, self.sentence_silence)
                     # known now, so the chunk leaves at once instead of after the next one
                     chunk.last = bool(chunk.last) and last_part
+                    n += 1
                     yield chunk
 
     def _config(self, v: _Voice, rate: float) -> Any:
@@ -310,7 +315,7 @@ class PiperEngine(TTSEngine):
             noise_w_scale=cfg.noise_w_scale if self.noise_w_scale is None else float(self.noise_w_scale))
 
     def _speech(self, v: _Voice, phonemes: list[str], syn: Any, gain: Gain, first: bool,
-                batch: bool = False) -> Iterator[SpeechChunk]:
+                batch: bool = False) -> Iterator[SpeechChunk | None]:
         """One clause: the front once, then the decoder window by window (the first
         window small when this is the utterance's first clause); ``chunk.last`` marks
         the clause's last window.
@@ -337,6 +342,12 @@ class PiperEngine(TTSEngine):
         if cfg.num_speakers > 1:
             args["sid"] = np.asarray([cfg.default_speaker_id], np.int64)
         front, per_id = net.run_front(args, head=first and not batch)
+        if not first and not batch and net.decoder is not None:
+            # a later clause's front (and its whole flow) and its first window are ~0.15 s
+            # of work together: the worker's other sessions (a live microphone's chunks) get
+            # a turn between them, instead of waiting ~0.3 s behind a clause start
+            net.flow_all(front)
+            yield None
         hops = None if per_id is None else (per_id * v.hop).astype(np.int64)
         if net.decoder is None:  # a voice that runs whole
             audio = np.asarray(front.parts[0], np.float32).reshape(-1)
@@ -353,8 +364,9 @@ class PiperEngine(TTSEngine):
             # to the crowded first window (more speech per turn, for about the same cost)
             plan = windows(total, size, self.window,
                            lambda: self.busy_first_window if self.ctx.busy() else 0)
-            # the first two windows from the head of flow (see Latent)
-            front.reach = min(total, 3 * size) + self.context
+            # the first two windows from the head of flow (see Latent); the second may be
+            # grown to the crowded first window
+            front.reach = min(total, size + max(2 * size, self.busy_first_window)) + self.context
         for a, b in plan:
             audio = net.decode(front, a, b, self.context, v.hop)
             if first and not batch:
