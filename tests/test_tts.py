@@ -8,7 +8,7 @@ import pytest
 
 from giris.workers.engine import EngineContext, EngineError, StageInput
 from giris.workers.text import clean_text, pieces, speakable, split_sentences
-from giris.workers.tts_piper import align
+from giris.workers.tts_piper import PiperEngine, align
 
 
 def test_text_is_cleaned_of_symbols_and_cut_for_an_early_first_chunk():
@@ -124,6 +124,21 @@ def run(engine, text: str, **meta):
     state = engine.open_session({})
     item = StageInput(type="say", seq=0, pts=0.0, meta={"utterance": 1, "text": text, **meta})
     return outputs(engine.process(item, state))
+
+
+def test_only_the_first_chunks_threads_spin(piper):
+    """The first window's sessions spin between operators (~5 ms sooner); the background
+    ones, which run beside the renderer, sleep; so does every session with ``spin = false``."""
+    def spins(net) -> list[str]:
+        return [s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+                for s in (net.front, net.flow, net.decoder)]
+
+    voice = piper.voices[piper.default]
+    if piper.threads < 2:
+        pytest.skip("one CPU: a single thread has nothing to spin for")
+    assert spins(voice.fast) == ["1"] * 3 and spins(voice.background) == ["0"] * 3
+    quiet = PiperEngine({"spin": False}, EngineContext(stage="tts"))
+    assert spins(quiet.voices[quiet.default].fast) == ["0"] * 3
 
 
 def test_piper_streams_small_windows_first_with_phonemes_on_the_samples(piper):

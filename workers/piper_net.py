@@ -146,14 +146,17 @@ class VoiceNet:
     instead of ~25 ms with none.
     """
 
-    def __init__(self, graphs: Graphs, threads: int, cuda: bool, cpus: list[int] | None = None) -> None:
+    def __init__(self, graphs: Graphs, threads: int, cuda: bool, cpus: list[int] | None = None,
+                 spin: bool = False) -> None:
         threads = max(1, threads)
         self.pin = sorted(cpus)[:threads] if cpus and threads > 1 and len(cpus) >= threads else None
         affinity = ";".join(str(c + 1) for c in self.pin[1:]) if self.pin else None  # 1-based
         opt = graphs.optimized
-        self.front = session(graphs.front, threads, cuda, affinity, opt)
-        self.decoder = session(graphs.decoder, threads, cuda, affinity, opt) if graphs.decoder else None
-        self.flow = session(graphs.flow, threads, cuda, affinity, opt) if graphs.flow and graphs.decoder else None
+        spin = spin and threads > 1
+        self.front = session(graphs.front, threads, cuda, affinity, opt, spin=spin)
+        self.decoder = session(graphs.decoder, threads, cuda, affinity, opt, spin=spin) if graphs.decoder else None
+        self.flow = (session(graphs.flow, threads, cuda, affinity, opt, spin=spin)
+                     if graphs.flow and graphs.decoder else None)
         self.flow_inputs = graphs.flow_inputs if self.flow is not None else ()
         self.latent = graphs.latent
 
@@ -264,9 +267,10 @@ def windows(total: int, first: int, largest: int,
 
 
 def session(graph: bytes | str, threads: int = 1, cuda: bool = False, affinity: str | None = None,
-            optimized: bool = False, save_to: str | None = None) -> Any:
+            optimized: bool = False, save_to: str | None = None, spin: bool = False) -> Any:
     """An ONNX Runtime session; ``optimized``: the graph needs no more optimizing (one
-    ONNX Runtime wrote, ``save_to``), which makes a voice's front load in ~0.25 s, not ~1 s."""
+    ONNX Runtime wrote, ``save_to``), which makes a voice's front load in ~0.25 s, not ~1 s;
+    ``spin``: its pool threads spin between the operators of a run (see below)."""
     import onnxruntime
 
     opts = onnxruntime.SessionOptions()
@@ -274,9 +278,14 @@ def session(graph: bytes | str, threads: int = 1, cuda: bool = False, affinity: 
     opts.inter_op_num_threads = 1
     if affinity:
         opts.add_session_config_entry("session.intra_op_thread_affinities", affinity)
-    # idle ONNX threads sleep instead of spinning: the stages downstream need the cores
-    # the moment a chunk is out, while the next one is being synthesized
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Idle ONNX threads sleep instead of spinning: the stages downstream need the cores
+    # the moment a chunk is out, while the next one is being synthesized. The sessions of
+    # an utterance's first window (the viewer's wait) spin within a run: woken by a futex
+    # for each of the graphs' hundreds of small operators, the first chunk took ~27 ms
+    # instead of ~22 (in-process, alternated); they stop spinning when the run returns.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if optimized:
         opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     if save_to:
