@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from giris.workers import images
 from giris.workers import landmarks as LM
 from giris.workers.bases import RenderEngine
 from giris.workers.coefficients import INDEX, N_CHANNELS
@@ -157,6 +158,7 @@ class WarpSession:
     rest_px: np.ndarray                  # (P, 2) rest positions of the rig's moving points
     lid_rgb: dict[str, np.ndarray]       # eyelid skin colour per side
     mouth_rest_gap: float                # portrait's own inner-lip opening, pixels
+    colour: float = 1.0                  # how colourful the face is: 0 (a gray photo) .. 1
     nbytes: int = 0  # held in all (measured at open)
     device_nbytes: int = 0  # of which on the render device
     frames: int = 0
@@ -211,7 +213,7 @@ class WarpRenderEngine(RenderEngine):
                               code="bad_input")
         return (ASSETS / f"{name}.png").read_bytes()
 
-    def prepare(self, data: bytes, size: int, max_pixels: int = LM.MAX_PIXELS) -> Prepared:
+    def prepare(self, data: bytes, size: int, max_pixels: int = images.MAX_PIXELS) -> Prepared:
         """Decode, frame, resize and rig an avatar (cached by content and size)."""
         key = (hashlib.sha256(data).hexdigest(), size, self.framing)
         with self._lock:
@@ -219,7 +221,7 @@ class WarpRenderEngine(RenderEngine):
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        rgb = LM.decode_image(data, max_pixels)
+        rgb = images.decode_image(data, max_pixels)
         known = bundled_landmarks().get(key[0])
         lm = known.copy() if known is not None else LM.find_face(rgb)
         image, lm = frame_square(rgb, lm, size, self.framing)
@@ -260,7 +262,7 @@ class WarpRenderEngine(RenderEngine):
     def open_session(self, spec: Mapping[str, Any]) -> WarpSession:
         size = self._size(spec)
         prepared = self.prepare(self._avatar_bytes(spec), size,
-                                int(spec.get("max_image_pixels") or LM.MAX_PIXELS))
+                                int(spec.get("max_image_pixels") or images.MAX_PIXELS))
         return self._session(dict(spec, size=size), prepared)
 
     def _session(self, spec: dict, prep: Prepared) -> WarpSession:
@@ -344,6 +346,13 @@ class WarpRenderEngine(RenderEngine):
             lid_rgb[side] = (np.median(patch, 0) if len(patch) else np.array([180, 140, 120])).astype(np.float32)
 
         gap = _chain_gap(lm)
+        # the mouth interior is drawn in colours: in a black-and-white (or faded) portrait
+        # as gray (or as faded) as the face around it, not a red mouth in a gray face
+        fx0, fy0 = np.maximum(np.floor(lm.min(0)).astype(int), 0)
+        fx1, fy1 = np.ceil(lm.max(0)).astype(int) + 1
+        skin = image[fy0:fy1, fx0:fx1].reshape(-1, 3).astype(np.int16)
+        chroma = float(np.median(skin.max(1) - skin.min(1))) if len(skin) else 0.0
+        colour = float(np.clip(chroma / COLOURFUL_CHROMA, 0.0, 1.0))
         device_nbytes = src.numel() * 4 + w * h * (8 + 12 + 3)  # source; grid, float and uint8 box
         nbytes = device_nbytes + image.nbytes + k_ga.nbytes + system.nbytes + grid_px.nbytes * 3
         return WarpSession(spec=spec, size=size, image=image, rig=rig, device=self.device, src=src,
@@ -351,7 +360,7 @@ class WarpRenderEngine(RenderEngine):
                            anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper,
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
                            centers64=centers64,
-                           rest_px=rest_px, lid_rgb=lid_rgb, mouth_rest_gap=gap, nbytes=nbytes,
+                           rest_px=rest_px, lid_rgb=lid_rgb, mouth_rest_gap=gap, colour=colour, nbytes=nbytes,
                            device_nbytes=device_nbytes)
 
     @classmethod
@@ -493,7 +502,7 @@ class WarpRenderEngine(RenderEngine):
     def _composite(self, state: WarpSession, row: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
         iod = state.rig.iod
         lm = targets[:68]
-        _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]))
+        _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]), state.colour)
         for side, (upper, lower) in EYES.items():
             b = float(row[INDEX[f"eyeBlink{side}"]])
             if b > 0.02:
@@ -589,10 +598,15 @@ _CAVITY = np.array([52, 18, 22], np.float32)
 _CAVITY_EDGE = np.array([92, 38, 40], np.float32)
 _TEETH = np.array([228, 222, 208], np.float32)
 _TONGUE = np.array([168, 70, 78], np.float32)
+#: a face whose median pixel spans this much between its channels is drawn in full colour
+COLOURFUL_CHROMA = 24.0
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue: float) -> None:
-    """Draw the mouth interior between the inner lips, as much as they opened."""
+def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue: float,
+           colour: float = 1.0) -> None:
+    """Draw the mouth interior between the inner lips, as much as they opened, in colours
+    ``colour`` (0: gray .. 1: full) as saturated as the face's."""
     gap = _chain_gap(lm)
     strength = (gap - rest_gap) / (0.07 * iod)
     if strength <= 0.0:
@@ -635,6 +649,9 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
     tongue_w *= 0.55 + 0.45 * tongue
     col = col + (_TONGUE - col) * tongue_w[..., None]
     col = col + (_TEETH * 0.8 - col) * ltooth[..., None]
+    if colour < 1.0:
+        gray = (col @ _LUMA)[..., None]
+        col = gray + (col - gray) * colour
     x0, y0, x1, y1 = box
     region = out[y0:y1, x0:x1]
     blended = region.astype(np.float32)

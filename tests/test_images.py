@@ -1,0 +1,151 @@
+"""Portraits as users bring them: phone photos stored sideways, cut-outs with a
+transparent background, a small face in a large photo."""
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+
+from giris.workers import images as IM
+from giris.workers import landmarks as LM
+from giris.workers.render_warp import ASSETS
+
+
+def jpeg(rgb: np.ndarray) -> bytes:
+    import av
+
+    h, w = rgb.shape[:2]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="image2pipe") as c:
+        s = c.add_stream("mjpeg", rate=1)
+        s.width, s.height, s.pix_fmt = w, h, "yuvj444p"
+        s.options = {"qscale": "2"}
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuvj444p")
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
+    return buf.getvalue()
+
+
+def with_exif(data: bytes, orientation: int, order: str = ">") -> bytes:
+    """``data`` (a JPEG) with an APP1 Exif segment whose first IFD holds the orientation
+    (and, first, another tag), as a phone writes it."""
+    mark = b"MM" if order == ">" else b"II"
+    entries = [struct.pack(order + "HHI", 0x010F, 2, 4) + b"Cam\0",  # Make, ASCII
+               struct.pack(order + "HHIH", 0x0112, 3, 1, orientation) + b"\0\0"]
+    ifd = struct.pack(order + "H", len(entries)) + b"".join(entries) + struct.pack(order + "I", 0)
+    tiff = mark + struct.pack(order + "HI", 42, 8) + ifd
+    body = b"Exif\0\0" + tiff
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + data[2:]
+
+
+def quadrants(h: int = 48, w: int = 64) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[: h // 2, : w // 2] = (220, 30, 30)
+    img[: h // 2, w // 2:] = (30, 220, 30)
+    img[h // 2:, : w // 2] = (30, 30, 220)
+    img[h // 2:, w // 2:] = (230, 230, 40)
+    return img
+
+
+# what a camera stores for a picture meant to be seen as ``img``, per orientation
+STORED = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+          5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.rot90(a, 1),
+          7: lambda a: np.swapaxes(a[::-1, ::-1], 0, 1), 8: lambda a: np.rot90(a, -1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_jpegs_exif_orientation_is_applied(orientation):
+    img = quadrants()
+    data = with_exif(jpeg(STORED[orientation](img)), orientation, "<" if orientation % 2 else ">")
+    assert IM.exif_orientation(data) == orientation
+    got = IM.decode_image(data)
+    assert got.shape == img.shape
+    assert np.abs(got.astype(int) - img).mean() < 8  # (JPEG)
+
+
+def test_exif_that_says_nothing_usable_is_upright():
+    plain = jpeg(quadrants())
+    assert IM.exif_orientation(plain) == 1
+    assert IM.exif_orientation(with_exif(plain, 0)) == 1 and IM.exif_orientation(with_exif(plain, 9)) == 1
+    cut = with_exif(plain, 6)
+    broken = cut[:4] + b"\x00\x10Exif\0\0MM\0*\xff\xff\xff\xff" + plain[2:]  # IFD offset far out
+    assert IM.exif_orientation(broken) == 1
+    assert IM.exif_orientation(b"\x89PNG\r\n\x1a\n") == 1
+
+
+def test_a_sideways_phone_portrait_is_animated_upright():
+    """A phone stores a portrait as the sensor saw it and says in its EXIF how to turn it:
+    read as stored, the face lay on its side and the avatar was refused (no_face)."""
+    upright = IM.decode_image((ASSETS / "astronaut.png").read_bytes())
+    want = LM.find_face(IM.decode_image(jpeg(upright)))
+    for orientation in (6, 8, 3):
+        data = with_exif(jpeg(STORED[orientation](upright)), orientation)
+        assert np.abs(LM.find_face(IM.decode_image(data)) - want).max() < 3.0
+
+
+def png_rgba(rgba: np.ndarray) -> bytes:
+    import av
+
+    h, w = rgba.shape[:2]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="image2pipe") as c:
+        s = c.add_stream("png", rate=1)
+        s.width, s.height, s.pix_fmt = w, h, "rgba"
+        for p in [*s.encode(av.VideoFrame.from_ndarray(rgba, format="rgba")), *s.encode()]:
+            c.mux(p)
+    return buf.getvalue()
+
+
+def test_transparent_pixels_are_laid_over_white():
+    """A cut-out portrait's background is often stored as transparent black: dropping the
+    alpha made it a black background."""
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[10:30, 10:30] = (200, 100, 50, 255)  # opaque
+    rgba[0:5, 0:5] = (0, 0, 0, 128)  # half transparent black
+    got = IM.decode_image(png_rgba(rgba))
+    assert (got[35, 35] == 255).all()  # transparent: white
+    assert (got[20, 20] == (200, 100, 50)).all()  # opaque: as it is
+    assert (np.abs(got[2, 2].astype(int) - 127) <= 1).all()  # half: between
+    assert (IM.as_rgb(rgba)[35, 35] == 255).all()  # an array given as it is: the same
+
+
+def test_a_small_face_in_a_large_photo_is_found():
+    """Detection runs on a copy at most 800 px a side; a face of ~120 px in a 2400 px photo
+    is ~40 px there, below what dlib finds without upsampling: it was no_face."""
+    face = IM.decode_image((ASSETS / "astronaut.png").read_bytes())
+    want = LM.find_face(face)
+    photo = np.full((1600, 2400, 3), 128, np.uint8)
+    photo[900:1220, 1500:1820] = face
+    got = LM.find_face(photo)
+    assert np.abs(got - (want + (1500, 900))).max() < 6.0
+
+
+def test_a_black_and_white_portrait_speaks_with_a_gray_mouth():
+    """The mouth interior was drawn in fixed colours: a dark red mouth and cream teeth in
+    an otherwise black-and-white video."""
+    from giris.workers.coefficients import INDEX, zeros
+    from giris.workers.engine import EngineContext
+    from giris.workers.render_warp import WarpRenderEngine
+
+    rgb = IM.decode_image((ASSETS / "astronaut.png").read_bytes())
+    gray = np.repeat((rgb.astype(np.float32) @ [0.299, 0.587, 0.114]).astype(np.uint8)[..., None], 3, 2)
+    engine = WarpRenderEngine({}, EngineContext(stage="render"))
+    row = zeros(1)[0]
+    row[INDEX["jawOpen"]] = 1.0
+
+    def spoken(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = engine.open_session({"avatar": IM.encode_png(image), "size": 256})
+        still, out = np.zeros((256, 256, 3), np.uint8), np.zeros((256, 256, 3), np.uint8)
+        engine.render(s, zeros(1)[0], still)
+        engine.render(s, row, out)
+        return still, out
+
+    still, out = spoken(gray)
+    chroma = out.max(2).astype(int) - out.min(2)
+    assert (np.abs(out.astype(int) - still).max(2) > 30).sum() > 200  # the mouth opened
+    assert chroma.max() <= 2
+    _, coloured = spoken(rgb)  # a colour portrait keeps its red mouth
+    moved = np.abs(coloured.astype(int) - spoken(rgb)[0]).max(2) > 30
+    assert (coloured[..., 0].astype(int) - coloured[..., 2])[moved].mean() > 15
