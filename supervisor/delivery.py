@@ -146,7 +146,11 @@ class Delivery:
         self.send(rec, out)
 
     def send(self, rec: SessionRecord, msg: P.Message) -> None:
-        if not rec.realtime:
+        if not rec.realtime or msg.type == P.AUDIO:
+            # A live player's audio is its clock and goes out as it comes (up to the voice's
+            # lead, ~1 s, ahead of its frames): held behind the paced frames before it, it
+            # came 1-38 ms before its own first frame, with nothing in hand for a jitter
+            # buffer. A player schedules audio and frames by pts (README).
             self.sup.gateway.to(rec.client, msg)
             return
         now = time.monotonic()

@@ -335,3 +335,24 @@ def test_only_a_streams_start_gets_the_cushion_for_others_starting():
     t = time.monotonic()
     d.send(me, frame(3, 1))  # late mid-stream: the delay again, no cushion
     assert t + 0.1 - 1e-3 <= d.clock["me"][0] <= time.monotonic() + 0.1
+
+
+def test_live_audio_arrives_ahead_of_its_frames(make_server):
+    """Audio is a live player's clock: it leaves as it comes, not behind the paced frames
+    before it (it came 1-38 ms before its own first frame, nothing in hand to buffer)."""
+    from giris.runtime.client import AudioChunk
+
+    srv = make_server()
+    s = srv.client().open_session(realtime=True, playout_delay=0.2)
+    audio, frames = [], []
+    for item in s.say(" ".join(["word"] * 15)):  # ~3 s of speech in several chunks
+        if isinstance(item, AudioChunk):
+            audio.append((item.pts, time.monotonic()))
+        elif isinstance(item, Frame):
+            frames.append((item.pts, time.monotonic()))
+            item.release()
+    assert len(audio) >= 3 and frames
+    for pts, at in audio:
+        shown = [t for p, t in frames if p >= pts]
+        if shown:  # the chunk is in hand by the playout delay before its first frame
+            assert shown[0] - at > 0.1, (pts, shown[0] - at)
