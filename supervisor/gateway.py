@@ -181,6 +181,7 @@ class Gateway:
                 raise LimitExceeded(f"avatar image of {a.nbytes} bytes exceeds {limits.max_image_bytes}",
                                     code="too_large", limit=limits.max_image_bytes)
             avatar = a.tobytes()
+            spec.pop("avatar_name", None)  # the portrait is the one sent (the reply said otherwise)
         spec["max_image_pixels"] = limits.max_image_pixels
 
         def control(estimate_only: bool, **extra: Any) -> P.Message:
@@ -222,8 +223,10 @@ class Gateway:
                     sup.delivery.count_error(str(err.get("code")))
                     return self.to(client, P.error(err, req=req))
                 log.info("session opened", extra={"session": rec.token[:8], "spec": _brief(spec)})
+                # the effective spec, as a client could send it again: less the server's own
+                # keys (max_image_pixels was in it, and a spec sent back was refused for it)
                 self.reply(client, req, session=rec.token, estimate=total,
-                           spec={k: v for k, v in spec.items() if k != "client_tag"})
+                           spec={k: v for k, v in spec.items() if k in SPEC_KEYS})
 
             sup.fan_out(P.Message(P.OPEN_SESSION, session=rec.token,
                                   meta={"spec": spec, "tag": rec.tag},

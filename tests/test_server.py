@@ -707,3 +707,18 @@ def test_a_session_that_wants_no_frames_renders_none(make_server):
     done = out["events"][-1]
     assert done.kind == "utterance_done" and done.meta["complete"] and done.meta["frames"] == 0
     assert srv.status()["frames_out"] == 0  # the server counts every frame made, wanted or not
+
+
+def test_the_effective_spec_can_be_sent_again(make_server):
+    """The reply's spec is what the session runs with, as a client could send it: it held
+    the server's own ``max_image_pixels`` (a spec sent back was refused for it) and named
+    the bundled avatar for a session opened with its own portrait."""
+    srv = make_server()
+    c = srv.client()
+    own = c.open_session(b"portrait bytes", emotion="happy")
+    assert "avatar_name" not in own.spec and "max_image_pixels" not in own.spec
+    assert own.spec["emotion"] == "happy"
+    bundled = c.open_session()
+    assert bundled.spec["avatar_name"] == "astronaut" and "max_image_pixels" not in bundled.spec
+    again = c.request(P.Message(P.OPEN_SESSION, meta={"spec": bundled.spec}))
+    assert again.session and again.meta["spec"] == bundled.spec
