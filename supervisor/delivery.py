@@ -131,6 +131,9 @@ class Delivery:
                 self.sup.pools.get(r.pool).hold(r.slot, r.lease, pid=0)
             self.send(rec, msg)
             return
+        if not rec.realtime:  # copied out of its slot when it leaves (see the outbox)
+            self.sup.gateway.to(rec.client, msg, inline=True)
+            return
         try:
             arrays = self.sup.pools.arrays(msg)
         except GirisError as e:
@@ -177,7 +180,7 @@ class Delivery:
         due = max(due, last_due)
         self.clock[rec.token] = (t0, k0, due, last_utt)
         if due <= now and not self.paced:
-            self.sup.gateway.to(rec.client, msg)
+            self.sup.gateway.to(rec.client, msg, droppable=msg.type == P.FRAME)
         else:
             heapq.heappush(self.paced, (due, next(self._order), rec.token, msg, []))
 
@@ -199,8 +202,8 @@ class Delivery:
         while self.paced and self.paced[0][0] <= now + 0.0005:
             _, _, token, msg, _ = heapq.heappop(self.paced)
             rec = self.sup.registry.lookup(token)
-            if rec is not None:
-                self.sup.gateway.to(rec.client, msg)
+            if rec is not None:  # a live frame its client cannot take now is late: dropped
+                self.sup.gateway.to(rec.client, msg, droppable=msg.type == P.FRAME)
         lost_after = self.sup.config.timeouts.lost_after
         for rec in self.sup.registry:
             for utt in list(rec.utterances.values()):

@@ -19,6 +19,7 @@ import zmq
 from giris.runtime import protocol as P
 from giris.runtime.errors import BadInput, GirisError, LimitExceeded, ProtocolError, StageFailed
 from giris.runtime.transport import ipc_path, send
+from giris.supervisor.outbox import CLIENT_HWM, Outbox
 from giris.supervisor.sessions import SessionRecord, Utterance
 
 if TYPE_CHECKING:
@@ -42,8 +43,10 @@ class Gateway:
         cfg = self.sup.config.server
         self.sock = self.sup.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 10000)
+        # a client's full queue is an error we see (the outbox keeps what waits), not a drop
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, CLIENT_HWM)
+        self.outbox = Outbox(self.sup, self.sock)
         if endpoint.startswith("tcp://"):
             if cfg.curve_secret_key:
                 from giris.supervisor.security import enable_curve
@@ -114,11 +117,9 @@ class Gateway:
                 self.to(client, P.error(GirisError(f"internal error: {type(e).__name__}"),
                                         req=req if _plain(req) else None))
 
-    def to(self, client: bytes, msg: P.Message) -> None:
-        try:
-            self.sock.send_multipart([client, *P.encode(msg)], copy=False)
-        except zmq.ZMQError as e:
-            log.debug("client unreachable", extra={"error": str(e)})
+    def to(self, client: bytes, msg: P.Message, inline: bool = False, droppable: bool = False) -> None:
+        """Send to ``client`` in order (see :mod:`giris.supervisor.outbox`)."""
+        self.outbox.to(client, msg, inline, droppable)
 
     def reply(self, client: bytes, req: Any, session: str = "", **meta: Any) -> None:
         self.to(client, P.Message(P.REPLY, session=session, meta={"req": req, "ok": True, **meta}))
@@ -397,6 +398,7 @@ class Gateway:
             return
         sup.tell_workers(P.Message(P.CLOSE_SESSION, session=rec.token, meta={"req": None}))
         sup.delivery.forget(rec)
+        self.outbox.forget(rec.token)
         for pool in sup.pools.pools.values():
             pool.reclaim(owner=rec.tag)
         if notify:

@@ -164,7 +164,7 @@ class Supervisor:
         self._stop.set()
 
     def step(self, max_wait: float) -> None:
-        wait = min(max_wait, self.delivery.next_due())
+        wait = min(max_wait, self.delivery.next_due(), self.gateway.outbox.next_due())
         poller = self._poller
         if poller is None:  # the sockets never change once bound: register them once
             poller = self._poller = zmq.Poller()
@@ -200,6 +200,7 @@ class Supervisor:
         self.loop_beat = now
         self.check_workers(now)
         self.gateway.tick(now)
+        self.gateway.outbox.flush()  # what waits for a client goes before anything newer
         self.delivery.tick(now)
         for req, p in list(self.pending.items()):
             if now > p.deadline:

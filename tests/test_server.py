@@ -722,3 +722,55 @@ def test_the_effective_spec_can_be_sent_again(make_server):
     assert bundled.spec["avatar_name"] == "astronaut" and "max_image_pixels" not in bundled.spec
     again = c.request(P.Message(P.OPEN_SESSION, meta={"spec": bundled.spec}))
     assert again.session and again.meta["spec"] == bundled.spec
+
+
+def test_a_client_that_stops_reading_holds_back_its_own_session_only(make_server):
+    """A client that stopped reading (suspended, on a slow link) had every frame of its
+    utterance copied into ZeroMQ's queue for it (up to 10,000 messages: 1.8 GB for a long
+    text at 512², kept by the supervisor's heap after). Frames for it now wait in their pool
+    slots: the renderer holds back that session alone, then fails its utterance
+    (``pool_full``); the supervisor's memory stays put and other clients are served."""
+    import psutil
+    import zmq
+
+    side = 256
+    srv = make_server({"defaults": {"size": side}, "stages": small_stages(
+        render={"pool_slots": 32, "pool_slot_bytes": side * side * 3, "block_timeout": 1.5})})
+    sup = psutil.Process(srv.proc.pid)
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.RCVHWM, 4)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(srv.endpoint)
+    try:
+        raw.send_multipart(P.encode(P.Message(P.OPEN_SESSION, meta={"req": 1, "spec": {}})))
+        assert raw.poll(10000)
+        token = P.decode(raw.recv_multipart()).session
+        rss0 = sup.memory_info().rss
+        # 150 words, 30 s of speech: 750 frames of 192 KiB (~140 MiB) if nothing held them
+        raw.send_multipart(P.encode(P.Message(P.SAY, session=token,
+                                              meta={"req": 2, "text": " ".join(["word"] * 150)})))
+        time.sleep(3.0)  # reading nothing
+        grown = (sup.memory_info().rss - rss0) >> 20
+        other = srv.client().open_session()
+        assert len(collect(other, "still served")["frames"]) > 0
+        assert grown < 40, f"the supervisor grew by {grown} MiB for a client not reading"
+        seen, frames, error, done = [], 0, None, None
+        deadline = time.monotonic() + 20
+        while done is None and time.monotonic() < deadline:
+            if not raw.poll(1000):
+                continue
+            m = P.decode(raw.recv_multipart())
+            if m.type == P.FRAME:
+                frames += 1
+                seen.append(m.seq)
+            elif m.type == P.EVENT and m.meta.get("code") == "pool_full":
+                error = m
+            elif m.type == P.EVENT and m.meta.get("kind") == "utterance_done":
+                done = m
+        assert done is not None and error is not None and not done.meta["complete"]
+        assert 0 < frames < 750 and seen == sorted(seen)  # what it got, in order, then the end
+        assert srv.status()["sessions"] == 2
+    finally:
+        raw.close(0)
+        ctx.term()
