@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -131,7 +132,14 @@ class Client:
         self._wake.connect(name)
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._io, name="giris-client-io", daemon=True)
+        # The I/O thread holds the client weakly: a client let go without close() is
+        # collected, and its finalizer closes its sessions (they stayed open on the server,
+        # heartbeated for ever: a dozen such clients filled the server's 16 sessions)
+        self._thread = threading.Thread(target=_io_loop, args=(weakref.ref(self),),
+                                        name="giris-client-io", daemon=True)
+        self._finalizer = weakref.finalize(self, _let_go, self._sessions, self._outbox, self._closed,
+                                           self._wake, self._lock)
+        self._finalizer.atexit = False
         self._thread.start()
         self._ready.wait(10)
         if self._error:
@@ -175,6 +183,7 @@ class Client:
         closed") instead of sitting out their timeouts."""
         if self._closed.is_set():
             return
+        self._finalizer.detach()
         for token in list(self._sessions):
             self.post(P.Message(P.CLOSE_SESSION, session=token))
         self._closed.set()
@@ -278,86 +287,6 @@ class Client:
             return ServerGone(f"server silent for {timeout:g} s")
         return Timeout(f"nothing arrived in {timeout:g} s")
 
-    def _io(self) -> None:
-        try:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IDENTITY, os.urandom(16))
-            sock.setsockopt(zmq.RCVHWM, 0)
-            if self._keys:
-                server_key, public, secret = self._keys
-                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
-            sock.connect(self.endpoint)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_recv, zmq.POLLIN)
-        next_beat = time.monotonic() + self.heartbeat
-        # Sends never block (a server that refuses our CURVE key, or is not there, leaves
-        # the DEALER with no peer: a blocking send would hang this thread and close()).
-        # What cannot go yet waits here, in order, and goes when the socket can take it.
-        pending: collections.deque = collections.deque()
-        try:
-            while not self._closed.is_set():
-                poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if pending else 0))
-                ready = dict(poller.poll(int(self.heartbeat * 500)))
-                if self._wake_recv in ready:
-                    while True:
-                        try:
-                            self._wake_recv.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                while True:
-                    try:
-                        pending.append(self._outbox.get_nowait())
-                    except queue.Empty:
-                        break
-                while pending:
-                    req, frames = pending[0]
-                    if req is not None and req not in self._waiters and req not in self._unwaited:
-                        pending.popleft()  # its caller gave up waiting: do not send it late
-                        continue
-                    try:
-                        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    pending.popleft()
-                if sock in ready:
-                    for _ in range(512):
-                        try:
-                            msg = recv(sock, flags=zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        except GirisError:
-                            continue
-                        self._dispatch(msg)
-                now = time.monotonic()
-                if now >= next_beat:
-                    next_beat = now + self.heartbeat
-                    if (self._sessions or self._waiters) and not pending:  # a client awaiting an open is alive too
-                        try:
-                            send(sock, P.Message(P.HEARTBEAT), zmq.NOBLOCK)
-                        except zmq.Again:
-                            pass  # no peer to take it: the next one will do
-        finally:
-            flushed = False
-            while True:  # what close() queued last (its sessions' close_session)
-                try:
-                    if not pending:
-                        pending.append(self._outbox.get_nowait())
-                    sock.send_multipart(pending.popleft()[1], zmq.NOBLOCK, copy=False)
-                    flushed = True
-                except (queue.Empty, zmq.ZMQError):
-                    break
-            sock.close(500 if flushed else 0)  # zmq's own thread delivers them, we do not wait
-            self._wake_recv.close(0)
-            with self._lock:
-                self._wake.close(0)
-
     def _dispatch(self, msg: P.Message) -> None:
         self._last_heard = time.monotonic()
         self._gone = False
@@ -399,6 +328,114 @@ class Client:
     def _forget(self, token: str) -> None:
         self._sessions.pop(token, None)
         self._abandoned.pop(token, None)
+
+
+def _let_go(sessions: dict, outbox: queue.Queue, closed: threading.Event, wake: zmq.Socket,
+            lock: threading.Lock) -> None:
+    """A client collected without close(): its sessions are closed on the server (without
+    waiting for the answers) and its I/O thread ends."""
+    for token in list(sessions):
+        outbox.put((None, [bytes(f) for f in P.encode(P.Message(P.CLOSE_SESSION, session=token))]))
+    closed.set()
+    with lock:
+        try:
+            wake.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+
+def _io_loop(ref: "weakref.ref[Client]") -> None:
+    """The client's socket, on its own thread. It holds the client only while it handles
+    what came (not while it waits), so a client nobody holds any more is collected."""
+    self = ref()
+    if self is None:
+        return
+    ctx, outbox, closed, lock = self._ctx, self._outbox, self._closed, self._lock
+    wake_recv, wake, heartbeat = self._wake_recv, self._wake, self.heartbeat
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, os.urandom(16))
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if self._keys:
+            server_key, public, secret = self._keys
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+        sock.connect(self.endpoint)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
+        self._error = e
+        self._ready.set()
+        return
+    self._ready.set()
+    del self
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(wake_recv, zmq.POLLIN)
+    next_beat = time.monotonic() + heartbeat
+    # Sends never block (a server that refuses our CURVE key, or is not there, leaves
+    # the DEALER with no peer: a blocking send would hang this thread and close()).
+    # What cannot go yet waits here, in order, and goes when the socket can take it.
+    pending: collections.deque = collections.deque()
+    try:
+        while not closed.is_set():
+            poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if pending else 0))
+            ready = dict(poller.poll(int(heartbeat * 500)))
+            self = ref()
+            if self is None or closed.is_set():
+                break
+            if wake_recv in ready:
+                while True:
+                    try:
+                        wake_recv.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            while True:
+                try:
+                    pending.append(outbox.get_nowait())
+                except queue.Empty:
+                    break
+            while pending:
+                req, frames = pending[0]
+                if req is not None and req not in self._waiters and req not in self._unwaited:
+                    pending.popleft()  # its caller gave up waiting: do not send it late
+                    continue
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                pending.popleft()
+            if sock in ready:
+                for _ in range(512):
+                    try:
+                        msg = recv(sock, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except GirisError:
+                        continue
+                    self._dispatch(msg)
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + heartbeat
+                if (self._sessions or self._waiters) and not pending:  # a client awaiting an open is alive too
+                    try:
+                        send(sock, P.Message(P.HEARTBEAT), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # no peer to take it: the next one will do
+            del self
+    finally:
+        self = None
+        flushed = False
+        while True:  # what close() (or the finalizer) queued last: its sessions' close_session
+            try:
+                if not pending:
+                    pending.append(outbox.get_nowait())
+                sock.send_multipart(pending.popleft()[1], zmq.NOBLOCK, copy=False)
+                flushed = True
+            except (queue.Empty, zmq.ZMQError):
+                break
+        sock.close(500 if flushed else 0)  # zmq's own thread delivers them, we do not wait
+        wake_recv.close(0)
+        with lock:
+            wake.close(0)
 
 
 def _utterance_of(msg: P.Message) -> int | None:
@@ -667,6 +704,18 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        """A session let go without close() is closed on the server (without waiting):
+        it stayed open as long as its client lived, and eight of them were a client's
+        whole allowance."""
+        try:
+            if not self.closed and not self.client._closed.is_set():
+                self.closed = True
+                self.client.post_unwaited(P.Message(P.CLOSE_SESSION, session=self.token))
+                self.client._forget(self.token)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 class Speech(Iterator[Item]):

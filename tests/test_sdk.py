@@ -238,3 +238,35 @@ def test_coefficients_need_a_session_that_asks_for_them(make_server):
         list(c.open_session().coefficients("one two"))
     rows = sum(b.values.shape[0] for b in c.open_session(want=["coeffs"]).coefficients("one two"))
     assert rows == 10
+
+
+def test_clients_and_sessions_let_go_without_close_are_closed(make_server):
+    """A Client dropped without close() was never collected (its I/O thread held it) and
+    kept its sessions open and heartbeated for ever: a dozen such clients filled the
+    server's 16 sessions. A Session dropped without close() stayed open as long as its
+    client lived: eight were a client's whole allowance."""
+    import gc
+    import threading
+
+    srv = make_server()
+    threads = threading.active_count()
+    kept = []
+    for _ in range(12):
+        c = Client(srv.endpoint, timeout=20.0)
+        kept.append(c.open_session())  # each session kept by its own reference...
+        del c
+    del kept  # ...until both are let go
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while srv.status()["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert srv.status()["sessions"] == 0
+    assert threading.active_count() <= threads + 1  # their I/O threads ended
+    keeper = srv.client()
+    for _ in range(12):  # more than the 8 a client may hold at once
+        keeper.open_session()  # let go at once
+    gc.collect()
+    time.sleep(0.5)
+    assert srv.status()["sessions"] == 0
+    held = keeper.open_session()
+    assert srv.status()["sessions"] == 1 and not held.closed
