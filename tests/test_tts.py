@@ -625,3 +625,27 @@ def test_the_session_clock_keeps_its_time_when_live_audio_comes_at_another_rate(
         frames += list(frame_range(start, n, sr, 25.0))
     assert frames == sorted(set(frames))  # no frame made twice
     assert seconds == pytest.approx(0.9 + 3 * (1 / 3), abs=0.01)
+
+
+def test_espeaks_voice_is_set_only_when_it_changes(piper):
+    """Piper's espeak bridge leaks ~1.3 KB each time a voice is set, and Piper set it before
+    every clause: the tts worker grew for ever (~16 MB per 10,000 clauses)."""
+    import gc
+
+    import psutil
+    from piper.phonemize_espeak import EspeakPhonemizer
+
+    voice = piper.voices[piper.default].piper
+    english = voice.phonemize("Good morning to you.")
+    espeak = EspeakPhonemizer()
+    german = espeak.phonemize("de", "Guten Morgen.")
+    assert german != english and voice.phonemize("Good morning to you.") == english  # switched back
+    me = psutil.Process()
+    for _ in range(200):
+        voice.phonemize("Good morning to you, my friend.")
+    gc.collect()
+    before = me.memory_info().rss
+    for _ in range(5000):
+        voice.phonemize("Good morning to you, my friend.")
+    gc.collect()
+    assert (me.memory_info().rss - before) / 2**20 < 4.5  # ~1.8 MB now (espeak's own), ~8 before
