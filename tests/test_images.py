@@ -13,19 +13,23 @@ from giris.workers import landmarks as LM
 from giris.workers.render_warp import ASSETS
 
 
-def jpeg(rgb: np.ndarray) -> bytes:
+def still(image: np.ndarray, codec: str, pix: str, source: str = "rgb24", **options: str) -> bytes:
+    """``image`` encoded as one picture by FFmpeg's ``codec`` in ``pix``."""
     import av
 
-    h, w = rgb.shape[:2]
+    h, w = image.shape[:2]
     buf = io.BytesIO()
     with av.open(buf, "w", format="image2pipe") as c:
-        s = c.add_stream("mjpeg", rate=1)
-        s.width, s.height, s.pix_fmt = w, h, "yuvj444p"
-        s.options = {"qscale": "2"}
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuvj444p")
+        s = c.add_stream(codec, rate=1)
+        s.width, s.height, s.pix_fmt, s.options = w, h, pix, options
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=source).reformat(format=pix)
         for p in [*s.encode(frame), *s.encode()]:
             c.mux(p)
     return buf.getvalue()
+
+
+def jpeg(rgb: np.ndarray) -> bytes:
+    return still(rgb, "mjpeg", "yuvj444p", qscale="2")
 
 
 def with_exif(data: bytes, orientation: int, order: str = ">") -> bytes:
@@ -86,16 +90,7 @@ def test_a_sideways_phone_portrait_is_animated_upright():
 
 
 def png_rgba(rgba: np.ndarray) -> bytes:
-    import av
-
-    h, w = rgba.shape[:2]
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="image2pipe") as c:
-        s = c.add_stream("png", rate=1)
-        s.width, s.height, s.pix_fmt = w, h, "rgba"
-        for p in [*s.encode(av.VideoFrame.from_ndarray(rgba, format="rgba")), *s.encode()]:
-            c.mux(p)
-    return buf.getvalue()
+    return still(rgba, "png", "rgba", "rgba")
 
 
 def test_transparent_pixels_are_laid_over_white():

@@ -554,10 +554,10 @@ def test_rate_limit_per_session(make_server):
 def test_session_limits(make_server):
     srv = make_server({"limits": {"max_sessions": 3, "max_sessions_per_client": 2}})
     a, b = srv.client(), srv.client()
-    a.open_session(), a.open_session()
+    held = [a.open_session(), a.open_session()]  # (a session let go closes itself)
     with pytest.raises(LimitExceeded):
         a.open_session()
-    b.open_session()
+    held.append(b.open_session())
     with pytest.raises(LimitExceeded):
         b.open_session()
 
