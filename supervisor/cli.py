@@ -342,6 +342,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
         _table([("pool", "slots", "in use")] + [(n, str(p["slots"]), str(p["in_use"]))
                                                  for n, p in st["pools"].items()])
+    out = st.get("outbox") or {}
+    if out.get("clients_waiting") or out.get("live_frames_dropped"):
+        print(f"\nclients not reading: {out['clients_waiting']} ({out['messages_waiting']} messages "
+              f"waiting; {out['live_frames_dropped']} live frames dropped for them)")
     return 0
 
 

@@ -72,6 +72,11 @@ class Outbox:
     def next_due(self) -> float:
         return RETRY_S if self.waiting else 1.0
 
+    def describe(self) -> dict[str, int]:
+        return {"clients_waiting": len(self.waiting),
+                "messages_waiting": sum(len(q) for q in self.waiting.values()),
+                "live_frames_dropped": self.dropped_frames}
+
     def forget(self, session: str) -> None:
         """A closed session's media still waiting go, their pool slots with them."""
         for q in self.waiting.values():

@@ -383,6 +383,8 @@ class Supervisor:
             "pools": {p.name: {"slots": p.n_slots, "in_use": p.in_use(), "slot_bytes": p.slot_bytes}
                       for p in self.pools.pools.values()},
             "frames_out": self.delivery.frames_out,
+            # clients not reading: what waits for them, and live frames dropped for them
+            "outbox": self.gateway.outbox.describe(),
             "live": {"load": round(self.registry.live_load(), 4),
                      "capacity": self.config.limits.live_capacity or None},
         }

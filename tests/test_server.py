@@ -752,6 +752,7 @@ def test_a_client_that_stops_reading_holds_back_its_own_session_only(make_server
                                               meta={"req": 2, "text": " ".join(["word"] * 150)})))
         time.sleep(3.0)  # reading nothing
         grown = (sup.memory_info().rss - rss0) >> 20
+        assert srv.status()["outbox"]["clients_waiting"] == 1  # an operator sees it
         other = srv.client().open_session()
         assert len(collect(other, "still served")["frames"]) > 0
         assert grown < 40, f"the supervisor grew by {grown} MiB for a client not reading"
