@@ -48,6 +48,11 @@ class Metrics:
             "giris_budget_limit_bytes", "The device's session memory budget", ["device"], registry=r)
         self.workers = Gauge(
             "giris_workers", "Workers by stage and state", ["stage", "state"], registry=r)
+        self.clients_waiting = Gauge(
+            "giris_clients_not_reading", "Clients whose messages wait: they stopped reading", registry=r)
+        self.live_dropped = Counter(
+            "giris_live_frames_dropped", "Live frames dropped for clients not reading", registry=r)
+        self._dropped_seen = 0
         self._lock = threading.Lock()
         self._frames_seen = 0
         self._rate_mark: tuple[float, int] | None = None
@@ -95,6 +100,14 @@ class Metrics:
         fps = (seen - mark[1]) / dt
         self.fps.set(fps)
         return fps
+
+    def set_outbox(self, clients_waiting: int, live_frames_dropped: int) -> None:
+        """The outbox's state; ``live_frames_dropped`` counted since start (the counter
+        takes what is new)."""
+        self.clients_waiting.set(clients_waiting)
+        if live_frames_dropped > self._dropped_seen:
+            self.live_dropped.inc(live_frames_dropped - self._dropped_seen)
+            self._dropped_seen = live_frames_dropped
 
     def set_pool_in_use(self, pool: str, slots: int) -> None:
         self.pool_in_use.labels(pool=pool).set(slots)

@@ -46,6 +46,8 @@ class MetricsHooks:
         self.next_refresh = now + 1.0
         self.m.update_fps(now)
         self.m.set_sessions(len(sup.registry))
+        out = sup.gateway.outbox
+        self.m.set_outbox(len(out.waiting), out.dropped_frames)
         for pool in sup.pools.pools.values():
             self.m.set_pool_in_use(pool.name.rsplit("-", 1)[-1], pool.in_use())
         used = sup.registry.usage()

@@ -32,6 +32,8 @@ def record(m: Metrics) -> None:
     m.set_budget("cpu", 1000, 4000)
     m.set_budget("cuda:0", 10, None)
     m.set_workers({("tts", "ready"): 1, ("render", "starting"): 1})
+    m.set_outbox(1, 5)
+    m.set_outbox(2, 7)  # counted since start: the counter takes what is new
 
 
 def check(s: dict) -> None:
@@ -51,6 +53,8 @@ def check(s: dict) -> None:
     assert ("giris_budget_limit_bytes", (("device", "cuda:0"),)) not in s  # unlimited
     assert s[("giris_workers", (("stage", "tts"), ("state", "ready")))] == 1
     assert s[("giris_workers", (("stage", "render"), ("state", "starting")))] == 1
+    assert s[("giris_clients_not_reading", ())] == 2
+    assert s[("giris_live_frames_dropped_total", ())] == 7
 
 
 def test_render() -> None:
