@@ -168,3 +168,34 @@ def test_closing_after_the_server_died_does_not_wait_again(make_server):
     t0 = time.monotonic()
     c.close()
     assert time.monotonic() - t0 < 1.5
+
+
+def test_say_holds_a_few_frames_not_the_whole_video(make_server, tmp_path):
+    """The renderer outruns the H.264 encoder: every frame of a long text waited in the
+    ``giris say`` process (1.8 GB for 2,000 characters at 512²). Its frames are read
+    zero-copy now, so a frame not yet encoded holds its pool slot and the renderer waits."""
+    import time
+
+    import psutil
+
+    from tests.conftest import small_stages
+
+    side = 512
+    srv = make_server({"defaults": {"size": side}, "limits": {"max_size": side},
+                       "stages": small_stages(render={"pool_slots": 48, "pool_slot_bytes": side * side * 3})})
+    out = tmp_path / "long.mp4"
+    # 150 words: 30 s of speech, 750 frames of 768 KiB (~560 MiB) if they all waited
+    proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "say", "--connect", srv.endpoint,
+                             "--quiet", " ".join(["word"] * 150), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    me, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, me.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout.splitlines()[-1])["frames"] == 750
+    assert peak < 250 << 20, f"giris say peaked at {peak >> 20} MiB"
