@@ -34,7 +34,8 @@ _SENTENCE_END = re.compile(
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+|(?<=[，、；：،؛﹐﹑﹔﹕՝፣፤၊])\s*(?=\S)"
                          r"|\s+[—–-]{1,2}\s+")
 #: abbreviations whose full stop does not end a sentence
-_ABBREV = re.compile(r"(?:^|\s)(?:mr|mrs|ms|dr|prof|st|sr|jr|vs|etc|e\.g|i\.e|approx|fig)\.$",
+_ABBREV = re.compile(r"(?:^|\s)(?:mr|mrs|ms|dr|prof|st|sr|jr|vs|etc|e\.g|i\.e|approx|fig|"
+                     r"(?:[^\W\d_]\.)+[^\W\d_])\.$",  # and dotted initials: a.m., U.S., J.R.R.
                      re.IGNORECASE)
 #: Unicode categories we drop before phonemizing: emoji and other symbols (espeak would
 #: read "🙂" out as "slightly smiling face"), controls, private use, surrogates, unassigned
@@ -175,7 +176,10 @@ def split_sentences(text: str) -> list[str]:
     start = 0
     for m in _SENTENCE_END.finditer(text):
         head = text[start:m.start()]
-        if _ABBREV.search(head):
+        # not after an abbreviation, nor a full stop the text goes on from in lower case
+        # ("at 10:30 a.m. sharp", "the U.S. and U.K. teams": each was cut in three, with a
+        # sentence's pause in the middle of the phrase)
+        if _ABBREV.search(head) or head.endswith(".") and text[m.end():m.end() + 1].islower():
             continue
         out.append((head + m.group().strip()).strip())
         start = m.end()
