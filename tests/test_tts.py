@@ -653,6 +653,28 @@ def test_espeaks_voice_is_set_only_when_it_changes(piper, monkeypatch):
     english = voice.phonemize("Good morning to you.")
     for _ in range(20):
         assert voice.phonemize("Good morning to you.") == english
-    german = EspeakPhonemizer().phonemize("de", "Guten Morgen.")
+    german = EspeakPhonemizer().phonemize("de", "Guten Morgen.")  # (espeak initialized again)
     assert german != english and voice.phonemize("Good morning to you.") == english  # switched back
     assert calls == ["en-us", "de", "en-us"]
+
+
+def test_a_first_clause_cut_mid_phrase_joins_without_a_pause(piper):
+    """The first clause is cut after four words so the first chunk is early; each run of
+    the voice then ended and began with its own silence: a ~0.3 s pause mid-phrase, a
+    sentence's, in every long first sentence ("Welcome to the quarterly | review")."""
+    out = run(piper, "Welcome to the quarterly review of the Giris project. And then, more.")
+    texts = [o.meta["text"] for o in out]
+    k = texts.index("review of the Giris project.")
+    pcm = [np.abs(o.tensors[0].astype(np.int32)) for o in out]
+    before = np.concatenate(pcm[:k])
+    after = pcm[k]
+    sr = piper.sample_rate
+    gap = (len(before) - 1 - np.flatnonzero(before > 400)[-1] + np.flatnonzero(after > 400)[0]) / sr
+    assert gap < 0.12, gap
+    for o in out:  # each chunk's phonemes still start in it (the last may run past it)
+        for _, start, n in o.meta["phonemes"]:
+            assert 0 <= start < len(o.tensors[0]) and n >= 0
+    # a real clause's pause (after "then,") stays
+    j = texts.index("more.")
+    tail = np.concatenate(pcm[texts.index("And then,"):j])
+    assert (len(tail) - 1 - np.flatnonzero(tail > 400)[-1] + np.flatnonzero(pcm[j] > 400)[0]) / sr > 0.1

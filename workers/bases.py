@@ -182,6 +182,55 @@ def pad_silence(chunk: SpeechChunk, seconds: float) -> None:
         chunk.phonemes.append(("_", start, n))
 
 
+#: loudness below which the edge of a run of the voice counts as silence (int16)
+QUIET = 400
+#: the fade over the edge of what :func:`trim_edge` keeps
+FADE_S = 0.005
+
+
+def trim_edge(chunk: SpeechChunk, end: bool, keep_s: float) -> None:
+    """Cut the silence at the start (``end`` False) or the end of ``chunk`` down to
+    ``keep_s`` seconds: where the text was cut between two runs of the voice mid-phrase,
+    each run's own lead-in and fade-out made a pause a sentence would make (~0.3 s).
+    Phoneme marks are shifted and clipped to the samples left."""
+    pcm = chunk.pcm
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > QUIET)
+    if not loud.size:
+        return
+    keep = int(round(keep_s * chunk.sample_rate))
+    if end:
+        lo, hi = 0, min(pcm.shape[0], int(loud[-1]) + 1 + keep)
+    else:
+        lo, hi = max(0, int(loud[0]) - keep), pcm.shape[0]
+    if (lo, hi) == (0, pcm.shape[0]):
+        return
+    out = pcm[lo:hi].astype(np.float32)
+    fade = min(out.shape[0], int(FADE_S * chunk.sample_rate))  # no click where it was cut
+    ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
+    if end:
+        out[out.shape[0] - fade:] *= ramp[::-1]
+    else:
+        out[:fade] *= ramp
+    chunk.pcm = np.round(out).astype(np.int16)
+
+    def clip(marks: list[tuple[str, int, int]] | None, last: bool) -> list | None:
+        if marks is None:
+            return None
+        out = []
+        for p, start, n in marks:
+            a, b = start - lo, start + n - lo
+            if not last:  # marks after the chunk (ahead) only move
+                out.append((p, a, n))
+                continue
+            a, b = max(a, 0), min(b, hi - lo)
+            if b > a or (a == b == 0 and not out):
+                out.append((p, a, b - a))
+        return out
+
+    chunk.phonemes = clip(chunk.phonemes, True)
+    chunk.ahead = clip(chunk.ahead, False)
+
+
 def _join(chunks: list[SpeechChunk], sample_rate: int) -> SpeechChunk:
     """Many chunks as one (phoneme offsets shifted): the batch baseline's single block."""
     if not chunks:

@@ -58,7 +58,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from giris.workers.bases import Gain, SpeechChunk, TTSEngine, TTSSession, check_rate, pad_silence
+from giris.workers.bases import (Gain, SpeechChunk, TTSEngine, TTSSession, check_rate, pad_silence,
+                                 trim_edge)
 from giris.workers.engine import EngineContext, EngineError
 from giris.workers import onnx_cache
 from giris.workers.piper_net import Graphs, VoiceNet, load_graphs, windows
@@ -66,6 +67,9 @@ from giris.workers.text import Reader, pieces
 
 #: the voice every install has
 BUNDLED = "joe"
+#: where the text was cut mid-phrase, the silence kept after one run and before the next
+JOINT_TAIL_S = 0.04
+JOINT_LEAD_S = 0.02
 #: speech loudness every voice is brought to (RMS, full scale = 1): about -22 dBFS
 TARGET_RMS = 0.08
 CALIBRATION = "The quick brown fox jumps over the lazy dog, and then it rests."
@@ -104,15 +108,19 @@ def _espeak_voice_once() -> None:
 
     if getattr(espeakbridge.set_voice, "giris_once", False):
         return
-    real, last = espeakbridge.set_voice, [None]
+    real, real_init, last = espeakbridge.set_voice, espeakbridge.initialize, [None]
 
     def set_voice(name: str) -> None:
         if name != last[0]:
             real(name)
             last[0] = name
 
+    def initialize(*args: Any) -> Any:  # espeak starts over: no voice set
+        last[0] = None
+        return real_init(*args)
+
     set_voice.giris_once = True  # type: ignore[attr-defined]
-    espeakbridge.set_voice = set_voice
+    espeakbridge.set_voice, espeakbridge.initialize = set_voice, initialize
 
 
 class PiperEngine(TTSEngine):
@@ -312,8 +320,12 @@ class PiperEngine(TTSEngine):
         syn = self._config(voice, rate)
         gain = Gain(voice.gain)
         batch = bool(meta.get("batch"))
+        joint = False  # the previous run ended where the text was cut mid-phrase
         for i, (piece, sentence_end) in enumerate(plan):
             parts = [p for p in voice.piper.phonemize(piece) if p]  # espeak may split further
+            # cut mid-phrase (the first clause after a few words, a long one in runs): the
+            # two runs meet without the pause each one's edge would make
+            cut = not sentence_end and piece[-1:].isalnum() and i < len(plan) - 1
             for k, phonemes in enumerate(parts):
                 last_part = i == len(plan) - 1 and k == len(parts) - 1
                 n = 0
@@ -322,6 +334,12 @@ class PiperEngine(TTSEngine):
                         yield None
                         continue
                     chunk.text = piece if n == k == 0 else ""  # once per clause, for captions
+                    if joint and n == 0:
+                        trim_edge(chunk, end=False, keep_s=JOINT_LEAD_S)
+                        joint = False
+                    if chunk.last and cut and k == len(parts) - 1:
+                        trim_edge(chunk, end=True, keep_s=JOINT_TAIL_S)
+                        joint = True
                     if chunk.last and sentence_end and k == len(parts) - 1:
                         pad_silence(chunk, self.sentence_silence)
                     # known now, so the chunk leaves at once instead of after the next one
