@@ -277,6 +277,21 @@ def test_audio_only_silence_is_closed_and_a_loud_tone_opens_the_jaw(coeffs_engin
     assert cb[10:20, INDEX["mouthStretchLeft"]].mean() > loud[10:20, INDEX["mouthStretchLeft"]].mean()
 
 
+def test_a_microphones_dc_offset_is_no_sound(coeffs_engine):
+    """A constant offset (+100 counts: -50 dBFS, inaudible) held the mouth as open as
+    speech; with speech on +300, it stayed open in the pauses."""
+    t = np.arange(SR) / SR
+    for dc in (100, 300, -2000):
+        c, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}),
+                             [(np.full(SR, dc, np.int16), None)])
+        assert c[:, JAW].max() < 0.01, dc
+    tone = (0.3 * 32767 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
+    pause = np.zeros(SR, np.int16)
+    c, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}),
+                         [(tone + 300, None), (pause + 300, None), (tone + 300, None)])
+    assert c[5:25, JAW].min() > 0.3 and c[35:50, JAW].max() < 0.01
+
+
 def test_audio_only_chunking_is_continuous(coeffs_engine):
     rng = np.random.default_rng(0)
     t = np.arange(2 * SR) / SR
@@ -483,3 +498,19 @@ def test_mouth_passes_through_the_filter_without_much_lag(motion_engine):
     jaw_in, jaw_out = c[:, JAW], out.tensors[0][:, JAW]
     assert np.corrcoef(jaw_in, jaw_out)[0, 1] > 0.95
     assert np.abs(jaw_out - jaw_in).max() < 0.15
+
+
+def test_an_utterances_last_frame_shows_the_mouth_at_rest(motion_engine):
+    """Live audio in 20 ms chunks gives the motion stage one frame at a time; the coeffs
+    stage closes the mouth on the last one in a single step, and the filter lagged it: the
+    last frame, held on screen after, had the jaw at ~0.19."""
+    state = motion_engine.open_session({"seed": 1})
+    open_ = zeros(1)
+    open_[0, JAW] = 0.6
+    for f in range(20):  # speaking, a frame per chunk
+        motion_engine.animate(open_, np.zeros((1, 3), np.float32), f, FPS, state, {"final": False})
+    last = motion_engine.animate(zeros(1), np.zeros((1, 3), np.float32), 20, FPS, state, {"final": True})
+    assert last[-1, JAW] < 0.01
+    # and the next utterance starts from there, not from where the filter was
+    nxt = motion_engine.animate(zeros(5), np.zeros((5, 3), np.float32), 21, FPS, state, {"final": False})
+    assert nxt[:, JAW].max() < 0.01

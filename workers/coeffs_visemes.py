@@ -188,12 +188,18 @@ class VisemeEngine(CoeffsEngine):
         sq = np.empty(buf.shape[0] + 1, np.float32)
         np.multiply(buf, buf, out=sq[:-1])
         sq[-1] = 0.0
+        lin = np.append(buf, np.float32(0.0))
         # windows are (nearly) contiguous: one reduceat over [lo0, hi0, lo1, hi1, ...]
         bounds = np.empty(2 * n, np.int64)
         bounds[0::2], bounds[1::2] = lo, hi
         sums = np.add.reduceat(sq, bounds)[0::2].astype(np.float64)
+        means = np.add.reduceat(lin, bounds)[0::2].astype(np.float64)
         sums[hi <= lo] = 0.0
-        rms = np.sqrt(np.maximum(sums, 0.0) / np.maximum(hi - lo, 1))
+        means[hi <= lo] = 0.0
+        width = np.maximum(hi - lo, 1)
+        # about its mean, per window: a microphone's DC offset is no sound (+100 counts,
+        # -50 dBFS and inaudible, held the mouth as open as speech does)
+        rms = np.sqrt(np.maximum(sums / width - (means / width) ** 2, 0.0))
         db = np.maximum(20.0 * np.log10(rms + 1e-12), _DB_FLOOR)
         # running peak p_k = max(floor, db_k, p_{k-1} - d), closed form (max-plus scan)
         d = self.peak_decay_db_s / fps

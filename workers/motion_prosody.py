@@ -156,6 +156,8 @@ class ProsodyMotionEngine(MotionEngine):
         self.beta = float(o.get("beta", 1.0))
         self.d_cutoff = float(o.get("d_cutoff", 1.0))
         self.mouth_min_cutoff = float(o.get("mouth_min_cutoff", 4.0))
+        #: frames over which an utterance's end eases the mouth to where the coefficients are
+        self.close_frames = max(1, int(o.get("close_frames", 2)))
         self.mouth_beta = float(o.get("mouth_beta", 2.0))
         self.nod_gain = float(o.get("nod_gain", 0.05))
         self.brow_gain = float(o.get("brow_gain", 1.0))
@@ -251,6 +253,16 @@ class ProsodyMotionEngine(MotionEngine):
         out += emo
 
         filtered = state.filt.filter_block(out, 1.0 / fps)
+        if meta.get("final"):
+            # the utterance's last frame shows the mouth as the coefficients leave it (at
+            # rest): the filter lagged a last close made in one step (live audio in 20 ms
+            # chunks ended mid-word with the jaw at 0.19, held on screen after); the frames
+            # before it are eased there, and the filter goes on from where they end
+            k = min(n, self.close_frames)
+            r = (np.arange(1, k + 1) / k)[:, None]
+            filtered[n - k:, _MOUTH] += r * (out[n - k:, _MOUTH] - filtered[n - k:, _MOUTH])
+            state.filt.x_prev[_MOUTH] = filtered[-1, _MOUTH]
+            state.filt.dx_prev[_MOUTH] = 0.0
         blink = self._blinks(t, emphasis, fps, state)
         for i in _BLINK:
             filtered[:, i] = np.maximum(filtered[:, i], blink)
