@@ -223,7 +223,7 @@ def trim_edge(chunk: SpeechChunk, end: bool, keep_s: float) -> None:
                 out.append((p, a, n))
                 continue
             a, b = max(a, 0), min(b, hi - lo)
-            if b > a or (a == b == 0 and not out):
+            if b > a:
                 out.append((p, a, b - a))
         return out
 
