@@ -22,6 +22,10 @@ def test_text_is_cleaned_of_symbols_and_cut_for_an_early_first_chunk():
         "Dr. Smith will present at 10:30 a.m. sharp.", "Mr. Jones of the U.S. and U.K. teams left.",
         "J.R.R. Tolkien wrote it."]
     assert split_sentences("He said no. Then left.") == ["He said no.", "Then left."]
+    # a paragraph without a full stop still ends there; money is said in its order
+    assert pieces("Agenda\n\nWe start at ten", 0) == [("Agenda.", True), ("We start at ten", True)]
+    assert pieces("It costs $1.2 million, or $1.50 each.", 0) == [
+        ("It costs 1.2 million dollars,", False), ("or 1 dollar 50 cents each.", True)]
     plan = pieces("Good morning everyone and welcome to our review, which is long. "
                   "Then there is more and more, and more.", 4)
     assert plan == [("Good morning everyone and", False), ("welcome to our review,", False),

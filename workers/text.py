@@ -165,6 +165,33 @@ def clean_text(text: str) -> str:
     return re.sub(r"\s+", " ", "".join(kept)).strip()
 
 
+#: a line of text without closing punctuation before a blank line
+_PARAGRAPH_END = re.compile(r"(\w)[ \t]*\r?\n[ \t]*\r?\n")
+#: an amount of money as English text writes it: "$5", "€1.2 million", "£3.50"
+_MONEY = re.compile(r"(?<![\w$€£])([$€£])\s?(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?"
+                    r"(\s+(?:thousand|million|billion|trillion)\b)?")
+_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
+             "£": ("pound", "pounds", "penny", "pence")}
+
+
+def spell_money(text: str) -> str:
+    """English amounts of money in the order they are said: espeak reads "$1.2 million" as
+    "dollar one point two million" (and "$5" as "dollar five")."""
+    def said(m: re.Match) -> str:
+        one, many, sub_one, sub_many = _CURRENCY[m.group(1)]
+        whole, frac, scale = m.group(2), m.group(3), m.group(4) or ""
+        if scale or (frac is not None and len(frac) != 2):
+            return f"{whole}{'.' + frac if frac else ''}{scale} {many}"
+        units = int(whole.replace(",", ""))
+        out = f"{whole} {one if units == 1 else many}"
+        if frac is not None and int(frac):
+            cents = f"{int(frac)} {sub_one if int(frac) == 1 else sub_many}"
+            out = cents if units == 0 else f"{out} {cents}"
+        return out
+
+    return _MONEY.sub(said, text)
+
+
 def speakable(text: str) -> bool:
     return any(unicodedata.category(c)[0] in "LN" for c in text)
 
@@ -252,7 +279,10 @@ def pieces(text: str, first_words: int, reader: Reader | None = None) -> list[tu
     only the very first clause is also cut after ``first_words`` words. Letters of a script
     ``reader`` does not read are dropped like symbols; text with nothing readable left is
     the caller's error (``bad_input``), and so are pieces of punctuation alone skipped."""
-    clean = clean_text(text)
+    # a paragraph that ends without punctuation (a heading, a list item) still ends there
+    clean = clean_text(_PARAGRAPH_END.sub(r"\1.\n", text))
+    if reader is None or reader.language.lower().startswith("en"):
+        clean = spell_money(clean)
     foreign: list[str] = []
     if reader is not None and reader.scripts is not None:
         clean, foreign = drop_foreign(clean, reader.scripts)
