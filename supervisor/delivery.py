@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from giris.runtime import protocol as P
-from giris.runtime.errors import GirisError, StageFailed
+from giris.runtime.errors import StageFailed
 from giris.supervisor.sessions import SessionRecord, Utterance
 
 if TYPE_CHECKING:
     from giris.supervisor.process import WorkerHandle
     from giris.supervisor.supervisor import Supervisor
 
-log = logging.getLogger("giris.delivery")
 #: what stages before the last one send the client, each ending with a ``final`` message
 CLIENT_STREAMS = frozenset({P.AUDIO, P.COEFFS})
 #: how long an utterance whose frames have ended waits for those streams' ends
@@ -134,19 +132,10 @@ class Delivery:
         if not rec.realtime:  # copied out of its slot when it leaves (see the outbox)
             self.sup.gateway.to(rec.client, msg, inline=True)
             return
-        try:
-            arrays = self.sup.pools.arrays(msg)
-        except GirisError as e:
-            log.warning("frame lost", extra={"error": str(e)})
+        out = self.sup.gateway.outbox.copied(msg)  # a live frame waits for its time as a copy
+        if out is not None:
             self.sup.pools.release_all(msg)
-            return
-        out = P.Message(msg.type, msg.session, msg.seq, msg.pts, msg.meta)
-        for a in arrays:
-            # A copy: zmq sends large frames from the caller's buffer later, on its own
-            # thread, and the slot is free for the producer the moment it is released.
-            out.add_inline(a.copy())
-        self.sup.pools.release_all(msg)
-        self.send(rec, out)
+            self.send(rec, out)
 
     def send(self, rec: SessionRecord, msg: P.Message) -> None:
         if not rec.realtime or msg.type == P.AUDIO:

@@ -89,22 +89,30 @@ class Outbox:
             q.clear()
             q.extend(keep)
 
+    def copied(self, msg: P.Message) -> P.Message | None:
+        """``msg`` with its pool tensors copied inline (its slots still held), or None when
+        they cannot be read any more (the frame is lost: its slots are given back)."""
+        try:
+            arrays = self.sup.pools.arrays(msg)
+        except GirisError as e:
+            log.warning("frame lost", extra={"error": str(e)})
+            self.sup.pools.release_all(msg)
+            return None
+        out = P.Message(msg.type, msg.session, msg.seq, msg.pts, msg.meta)
+        for a in arrays:
+            # A copy: zmq sends large frames from the caller's buffer later, on its own
+            # thread, and the slot is free for the producer the moment it is released.
+            out.add_inline(a.copy())
+        return out
+
     def _send(self, client: bytes, entry: list[Any]) -> bool:
         """True when the message left (or can never leave: dropped); False when the
         client's queue is full."""
         msg, inline, out = entry
         if inline and out is None:
-            try:
-                arrays = self.sup.pools.arrays(msg)
-            except GirisError as e:
-                log.warning("frame lost", extra={"error": str(e)})
-                self.sup.pools.release_all(msg)
+            out = self.copied(msg)
+            if out is None:
                 return True
-            out = P.Message(msg.type, msg.session, msg.seq, msg.pts, msg.meta)
-            for a in arrays:
-                # A copy: zmq sends large frames from the caller's buffer later, on its own
-                # thread, and the slot is free for the producer the moment it is released.
-                out.add_inline(a.copy())
             entry[2] = out  # made once, however often the client's queue is full
         try:
             self.sock.send_multipart([client, *P.encode(out or msg)], flags=zmq.DONTWAIT, copy=False)
