@@ -183,10 +183,7 @@ class Client:
         closed") instead of sitting out their timeouts."""
         if self._closed.is_set():
             return
-        self._finalizer.detach()
-        for token in list(self._sessions):
-            self.post(P.Message(P.CLOSE_SESSION, session=token))
-        self._closed.set()
+        self._finalizer()  # its sessions' close_session queued, closed, the I/O thread woken
         for q in list(self._sessions.values()):
             q.put(_SENTINEL)
         self._sessions.clear()
@@ -249,11 +246,7 @@ class Client:
         self.post(msg)
 
     def _poke(self) -> None:
-        with self._lock:
-            try:
-                self._wake.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        _poke(self._wake, self._lock)
 
     def next_message(self, token: str, timeout: float) -> P.Message:
         """The session's next message, whatever its utterance (Session sorts them)."""
@@ -330,18 +323,23 @@ class Client:
         self._abandoned.pop(token, None)
 
 
-def _let_go(sessions: dict, outbox: queue.Queue, closed: threading.Event, wake: zmq.Socket,
-            lock: threading.Lock) -> None:
-    """A client collected without close(): its sessions are closed on the server (without
-    waiting for the answers) and its I/O thread ends."""
-    for token in list(sessions):
-        outbox.put((None, [bytes(f) for f in P.encode(P.Message(P.CLOSE_SESSION, session=token))]))
-    closed.set()
+def _poke(wake: zmq.Socket, lock: threading.Lock) -> None:
+    """Wake the I/O thread."""
     with lock:
         try:
             wake.send(b"", zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+
+
+def _let_go(sessions: dict, outbox: queue.Queue, closed: threading.Event, wake: zmq.Socket,
+            lock: threading.Lock) -> None:
+    """The end of a client, by close() or when it is collected without it: its sessions
+    are closed on the server (without waiting for the answers) and its I/O thread ends."""
+    for token in list(sessions):
+        outbox.put((None, [bytes(f) for f in P.encode(P.Message(P.CLOSE_SESSION, session=token))]))
+    closed.set()
+    _poke(wake, lock)
 
 
 def _io_loop(ref: "weakref.ref[Client]") -> None:

@@ -213,13 +213,13 @@ def trim_edge(chunk: SpeechChunk, end: bool, keep_s: float) -> None:
         out[:fade] *= ramp
     chunk.pcm = np.round(out).astype(np.int16)
 
-    def clip(marks: list[tuple[str, int, int]] | None, last: bool) -> list | None:
+    def clip(marks: list[tuple[str, int, int]] | None, own: bool) -> list | None:
         if marks is None:
             return None
         out = []
         for p, start, n in marks:
             a, b = start - lo, start + n - lo
-            if not last:  # marks after the chunk (ahead) only move
+            if not own:  # marks after the chunk (ahead) only move
                 out.append((p, a, n))
                 continue
             a, b = max(a, 0), min(b, hi - lo)
