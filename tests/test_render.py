@@ -9,7 +9,7 @@ from giris.workers import landmarks as LM
 from giris.workers.coefficients import INDEX, N_CHANNELS, zeros
 from giris.workers.engine import EngineContext, EngineError
 from giris.workers.face_rig import fit_rig, rigged_channels
-from giris.workers.render_warp import ASSETS, WarpRenderEngine, bundled_avatars
+from giris.workers.render_warp import ASSETS, WarpRenderEngine, bundled_avatars, bundled_landmarks
 
 SIZE = 256
 
@@ -125,6 +125,33 @@ def test_head_yaw_moves_the_face(engine, session, neutral):
     t_left = session.rig.targets(row(headYaw=-0.3))
     assert t_right[30, 0] > lm[30, 0] + 3 > t_left[30, 0] + 6
     assert not np.array_equal(left, right)
+
+
+def test_a_chin_on_the_frame_edge_drops_out_of_it_whole(engine):
+    """A portrait cut just under the chin: as the jaw opens, the chin goes on down out of
+    the frame, skin where it was; the frame's last row held still pinched it into a notch of
+    the collar below (what was under the chin, pulled up into the chin's place)."""
+    rgb = IM.decode_image((ASSETS / "astronaut.png").read_bytes())
+    (points,) = bundled_landmarks().values()  # the astronaut's, shipped beside it
+    chin = points[8]
+    cut = rgb[: int(chin[1]) + 4]
+    half = cut.shape[0] // 2
+    cut = np.ascontiguousarray(cut[:, int(chin[0]) - half: int(chin[0]) + half])
+    s = engine.open_session({"avatar": IM.encode_png(cut), "size": SIZE})
+    try:
+        x, y = s.rest_px[8]
+        assert s.roi[3] == SIZE and y > SIZE - 8  # the chin is on the frame's last rows
+        still = frame(engine, s)
+        open_ = frame(engine, s, jawOpen=1.0)
+        iod = s.rig.iod
+        xs = slice(int(x - 0.15 * iod), int(x + 0.15 * iod) + 1)
+        skin = still[int(y - 0.35 * iod):int(y - 0.15 * iod), xs].reshape(-1, 3).mean(0)
+        below = still[SIZE - 3:, xs].reshape(-1, 3).mean(0)
+        now = open_[SIZE - 3:, xs].reshape(-1, 3).mean(0)
+        assert np.abs(below - skin).mean() > 40  # the test's premise: the collar is not skin
+        assert np.abs(now - skin).mean() < 0.3 * np.abs(below - skin).mean(), (now, skin, below)
+    finally:
+        engine.close_session(s)
 
 
 def test_render_writes_into_a_view_in_place(engine, session, neutral):

@@ -275,26 +275,33 @@ class WarpRenderEngine(RenderEngine):
         ring_face = np.stack([RING_CENTER[0] + RING_RADII[0] * np.cos(t),
                               RING_CENTER[1] + RING_RADII[1] * np.sin(t)], 1).astype(np.float32)
         ring_px = rig.to_image(ring_face)
+        lo = np.floor(ring_px.min(0)).astype(int)
+        hi = np.ceil(ring_px.max(0)).astype(int) + 1
         if self.batched:  # the whole frame: every same-size session batches into one call
             x0, y0, x1, y1 = 0, 0, size, size
         else:
-            lo = np.floor(ring_px.min(0)).astype(int)
-            hi = np.ceil(ring_px.max(0)).astype(int) + 1
             x0, y0 = max(0, int(lo[0])), max(0, int(lo[1]))
             x1, y1 = min(size, int(hi[0])), min(size, int(hi[1]))
         w, h = x1 - x0, y1 - y0
         if w < 16 or h < 16:
             raise EngineError("the face is too close to the image edge to animate", code="bad_image")
 
-        # anchors: the box's edges (the flow is 0 outside) and the ring inside the box
+        # anchors (the flow is 0 there): the box's inner edges, and the ring inside the
+        # anchors' box. Where the box stops at the frame's edge the anchors' box goes on
+        # out to the ring, as if the picture went on: anchors on the frame's last row held
+        # it still and a chin there, pulled down as the jaw opened, was pinched into a notch
+        ax0 = x0 if x0 > 0 else min(0, int(lo[0]))
+        ay0 = y0 if y0 > 0 else min(0, int(lo[1]))
+        ax1 = x1 if x1 < size else max(size, int(hi[0]))
+        ay1 = y1 if y1 < size else max(size, int(hi[1]))
         per_side = 7
         edge = []
         for s in np.linspace(0, 1, per_side):
-            edge += [(x0 + s * (w - 1), y0), (x0 + s * (w - 1), y1 - 1),
-                     (x0, y0 + s * (h - 1)), (x1 - 1, y0 + s * (h - 1))]
+            edge += [(ax0 + s * (ax1 - 1 - ax0), ay0), (ax0 + s * (ax1 - 1 - ax0), ay1 - 1),
+                     (ax0, ay0 + s * (ay1 - 1 - ay0)), (ax1 - 1, ay0 + s * (ay1 - 1 - ay0))]
         edge = np.unique(np.round(np.array(edge, np.float32), 2), axis=0)
-        inside = ((ring_px[:, 0] > x0 + 0.15 * iod) & (ring_px[:, 0] < x1 - 1 - 0.15 * iod)
-                  & (ring_px[:, 1] > y0 + 0.15 * iod) & (ring_px[:, 1] < y1 - 1 - 0.15 * iod))
+        inside = ((ring_px[:, 0] > ax0 + 0.15 * iod) & (ring_px[:, 0] < ax1 - 1 - 0.15 * iod)
+                  & (ring_px[:, 1] > ay0 + 0.15 * iod) & (ring_px[:, 1] < ay1 - 1 - 0.15 * iod))
         anchors_px = np.concatenate([edge, ring_px[inside]]).astype(np.float32)
 
         def norm(p: np.ndarray) -> np.ndarray:
