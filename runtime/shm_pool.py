@@ -294,7 +294,7 @@ def clean_stale(prefix: str = "giris-") -> list[str]:
         if len(parts) < 3 or not parts[1].isdigit():
             continue
         pid = int(parts[1])
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         try:
             path.unlink()
@@ -304,7 +304,8 @@ def clean_stale(prefix: str = "giris-") -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

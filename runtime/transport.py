@@ -95,11 +95,47 @@ class PoolSet:
         self.pools.clear()
 
 
-def private_dir(base: str | None = None) -> str:
-    """A fresh mode-0700 directory for ipc sockets (owner-only, so only we can connect)."""
+def _runtime_root(base: str | None = None) -> str | None:
     import tempfile
 
     root = base or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    path = tempfile.mkdtemp(prefix="giris-", dir=root if os.path.isdir(root) else None)
+    return root if os.path.isdir(root) else None
+
+
+def private_dir(base: str | None = None) -> str:
+    """A fresh mode-0700 directory for ipc sockets (owner-only, so only we can connect),
+    named ``giris-<pid>-…`` so that a later start can tell it was left by a dead process."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=f"giris-{os.getpid()}-", dir=_runtime_root(base))
     os.chmod(path, 0o700)
     return path
+
+
+def clean_stale_dirs(base: str | None = None) -> list[str]:
+    """Remove socket directories left by supervisors that died without cleaning (SIGKILL):
+    ``giris-<pid>-…`` of ours whose pid is gone and that hold nothing but sockets."""
+    import shutil
+    import stat
+    import tempfile
+
+    from giris.runtime.shm_pool import pid_alive
+
+    root = _runtime_root(base) or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(root):
+        parts = entry.name.split("-")
+        if len(parts) < 3 or parts[0] != "giris" or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        try:
+            if (not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid()
+                    or pid == os.getpid() or pid_alive(pid)):
+                continue
+            if not all(stat.S_ISSOCK(os.lstat(f.path).st_mode) for f in os.scandir(entry.path)):
+                continue  # not only sockets: not a run dir of ours, leave it
+            shutil.rmtree(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            continue
+    return removed

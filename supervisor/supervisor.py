@@ -21,7 +21,7 @@ from giris.runtime import protocol as P
 from giris.runtime.config import Config
 from giris.runtime.errors import GirisError
 from giris.runtime.shm_pool import SlotPool, clean_stale
-from giris.runtime.transport import PoolSet, private_dir, recv, send, socket
+from giris.runtime.transport import PoolSet, clean_stale_dirs, private_dir, recv, send, socket
 from giris.supervisor.delivery import Delivery
 from giris.supervisor.gateway import Gateway
 from giris.supervisor.process import BACKOFF, FAILED, READY, STARTING, STOPPED, WorkerHandle, visible_device
@@ -88,6 +88,10 @@ class Supervisor:
         removed = clean_stale()
         if removed:
             log.info("removed stale pools", extra={"pools": removed})
+        if self._own_run_dir:  # beside it, those of supervisors that were killed
+            gone = clean_stale_dirs(os.path.dirname(self.run_dir))
+            if gone:
+                log.info("removed stale socket directories", extra={"dirs": gone})
         run_id = os.urandom(3).hex()
         self.pool_prefix = f"giris-{os.getpid()}-{run_id}"
         self.control = socket(self.ctx, zmq.ROUTER, router_mandatory=0)

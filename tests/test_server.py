@@ -373,14 +373,31 @@ def test_a_client_slow_to_give_frames_back_holds_back_its_own_session_only(make_
     assert e.value.code == "pool_full" and len(kept) == 3
 
 
-def test_sigkill_of_the_server_takes_its_launcher_and_workers_with_it(make_server):
-    srv = make_server()
+def test_sigkill_of_the_server_takes_its_launcher_and_workers_with_it(make_server, tmp_path):
+    root = tmp_path / "run"  # where the servers make their socket directories
+    root.mkdir()
+    srv = make_server(env={"XDG_RUNTIME_DIR": str(root)})
     family = [p.pid for p in psutil.Process(srv.proc.pid).children(recursive=True)]
     assert len(family) == 5  # the launcher and four workers
+    (left,) = root.iterdir()
+    assert left.name.startswith(f"giris-{srv.proc.pid}-")
     os.kill(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait(10)
     assert eventually(lambda: not [p for p in family if psutil.pid_exists(p)
                                    and psutil.Process(p).status() != "zombie"], timeout=10)
+    # its socket directory is left behind (nothing ran to remove it): the next start
+    # removes it, and leaves alone what is not a dead server's directory of sockets
+    assert left.is_dir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other = root / f"giris-{dead.pid}-notes"  # a dead pid's, but not only sockets
+    other.mkdir()
+    (other / "keep.txt").write_text("not a socket")
+    nxt = make_server(env={"XDG_RUNTIME_DIR": str(root)})
+    assert not left.exists() and (other / "keep.txt").exists()
+    assert [p.name for p in root.iterdir() if p != other] != []  # its own
+    nxt.stop()
+    assert sorted(root.iterdir()) == [other]
 
 
 def _raw(srv):
