@@ -309,9 +309,15 @@ class Client:
         return utterance is not None and utterance in self._abandoned.get(token, ())
 
     def _drop(self, msg: P.Message) -> None:
-        """A message nobody will read: its pooled frames go back."""
+        """A message nobody will read: its pooled frames go back. An abandoned utterance's
+        ``utterance_done`` is its last message: the id is forgotten then (a session that
+        left many streams early kept every id until it closed)."""
         if msg.tensors:
             self._release_refs(msg.session, msg.tensors)
+        if msg.type == P.EVENT and msg.meta.get("kind") == "utterance_done":
+            gone = self._abandoned.get(msg.session)
+            if gone:
+                gone.discard(_utterance_of(msg))
 
     def _release_refs(self, token: str, refs: list[P.TensorRef]) -> None:
         pooled = [{"pool": r.pool, "slot": r.slot, "lease": r.lease} for r in refs if r.pool]

@@ -44,6 +44,19 @@ def test_breaking_out_of_say_cancels_the_utterance_and_keeps_nothing(make_server
     time.sleep(0.5)  # what was still on the way is dropped as it comes
     assert _queued(s) == 0
     assert len(collect(s, "one two")["frames"]) == 10 and _queued(s) == 0
+    # and once each left stream's end has come, nothing of it is remembered
+    for _ in range(5):
+        for item in s.say("one two three four"):
+            break
+    late = s.say("five six")
+    next(late)
+    time.sleep(0.5)  # it ends on the server, its end waits in the session's queue
+    late.close()  # and is dropped from there
+    assert collect(s, "seven")["events"][-1].meta["complete"]
+    deadline = time.monotonic() + 5
+    while s.client._abandoned.get(s.token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not s.client._abandoned.get(s.token)
 
 
 def test_a_say_never_read_is_cancelled_when_let_go(make_server):
