@@ -36,6 +36,7 @@ class Gateway:
     def __init__(self, sup: "Supervisor") -> None:
         self.sup = sup
         self.sock: zmq.Socket = None  # type: ignore[assignment]
+        self._socket_file: tuple[str, int] | None = None  # (path, inode) of the ipc socket bound
         self.authenticator: Any = None
 
     # ------------------------------------------------------------------ socket
@@ -62,8 +63,7 @@ class Gateway:
         path = ipc_path(endpoint)
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            if os.path.exists(path):
-                os.unlink(path)  # a stale socket of a dead server
+            _claim(path, endpoint)
         old = os.umask(0o177)
         try:
             self.sock.bind(endpoint)
@@ -71,16 +71,19 @@ class Gateway:
             os.umask(old)
         if path:
             os.chmod(path, cfg.ipc_mode)  # owner only unless configured, whatever the dir allows
+            self._socket_file = (path, os.stat(path).st_ino)
 
     def close(self) -> None:
         if self.sock is not None:
-            path = ipc_path(self.sup.endpoint)
             self.sock.close(0)
-            if path and os.path.exists(path):
-                try:
+        if self._socket_file is not None:  # ours only: never a file another made
+            path, ino = self._socket_file
+            self._socket_file = None
+            try:
+                if os.stat(path).st_ino == ino:
                     os.unlink(path)
-                except OSError:
-                    pass
+            except OSError:
+                pass
         if self.authenticator is not None:
             self.authenticator.stop()
 
@@ -443,3 +446,35 @@ def _first_error(replies: dict[str, dict]) -> dict | None:
 
 def _brief(spec: dict) -> str:
     return ",".join(f"{k}={spec[k]}" for k in ("size", "fps", "emotion") if k in spec)
+
+
+def _claim(path: str, endpoint: str) -> None:
+    """Make way for our ipc socket at ``path``: a stale one (a dead server's) goes, a live
+    one is refused. Binding over it took a running server's socket silently (its clients
+    then reached the new one) and whichever stopped first unlinked the other's."""
+    import socket as pysocket
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise GirisError(f"{path} exists and is not a socket: not replacing it with {endpoint}",
+                         code="endpoint_in_use")
+    probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        try:
+            os.unlink(path)  # nothing listens: a stale socket of a dead server
+        except FileNotFoundError:
+            pass
+        return
+    except OSError:
+        pass  # cannot tell (permissions, a busy listener): a live one, to be safe
+    finally:
+        probe.close()
+    raise GirisError(f"another server is serving on {endpoint} (its socket {path} answers); "
+                     "stop it first or choose another endpoint", code="endpoint_in_use")

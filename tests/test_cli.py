@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -199,3 +200,53 @@ def test_say_holds_a_few_frames_not_the_whole_video(make_server, tmp_path):
     assert proc.returncode == 0, stderr
     assert json.loads(stdout.splitlines()[-1])["frames"] == 750
     assert peak < 250 << 20, f"giris say peaked at {peak >> 20} MiB"
+
+
+def test_a_second_server_on_a_live_ipc_endpoint_is_refused(make_server, tmp_path):
+    """A second ``giris serve`` on the same ipc endpoint took the first's socket silently
+    (its clients reached the newcomer), and whichever stopped first unlinked the socket
+    the other was serving on. Now it is refused; a dead server's socket is taken over."""
+    import socket
+
+    from giris.runtime.client import Client
+    from giris.runtime.errors import GirisError
+
+    first = make_server()
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config",
+                        str(first.config_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "another server is serving on" in r.stderr, r.stderr
+    assert first.status()["pid"] == first.proc.pid  # still its own socket, still serving
+    # a socket nobody listens on (a server killed with SIGKILL) is stale: taken over
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()
+    second = serve_on(first, tmp_path, f"ipc://{stale}")
+    try:
+        with Client(f"ipc://{stale}", timeout=5) as c:
+            deadline = time.monotonic() + 60
+            while second.poll() is None and time.monotonic() < deadline:
+                try:
+                    assert c.status(timeout=1)["pid"] == second.pid
+                    break
+                except GirisError:
+                    time.sleep(0.2)
+            else:
+                raise AssertionError(f"no server on the stale socket: {second.poll()}")
+    finally:
+        second.terminate()
+        second.wait(30)
+    # and a file that is not a socket is not deleted to make way
+    plain = tmp_path / "plain.sock"
+    plain.write_text("mine")
+    third = serve_on(first, tmp_path, f"ipc://{plain}")
+    _, err = third.communicate(timeout=60)
+    assert third.returncode == 2 and "is not a socket" in err and plain.read_text() == "mine"
+
+
+def serve_on(srv, tmp_path, endpoint: str):
+    """``giris serve`` with ``srv``'s config on another endpoint."""
+    path = tmp_path / f"{abs(hash(endpoint))}.toml"
+    path.write_text(srv.config_path.read_text().replace(srv.endpoint, endpoint))
+    return subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config",
+                             str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
