@@ -176,25 +176,34 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     sizes = {"server": ("max_message_bytes",), "limits": ("max_image_bytes",)}
     for name in ("server", "timeouts", "restart", "limits"):
         if name in data:
-            section = dict(data[name])
+            section = dict(_table(data[name], name))
             for key in sizes.get(name, ()):
                 if key in section:
                     section[key] = parse_bytes(section[key])
             setattr(cfg, name, _fill(type(getattr(cfg, name)), section, name))
-    cfg.budgets = {str(k): parse_bytes(v) for k, v in dict(data.get("budgets", {})).items()}
+    cfg.budgets = {str(k): parse_bytes(v) for k, v in _table(data.get("budgets", {}), "budgets").items()}
+    for device, n in cfg.budgets.items():
+        if n < 0:
+            raise ValueError(f"[budgets] {device} must be ≥ 0 bytes, not {n}")
     if "defaults" in data:
-        cfg.defaults.update(dict(data["defaults"]))
-    stages = data.get("stages")
+        cfg.defaults.update(_table(data["defaults"], "defaults"))
+    stages = _table(data.get("stages", {}), "stages")
     if stages:
         cfg.stages = {}
         for name, sc in stages.items():
-            sc = dict(sc)
+            sc = dict(_table(sc, f"stages.{name}"))
             if "pool_slot_bytes" in sc:
                 sc["pool_slot_bytes"] = parse_bytes(sc["pool_slot_bytes"])
             cfg.stages[name] = _fill(StageConfig, sc, f"stages.{name}")
     else:
         cfg.stages = default_stages(cfg.limits.max_size)
     _check_ranges(cfg)
+    if not 0 <= cfg.server.metrics_port <= 65535:
+        raise ValueError(f"[server] metrics_port must be 0 (off) or a port in 1..65535, "
+                         f"not {cfg.server.metrics_port}")
+    if cfg.timeouts.worker_heartbeat >= cfg.timeouts.worker_timeout:
+        raise ValueError("[timeouts] worker_heartbeat must be below worker_timeout (a worker "
+                         "beating less often than it is waited for is killed as hung)")
     if cfg.server.launcher not in ("fork", "spawn"):
         raise ValueError("server.launcher must be 'fork' or 'spawn'")
     for name, sc in cfg.stages.items():
@@ -231,6 +240,12 @@ def _check_ranges(cfg: "Config") -> None:
             raise ValueError(f"[stages.{name}] block_timeout must be > 0")
 
 
+def _table(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"[{where}] must be a table, not {value!r}")
+    return value
+
+
 def _fill(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, Mapping):
         raise ValueError(f"[{where}] must be a table")
@@ -244,6 +259,13 @@ def _fill(cls: type, values: Any, where: str) -> Any:
         want = _SCALARS.get(kinds[key])
         if want is not None and not (isinstance(v, want[0]) and not isinstance(v, bool) or type(v) is want[0]):
             raise ValueError(f"[{where}] {key} must be {want[1]}, not {v!r}")
+    if cls is StageConfig:
+        cpus = values.get("cpus")
+        if cpus is not None and not (isinstance(cpus, list) and all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus)):
+            raise ValueError(f"[{where}] cpus must be a list of CPU numbers (e.g. [0, 1]), not {cpus!r}")
+        if not isinstance(values.get("options", {}), Mapping):
+            raise ValueError(f"[{where}] options must be a table, not {values['options']!r}")
     obj = cls(**{k: copy.deepcopy(v) for k, v in values.items() if k != "engine"},
               **({"engine": values["engine"]} if "engine" in values else {}))
     return obj

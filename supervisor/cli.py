@@ -23,7 +23,9 @@ log = logging.getLogger("giris.cli")
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="giris", description="Real-time talking-avatar runtime.")
-    p.add_argument("--log-level", default=os.environ.get("GIRIS_LOG_LEVEL", "WARNING"))
+    p.add_argument("--log-level", default=os.environ.get("GIRIS_LOG_LEVEL", "WARNING").upper(),
+                   type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="default: $GIRIS_LOG_LEVEL or WARNING")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -421,7 +421,7 @@ class Supervisor:
             pool.unlink()
         self.pools.close()
         self.gateway.close()
-        for s in (self.control, self.sink, getattr(self, "_first", None)):
+        for s in (getattr(self, "control", None), getattr(self, "sink", None), getattr(self, "_first", None)):
             if s is not None:
                 s.close(0)
         if self._own_run_dir:

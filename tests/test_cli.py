@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 def giris(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "giris.supervisor.cli", *args], capture_output=True,
@@ -144,6 +146,39 @@ def test_a_config_value_of_the_wrong_type_is_named():
         with pytest.raises(ValueError, match=f"\\[{section}\\] {key} must be"):  # out of range
             from_mapping({section: {key: value}})
     assert from_mapping({"limits": {"live_capacity": 0}}).limits.live_capacity == 0  # no limit
+
+
+@pytest.mark.parametrize("data, said", [
+    ({"server": 5}, "[server] must be a table"), ({"budgets": 5}, "[budgets] must be a table"),
+    ({"defaults": 5}, "[defaults] must be a table"), ({"stages": [1, 2]}, "[stages] must be a table"),
+    ({"stages": {"tts": 3}}, "[stages.tts] must be a table"),
+    ({"server": {"metrics_port": 70000}}, "metrics_port must be 0 (off) or a port"),
+    ({"server": {"metrics_port": -5}}, "metrics_port must be 0 (off) or a port"),
+    ({"budgets": {"cpu": -5}}, "[budgets] cpu must be ≥ 0"),
+    ({"stages": {"tts": {"engine": "piper", "cpus": "1"}}}, "cpus must be a list of CPU numbers"),
+    ({"stages": {"tts": {"engine": "piper", "options": "x"}}}, "options must be a table"),
+    ({"timeouts": {"worker_heartbeat": 20, "worker_timeout": 1}}, "worker_heartbeat must be below"),
+])
+def test_config_shapes_and_ranges_are_named_at_load(data, said):
+    """These went through as a TypeError traceback, a bind() OverflowError, a worker crash
+    loop (cpus = "1", options = "x"), every session refused (a negative budget), or every
+    stage killed as hung in turn (a heartbeat slower than the timeout)."""
+    from giris.runtime.config import from_mapping
+
+    with pytest.raises(ValueError) as e:
+        from_mapping(data)
+    assert said in str(e.value)
+
+
+def test_a_bad_device_or_log_level_is_one_line(tmp_path: Path):
+    cfg = tmp_path / "tpu.toml"
+    cfg.write_text('[stages.render]\nengine = "warp"\ndevice = "tpu"\n')
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "bad device 'tpu'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "--log-level", "bogus", "status"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid choice: 'BOGUS'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_closing_after_the_server_died_does_not_wait_again(make_server):
