@@ -113,6 +113,9 @@ class Client:
         self._sessions: dict[str, "queue.Queue[P.Message]"] = {}
         #: per session, utterances nobody reads any more: their messages are dropped on arrival
         self._abandoned: dict[str, set[int]] = {}
+        #: sessions the server said it closed (shutdown, idle, ...) -> why: their requests
+        #: fail at once (after a server's shutdown a say waited out its timeout)
+        self._ended: dict[str, str] = {}
         #: requests sent without waiting (an abandoned stream's cancel): replies dropped
         self._unwaited: set[int] = set()
         self._lock = threading.Lock()
@@ -204,6 +207,9 @@ class Client:
         """Send and wait for the reply; an error event raises the typed exception."""
         if self._closed.is_set():
             raise ServerGone("client is closed")
+        if msg.session in self._ended:
+            raise GirisError(f"session closed by the server ({self._ended[msg.session]})",
+                             code="session_closed")
         req = next(self._reqs)
         msg.meta["req"] = req
         waiter: list = [threading.Event(), None]
@@ -214,11 +220,20 @@ class Client:
             self._waiters.pop(req, None)
             raise
         limit = self.timeout if timeout is None else timeout
-        if not waiter[0].wait(limit):
+        sent = time.monotonic()
+        # a long request (opening a session may take minutes) still gives up on a server
+        # that says nothing, not even to heartbeats, for the client's own timeout: one that
+        # was never there made open_session wait 120 s whatever the timeout
+        quiet = max(self.timeout, 3 * self.heartbeat)
+        while not waiter[0].wait(min(max(0.0, sent + limit - time.monotonic()), 0.5)):
+            now = time.monotonic()
+            silent = now - max(self._last_heard, sent)
+            if now - sent < limit and not (limit > quiet and silent > quiet):
+                continue
             self._waiters.pop(req, None)
-            if time.monotonic() - self._last_heard > limit:
+            if silent > min(limit, quiet):
                 self._gone = True
-                raise ServerGone(f"no answer from {self.endpoint} in {limit:g} s")
+                raise ServerGone(f"no answer from {self.endpoint} in {min(limit, silent):.3g} s")
             raise Timeout(f"{msg.type} got no reply in {limit:g} s")
         reply: P.Message | None = waiter[1]
         if reply is None:  # woken by close()
@@ -295,6 +310,8 @@ class Client:
             return
         if msg.type == P.HEARTBEAT:
             return
+        if msg.type == P.EVENT and msg.meta.get("kind") == "session_closed" and msg.session:
+            self._ended[msg.session] = str(msg.meta.get("reason") or "closed")
         if self._is_abandoned(msg.session, _utterance_of(msg)):  # nobody reads it: drop it now
             self._drop(msg)
             return
@@ -327,6 +344,7 @@ class Client:
     def _forget(self, token: str) -> None:
         self._sessions.pop(token, None)
         self._abandoned.pop(token, None)
+        self._ended.pop(token, None)
 
 
 def _poke(wake: zmq.Socket, lock: threading.Lock) -> None:
@@ -698,8 +716,9 @@ class Session:
             return
         self.closed = True
         try:
-            self.client.request(P.Message(P.CLOSE_SESSION, session=self.token),
-                                timeout=1 if self.client._gone else 10)
+            if self.token not in self.client._ended:  # else it is closed already
+                self.client.request(P.Message(P.CLOSE_SESSION, session=self.token),
+                                    timeout=1 if self.client._gone else 10)
         finally:
             self.client._forget(self.token)
 

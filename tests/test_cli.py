@@ -206,6 +206,32 @@ def test_closing_after_the_server_died_does_not_wait_again(make_server):
     assert time.monotonic() - t0 < 1.5
 
 
+def test_a_session_the_server_closed_fails_at_once(make_server):
+    """After a server's shutdown (its clients are told: ``session_closed``), the next
+    ``say`` waited out the client's whole timeout; and a client with nothing to talk to
+    waited 120 s in ``open_session`` whatever its timeout."""
+    from giris.runtime.client import Client
+    from giris.runtime.errors import GirisError, ServerGone
+
+    srv = make_server()
+    c = srv.client(timeout=20.0)
+    s = c.open_session()
+    srv.proc.terminate()
+    srv.proc.wait(30)
+    time.sleep(0.3)  # its session_closed has come
+    t0 = time.monotonic()
+    with pytest.raises(GirisError) as e:
+        s.start_say("hello")
+    assert e.value.code == "session_closed" and "shutdown" in str(e.value)
+    s.close()  # closed already: nothing to wait for
+    assert time.monotonic() - t0 < 1.0
+    with Client(srv.endpoint, timeout=2.0) as lonely:  # no server there any more
+        t0 = time.monotonic()
+        with pytest.raises(ServerGone):
+            lonely.open_session()
+        assert time.monotonic() - t0 < 10
+
+
 def test_say_holds_a_few_frames_not_the_whole_video(make_server, tmp_path):
     """The renderer outruns the H.264 encoder: every frame of a long text waited in the
     ``giris say`` process (1.8 GB for 2,000 characters at 512²). Its frames are read
