@@ -98,6 +98,34 @@ def test_jaw_open_changes_the_mouth_not_the_corners(engine, session, neutral):
     assert box_diff(out, neutral, lm[6:11], 4) > 5
 
 
+def test_p_b_m_seal_lips_parted_at_rest(engine):
+    """The portrait smiles with its teeth showing: a /p b m/ (mouthClose) must bring its
+    lips together. The warp alone only squashed the teeth between them (teeth still
+    showing at 16 of 20 bilabials in a user audit); the lips are drawn meeting now."""
+    s = engine.open_session({"size": 512})
+    try:
+        lm = s.rest_px[:68]
+        pp = {"jawOpen": 0.04, "mouthClose": 0.6, "mouthPressLeft": 0.45, "mouthPressRight": 0.45}
+        still = np.zeros((512, 512, 3), np.uint8)
+        sealed = still.copy()
+        engine.render(s, row(), still)
+        engine.render(s, row(**pp), sealed)
+        # the middle of the gap between the inner lips, at three columns
+        pts = [(0.5 * (lm[a] + lm[b])).round().astype(int) for a, b in ((61, 67), (62, 66), (63, 65))]
+        teeth = [still[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).min(1).mean() for x, y in pts]
+        now = [sealed[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3) for x, y in pts]
+        assert min(teeth) > 150  # the premise: teeth (bright, all channels high) at rest
+        lips = [np.median(still[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3), 0)
+                for x, y in ((0.5 * (lm[51] + lm[62])).round().astype(int),
+                             (0.5 * (lm[57] + lm[66])).round().astype(int))]
+        for patch in now:  # lip-coloured now: red above the others, far from the teeth
+            mean = patch.astype(np.float32).mean(0)
+            assert mean.min() < min(teeth) - 40, mean
+            assert min(np.abs(mean - lips[0]).mean(), np.abs(mean - lips[1]).mean()) < 35, (mean, lips)
+    finally:
+        engine.close_session(s)
+
+
 def test_blink_changes_the_eyes(engine, session, neutral):
     out = frame(engine, session, eyeBlinkLeft=1.0, eyeBlinkRight=1.0)
     lm = session.rig.landmarks

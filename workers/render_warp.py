@@ -74,6 +74,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 RING_CENTER = (0.0, -0.35)
 RING_RADII = (2.25, 2.6)
 
+#: mouthClose at which a portrait's parted lips are drawn sealed (/p b m/ peak at ~0.35-0.6
+#: after coarticulation)
+CLOSE_SEAL = 1.8
 UPPER_IN = [60, 61, 62, 63, 64]
 LOWER_IN = [60, 67, 66, 65, 64]
 EYES = {  # ARKit side: (upper chain, lower chain) from outer to inner corner
@@ -157,6 +160,7 @@ class WarpSession:
     taper: np.ndarray                    # (G, 1)
     rest_px: np.ndarray                  # (P, 2) rest positions of the rig's moving points
     lid_rgb: dict[str, np.ndarray]       # eyelid skin colour per side
+    lip_rgb: tuple[np.ndarray, np.ndarray] | None  # upper, lower lip colour (lips parted at rest)
     mouth_rest_gap: float                # portrait's own inner-lip opening, pixels
     colour: float = 1.0                  # how colourful the face is: 0 (a gray photo) .. 1
     nbytes: int = 0  # held in all (measured at open)
@@ -353,6 +357,15 @@ class WarpRenderEngine(RenderEngine):
             lid_rgb[side] = (np.median(patch, 0) if len(patch) else np.array([180, 140, 120])).astype(np.float32)
 
         gap = _chain_gap(lm)
+        lip_rgb = None
+        if gap > max(1.5, 0.03 * iod):  # parted at rest (a smile showing teeth): /p b m/ seal it
+            def lip(outer: list[int], inner: list[int]) -> np.ndarray:
+                p = 0.5 * (lm[outer] + lm[inner])
+                r = max(1, int(round(0.02 * iod)))
+                px = [image[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1].reshape(-1, 3)
+                      for x, y in np.round(p).astype(int)]
+                return np.median(np.concatenate(px), 0).astype(np.float32)
+            lip_rgb = (lip([50, 51, 52], [61, 62, 63]), lip([58, 57, 56], [67, 66, 65]))
         # the mouth interior is drawn in colours: in a black-and-white (or faded) portrait
         # as gray (or as faded) as the face around it, not a red mouth in a gray face
         fx0, fy0 = np.maximum(np.floor(lm.min(0)).astype(int), 0)
@@ -367,7 +380,7 @@ class WarpRenderEngine(RenderEngine):
                            anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper,
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
                            centers64=centers64,
-                           rest_px=rest_px, lid_rgb=lid_rgb, mouth_rest_gap=gap, colour=colour, nbytes=nbytes,
+                           rest_px=rest_px, lid_rgb=lid_rgb, lip_rgb=lip_rgb, mouth_rest_gap=gap, colour=colour, nbytes=nbytes,
                            device_nbytes=device_nbytes)
 
     @classmethod
@@ -510,6 +523,9 @@ class WarpRenderEngine(RenderEngine):
         iod = state.rig.iod
         lm = targets[:68]
         _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]), state.colour)
+        close = float(row[INDEX["mouthClose"]])
+        if state.lip_rgb is not None and close > 0.02:
+            _seal(out, lm, iod, min(1.0, close * CLOSE_SEAL), state.lip_rgb)
         for side, (upper, lower) in EYES.items():
             b = float(row[INDEX[f"eyeBlink{side}"]])
             if b > 0.02:
@@ -663,6 +679,44 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
     region = out[y0:y1, x0:x1]
     blended = region.astype(np.float32)
     blended += (col - blended) * alpha[..., None]
+    np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+
+
+def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float,
+          lips: tuple[np.ndarray, np.ndarray]) -> None:
+    """Draw parted lips meeting (``f`` 0 .. 1 of the way), for /p b m/ on a portrait whose
+    lips are apart at rest: a smooth warp cannot close a gap (the teeth between the lips
+    were only squashed), so the lips are drawn over it, as the eyelids are on a blink."""
+    p0, p1 = lm[60], lm[64]
+    ax, nrm, length = _frame(p0, p1)
+    if length < 2:
+        return
+    box = _box(np.concatenate([lm[UPPER_IN], lm[LOWER_IN]]), 1.5, out.shape)
+    if box is None:
+        return
+    u, v = _local(box, p0, ax, nrm)
+    uu, vu = _chain(lm[UPPER_IN], p0, ax, nrm)
+    ul, vl = _chain(lm[LOWER_IN], p0, ax, nrm)
+    v_up = np.interp(u, uu, vu).astype(np.float32)
+    v_lo = np.maximum(np.interp(u, ul, vl).astype(np.float32), v_up)
+    f = f * f * (3 - 2 * f)
+    meet = v_up + 0.45 * (v_lo - v_up)
+    # the lips grow from their edges towards the meeting line, all the way at f = 1
+    reach_up = v_up + f * (meet - v_up) + 0.5
+    reach_lo = v_lo - f * (v_lo - meet) - 0.5
+    a_up = np.clip(reach_up - v + 0.5, 0, 1) * np.clip(v - v_up + 1.0, 0, 1)
+    a_lo = np.clip(v - reach_lo + 0.5, 0, 1) * np.clip(v_lo - v + 1.0, 0, 1)
+    side = np.clip(u + 0.5, 0, 1) * np.clip(length - u + 0.5, 0, 1)
+    a = np.maximum(a_up, a_lo) * side * min(1.0, f / 0.2)
+    if not a.any():
+        return
+    col = np.where((v < meet)[..., None], lips[0][None, None, :], lips[1][None, None, :])
+    seam = max(0.8, 0.015 * iod)
+    col = col * (1.0 - 0.35 * f * np.clip(1 - np.abs(v - meet) / seam, 0, 1))[..., None]
+    x0, y0, x1, y1 = box
+    region = out[y0:y1, x0:x1]
+    blended = region.astype(np.float32)
+    blended += (col - blended) * a[..., None]
     np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
 
 
