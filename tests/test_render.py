@@ -182,6 +182,26 @@ def test_a_chin_on_the_frame_edge_drops_out_of_it_whole(engine):
         engine.close_session(s)
 
 
+def test_hair_on_the_top_edge_is_not_smeared_as_the_head_goes_down(engine):
+    """A portrait cut through the hair: as the head moved down, the flow reached past the
+    top edge and its pixels were repeated in streaks (up to 7 rows in a user audit); the
+    part of the flow pointing out of the frame now fades to 0 at the frame's edges."""
+    rgb = IM.decode_image((ASSETS / "astronaut.png").read_bytes())
+    (points,) = bundled_landmarks().values()
+    top = int(points[19, 1] - 0.9 * np.hypot(*(points[45] - points[36])))
+    cut = np.ascontiguousarray(rgb[max(top, 0):])
+    s = engine.open_session({"avatar": IM.encode_png(cut), "size": SIZE})
+    try:
+        assert s.roi[1] == 0  # the moving region reaches the frame's top
+        down = frame(engine, s, headTy=-0.2, headPitch=0.1)
+        still = frame(engine, s)
+        rows = lambda im: np.abs(np.diff(im[:6].astype(np.int16), axis=0)).mean()  # noqa: E731
+        # streaks are rows that repeat the one above: the picture's own rows differ
+        assert rows(down) > 0.6 * rows(still), (rows(down), rows(still))
+    finally:
+        engine.close_session(s)
+
+
 def test_render_writes_into_a_view_in_place(engine, session, neutral):
     big = np.zeros((2, SIZE, SIZE + 10, 3), np.uint8)
     view = big[1, :, 5:SIZE + 5]           # not contiguous: a strided view into a bigger buffer

@@ -158,6 +158,9 @@ class WarpSession:
     centers64: np.ndarray                # (P+A, 2) rest centres then anchors (float64)
     p_g: np.ndarray                      # (G, 3) [1, u, v] on the grid
     taper: np.ndarray                    # (G, 1)
+    #: (G, 2) twice: how much of a flow component pointing out of the frame (negative,
+    #: positive) is kept, fading to 0 at the frame's own edges
+    out_taper: tuple[np.ndarray, np.ndarray]
     rest_px: np.ndarray                  # (P, 2) rest positions of the rig's moving points
     lid_rgb: dict[str, np.ndarray]       # eyelid skin colour per side
     lip_rgb: tuple[np.ndarray, np.ndarray] | None  # upper, lower lip colour (lips parted at rest)
@@ -339,6 +342,20 @@ class WarpRenderEngine(RenderEngine):
         dy = np.minimum(grid_px[:, 1] - y0 if y0 > 0 else far, (y1 - 1) - grid_px[:, 1] if y1 < size else far)
         q = np.clip(np.minimum(dx, dy) / m, 0, 1)
         taper = (q * q * (3 - 2 * q)).astype(np.float32)[:, None]
+        # at the frame's own edges the flow may pull the picture in (a chin leaving at the
+        # bottom) but not reach past the edge: a sample from beyond it repeats the edge's
+        # pixels in streaks (hair on the top edge smeared as the head went down). The part
+        # pointing out fades to 0 over a reach wider than the head's motion
+        reach = max(m, 1.0 * iod)
+
+        def fade(d: np.ndarray, edge: bool) -> np.ndarray:
+            if not edge:
+                return np.ones(len(d), np.float32)
+            t = np.clip(d / reach, 0, 1)
+            return (t * t * (3 - 2 * t)).astype(np.float32)
+        gx_, gy_ = grid_px[:, 0], grid_px[:, 1]
+        out_taper = (np.stack([fade(gx_, x0 == 0), fade(gy_, y0 == 0)], 1),
+                     np.stack([fade(size - 1 - gx_, x1 == size), fade(size - 1 - gy_, y1 == size)], 1))
 
         image = prep.image
         src = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(torch.float32)[None]
@@ -377,7 +394,7 @@ class WarpRenderEngine(RenderEngine):
         nbytes = device_nbytes + image.nbytes + k_ga.nbytes + system.nbytes + grid_px.nbytes * 3
         return WarpSession(spec=spec, size=size, image=image, rig=rig, device=self.device, src=src,
                            roi=(x0, y0, x1, y1), gh=gh, gw=gw, grid_px=grid_px, grid_n=grid_n,
-                           anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper,
+                           anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper, out_taper=out_taper,
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
                            centers64=centers64,
                            rest_px=rest_px, lid_rgb=lid_rgb, lip_rgb=lip_rgb, mouth_rest_gap=gap, colour=colour, nbytes=nbytes,
@@ -441,6 +458,7 @@ class WarpRenderEngine(RenderEngine):
         flow += state.k_ga @ sol[n_m:n]
         flow += state.p_g @ sol[n:]
         flow *= state.taper
+        flow *= np.where(flow < 0, state.out_taper[0], state.out_taper[1])
         coords = state.grid_px + flow
         coords *= 2.0 / (state.size - 1)
         coords -= 1.0
