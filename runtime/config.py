@@ -191,7 +191,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     if stages:
         cfg.stages = {}
         for name, sc in stages.items():
-            sc = dict(_table(sc, f"stages.{name}"))
+            sc = dict(_table(sc, f"stages.{name}"))  # a copy: sizes are parsed in it
             if "pool_slot_bytes" in sc:
                 sc["pool_slot_bytes"] = parse_bytes(sc["pool_slot_bytes"])
             cfg.stages[name] = _fill(StageConfig, sc, f"stages.{name}")
@@ -247,8 +247,7 @@ def _table(value: Any, where: str) -> Mapping[str, Any]:
 
 
 def _fill(cls: type, values: Any, where: str) -> Any:
-    if not isinstance(values, Mapping):
-        raise ValueError(f"[{where}] must be a table")
+    _table(values, where)
     if cls is StageConfig and "engine" not in values:
         raise ValueError(f"[{where}] needs an engine (e.g. engine = \"warp\"; the giris.engines entry points)")
     kinds = {f.name: str(f.type) for f in fields(cls)}
