@@ -20,6 +20,7 @@ class MetricsHooks:
         for stage in cfg.stage_names():  # a 0 from the start: rate() and alerts need a first sample
             self.m.stage_restarts.labels(stage=stage)
         self.next_refresh = 0.0
+        self._devices: set[str] = set()  # every device a gauge was published for
 
     def serve(self, host: str, port: int) -> tuple[int, Callable[[], None]]:
         return self.m.serve(host, port)
@@ -51,6 +52,8 @@ class MetricsHooks:
         for pool in sup.pools.pools.values():
             self.m.set_pool_in_use(pool.name.rsplit("-", 1)[-1], pool.in_use())
         used = sup.registry.usage()
-        for dev in sorted(set(used) | set(sup.config.budgets)):
+        # a device nobody holds anything on any more reads 0, not its last figure
+        self._devices |= set(used) | set(sup.config.budgets)
+        for dev in sorted(self._devices):
             self.m.set_budget(dev, used.get(dev, 0), sup.config.budgets.get(dev))
         self.m.set_workers([(w.stage, w.state) for w in sup.workers])

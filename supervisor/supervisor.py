@@ -308,9 +308,11 @@ class Supervisor:
             delay = None                          # configuration, which retries will not change
         log.warning("stage exited", extra={"stage": w.stage, "pid": pid, "code": code, "hung": hung,
                                             "restart_in": delay})
-        if self.metrics is not None:
+        if self.metrics is not None and delay is not None:  # a restart is what it counts
             self.metrics.on_restart(w.stage)
         if delay is None:
+            log.error("stage failed: not restarted, the server is degraded",
+                      extra={"stage": w.stage, "restarts": w.restarts, "code": code})
             w.state = FAILED
             self.delivery.stage_failed(w)
         else:

@@ -234,9 +234,16 @@ def test_hung_stage_is_killed_and_restarted(make_server):
 
 
 def test_crash_looping_stage_is_marked_failed_and_server_stays_up(make_server):
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port for the metrics
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     srv = make_server({"stages": small_stages(motion={"engine": "test-relay",
                                                      "options": {"crash_on_start": True}}),
-                       "restart": {"backoff_initial": 0.05, "backoff_max": 0.1, "max_restarts": 2}},
+                       "restart": {"backoff_initial": 0.05, "backoff_max": 0.1, "max_restarts": 2},
+                       "server": {"metrics_port": port}},
                       wait=False)
     st = srv.wait_serving(timeout=60)
     deadline = time.monotonic() + 30
@@ -251,6 +258,10 @@ def test_crash_looping_stage_is_marked_failed_and_server_stays_up(make_server):
         srv.clients[0].open_session()
     assert "motion" in str(e.value)
     assert srv.status()["state"] == "degraded"  # still answering, and saying why it cannot serve
+    # the metric counts restarts, as status does (it counted the last exit too, not restarted)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'giris_stage_restarts_total{stage="motion"} 2.0' in text
+    assert "error" in srv.logs() and "stage failed: not restarted" in srv.logs()
 
 
 def test_budget_refuses_the_session_that_would_exceed_it_with_figures(make_server):
