@@ -292,15 +292,17 @@ class WarpRenderEngine(RenderEngine):
         w, h = x1 - x0, y1 - y0
         if w < 16 or h < 16:
             raise EngineError("the face is too close to the image edge to animate", code="bad_image")
+        # which of the box's sides (left, top, right, bottom) the frame itself cuts
+        cut_l, cut_t, cut_r, cut_b = x0 == 0, y0 == 0, x1 == size, y1 == size
 
         # anchors (the flow is 0 there): the box's inner edges, and the ring inside the
         # anchors' box. Where the box stops at the frame's edge the anchors' box goes on
         # out to the ring, as if the picture went on: anchors on the frame's last row held
         # it still and a chin there, pulled down as the jaw opened, was pinched into a notch
-        ax0 = x0 if x0 > 0 else min(0, int(lo[0]))
-        ay0 = y0 if y0 > 0 else min(0, int(lo[1]))
-        ax1 = x1 if x1 < size else max(size, int(hi[0]))
-        ay1 = y1 if y1 < size else max(size, int(hi[1]))
+        ax0 = min(0, int(lo[0])) if cut_l else x0
+        ay0 = min(0, int(lo[1])) if cut_t else y0
+        ax1 = max(size, int(hi[0])) if cut_r else x1
+        ay1 = max(size, int(hi[1])) if cut_b else y1
         per_side = 7
         edge = []
         for s in np.linspace(0, 1, per_side):
@@ -338,24 +340,20 @@ class WarpRenderEngine(RenderEngine):
         # (per grid point: a box that is the whole frame has no inner edge at all, and
         # every distance stays infinite; scalars here broke the CUDA/whole-frame path)
         far = np.full(len(grid_px), np.inf, np.float32)
-        dx = np.minimum(grid_px[:, 0] - x0 if x0 > 0 else far, (x1 - 1) - grid_px[:, 0] if x1 < size else far)
-        dy = np.minimum(grid_px[:, 1] - y0 if y0 > 0 else far, (y1 - 1) - grid_px[:, 1] if y1 < size else far)
-        q = np.clip(np.minimum(dx, dy) / m, 0, 1)
-        taper = (q * q * (3 - 2 * q)).astype(np.float32)[:, None]
+        dx = np.minimum(far if cut_l else grid_px[:, 0] - x0, far if cut_r else (x1 - 1) - grid_px[:, 0])
+        dy = np.minimum(far if cut_t else grid_px[:, 1] - y0, far if cut_b else (y1 - 1) - grid_px[:, 1])
+        taper = _smoothstep(np.minimum(dx, dy) / m).astype(np.float32)[:, None]
         # at the frame's own edges the flow may pull the picture in (a chin leaving at the
         # bottom) but not reach past the edge: a sample from beyond it repeats the edge's
         # pixels in streaks (hair on the top edge smeared as the head went down). The part
         # pointing out fades to 0 over a reach wider than the head's motion
         reach = max(m, 1.0 * iod)
 
-        def fade(d: np.ndarray, edge: bool) -> np.ndarray:
-            if not edge:
-                return np.ones(len(d), np.float32)
-            t = np.clip(d / reach, 0, 1)
-            return (t * t * (3 - 2 * t)).astype(np.float32)
+        def fade(d: np.ndarray, cut: bool) -> np.ndarray:
+            return _smoothstep(d / reach).astype(np.float32) if cut else np.ones(len(d), np.float32)
         gx_, gy_ = grid_px[:, 0], grid_px[:, 1]
-        out_taper = (np.stack([fade(gx_, x0 == 0), fade(gy_, y0 == 0)], 1),
-                     np.stack([fade(size - 1 - gx_, x1 == size), fade(size - 1 - gy_, y1 == size)], 1))
+        out_taper = (np.stack([fade(gx_, cut_l), fade(gy_, cut_t)], 1),
+                     np.stack([fade(size - 1 - gx_, cut_r), fade(size - 1 - gy_, cut_b)], 1))
 
         image = prep.image
         src = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(torch.float32)[None]
@@ -368,19 +366,15 @@ class WarpRenderEngine(RenderEngine):
         for side, brow in (("Right", [18, 19, 20]), ("Left", [23, 24, 25])):
             up = EYES[side][0][1:3]
             p = 0.6 * lm[up].mean(0) + 0.4 * lm[brow].mean(0)
-            r = max(1, int(round(0.05 * iod)))
-            cx, cy = int(round(p[0])), int(round(p[1]))
-            patch = image[max(0, cy - r):cy + r + 1, max(0, cx - r):cx + r + 1].reshape(-1, 3)
+            patch = _patch(image, p, max(1, int(round(0.05 * iod))))
             lid_rgb[side] = (np.median(patch, 0) if len(patch) else np.array([180, 140, 120])).astype(np.float32)
 
         gap = _chain_gap(lm)
         lip_rgb = None
         if gap > max(1.5, 0.03 * iod):  # parted at rest (a smile showing teeth): /p b m/ seal it
             def lip(outer: list[int], inner: list[int]) -> np.ndarray:
-                p = 0.5 * (lm[outer] + lm[inner])
                 r = max(1, int(round(0.02 * iod)))
-                px = [image[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1].reshape(-1, 3)
-                      for x, y in np.round(p).astype(int)]
+                px = [_patch(image, q, r) for q in 0.5 * (lm[outer] + lm[inner])]
                 return np.median(np.concatenate(px), 0).astype(np.float32)
             lip_rgb = (lip([50, 51, 52], [61, 62, 63]), lip([58, 57, 56], [67, 66, 65]))
         # the mouth interior is drawn in colours: in a black-and-white (or faded) portrait
@@ -652,8 +646,7 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
     strength = (gap - rest_gap) / (0.07 * iod)
     if strength <= 0.0:
         return
-    strength = min(strength, 1.0)
-    strength = strength * strength * (3 - 2 * strength)
+    strength = float(_smoothstep(strength))
     up, lo = lm[UPPER_IN], lm[LOWER_IN]
     p0, p1 = lm[60], lm[64]
     ax, nrm, length = _frame(p0, p1)
@@ -693,6 +686,23 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
     if colour < 1.0:
         gray = (col @ _LUMA)[..., None]
         col = gray + (col - gray) * colour
+    _blend(out, box, col, alpha)
+
+
+def _smoothstep(t: Any) -> Any:
+    """0 below 0, 1 above 1, smooth (zero slope at both ends) between."""
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _patch(image: np.ndarray, p: np.ndarray, r: int) -> np.ndarray:
+    """The pixels (n, 3) of the square of radius ``r`` about ``p``, clipped to the image."""
+    cx, cy = int(round(float(p[0]))), int(round(float(p[1])))
+    return image[max(0, cy - r):cy + r + 1, max(0, cx - r):cx + r + 1].reshape(-1, 3)
+
+
+def _blend(out: np.ndarray, box: tuple[int, int, int, int], col: np.ndarray, alpha: np.ndarray) -> None:
+    """Lay ``col`` (float, the box's shape) over ``out``'s ``box`` by ``alpha``, in place."""
     x0, y0, x1, y1 = box
     region = out[y0:y1, x0:x1]
     blended = region.astype(np.float32)
@@ -717,7 +727,7 @@ def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float,
     ul, vl = _chain(lm[LOWER_IN], p0, ax, nrm)
     v_up = np.interp(u, uu, vu).astype(np.float32)
     v_lo = np.maximum(np.interp(u, ul, vl).astype(np.float32), v_up)
-    f = f * f * (3 - 2 * f)
+    f = float(_smoothstep(f))
     meet = v_up + 0.45 * (v_lo - v_up)
     # the lips grow from their edges towards the meeting line, all the way at f = 1
     reach_up = v_up + f * (meet - v_up) + 0.5
@@ -731,11 +741,7 @@ def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float,
     col = np.where((v < meet)[..., None], lips[0][None, None, :], lips[1][None, None, :])
     seam = max(0.8, 0.015 * iod)
     col = col * (1.0 - 0.35 * f * np.clip(1 - np.abs(v - meet) / seam, 0, 1))[..., None]
-    x0, y0, x1, y1 = box
-    region = out[y0:y1, x0:x1]
-    blended = region.astype(np.float32)
-    blended += (col - blended) * a[..., None]
-    np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    _blend(out, box, col, a)
 
 
 def _eyelid(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, blink: float, iod: float,
@@ -771,8 +777,4 @@ def _eyelid(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, blink: float,
     lash_w = max(0.8, 0.028 * iod)
     lash = np.clip(1 - np.abs(v - (v_lid - 0.4 * lash_w)) / lash_w, 0, 1) * min(1.0, f * 1.5)
     col = col + (np.array([45, 32, 30], np.float32) - col) * (0.85 * lash)[..., None]
-    x0, y0, x1, y1 = box
-    region = out[y0:y1, x0:x1]
-    blended = region.astype(np.float32)
-    blended += (col - blended) * a[..., None]
-    np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    _blend(out, box, col, a)
