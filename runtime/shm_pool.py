@@ -290,11 +290,7 @@ def clean_stale(prefix: str = "giris-") -> list[str]:
     """
     removed = []
     for path in SHM_DIR.glob(prefix + "*"):
-        parts = path.name.split("-")
-        if len(parts) < 3 or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid == os.getpid() or pid_alive(pid):
+        if not left_by_the_dead(path.name):
             continue
         try:
             path.unlink()
@@ -302,6 +298,16 @@ def clean_stale(prefix: str = "giris-") -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def left_by_the_dead(name: str) -> bool:
+    """Whether ``name`` is ``giris-<pid>-…`` of a process that is gone (not this one): what
+    a supervisor makes carries its pid so a later start can tell what was left behind."""
+    parts = name.split("-")
+    if len(parts) < 3 or parts[0] != "giris" or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 def pid_alive(pid: int) -> bool:

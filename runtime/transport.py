@@ -119,18 +119,15 @@ def clean_stale_dirs(base: str | None = None) -> list[str]:
     import stat
     import tempfile
 
-    from giris.runtime.shm_pool import pid_alive
+    from giris.runtime.shm_pool import left_by_the_dead
 
     root = _runtime_root(base) or tempfile.gettempdir()
     removed = []
     for entry in os.scandir(root):
-        parts = entry.name.split("-")
-        if len(parts) < 3 or parts[0] != "giris" or not parts[1].isdigit():
+        if not left_by_the_dead(entry.name):
             continue
-        pid = int(parts[1])
         try:
-            if (not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid()
-                    or pid == os.getpid() or pid_alive(pid)):
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
                 continue
             if not all(stat.S_ISSOCK(os.lstat(f.path).st_mode) for f in os.scandir(entry.path)):
                 continue  # not only sockets: not a run dir of ours, leave it
