@@ -182,9 +182,6 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
                     section[key] = parse_bytes(section[key])
             setattr(cfg, name, _fill(type(getattr(cfg, name)), section, name))
     cfg.budgets = {str(k): parse_bytes(v) for k, v in _table(data.get("budgets", {}), "budgets").items()}
-    for device, n in cfg.budgets.items():
-        if n < 0:
-            raise ValueError(f"[budgets] {device} must be ≥ 0 bytes, not {n}")
     if "defaults" in data:
         cfg.defaults.update(_table(data["defaults"], "defaults"))
     stages = _table(data.get("stages", {}), "stages")
@@ -198,12 +195,6 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     else:
         cfg.stages = default_stages(cfg.limits.max_size)
     _check_ranges(cfg)
-    if not 0 <= cfg.server.metrics_port <= 65535:
-        raise ValueError(f"[server] metrics_port must be 0 (off) or a port in 1..65535, "
-                         f"not {cfg.server.metrics_port}")
-    if cfg.timeouts.worker_heartbeat >= cfg.timeouts.worker_timeout:
-        raise ValueError("[timeouts] worker_heartbeat must be below worker_timeout (a worker "
-                         "beating less often than it is waited for is killed as hung)")
     if cfg.server.launcher not in ("fork", "spawn"):
         raise ValueError("server.launcher must be 'fork' or 'spawn'")
     for name, sc in cfg.stages.items():
@@ -219,8 +210,8 @@ _SCALARS: dict[str, tuple[Any, str]] = {"int": (int, "an integer"), "float": ((i
 
 
 def _check_ranges(cfg: "Config") -> None:
-    """Numbers that only make sense positive (a negative idle timeout closed every session
-    as it opened, after a SIGHUP reload took it live)."""
+    """Numbers out of their range, in one place (a negative idle timeout closed every
+    session as it opened, after a SIGHUP reload took it live)."""
     for section in ("timeouts", "limits", "restart"):
         for f in fields(getattr(cfg, section)):
             v = getattr(getattr(cfg, section), f.name)
@@ -228,6 +219,15 @@ def _check_ranges(cfg: "Config") -> None:
             zero_ok = f.name in ("max_restarts", "live_capacity")
             if not (v >= 0 if zero_ok else v > 0):
                 raise ValueError(f"[{section}] {f.name} must be {'≥ 0' if zero_ok else '> 0'}, not {v!r}")
+    if cfg.timeouts.worker_heartbeat >= cfg.timeouts.worker_timeout:
+        raise ValueError("[timeouts] worker_heartbeat must be below worker_timeout (a worker "
+                         "beating less often than it is waited for is killed as hung)")
+    if not 0 <= cfg.server.metrics_port <= 65535:
+        raise ValueError(f"[server] metrics_port must be 0 (off) or a port in 1..65535, "
+                         f"not {cfg.server.metrics_port}")
+    for device, n in cfg.budgets.items():
+        if n < 0:
+            raise ValueError(f"[budgets] {device} must be ≥ 0 bytes, not {n}")
     if cfg.limits.min_size > cfg.limits.max_size:
         raise ValueError("[limits] min_size must not exceed max_size")
     if cfg.restart.backoff_max < cfg.restart.backoff_initial:
