@@ -197,6 +197,7 @@ class Delivery:
         for rec in self.sup.registry:
             for utt in list(rec.utterances.values()):
                 if utt.interrupted and now - utt.last_progress > lost_after:
+                    self.count_error("utterance_lost")
                     self.utterance_done(rec, utt, complete=False, lost=True)
                 elif utt.ended_at is not None:
                     self.maybe_done(rec, utt, now)
@@ -260,10 +261,22 @@ class Delivery:
                 utt.last_progress = time.monotonic()
 
     def stage_restarted(self, w: "WorkerHandle") -> None:
+        source = self.sup.workers and self.sup.workers[0] is w
         for rec in self.sup.registry:
             self.send(rec, P.event("stage_restarted", session=rec.token, stage=w.stage,
                                    restarts=w.restarts, last_frame=rec.last_frame,
                                    interrupted=sorted(rec.utterances)))
+            if not source:
+                continue
+            for utt in list(rec.utterances.values()):
+                # The text of a say whose audio had not ended died with the first stage:
+                # nothing more of it can come, so it ends now, not after ``lost_after``
+                # (its client waited 5 s for nothing). The stages behind drop what they
+                # hold of it.
+                if utt.interrupted and utt.from_text and P.AUDIO not in utt.finals:
+                    self.sup.gateway.stop_stages(rec, utt.id)
+                    self.count_error("utterance_lost")
+                    self.utterance_done(rec, utt, complete=False, lost=True)
 
     def stage_failed(self, w: "WorkerHandle") -> None:
         err = StageFailed(f"stage {w.stage} crashed {w.restarts + 1} times and was given up",
@@ -271,6 +284,7 @@ class Delivery:
         for rec in self.sup.registry:
             self.sup.gateway.to(rec.client, P.error(err, session=rec.token))
             for utt in list(rec.utterances.values()):
+                self.count_error("stage_failed")
                 self.utterance_done(rec, utt, complete=False, error="stage_failed")
 
     def count_error(self, code: str) -> None:

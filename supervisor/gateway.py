@@ -305,7 +305,7 @@ class Gateway:
         if msg.meta.get("trace") is True:  # stamps of each process on the way (same-host clocks)
             meta["trace"] = [["gateway", time.monotonic()]]
         utt = self.new_utterance(rec)
-        utt.closed_input = True
+        utt.closed_input = utt.from_text = True
         meta["utterance"] = utt.id
         send(self.sup.first_stage_socket(), P.Message(P.SAY, session=rec.token, seq=utt.id, meta=meta))
         self.reply(rec.client, msg.meta.get("req"), session=rec.token, utterance=utt.id)

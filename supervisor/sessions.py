@@ -31,6 +31,9 @@ class Utterance:
     cancelled: bool = False
     #: its input ended (a say, or audio_in with final): no more audio may join it
     closed_input: bool = False
+    #: a ``say``: its text is with the first stage, and lost with it if that stage dies
+    #: before its audio ended (``audio_in`` goes on: its client sends the rest)
+    from_text: bool = False
     #: when the last stage's final frame (or mark) came; the utterance is done once the
     #: client streams from earlier stages (audio, coefficients) have ended too
     ended_at: float | None = None

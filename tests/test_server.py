@@ -149,6 +149,41 @@ def test_sigkill_of_a_stage_mid_stream_restarts_it_and_the_session_goes_on(make_
     assert out["frames"][0][0] > (indexes[-1] if indexes else -1)
 
 
+def test_a_say_cut_by_a_tts_crash_ends_when_tts_is_back_and_is_counted(make_server):
+    """The text of a say dies with the tts that was speaking it: once tts is back the
+    utterance ends, ``lost``, with no wait for ``lost_after`` (30 s here), the stages
+    behind drop the rest of it, the loss is counted in the errors metric, and the
+    session's next say is whole."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    srv = make_server({"timeouts": {"lost_after": 30.0}, "server": {"metrics_port": port}})
+    s = srv.client().open_session()
+    tts = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "tts")
+    killed_at = None
+    items = []
+    for item in s.say(" ".join(["SLOW"] * 40), timeout=60):
+        items.append(item)
+        if isinstance(item, Frame):
+            item.release()
+            if killed_at is None and item.index >= 4:
+                os.kill(tts, signal.SIGKILL)
+                killed_at = time.monotonic()
+    ended = time.monotonic() - killed_at
+    done = items[-1]
+    assert done.kind == "utterance_done" and done.meta.get("lost") is True and not done.meta["complete"]
+    assert ended < 10.0, ended
+    kinds = [i.kind for i in items if isinstance(i, Event)]
+    assert kinds.index("stage_restarted") < len(kinds) - 1
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'giris_errors_total{code="utterance_lost"} 1.0' in text
+    out = collect(s, "after restart")
+    assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
+
+
 def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server):
     """Workers (first ones and restarted ones) come from the launcher, which preloaded
     their engines; if the launcher itself dies, its workers die with it and come back as
