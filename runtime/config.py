@@ -13,6 +13,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from giris.runtime.errors import BadInput
+from giris.runtime.spec import check_keys, check_values
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -230,6 +233,11 @@ def _check_ranges(cfg: "Config") -> None:
             raise ValueError(f"[budgets] {device} must be ≥ 0 bytes, not {n}")
     if cfg.limits.min_size > cfg.limits.max_size:
         raise ValueError("[limits] min_size must not exceed max_size")
+    try:  # a bad default made a server on which every session open failed
+        check_keys(cfg.defaults)
+        check_values(dict(cfg.defaults), cfg.limits)
+    except BadInput as e:
+        raise ValueError(f"[defaults] {e}") from None
     if cfg.restart.backoff_max < cfg.restart.backoff_initial:
         raise ValueError("[restart] backoff_max must not be below backoff_initial")
     for name, sc in cfg.stages.items():

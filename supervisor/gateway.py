@@ -8,7 +8,6 @@ unknown.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import zmq
 
 from giris.runtime import protocol as P
 from giris.runtime.errors import BadInput, GirisError, LimitExceeded, ProtocolError, StageFailed
+from giris.runtime.spec import SPEC_KEYS, check_keys, check_values, number
 from giris.runtime.transport import ipc_path, send
 from giris.supervisor.outbox import CLIENT_HWM, Outbox
 from giris.supervisor.sessions import SessionRecord, Utterance
@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("giris.gateway")
 
-SPEC_KEYS = {"avatar_name", "voice", "emotion", "intensity", "fps", "size", "rate", "realtime",
-             "zero_copy", "want", "seed", "playout_delay"}
-WANTS = {"audio", "coeffs", "frames"}
 
 
 class Gateway:
@@ -239,45 +236,20 @@ class Gateway:
         sup.fan_out(control(True), estimated)
 
     def validate_spec(self, raw: Any) -> dict[str, Any]:
-        limits = self.sup.config.limits
-        if not isinstance(raw, dict):
-            raise BadInput("spec must be a map")
-        unknown = set(raw) - SPEC_KEYS
-        if unknown:
-            raise BadInput(f"unknown session option(s): {', '.join(sorted(map(str, unknown)))}")
+        check_keys(raw)
         spec = dict(self.sup.config.defaults)
         spec.update({k: v for k, v in raw.items() if v is not None})
-        fps = _number(spec, "fps", 1, limits.max_fps)
-        size = _number(spec, "size", limits.min_size, limits.max_size)
-        if size != int(size) or int(size) % 2:
-            raise BadInput("size must be an even integer")
-        spec["size"], spec["fps"] = int(size), fps
-        _number(spec, "intensity", 0.0, 1.0)
-        if "rate" in spec:
-            _number(spec, "rate", *P.RATE_RANGE)
-        _number(spec, "playout_delay", *P.PLAYOUT_DELAY_RANGE)
-        for key in ("emotion", "voice", "avatar_name"):
-            if key in spec and not isinstance(spec[key], str):
-                raise BadInput(f"{key} must be a string")
+        check_values(spec, self.sup.config.limits)
         offers = self.sup.offers()
         want = spec.get("want", ["audio", "frames"] if offers is None or "frames" in offers else offers)
-        if not isinstance(want, list) or not all(type(w) is str and w in WANTS for w in want):
-            raise BadInput(f"want must be a list drawn from {sorted(WANTS)}")
         missing = [w for w in want if offers is not None and w not in offers]
         if missing:
             raise BadInput(f"this server's pipeline ({' → '.join(self.sup.config.stage_names())}) makes "
                            f"no {', '.join(missing)}; it offers {', '.join(offers) or 'nothing'}",  # type: ignore[arg-type]
                            offers=offers)
         spec["want"] = list(want)
-        for key in ("realtime", "zero_copy"):
-            spec[key] = spec.get(key, False)
-            if type(spec[key]) is not bool:
-                raise BadInput(f"{key} must be true or false")
         if spec["zero_copy"] and self.sup.endpoint.startswith("tcp://"):
             spec["zero_copy"] = False  # a remote client cannot map our pool: inline bytes
-        seed = spec.get("seed")
-        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
-            raise BadInput(f"seed must be an integer in 0..2^63-1, got {seed!r}")
         return spec
 
     def say(self, rec: SessionRecord, msg: P.Message) -> None:
@@ -297,9 +269,9 @@ class Gateway:
             if msg.meta.get(key) is not None:
                 meta[key] = msg.meta[key]
         if "intensity" in meta:
-            _number(meta, "intensity", 0.0, 1.0)
+            number(meta, "intensity", 0.0, 1.0)
         if "rate" in meta:
-            _number(meta, "rate", *P.RATE_RANGE)
+            number(meta, "rate", *P.RATE_RANGE)
         if "emotion" in meta and not isinstance(meta["emotion"], str):
             raise BadInput("emotion must be a string")
         if msg.meta.get("trace") is True:  # stamps of each process on the way (same-host clocks)
@@ -425,13 +397,6 @@ def _utterance(msg: P.Message) -> int | None:
 
 def _plain(v: Any) -> bool:
     return v is None or isinstance(v, (int, str))
-
-
-def _number(d: dict, key: str, lo: float, hi: float) -> float:
-    v = d.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise BadInput(f"{key} must be a number in {lo:g}..{hi:g}, got {v!r}")
-    return float(v)
 
 
 def _first_error(replies: dict[str, dict]) -> dict | None:

@@ -28,6 +28,7 @@ from giris.supervisor.process import BACKOFF, FAILED, READY, STARTING, STOPPED, 
 from giris.supervisor.restart import RestartPolicy
 from giris.supervisor.launcher import Launcher
 from giris.supervisor.sessions import SessionRegistry
+from giris.workers.registry import known_engines
 
 log = logging.getLogger("giris.supervisor")
 #: what a stage's engine may be (``Engine.stage`` of the four base classes)
@@ -76,7 +77,12 @@ class Supervisor:
         cfg = self.config
         if not cfg.stages:
             raise GirisError("no stages configured", code="bad_config")
+        known = known_engines()
         for name, sc in cfg.stages.items():  # before anything is made that would need undoing
+            if sc.engine not in known:  # (a worker that cannot load it left a server
+                # "degraded" for good, never ready for systemd)
+                raise GirisError(f"stages.{name}.engine: unknown engine {sc.engine!r}; known: "
+                                 f"{', '.join(known)}", code="bad_config")
             if sc.device != "cpu":
                 try:
                     visible_device(sc.device, os.environ.get("CUDA_VISIBLE_DEVICES"))

@@ -158,6 +158,11 @@ def test_a_config_value_of_the_wrong_type_is_named():
     ({"stages": {"tts": {"engine": "piper", "cpus": "1"}}}, "cpus must be a list of CPU numbers"),
     ({"stages": {"tts": {"engine": "piper", "options": "x"}}}, "options must be a table"),
     ({"timeouts": {"worker_heartbeat": 20, "worker_timeout": 1}}, "worker_heartbeat must be below"),
+    ({"defaults": {"fps": 0}}, "[defaults] fps must be a number in 1..60"),
+    ({"defaults": {"size": 4000}}, "[defaults] size must be a number in 128..1024"),
+    ({"defaults": {"emotions": "happy"}}, "[defaults] unknown session option(s): emotions"),
+    ({"defaults": {"emotion": 3}}, "[defaults] emotion must be a string"),
+    ({"defaults": {"want": ["video"]}}, "[defaults] want must be a list drawn from"),
 ])
 def test_config_shapes_and_ranges_are_named_at_load(data, said):
     """These went through as a TypeError traceback, a bind() OverflowError, a worker crash
@@ -170,12 +175,18 @@ def test_config_shapes_and_ranges_are_named_at_load(data, said):
     assert said in str(e.value)
 
 
-def test_a_bad_device_or_log_level_is_one_line(tmp_path: Path):
+def test_a_bad_device_engine_or_log_level_is_one_line(tmp_path: Path):
     cfg = tmp_path / "tpu.toml"
     cfg.write_text('[stages.render]\nengine = "warp"\ndevice = "tpu"\n')
     r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "bad device 'tpu'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # an engine no worker can load: it left a "degraded" server, never ready for systemd
+    cfg.write_text('[stages.render]\nengine = "nope"\n')
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg),
+                        "--endpoint", f"ipc://{tmp_path}/gw.sock"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "stages.render.engine: unknown engine 'nope'; known:" in r.stderr, r.stderr
+    assert "warp" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "--log-level", "bogus", "status"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid choice: 'BOGUS'" in r.stderr and "Traceback" not in r.stderr

@@ -18,15 +18,19 @@ BUILTIN = {
 }
 
 
+def known_engines() -> list[str]:
+    """Every engine name this install can load (cheap: nothing is imported)."""
+    return sorted({ep.name for ep in entry_points(group="giris.engines")} | set(BUILTIN))
+
+
 def engine_class(name: str) -> type:
     """Load the engine class registered as ``name`` (third parties add entry points)."""
-    target = None
     for ep in entry_points(group="giris.engines"):
         if ep.name == name:
             return ep.load()
     target = BUILTIN.get(name)
     if target is None:
-        known = sorted({ep.name for ep in entry_points(group="giris.engines")} | set(BUILTIN))
-        raise GirisError(f"unknown engine {name!r}; known: {', '.join(known)}", code="unknown_engine")
+        raise GirisError(f"unknown engine {name!r}; known: {', '.join(known_engines())}",
+                         code="unknown_engine")
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
