@@ -102,6 +102,10 @@ class RestartConfig:
     #: more than this many crashes within window seconds marks the stage failed
     max_restarts: int = 5
     window: float = 60.0
+    #: a stage marked failed after a crash loop is tried again this long after (with a
+    #: fresh series of restarts): what made it crash may have passed (a GPU another
+    #: process had filled, a model file being replaced); 0 = never
+    failed_retry: float = 120.0
 
 
 @dataclass
@@ -219,7 +223,7 @@ def _check_ranges(cfg: "Config") -> None:
         for f in fields(getattr(cfg, section)):
             v = getattr(getattr(cfg, section), f.name)
             # max_restarts 0: a stage that crashes is failed at once; live_capacity 0: no limit
-            zero_ok = f.name in ("max_restarts", "live_capacity")
+            zero_ok = f.name in ("max_restarts", "live_capacity", "failed_retry")
             if not (v >= 0 if zero_ok else v > 0):
                 raise ValueError(f"[{section}] {f.name} must be {'≥ 0' if zero_ok else '> 0'}, not {v!r}")
     if cfg.timeouts.worker_heartbeat >= cfg.timeouts.worker_timeout:

@@ -66,6 +66,10 @@ class WorkerHandle:
     started_at: float = 0.0
     last_beat: float = 0.0
     restart_at: float = 0.0
+    #: when it was marked failed, and whether trying it again later may help (not when
+    #: its engine refused its configuration)
+    failed_at: float = 0.0
+    retryable: bool = True
     beat: dict[str, Any] = field(default_factory=dict)
     identity: bytes = b""
     last_exit: int | None = None

@@ -291,6 +291,17 @@ class Supervisor:
             elif w.state == BACKOFF and now >= w.restart_at and not self.stopping:
                 w.restarts += 1
                 w.spawn()
+            elif w.state == FAILED and self._retry_due(w, now):
+                log.warning("retrying failed stage", extra={"stage": w.stage, "failed_s": round(now - w.failed_at, 1)})
+                w.policy.reset()  # a fresh series of restarts before it is failed again
+                w.restarts += 1
+                w.spawn()
+
+    def _retry_due(self, w: WorkerHandle, now: float) -> bool:
+        """A failed stage is started again ``restart.failed_retry`` s after it failed: a
+        server left degraded for good served nobody until someone restarted it by hand."""
+        retry = self.config.restart.failed_retry
+        return w.retryable and retry > 0 and now >= w.failed_at + retry and not self.stopping
 
     def on_worker_exit(self, w: WorkerHandle, code: int | None, now: float, hung: bool = False) -> None:
         pid = w.pid
@@ -310,16 +321,20 @@ class Supervisor:
             w.state = STOPPED
             return
         delay = w.policy.record_crash(now)
-        if code == os.EX_CONFIG and not w.kind:  # never started: its engine refuses its
-            delay = None                          # configuration, which retries will not change
+        refused = code == os.EX_CONFIG and not w.kind  # never started: its engine refuses
+        if refused:                                    # its configuration, which retries
+            delay = None                               # will not change
         log.warning("stage exited", extra={"stage": w.stage, "pid": pid, "code": code, "hung": hung,
                                             "restart_in": delay})
         if self.metrics is not None and delay is not None:  # a restart is what it counts
             self.metrics.on_restart(w.stage)
         if delay is None:
+            retry = self.config.restart.failed_retry
             log.error("stage failed: not restarted, the server is degraded",
-                      extra={"stage": w.stage, "restarts": w.restarts, "code": code})
+                      extra={"stage": w.stage, "restarts": w.restarts, "code": code,
+                             "retry_in": retry if retry > 0 and not refused else None})
             w.state = FAILED
+            w.failed_at, w.retryable = now, not refused
             self.delivery.stage_failed(w)
         else:
             w.state = BACKOFF

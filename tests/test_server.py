@@ -299,6 +299,30 @@ def test_crash_looping_stage_is_marked_failed_and_server_stays_up(make_server):
     assert "error" in srv.logs() and "stage failed: not restarted" in srv.logs()
 
 
+def test_a_failed_stage_is_tried_again_after_failed_retry_and_the_server_serves(make_server, tmp_path):
+    """A stage failed by a crash loop is started again ``failed_retry`` s later: once
+    what made it crash has passed, the server serves again on its own (it stayed
+    degraded until someone restarted it)."""
+    flag = tmp_path / "crash-while-this-exists"
+    flag.touch()
+    srv = make_server({"stages": small_stages(motion={"options": {"crash_on_start": str(flag)}}),
+                       "restart": {"backoff_initial": 0.05, "backoff_max": 0.1, "max_restarts": 1,
+                                   "failed_retry": 1.5}}, wait=False)
+    srv.wait_serving(timeout=60)
+    assert eventually(lambda: srv.status()["state"] == "degraded", timeout=30)
+    with pytest.raises(StageFailed):
+        srv.clients[0].open_session()
+    # while the cause holds, each retry fails it again: degraded, not a tight crash loop
+    time.sleep(2.0)
+    motion = next(w for w in srv.status()["workers"] if w["stage"] == "motion")
+    assert 2 <= motion["restarts"] <= 6, motion
+    flag.unlink()
+    assert eventually(lambda: srv.status()["state"] == "serving", timeout=30), srv.logs()
+    assert "retrying failed stage" in srv.logs()
+    out = collect(srv.client().open_session(), "back again")
+    assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
+
+
 def test_budget_refuses_the_session_that_would_exceed_it_with_figures(make_server):
     mb = 1024 * 1024
     srv = make_server({"stages": small_stages(render={"options": {"estimate_bytes": 100 * mb}}),

@@ -4,7 +4,8 @@
 ``HANG`` stops it answering, ``SLOW`` makes each chunk take ``slow_s``.
 ``test-relay`` (coeffs or motion): audio -> one row per frame (jawOpen = loudness);
 coefficients pass through. ``test-frames`` (render): frames whose pixels encode jawOpen.
-Option ``crash_on_start`` makes any of them die while loading (a crash loop), ``load_s``
+Option ``crash_on_start`` makes any of them die while loading (a crash loop; a path: while
+that file exists), ``load_s``
 makes loading take that long, ``open_s`` opening a session (``test-frames``);
 ``estimate_bytes`` sets what a session is said to cost on ``estimate_device``;
 ``preload_s`` makes the launcher's preload take that long, ``preload_claims_cuda`` makes
@@ -33,7 +34,8 @@ class _Misbehaving:
             torch.cuda.is_initialized = lambda: True
 
     def _setup(self, options: Mapping[str, Any]) -> None:
-        if options.get("crash_on_start"):
+        crash = options.get("crash_on_start")
+        if crash is True or isinstance(crash, str) and os.path.exists(crash):
             os._exit(17)
         time.sleep(float(options.get("load_s", 0.0)))  # a model that takes a while to load
         self.estimate_bytes = int(options.get("estimate_bytes", 0))
