@@ -66,7 +66,7 @@ def _name(name: str) -> None:
 class Launcher:
     """The supervisor's handle on the launcher process."""
 
-    def __init__(self, timeout: float = 60.0) -> None:
+    def __init__(self, timeout: float = 60.0, wait: bool = True) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, GIRIS_LAUNCHER_FD=str(theirs.fileno()))
         # OpenBLAS sizes its (spinning) thread pool when numpy is imported, from the CPUs
@@ -92,7 +92,9 @@ class Launcher:
         self.forking = True
         self._next = 0
         self._ready = False
-        if not self._await(lambda: self._ready, timeout):
+        # (not waiting: spawn requests queue on the socket until it reads them; a
+        # replacement started from the supervisor's loop must not hold the loop up)
+        if wait and not self._await(lambda: self._ready, timeout):
             self.close()
             raise RuntimeError("the launcher did not start")
 
@@ -114,8 +116,10 @@ class Launcher:
 
     def pump(self, timeout: float = 0.0) -> None:
         """Read what the launcher said (exits, replies), waiting up to ``timeout`` s."""
-        self.sock.settimeout(timeout if timeout > 0 else 0.0)
+        if self.sock.fileno() < 0:  # closed: it died and was replaced
+            return
         try:
+            self.sock.settimeout(timeout if timeout > 0 else 0.0)
             while True:
                 data = self.sock.recv(PACKET)
                 if not data:  # the launcher is gone

@@ -33,6 +33,8 @@ from giris.workers.registry import known_engines
 log = logging.getLogger("giris.supervisor")
 #: what a stage's engine may be (``Engine.stage`` of the four base classes)
 STAGE_KINDS = frozenset({"tts", "coeffs", "motion", "render"})
+#: launcher deaths within a minute after which no new one is started
+LAUNCHER_DEATHS = 3
 
 
 @dataclass
@@ -151,6 +153,32 @@ class Supervisor:
             log.warning("no launcher: each worker starts a fresh interpreter", extra={"error": str(e)})
             return None
 
+    def check_launcher(self, now: float) -> None:
+        """A launcher that died (and its workers with it) is replaced, so the restarted
+        workers are forked again (~0.75 s) and not fresh interpreters (~3.8 s, torch and
+        dlib loaded anew). One that keeps dying (say an engine's preload crashes it) is
+        given up after ``LAUNCHER_DEATHS`` in a minute: workers start fresh from then on."""
+        old = self.launcher
+        if old is None or old.alive or self.stopping:
+            return
+        code = old.proc.poll()
+        old.close()
+        self._launcher_deaths = [t for t in getattr(self, "_launcher_deaths", []) if now - t < 60.0] + [now]
+        if len(self._launcher_deaths) >= LAUNCHER_DEATHS:
+            log.error("launcher keeps dying: workers start as fresh interpreters from now on",
+                      extra={"code": code, "deaths": len(self._launcher_deaths)})
+            new = None
+        else:
+            log.warning("launcher died, starting a new one", extra={"code": code, "pid": old.proc.pid})
+            try:
+                new = Launcher(wait=False)
+            except (OSError, RuntimeError) as e:
+                log.error("no new launcher: workers start as fresh interpreters", extra={"error": str(e)})
+                new = None
+        self.launcher = new
+        for w in self.workers:
+            w.launcher = new
+
     def wait_ready(self, timeout: float) -> bool:
         """Run the loop until every stage is ready or failed (so start-up is observable)."""
         deadline = time.monotonic() + timeout
@@ -208,6 +236,7 @@ class Supervisor:
     def tick(self) -> None:
         now = time.monotonic()
         self.loop_beat = now
+        self.check_launcher(now)
         self.check_workers(now)
         self.gateway.tick(now)
         self.gateway.outbox.flush()  # what waits for a client goes before anything newer

@@ -186,9 +186,9 @@ def test_a_say_cut_by_a_tts_crash_ends_when_tts_is_back_and_is_counted(make_serv
 
 def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server):
     """Workers (first ones and restarted ones) come from the launcher, which preloaded
-    their engines; if the launcher itself dies, its workers die with it and come back as
-    fresh interpreters, and the server serves on. With ``launcher = "spawn"`` they are
-    the server's own children."""
+    their engines; if the launcher itself dies, its workers die with it, a new launcher
+    is started (logged) and they come back forked from it, and the server serves on.
+    With ``launcher = "spawn"`` they are the server's own children."""
     srv = make_server()
     server = psutil.Process(srv.proc.pid)
     workers = {w["stage"]: w["pid"] for w in srv.status()["workers"]}
@@ -202,7 +202,10 @@ def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server)
     launcher.kill()
     assert eventually(lambda: all(w["state"] == "ready" and w["pid"] not in workers.values()
                                   and w["pid"] != render for w in srv.status()["workers"]), timeout=30)
-    assert {psutil.Process(w["pid"]).ppid() for w in srv.status()["workers"]} == {server.pid}
+    pids = {w["pid"] for w in srv.status()["workers"]}
+    (second,) = [p for p in server.children() if p.pid not in pids]
+    assert second.pid != launcher.pid and "launcher died, starting a new one" in srv.logs()
+    assert {psutil.Process(pid).ppid() for pid in pids} == {second.pid}
     out = collect(srv.client().open_session(), "still here")
     assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
 
