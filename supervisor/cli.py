@@ -286,8 +286,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hooks = ServiceHooks.create(cfg)
     sup = Supervisor(cfg, notifier=hooks.notifier, metrics=hooks.metrics,
                      log_level=args.log_level, log_json=args.log_json)
-    signal.signal(signal.SIGTERM, lambda *_: sup.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: sup.request_stop())
+    stopped_by: list[int] = []
+
+    def stop(sig: int, _frame: Any) -> None:
+        stopped_by.append(sig)
+        sup.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda *_: hooks.request_reload())
     if os.environ.get("GIRIS_TEST_HOOKS") == "1":
         # Tests only: SIGUSR2 blocks the supervisor loop for 3 s (its threads run on), to
@@ -304,7 +310,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         sup.shutdown()
         hooks.close()
-    return 0
+    # SIGTERM is how a service is stopped: 0. Ctrl-C is an interruption: 130, as a shell
+    # reports it (a script running `giris serve` can tell the two apart)
+    return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
 
 
 # ---------------------------------------------------------------------- status

@@ -64,6 +64,9 @@ class Gateway:
         old = os.umask(0o177)
         try:
             self.sock.bind(endpoint)
+        except zmq.ZMQError as e:  # (it read "cannot connect", from the client's wording)
+            raise GirisError(f"cannot listen on {endpoint}: {e}", code="endpoint_in_use"
+                             if e.errno == zmq.EADDRINUSE else "bad_endpoint") from None
         finally:
             os.umask(old)
         if path:

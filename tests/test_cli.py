@@ -314,6 +314,16 @@ def test_a_second_server_on_a_live_ipc_endpoint_is_refused(make_server, tmp_path
     third = serve_on(first, tmp_path, f"ipc://{plain}")
     _, err = third.communicate(timeout=60)
     assert third.returncode == 2 and "is not a socket" in err and plain.read_text() == "mine"
+    # a tcp port someone holds: said as what it is (it read "cannot connect")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config",
+                            str(first.config_path), "--insecure", "--endpoint", f"tcp://127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"[endpoint_in_use]: cannot listen on tcp://127.0.0.1:{port}: Address already in use" in r.stderr
 
 
 def serve_on(srv, tmp_path, endpoint: str):

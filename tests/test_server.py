@@ -420,6 +420,16 @@ def test_close_idle_and_sigterm_free_everything(make_server):
     assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
+def test_ctrl_c_stops_the_server_cleanly_with_status_130(make_server):
+    """SIGINT (Ctrl-C) stops it as SIGTERM does, but exits 130 as a shell reports an
+    interruption (it exited 0, as a service stopped on purpose)."""
+    srv = make_server()
+    server_pid = srv.proc.pid
+    assert srv.stop(signal.SIGINT) == 130
+    assert shm_segments(server_pid) == []
+    assert "Traceback" not in (srv.tmp / "server.log").read_text()
+
+
 def test_a_client_slow_to_give_frames_back_holds_back_its_own_session_only(make_server):
     """A zero-copy client that keeps its frames: its session stops at its share of the
     render pool (``session_slots``) and fails with ``pool_full`` after ``block_timeout``;
