@@ -302,10 +302,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hooks.reload_from = (args, serve_config)
     try:
         sup.start(wait=False)
-        print(f"giris: serving on {sup.endpoint}", file=sys.stderr, flush=True)
+        _announce(args, "serving on", sup.endpoint)
         if hooks.metrics is not None and hooks.metrics_port:
-            print(f"giris: metrics on http://{cfg.server.metrics_host}:{hooks.metrics_port}/metrics",
-                  file=sys.stderr, flush=True)
+            _announce(args, "metrics on", f"http://{cfg.server.metrics_host}:{hooks.metrics_port}/metrics")
         sup.serve_forever()
     finally:
         sup.shutdown()
@@ -313,6 +312,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # SIGTERM is how a service is stopped: 0. Ctrl-C is an interruption: 130, as a shell
     # reports it (a script running `giris serve` can tell the two apart)
     return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
+
+
+def _announce(args: argparse.Namespace, what: str, where: str) -> None:
+    """Where the server listens, whatever the log level (a person or a script waits for
+    it); under ``--log-json`` a JSON line like every other."""
+    if args.log_json:
+        line = json.dumps({"ts": round(time.time(), 3), "level": "info", "logger": "giris.cli",
+                           "event": what, "url": where})
+    else:
+        line = f"giris: {what} {where}"
+    print(line, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- status

@@ -35,7 +35,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from typing import Any, Callable
 
 log = logging.getLogger("giris.launcher")
@@ -66,9 +65,11 @@ def _name(name: str) -> None:
 class Launcher:
     """The supervisor's handle on the launcher process."""
 
-    def __init__(self, timeout: float = 60.0, wait: bool = True) -> None:
+    def __init__(self, timeout: float = 60.0, wait: bool = True, log_level: str = "WARNING",
+                 log_json: bool = False) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ, GIRIS_LAUNCHER_FD=str(theirs.fileno()))
+        env = dict(os.environ, GIRIS_LAUNCHER_FD=str(theirs.fileno()),
+                   GIRIS_LAUNCHER_LOG=json.dumps([log_level, log_json]))
         # OpenBLAS sizes its (spinning) thread pool when numpy is imported, from the CPUs
         # it may use then: the launcher's, all of them. A worker pinned to one CPU after
         # the fork would run that many spinning threads on it (frames 5x slower, measured).
@@ -235,7 +236,8 @@ def _preload(entry: dict[str, Any]) -> None:
     try:
         engine_class(entry["engine"]).preload(entry.get("options") or {})
     except Exception as e:  # noqa: BLE001 - the worker itself will say what is wrong
-        print(f"giris launcher: preloading {entry.get('engine')!r} failed: {e}", file=sys.stderr)
+        log.warning("preloading an engine failed", extra={"engine": entry.get("engine"),
+                                                          "error": f"{type(e).__name__}: {e}"})
 
 
 def _cuda_initialised() -> bool:
@@ -277,7 +279,7 @@ def _child(sock: socket.socket, env: dict[str, str], cpus: list[int] | None, lau
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001
-        traceback.print_exc()
+        log.critical("worker failed", exc_info=True)
     finally:
         try:
             sys.stdout.flush()
@@ -289,6 +291,10 @@ def _child(sock: socket.socket, env: dict[str, str], cpus: list[int] | None, lau
 def main() -> None:
     die_with_parent()
     _name("giris-launcher")
+    from giris.runtime.logs import setup_logging
+
+    level, as_json = json.loads(os.environ.pop("GIRIS_LAUNCHER_LOG", '["WARNING", false]'))
+    setup_logging(level, as_json)
     sock = socket.socket(fileno=int(os.environ.pop("GIRIS_LAUNCHER_FD")))
     stopping = False
 
@@ -323,8 +329,8 @@ def main() -> None:
                 _preload(req["engine"])
                 preloaded.add(key)
                 if _cuda_initialised():  # a child would inherit a CUDA context it cannot use
-                    print(f"giris launcher: preloading {req['engine'].get('engine')!r} initialised "
-                          "CUDA; new workers start as fresh interpreters", file=sys.stderr)
+                    log.warning("an engine's preload initialised CUDA: new workers start as "
+                                "fresh interpreters", extra={"engine": req["engine"].get("engine")})
                     forking = False  # those forked already run on; this one and the next not
             if not forking:
                 sock.send(json.dumps({"spawned": req["spawn"], "fresh": True}).encode())

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,22 @@ class Pending:
     on_done: Callable[[dict[str, dict]], None]
     deadline: float
     replies: dict[str, dict] = field(default_factory=dict)
+
+
+def exit_reason(code: int | None, hung: bool, refused: bool) -> str:
+    """Why a worker ended, in words for the log (its own log says more)."""
+    if hung:
+        return "hung: killed"
+    if refused:
+        return "its engine refused its configuration"
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    if code == 1:
+        return "failed (see the worker's log line before this)"
+    return f"exited with status {code}"
 
 
 class Supervisor:
@@ -148,7 +165,7 @@ class Supervisor:
         if self.config.server.launcher != "fork":
             return None
         try:
-            return Launcher()
+            return Launcher(log_level=self.log_level, log_json=self.log_json)
         except (OSError, RuntimeError) as e:
             log.warning("no launcher: each worker starts a fresh interpreter", extra={"error": str(e)})
             return None
@@ -171,7 +188,7 @@ class Supervisor:
         else:
             log.warning("launcher died, starting a new one", extra={"code": code, "pid": old.proc.pid})
             try:
-                new = Launcher(wait=False)
+                new = Launcher(wait=False, log_level=self.log_level, log_json=self.log_json)
             except (OSError, RuntimeError) as e:
                 log.error("no new launcher: workers start as fresh interpreters", extra={"error": str(e)})
                 new = None
@@ -354,7 +371,7 @@ class Supervisor:
         if refused:                                    # its configuration, which retries
             delay = None                               # will not change
         log.warning("stage exited", extra={"stage": w.stage, "pid": pid, "code": code, "hung": hung,
-                                            "restart_in": delay})
+                                            "why": exit_reason(code, hung, refused), "restart_in": delay})
         if self.metrics is not None and delay is not None:  # a restart is what it counts
             self.metrics.on_restart(w.stage)
         if delay is None:

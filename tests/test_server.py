@@ -326,6 +326,44 @@ def test_a_failed_stage_is_tried_again_after_failed_retry_and_the_server_serves(
     assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
 
 
+def test_log_json_is_one_object_per_line_even_for_a_worker_crash(tmp_path):
+    """Under ``--log-json`` every line the server and its workers write is a JSON object,
+    a worker's traceback included (it was printed bare), and the supervisor's line on a
+    stage's exit says why it ended."""
+    import json
+
+    from tests.conftest import write_toml
+
+    endpoint = f"ipc://{tmp_path}/gw.sock"
+    cfg = write_toml(tmp_path / "g.toml", {
+        "server": {"endpoint": endpoint}, "defaults": {"size": 64}, "limits": {"min_size": 32},
+        "restart": {"max_restarts": 0, "failed_retry": 0},
+        "stages": small_stages(coeffs={"options": {"raise_on_start": True}})})
+    proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "--log-json", "--log-level",
+                             "INFO", "serve", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        from giris.runtime.client import Client
+
+        with Client(endpoint, timeout=5) as c:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if c.status(timeout=1)["state"] == "degraded":
+                        break
+                except GirisError:
+                    pass
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert any(x["event"] == "serving on" and x["url"] == endpoint for x in lines)
+    crash = next(x for x in lines if x["event"] == "engine failed to start")
+    assert crash["stage"] == "coeffs" and "raise_on_start" in crash["exc"] and "Traceback" in crash["exc"]
+    exited = next(x for x in lines if x["event"] == "stage exited")
+    assert exited["stage"] == "coeffs" and exited["code"] == 1 and "failed" in exited["why"]
+
+
 def test_budget_refuses_the_session_that_would_exceed_it_with_figures(make_server):
     mb = 1024 * 1024
     srv = make_server({"stages": small_stages(render={"options": {"estimate_bytes": 100 * mb}}),

@@ -770,8 +770,19 @@ def main() -> None:
             log.critical("engine cannot start", extra={"stage": spec.get("stage"), "engine": spec.get("engine"),
                                                        "code": e.code, "error": str(e)})
             raise SystemExit(78) from None  # EX_CONFIG
+        except Exception as e:  # noqa: BLE001 - a bug or a broken install: logged as the
+            # rest is (a bare traceback broke --log-json's one object per line)
+            log.critical("engine failed to start", exc_info=True,
+                         extra={"stage": spec.get("stage"), "engine": spec.get("engine"),
+                                "error": f"{type(e).__name__}: {e}"})
+            raise SystemExit(1) from None
         worker.looping = True
-        worker.run()
+        try:
+            worker.run()
+        except Exception as e:  # noqa: BLE001 - the supervisor restarts us
+            log.critical("worker failed", exc_info=True,
+                         extra={"stage": spec.get("stage"), "error": f"{type(e).__name__}: {e}"})
+            raise SystemExit(1) from None
     finally:
         worker.running = False
         worker.shutdown()

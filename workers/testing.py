@@ -5,7 +5,7 @@
 ``test-relay`` (coeffs or motion): audio -> one row per frame (jawOpen = loudness);
 coefficients pass through. ``test-frames`` (render): frames whose pixels encode jawOpen.
 Option ``crash_on_start`` makes any of them die while loading (a crash loop; a path: while
-that file exists), ``load_s``
+that file exists; ``raise_on_start``: raise, as a bug would), ``load_s``
 makes loading take that long, ``open_s`` opening a session (``test-frames``);
 ``estimate_bytes`` sets what a session is said to cost on ``estimate_device``;
 ``preload_s`` makes the launcher's preload take that long, ``preload_claims_cuda`` makes
@@ -37,6 +37,8 @@ class _Misbehaving:
         crash = options.get("crash_on_start")
         if crash is True or isinstance(crash, str) and os.path.exists(crash):
             os._exit(17)
+        if options.get("raise_on_start"):  # a bug: an exception, not a configuration error
+            raise RuntimeError("raise_on_start: a bug while loading")
         time.sleep(float(options.get("load_s", 0.0)))  # a model that takes a while to load
         self.estimate_bytes = int(options.get("estimate_bytes", 0))
         self.estimate_device = str(options.get("estimate_device", "cpu"))
