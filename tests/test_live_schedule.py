@@ -79,7 +79,10 @@ def test_an_utterance_right_after_another_starts_with_its_own_playout_delay(make
     second, stamps = _first_frame_after(s, "three four")  # the first has just played out
     assert first >= 0.29 and second >= 0.29
     gaps = np.diff(stamps)
-    assert len(stamps) == 10 and gaps.min() > 0.03 and gaps.max() < 0.05 * 3  # then paced
+    # then paced (one frame read late by a loaded client shortens the gap after it: the
+    # median gap and the span say paced, a burst would have them near 0)
+    assert len(stamps) == 10 and np.median(gaps) > 0.03 and gaps.max() < 0.05 * 3
+    assert stamps[-1] - stamps[0] > 9 * 0.04 * 0.8
 
 
 def test_live_streams_started_together_get_a_deeper_cushion(make_server):
