@@ -203,7 +203,13 @@ def test_chunked_equals_unchunked(coeffs_engine):
     assert diff[~ahead].max() < 0.02
     assert diff[:, JAW].max() < 0.15
     assert diff.mean() < 0.01
-    assert np.abs(pp[:, 0] - pw[:, 0]).max() < 0.05
+    # loudness is the frame's display interval [k, k + 1) / fps: the frame on screen across
+    # a cut sees only the samples before it (here one voiced sample less: -38 dB, 0.06)
+    across = np.zeros(len(whole), bool)
+    for i in cuts:
+        across[int(phon[i][1] * FPS // SR)] = True
+    assert np.abs(pp[~across, 0] - pw[~across, 0]).max() < 0.05
+    assert np.abs(pp[:, 0] - pw[:, 0]).max() < 0.1
 
 
 def test_chunks_that_carry_the_phonemes_ahead_equal_one_chunk(coeffs_engine):
@@ -498,6 +504,45 @@ def test_mouth_passes_through_the_filter_without_much_lag(motion_engine):
     jaw_in, jaw_out = c[:, JAW], out.tensors[0][:, JAW]
     assert np.corrcoef(jaw_in, jaw_out)[0, 1] > 0.95
     assert np.abs(jaw_out - jaw_in).max() < 0.15
+
+
+@pytest.mark.parametrize("tokens", [
+    [("^", 0.05), ("m", 0.06), ("ˈ", 0.01), ("a", 0.20), (",", 0.40), ("n", 0.06), ("ˈ", 0.01),
+     ("o", 0.16), (".", 0.30), ("$", 0.02)],
+    HELLO_WORLD,
+])
+def test_the_mouth_closes_when_the_sound_stops(motion_engine, tokens):
+    """Speech → pause, through the coeffs and motion stages: a frame on screen from 20 ms
+    after the sound's end (frame k is shown during [k, k + 1) / fps) shows the jaw shut
+    (< 0.05), while the frames on screen during the sound show it open and the next
+    sound's opening is neither late nor far ahead. The jaw used to fall under 0.05 some
+    80-130 ms after the sound (a frame stood for the sound half a frame before it was on
+    screen, a pause reached full dominance a quarter of the way in, and the mouth's 4 Hz
+    One Euro filter halved what was left once a frame)."""
+    c_engine = VisemeEngine({}, EngineContext(stage="coeffs"))
+    pcm, phon = utterance(tokens)
+    _, _, outs = run_coeffs(c_engine, c_engine.open_session({}), [(pcm, phon)])
+    state = motion_engine.open_session({"seed": 1})
+    msg = StageInput(type="coeffs", seq=0, pts=0.0, meta=outs[0].meta, tensors=outs[0].tensors)
+    (out,) = list(motion_engine.process(msg, state))
+    jaw = out.tensors[0][:, JAW]
+    shown = np.arange(len(jaw)) / FPS                        # each frame's first instant on screen
+    spans: list[list[float]] = []                            # sounding stretches, as utterance() makes them
+    for ipa, a, n in phon:
+        if V.viseme_of(ipa) != "sil" or ipa in "ˈˌː":
+            if spans and spans[-1][1] == a / SR:
+                spans[-1][1] = (a + n) / SR
+            else:
+                spans.append([a / SR, (a + n) / SR])
+    assert len(spans) >= 2, "no pause in the test utterance"
+    for (_, end), (nxt, _) in zip(spans[:-1], spans[1:]):
+        shut = (shown >= end + 0.02) & (shown + 1 / FPS <= nxt - 0.06)
+        assert shut.any()
+        assert jaw[shut].max() < 0.05, f"sound ends {end:.3f} s: jaw {np.round(jaw[shut][:4], 3)}"
+        speaking = (shown + 1 / FPS <= end - 0.04) & (shown >= end - 0.12)
+        assert jaw[speaking].min() > 0.2
+        onset = int((nxt + 0.01) * FPS)                    # on screen 10 ms into the sound
+        assert jaw[onset] > 0.1
 
 
 def test_an_utterances_last_frame_shows_the_mouth_at_rest(motion_engine):

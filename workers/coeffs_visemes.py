@@ -21,6 +21,16 @@ Why this design:
   scaled (a /p/ closure is silent yet must be seen). Loudness is RMS over one frame period
   around the frame's instant, in dB relative to a slowly decaying running peak (an
   automatic gain control that works for Piper's normalised audio and for a quiet mic).
+* **A frame's instant is the middle of its display interval.** Frame ``k`` has pts
+  ``k / fps`` and stays on screen until ``(k + 1) / fps``, so it shows the mouth at
+  ``(k + frame_phase) / fps`` (``frame_phase`` 0.5): phonemes are evaluated there and its
+  loudness window is the interval itself. At ``k / fps`` every frame showed the sound of
+  half a frame (20 ms at 25 FPS) earlier than the sound heard while it is on screen, and
+  the mouth closed that much late after speech. The window of a chunk's last frame is
+  cut at the chunk's last sample (the next samples are not here yet).
+* **Pauses close at once.** A pause (``sil``) is at full dominance from its first instant,
+  not from a quarter of the way in like a sound's core: the mouth settles while the sound
+  stops, and the last sound's carry-over alone shapes the release.
 * **Audio-only path** (``phonemes is None``, live ``audio_in``): RMS → openness; spectral
   shape (low-band ratio → voicing, high-band ratio → fricative /s/, spectral centroid →
   rounded vs spread lips) → viseme weights, lightly smoothed. numpy FFT only.
@@ -84,7 +94,8 @@ class VisemeEngine(CoeffsEngine):
     running peak never falls below this, so room noise is not amplified to speech),
     ``dominance_shape`` (1.5: exponent ``c`` of the dominance fall-off ``exp(-(d/reach)^c)``),
     ``close_frames`` (3: frames eased to closed at the end of an utterance),
-    ``smoothing`` (0.5: audio-only weight EMA). Session spec: ``fps`` (25).
+    ``smoothing`` (0.5: audio-only weight EMA), ``frame_phase`` (0.5: where in its display
+    interval ``[k, k + 1) / fps`` frame ``k`` is sampled). Session spec: ``fps`` (25).
     """
 
     def __init__(self, options: Mapping[str, Any], context: EngineContext) -> None:
@@ -100,6 +111,7 @@ class VisemeEngine(CoeffsEngine):
         self.peak_decay_db_s = float(o.get("peak_decay_db_s", 3.0))
         self.close_frames = int(o.get("close_frames", 3))
         self.smoothing = float(o.get("smoothing", 0.5))
+        self.frame_phase = min(max(float(o.get("frame_phase", 0.5)), 0.0), 1.0)
 
     # ---------------------------------------------------------------- sessions
     def open_session(self, spec: Mapping[str, Any]) -> VisemeSession:
@@ -134,13 +146,13 @@ class VisemeEngine(CoeffsEngine):
             self._forget_utterance(state)
         state.sample_rate = sr
         n = len(frames)
-        k = np.arange(frames.start, frames.stop, dtype=np.float64)
-        t = k / fps
+        k = np.arange(frames.start, frames.stop, dtype=np.float64) + self.frame_phase
+        t = k / fps  # the middle of each frame's display interval (module docstring)
         buf = np.concatenate([state.tail, x])
         origin = start_sample - state.tail.shape[0]
-        centers = np.rint(k * sr / fps).astype(np.int64) - origin
         period = max(1, int(round(sr / fps)))
         nfft = 1 << max(6, (period - 1).bit_length())
+        centers = np.rint(k * sr / fps).astype(np.int64) - origin
 
         energy = self._loudness(buf, centers, period, fps, state)
         # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
@@ -183,7 +195,9 @@ class VisemeEngine(CoeffsEngine):
         n = centers.shape[0]
         if n == 0:
             return np.zeros(0)
-        lo = np.clip(centers - period // 2, 0, buf.shape[0])
+        # a chunk's last frame stays on screen into the next chunk, whose samples are not
+        # here yet: its window is cut at the last sample, and keeps a quarter period at least
+        lo = np.clip(np.minimum(centers - period // 2, buf.shape[0] - period // 4), 0, buf.shape[0])
         hi = np.clip(centers + (period - period // 2), 0, buf.shape[0])
         sq = np.empty(buf.shape[0] + 1, np.float32)
         np.multiply(buf, buf, out=sq[:-1])
@@ -264,7 +278,9 @@ class VisemeEngine(CoeffsEngine):
             center, dur = 0.5 * (s0 + s1), s1 - s0
             half = self.core_fraction * 0.5 * dur
             half = np.where(_MUST_SHOW[vis], np.maximum(half, 0.5 / fps), half)
-            ahead = np.maximum((center - half)[None, :] - t[:, None], 0.0)   # segment still to come
+            # a pause is at full dominance from its start: the mouth settles as the sound stops
+            core0 = np.where(vis == V.SIL, s0, center - half)
+            ahead = np.maximum(core0[None, :] - t[:, None], 0.0)             # segment still to come
             after = np.maximum(t[:, None] - (center + half)[None, :], 0.0)   # segment already past
             c = self.shape
             D = dom * np.exp(-(ahead / _REACH_AHEAD[vis]) ** c - (after / _REACH_AFTER[vis]) ** c)

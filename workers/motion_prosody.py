@@ -26,7 +26,14 @@ Why this design:
 * **One Euro filter on every channel** (Casiez et al. 2012): options ``min_cutoff``,
   ``beta``, ``d_cutoff`` for face and head channels; mouth/jaw/viseme channels use
   ``mouth_min_cutoff``/``mouth_beta`` (higher: lip sync must not lag); blink channels
-  bypass it (infinite cutoff) so a 100 ms blink stays crisp.
+  bypass it (infinite cutoff) so a 100 ms blink stays crisp. The mouth is smoothed while
+  it sounds: as the loudness falls below ``mouth_quiet_energy`` (0.3) its minimum cutoff
+  rises towards ``mouth_quiet_cutoff`` (300 Hz, a pass-through at 25 FPS), so the mouth
+  closes when the sound stops. At 4 Hz alone (α ≈ 0.5 a frame at 25 FPS, and the speed
+  term barely helps: its 1 Hz derivative filter takes longer than a closing lasts) the
+  jaw halved once a frame after the coefficients had closed it, still above 0.05 some
+  35 ms later; in silence there is no jitter to smooth, the coefficients already ease to
+  rest by coarticulation.
 """
 from __future__ import annotations
 
@@ -141,7 +148,9 @@ class ProsodyMotionEngine(MotionEngine):
     """Adds head pose, blinks, brow raises and emotion to coefficient frames, smoothed.
 
     Options: ``min_cutoff`` (1.5 Hz), ``beta`` (1.0), ``d_cutoff`` (1.0 Hz) — One Euro for
-    face and head; ``mouth_min_cutoff`` (4.0 Hz), ``mouth_beta`` (2.0) for mouth/jaw/visemes;
+    face and head; ``mouth_min_cutoff`` (4.0 Hz), ``mouth_beta`` (2.0) for mouth/jaw/visemes,
+    ``mouth_quiet_cutoff`` (300 Hz) their minimum cutoff in silence, reached linearly as the
+    loudness falls from ``mouth_quiet_energy`` (0.3) to 0 (0 Hz: no change);
     ``nod_gain`` (0.05 rad per nod), ``brow_gain`` (1.0), ``sway_gain`` (1.0),
     ``nod_refractory_s`` (0.6 s), ``brow_refractory_s`` (2.5 s),
     ``blink_interval_s`` (mean 3.4 s), ``emotion_ramp_s`` (0.3 s).
@@ -159,6 +168,8 @@ class ProsodyMotionEngine(MotionEngine):
         #: frames over which an utterance's end eases the mouth to where the coefficients are
         self.close_frames = max(1, int(o.get("close_frames", 2)))
         self.mouth_beta = float(o.get("mouth_beta", 2.0))
+        self.mouth_quiet_cutoff = float(o.get("mouth_quiet_cutoff", 300.0))
+        self.mouth_quiet_energy = max(float(o.get("mouth_quiet_energy", 0.3)), 1e-6)
         self.nod_gain = float(o.get("nod_gain", 0.05))
         self.brow_gain = float(o.get("brow_gain", 1.0))
         self.sway_gain = float(o.get("sway_gain", 1.0))
@@ -252,7 +263,7 @@ class ProsodyMotionEngine(MotionEngine):
         state.emo = emo[-1].copy()
         out += emo
 
-        filtered = state.filt.filter_block(out, 1.0 / fps)
+        filtered = state.filt.filter_block(out, 1.0 / fps, self._cutoffs(state.filt, energy))
         if meta.get("final"):
             # the utterance's last frame shows the mouth as the coefficients leave it (at
             # rest): the filter lagged a last close made in one step (live audio in 20 ms
@@ -271,6 +282,18 @@ class ProsodyMotionEngine(MotionEngine):
         filtered[:, POSE_SLICE] = np.clip(filtered[:, POSE_SLICE], -POSE_LIMIT, POSE_LIMIT)
         state.last_frame = first_frame + n - 1
         return filtered.astype(np.float32)
+
+    def _cutoffs(self, filt: OneEuroFilter, energy: np.ndarray) -> np.ndarray | None:
+        """Per-frame minimum cutoffs: the mouth's rise towards ``mouth_quiet_cutoff`` as
+        the loudness falls below ``mouth_quiet_energy`` (None: the filter's own)."""
+        if not self.mouth_quiet_cutoff > self.mouth_min_cutoff:
+            return None
+        quiet = 1.0 - np.clip(energy / self.mouth_quiet_energy, 0.0, 1.0)
+        if not quiet.any():
+            return None
+        rows = np.repeat(np.broadcast_to(filt.min_cutoff, (N_CHANNELS,))[None, :], energy.shape[0], axis=0)
+        rows[:, _MOUTH] += quiet[:, None] * (self.mouth_quiet_cutoff - self.mouth_min_cutoff)
+        return rows
 
     # ------------------------------------------------------------------ events
     def _events(self, t: np.ndarray, emphasis: np.ndarray, state: MotionSession

@@ -75,8 +75,11 @@ class OneEuroFilter:
         self.t_prev = t
         return self.filter(x, dt)
 
-    def filter_block(self, xs: np.ndarray, dt: float) -> np.ndarray:
+    def filter_block(self, xs: np.ndarray, dt: float, min_cutoff: np.ndarray | None = None) -> np.ndarray:
         """Filter rows of ``xs`` (n, c) sampled every ``dt`` seconds, in order.
+
+        ``min_cutoff`` (n, c), when given, replaces the filter's own minimum cutoff row by
+        row (a cutoff that follows something other than the signal's speed).
 
         The recursion is sequential in time, so this loops over rows; the channels are
         vectorised and the per-rate constants computed once.
@@ -94,9 +97,10 @@ class OneEuroFilter:
         x_prev, dx_prev = self.x_prev, self.dx_prev
         for i in range(start, xs.shape[0]):
             x = xs[i]
+            mc = self.min_cutoff if min_cutoff is None else min_cutoff[i]
             dx_hat = a_d * ((x - x_prev) / dt) + (1.0 - a_d) * dx_prev
             # r = Te / tau; capped so an infinite cutoff gives alpha == 1.0, not inf/inf
-            r = np.minimum(two_pi_dt * (self.min_cutoff + self.beta * np.abs(dx_hat)), 1e15)
+            r = np.minimum(two_pi_dt * (mc + self.beta * np.abs(dx_hat)), 1e15)
             a = r / (r + 1.0)                                               # = 1/(1 + tau/Te)
             x_prev = a * x + (1.0 - a) * x_prev
             dx_prev = dx_hat
