@@ -559,3 +559,33 @@ def test_an_utterances_last_frame_shows_the_mouth_at_rest(motion_engine):
     # and the next utterance starts from there, not from where the filter was
     nxt = motion_engine.animate(zeros(5), np.zeros((5, 3), np.float32), 21, FPS, state, {"final": False})
     assert nxt[:, JAW].max() < 0.01
+
+
+def test_emphasis_brows_keep_their_size_in_pixels(motion_engine, monkeypatch):
+    """The rig's brow-raise tables grew by BROW_RANGE (room for sad and surprised brows);
+    emphasis raises send 1/BROW_RANGE of the weight and the filter's speed term is scaled
+    to match, so a neutral face moves its brows exactly as before: weight × BROW_RANGE is
+    the old weight, float for float (neutral frames stay byte-identical)."""
+    import giris.workers.motion_prosody as MP
+    from giris.workers.face_rig import BROW_RANGE
+
+    assert BROW_RANGE > 1 and math.log2(BROW_RANGE).is_integer()  # exact scaling
+    n = 120
+    coeffs = zeros(n)
+    coeffs[:, JAW] = np.clip(np.sin(np.arange(n) / 3) * 0.5, 0, 1)
+    prosody = np.zeros((n, 3), np.float32)
+    prosody[:, 0] = 0.5
+    prosody[::9, 2] = 1.0
+
+    def run() -> np.ndarray:
+        s = motion_engine.open_session({"seed": 3})
+        return np.concatenate([motion_engine.animate(coeffs[f:f + 30], prosody[f:f + 30], f, FPS, s, {})
+                               for f in range(0, n, 30)])
+    now = run()
+    monkeypatch.setattr(MP, "BROW_RANGE", 1.0)  # the old units
+    old = run()
+    brows = [INDEX[c] for c in ("browInnerUp", "browOuterUpLeft", "browOuterUpRight")]
+    assert old[:, brows].max() > 0.2  # the premise: the brows did rise
+    assert np.array_equal(now[:, brows] * np.float32(BROW_RANGE), old[:, brows])
+    others = np.setdiff1d(np.arange(N_CHANNELS), brows)
+    assert np.array_equal(now[:, others], old[:, others])

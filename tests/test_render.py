@@ -126,6 +126,116 @@ def test_p_b_m_seal_lips_parted_at_rest(engine):
         engine.close_session(s)
 
 
+def _emotion_row(name: str, intensity: float = 0.6) -> np.ndarray:
+    """The motion stage's offset for an emotion at the default intensity, head pose left
+    out (the face alone is measured)."""
+    from giris.workers.motion_prosody import EMOTIONS
+    return row(**{k: intensity * v for k, v in EMOTIONS[name].items() if not k.startswith("head")})
+
+
+def _shift(a: np.ndarray, b: np.ndarray, p: np.ndarray, r: int = 7, reach: int = 14) -> np.ndarray:
+    """Where the (2r+1)² patch of ``a`` about ``p`` went in ``b`` (dx, dy pixels, y down),
+    by the best sum of squared differences within ``reach``: motion read off the frames."""
+    ga, gb = a.astype(np.float32).mean(-1), b.astype(np.float32).mean(-1)
+    x, y = int(round(float(p[0]))), int(round(float(p[1])))
+    t = ga[y - r:y + r + 1, x - r:x + r + 1]
+    best = (np.inf, 0, 0)
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            e = float(((gb[y + dy - r:y + dy + r + 1, x + dx - r:x + dx + r + 1] - t) ** 2).sum())
+            if e < best[0]:
+                best = (e, dx, dy)
+    return np.array(best[1:], np.float32)
+
+
+def test_emotions_are_visible_at_the_default_intensity(engine):
+    """An audit found emotions barely visible at 512²: the portrait grins at rest and sad
+    and angry still grinned (mouthFrown moved the corners 2 px), brows moved 2-5 px. At the
+    default intensity (0.6) corners and brows must move ≥ 8 px in the rig's targets and
+    ≥ 6 px as read off the rendered frames (the warp spreads a point's motion over its
+    neighbourhood), the right way: sad and angry corners down, happy up and out, sad inner
+    brows up, angry brows down and together, surprised brows up and eyes wider."""
+    s = engine.open_session({"size": 512})
+    try:
+        rest = s.rest_px[:68]
+        still = np.zeros((512, 512, 3), np.uint8)
+        engine.render(s, _emotion_row("neutral"), still)
+        assert np.array_equal(still, s.image)  # neutral: the portrait itself
+        moved, seen = {}, {}
+        for name in ("happy", "sad", "surprised", "angry"):
+            r = _emotion_row(name)
+            moved[name] = s.rig.targets(r)[:68] - rest
+            out = np.zeros_like(still)
+            engine.render(s, r, out)
+            seen[name] = {k: _shift(still, out, rest[k]) for k in (48, 54, 21, 22, 17, 26)}
+            # the background stays put
+            assert np.array_equal(out[:40, :40], still[:40, :40]), name
+
+        def corners_y(e):
+            return float(moved[e][[48, 54], 1].mean()), min(seen[e][48][1], seen[e][54][1])
+
+        def inner_brows_y(e):
+            return float(moved[e][[21, 22], 1].mean()), seen[e][21][1], seen[e][22][1]
+
+        for e in ("sad", "angry"):  # the smile taken out: corners down
+            t, px = corners_y(e)
+            assert t >= 8.0 and px >= 6.0, (e, t, px)
+        # happy: corners up and out
+        h = moved["happy"]
+        assert -h[[48, 54], 1].mean() >= 5.0 and (h[54, 0] - h[48, 0]) / 2 >= 5.0, h[[48, 54]]
+        assert np.hypot(*h[54]) >= 8.0 and np.hypot(*h[48]) >= 8.0
+        for k in (48, 54):
+            assert seen["happy"][k][1] <= -4 and abs(seen["happy"][k][0]) >= 4, seen["happy"][k]
+        # sad: inner brows up; angry: down and together
+        t, a, b = inner_brows_y("sad")
+        assert t <= -8.0 and max(a, b) <= -6, (t, a, b)
+        t, a, b = inner_brows_y("angry")
+        assert t >= 8.0 and min(a, b) >= 6, (t, a, b)
+        assert moved["angry"][22, 0] - moved["angry"][21, 0] <= -4.0  # together
+        # surprised: every brow point up, the eyes wider
+        for k in (17, 21, 22, 26):
+            assert moved["surprised"][k, 1] <= -8.0 and seen["surprised"][k][1] <= -7, k
+        opening = lambda d: float(np.mean(d[[41, 40, 47, 46], 1] - d[[37, 38, 43, 44], 1]))  # noqa: E731
+        assert opening(moved["surprised"]) >= 2.0
+    finally:
+        engine.close_session(s)
+
+
+def test_a_sad_mouth_still_opens_and_seals(engine):
+    """Under an emotion the mouth still follows speech: it opens with the jaw, and a
+    /p b m/ still draws the (smiling portrait's parted) lips together."""
+    s = engine.open_session({"size": 512})
+    try:
+        sad = _emotion_row("sad")
+        lm = s.rig.targets(sad)[:68]
+        rest = np.zeros((512, 512, 3), np.uint8)
+        engine.render(s, sad, rest)
+        pp = sad.copy()
+        for k, v in {"jawOpen": 0.04, "mouthClose": 0.6, "mouthPressLeft": 0.45,
+                     "mouthPressRight": 0.45}.items():
+            pp[INDEX[k]] = v
+        sealed = np.zeros_like(rest)
+        engine.render(s, pp, sealed)
+        pairs = ((61, 67), (62, 66), (63, 65))
+
+        def gap_level(img: np.ndarray, pts: np.ndarray) -> list[float]:
+            """Darkest channel about the middle of the gap between the inner lips: teeth
+            are bright in every channel, lips are not."""
+            mids = [(0.5 * (pts[a] + pts[b])).round().astype(int) for a, b in pairs]
+            return [float(img[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).min(1).mean()) for x, y in mids]
+        teeth, now = gap_level(rest, lm), gap_level(sealed, s.rig.targets(pp)[:68])
+        assert min(teeth) > 170, teeth  # the premise: sad still parts the lips on the teeth
+        for t, n in zip(teeth, now):
+            assert n < t - 35, (teeth, now)
+        opened = sad.copy()
+        opened[INDEX["jawOpen"]] = 0.6
+        out = np.zeros_like(rest)
+        engine.render(s, opened, out)
+        assert box_diff(out, rest, lm[48:68], 2) > 20  # a dark open mouth
+    finally:
+        engine.close_session(s)
+
+
 def test_blink_changes_the_eyes(engine, session, neutral):
     out = frame(engine, session, eyeBlinkLeft=1.0, eyeBlinkRight=1.0)
     lm = session.rig.landmarks

@@ -9,11 +9,12 @@
   (``CHANNEL_MOVES``), written in a face frame (x towards the image's right, i.e. the
   subject's *left*; y up; z towards the viewer; inter-ocular units), rotated into the image
   by the face's roll and scaled to pixels once per session. Eyelid channels are relative to
-  the avatar's own eye opening. Per frame ``targets = rest + Σ w_c · D_c``, plus two
-  couplings that are not linear: ``mouthClose`` closes the lips by the fraction it gives of
-  the gap ``jawOpen`` made, and the upper lid travels only ``BLINK_WARP`` of the way on a
-  blink (the renderer draws the rest of the lid: squashing an eye to nothing with a smooth
-  warp folds the image).
+  the avatar's own eye opening; ``mouthFrown`` to its mouth corners (a portrait smiling at
+  rest frowns by first losing that smile: ``rest_smile``). Per frame
+  ``targets = rest + Σ w_c · D_c``, plus two couplings that are not linear: ``mouthClose``
+  closes the lips by the fraction it gives of the gap ``jawOpen`` made, and the upper lid
+  travels only ``BLINK_WARP`` of the way on a blink (the renderer draws the rest of the lid:
+  squashing an eye to nothing with a smooth warp folds the image).
 * **Extra points.** Besides the 68 landmarks the rig moves a skull arc (forehead, top and
   sides of the head, rigid with the head) and three neck points (a fraction
   ``NECK_FOLLOW`` of the head motion), so hair and neck follow the head smoothly.
@@ -78,6 +79,10 @@ def _sym(moves: dict[int, tuple[float, float, float]]) -> dict[int, tuple[float,
     return {mirror[k]: (-dx, dy, dz) for k, (dx, dy, dz) in moves.items()}
 
 
+def _times(moves: dict[int, tuple[float, float, float]], f: float) -> dict[int, tuple]:
+    return {k: (f * d[0], f * d[1], f * d[2]) for k, d in moves.items()}
+
+
 def _scaled(weights: dict[int, float], d: tuple[float, float, float]) -> dict[int, tuple]:
     return {k: (w * d[0], w * d[1], w * d[2]) for k, w in weights.items()}
 
@@ -96,14 +101,11 @@ _SMILE_L = {54: (0.10, 0.09, -0.03), 64: (0.09, 0.08, -0.03), 53: (0.04, 0.04, -
             52: (0.01, 0.01, 0.0), 56: (0.02, 0.02, 0.0),
             12: (0.02, 0.02, 0.0), 13: (0.02, 0.03, 0.0), 11: (0.01, 0.01, 0.0),
             35: (0.015, 0.01, 0.0), 46: (0.0, 0.025, 0.0), 47: (0.0, 0.02, 0.0)}
-_FROWN_L = {54: (0.02, -0.09, 0.0), 64: (0.02, -0.08, 0.0), 53: (0.01, -0.03, 0.0),
-            55: (0.01, -0.04, 0.0), 63: (0.0, -0.02, 0.0), 65: (0.0, -0.03, 0.0),
-            11: (0.0, -0.01, 0.0), 12: (0.0, -0.01, 0.0)}
 _STRETCH_L = {54: (0.10, -0.03, -0.02), 64: (0.09, -0.02, -0.02), 53: (0.04, -0.005, 0.0),
               55: (0.05, -0.02, 0.0), 63: (0.03, 0.0, 0.0), 65: (0.04, -0.02, 0.0),
               56: (0.02, -0.02, 0.0), 52: (0.01, 0.0, 0.0)}
-_DIMPLE_L = {54: (0.04, 0.0, -0.04), 64: (0.035, 0.0, -0.04), 53: (0.015, 0.0, 0.0),
-             55: (0.015, 0.0, 0.0)}
+_DIMPLE_L = {54: (0.06, 0.01, -0.04), 64: (0.05, 0.01, -0.04), 53: (0.02, 0.005, 0.0),
+             55: (0.02, 0.005, 0.0)}
 _PRESS_L = {52: (0.0, -0.03, 0.0), 53: (0.0, -0.02, 0.0), 56: (0.0, 0.03, 0.0), 55: (0.0, 0.02, 0.0),
             63: (0.0, -0.015, 0.0), 65: (0.0, 0.015, 0.0), 51: (0.0, -0.015, 0.0),
             57: (0.0, 0.015, 0.0), 54: (0.01, 0.0, 0.0)}
@@ -112,12 +114,26 @@ _UPPER_UP_L = {52: (0.0, 0.08, 0.01), 53: (0.0, 0.065, 0.0), 51: (0.0, 0.04, 0.0
 _LOWER_DOWN_L = {56: (0.0, -0.08, 0.01), 55: (0.0, -0.065, 0.0), 57: (0.0, -0.04, 0.0),
                  65: (0.0, -0.07, 0.0), 66: (0.0, -0.035, 0.0), 54: (0.0, -0.01, 0.0),
                  64: (0.0, -0.015, 0.0)}
+#: brow raise tables are written at BROW_RANGE × their first scale: a weight of 1 lifts
+#: the inner brow ~0.24 IOD, room for a sad or surprised face, while the prosody engine's
+#: emphasis raises send 1/BROW_RANGE of their old weights (same pixels, see motion_prosody)
+BROW_RANGE = 2.0  # a power of two: halved weights × doubled tables give the same floats
 _BROW_OUTER_UP_L = {26: (0.01, 0.13, 0.0), 25: (0.0, 0.11, 0.0), 24: (0.0, 0.07, 0.0),
                     23: (0.0, 0.03, 0.0), 45: (0.0, 0.01, 0.0)}
-_BROW_DOWN_L = {22: (-0.03, -0.10, 0.02), 23: (-0.02, -0.09, 0.01), 24: (-0.01, -0.07, 0.0),
-                25: (0.0, -0.05, 0.0), 26: (0.0, -0.03, 0.0), 27: (0.0, -0.01, 0.0)}
+_BROW_INNER_UP = {21: (-0.01, 0.12, 0.0), 22: (0.01, 0.12, 0.0), 20: (0.0, 0.09, 0.0),
+                  23: (0.0, 0.09, 0.0), 19: (0.0, 0.05, 0.0), 24: (0.0, 0.05, 0.0),
+                  18: (0.0, 0.02, 0.0), 25: (0.0, 0.02, 0.0)}
+#: brows down and together (corrugator, angry): the inner end most; the upper lid goes down
+#: a little with it, so the skin between brow and lid is not squashed to a line
+_BROW_DOWN_L = {22: (-0.055, -0.19, 0.02), 23: (-0.04, -0.16, 0.01), 24: (-0.02, -0.12, 0.0),
+                25: (-0.005, -0.08, 0.0), 26: (0.0, -0.05, 0.0), 27: (0.0, -0.02, 0.0),
+                42: (0.0, -0.015, 0.0), 43: (0.0, -0.045, 0.0), 44: (0.0, -0.035, 0.0),
+                45: (0.0, -0.01, 0.0)}
+#: cheeks up (Duchenne smile): cheek and lower lid up, the mouth corners lifted with them
 _CHEEK_SQUINT_L = {46: (0.0, 0.035, 0.0), 47: (0.0, 0.03, 0.0), 45: (0.0, 0.015, 0.0),
-                   13: (0.0, 0.02, 0.0), 14: (0.0, 0.02, 0.0), 54: (0.0, 0.01, 0.0)}
+                   13: (0.0, 0.05, 0.0), 14: (0.0, 0.04, 0.0), 12: (0.0, 0.03, 0.0),
+                   54: (0.02, 0.05, 0.0), 64: (0.02, 0.045, 0.0), 53: (0.01, 0.02, 0.0),
+                   55: (0.01, 0.025, 0.0), 35: (0.005, 0.015, 0.0)}
 _SNEER_L = {35: (0.01, 0.04, 0.0), 34: (0.0, 0.025, 0.0), 53: (0.0, 0.02, 0.0), 52: (0.0, 0.015, 0.0),
             22: (-0.01, -0.03, 0.0)}
 _CHEEK_PUFF = {3: (-0.06, 0.0, 0.02), 4: (-0.07, 0.0, 0.03), 5: (-0.05, 0.0, 0.02),
@@ -126,7 +142,8 @@ _CHEEK_PUFF = {3: (-0.06, 0.0, 0.02), 4: (-0.07, 0.0, 0.03), 5: (-0.05, 0.0, 0.0
                57: (0.0, -0.01, 0.03)}
 
 #: channel → {landmark: (dx, dy, dz)}, face frame, inter-ocular units (see module docstring).
-#: Eyelid channels are filled per session (they scale with the avatar's eye opening).
+#: Eyelid channels are filled per session (they scale with the avatar's eye opening), and
+#: so is mouthFrown (it first undoes the smile the portrait has at rest).
 CHANNEL_MOVES: dict[str, dict[int, tuple[float, float, float]]] = {
     "jawOpen": {**_scaled(_JAW_FOLLOW, (0.0, -0.46, -0.08)),
                 48: (0.03, -0.15, -0.02), 54: (-0.03, -0.15, -0.02),
@@ -151,7 +168,6 @@ CHANNEL_MOVES: dict[str, dict[int, tuple[float, float, float]]] = {
     "mouthLeft": {k: (0.09 if k not in (48, 60, 54, 64) else 0.07, 0.0, 0.0) for k in range(48, 68)},
     "mouthRight": {k: (-0.09 if k not in (48, 60, 54, 64) else -0.07, 0.0, 0.0) for k in range(48, 68)},
     "mouthSmileLeft": _SMILE_L, "mouthSmileRight": _sym(_SMILE_L),
-    "mouthFrownLeft": _FROWN_L, "mouthFrownRight": _sym(_FROWN_L),
     "mouthStretchLeft": _STRETCH_L, "mouthStretchRight": _sym(_STRETCH_L),
     "mouthDimpleLeft": _DIMPLE_L, "mouthDimpleRight": _sym(_DIMPLE_L),
     "mouthPressLeft": _PRESS_L, "mouthPressRight": _sym(_PRESS_L),
@@ -163,13 +179,15 @@ CHANNEL_MOVES: dict[str, dict[int, tuple[float, float, float]]] = {
     "mouthRollUpper": {49: (0.0, -0.04, -0.02), 50: (0.0, -0.05, -0.02), 51: (0.0, -0.05, -0.02),
                        52: (0.0, -0.05, -0.02), 53: (0.0, -0.04, -0.02),
                        61: (0.0, -0.01, -0.02), 62: (0.0, -0.012, -0.02), 63: (0.0, -0.01, -0.02)},
-    "mouthShrugLower": {**{k: (0.0, 0.045, 0.02) for k in _LOWER_LIP},
-                        7: (0.0, 0.02, 0.0), 8: (0.0, 0.03, 0.01), 9: (0.0, 0.02, 0.0)},
+    # chin raiser (pout): the lower lip pushed up, most in the middle
+    "mouthShrugLower": {**{k: (0.0, 0.05, 0.02) for k in _LOWER_LIP},
+                        56: (0.0, 0.07, 0.025), 57: (0.0, 0.075, 0.03), 58: (0.0, 0.07, 0.025),
+                        65: (0.0, 0.065, 0.02), 66: (0.0, 0.07, 0.02), 67: (0.0, 0.065, 0.02),
+                        7: (0.0, 0.03, 0.0), 8: (0.0, 0.045, 0.01), 9: (0.0, 0.03, 0.0)},
     "mouthShrugUpper": {k: (0.0, 0.035, 0.01) for k in _UPPER_LIP},
-    "browInnerUp": {21: (-0.01, 0.12, 0.0), 22: (0.01, 0.12, 0.0), 20: (0.0, 0.09, 0.0),
-                    23: (0.0, 0.09, 0.0), 19: (0.0, 0.05, 0.0), 24: (0.0, 0.05, 0.0),
-                    18: (0.0, 0.02, 0.0), 25: (0.0, 0.02, 0.0)},
-    "browOuterUpLeft": _BROW_OUTER_UP_L, "browOuterUpRight": _sym(_BROW_OUTER_UP_L),
+    "browInnerUp": _times(_BROW_INNER_UP, BROW_RANGE),
+    "browOuterUpLeft": _times(_BROW_OUTER_UP_L, BROW_RANGE),
+    "browOuterUpRight": _sym(_times(_BROW_OUTER_UP_L, BROW_RANGE)),
     "browDownLeft": _BROW_DOWN_L, "browDownRight": _sym(_BROW_DOWN_L),
     "cheekSquintLeft": _CHEEK_SQUINT_L, "cheekSquintRight": _sym(_CHEEK_SQUINT_L),
     "noseSneerLeft": _SNEER_L, "noseSneerRight": _sym(_SNEER_L),
@@ -177,16 +195,50 @@ CHANNEL_MOVES: dict[str, dict[int, tuple[float, float, float]]] = {
 }
 
 
+#: mouthFrown: how far below the lips' midline a frown takes the corners (IOD units), and
+#: how much of a smiling portrait's raised corners count as its smile (above RESTING_CORNER)
+FROWN_DROP = 0.09
+RESTING_CORNER = 0.03
+#: share of the corner's drop each lip point follows (a frown bends the lips as an arch)
+_FROWN_FOLLOW = {54: 1.0, 64: 0.9, 53: 0.4, 55: 0.4, 63: 0.3, 65: 0.3, 52: 0.12, 56: 0.12}
+
+
+def rest_smile(face_xy: np.ndarray) -> float:
+    """How far a portrait's mouth corners sit above a resting mouth's (IOD units, ≥ 0):
+    corners above the midline between the lips (outer and inner centres) by more than
+    ``RESTING_CORNER``. The astronaut grins: ~0.15."""
+    mid = float(np.mean(face_xy[[51, 57, 62, 66], 1]))
+    corner = float(np.mean(face_xy[[48, 54], 1]))
+    return float(np.clip(corner - mid - RESTING_CORNER, 0.0, 0.3))
+
+
+def _frown_moves(smile: float) -> dict[str, dict[int, tuple]]:
+    """mouthFrown relative to the portrait's rest: the corners come down by the smile the
+    portrait has at rest, then ``FROWN_DROP`` below a resting mouth; undoing a smile also
+    narrows the mouth a little. (A fixed drop left a grinning portrait grinning when sad.)"""
+    drop = FROWN_DROP + smile
+    dx = 0.02 - 0.3 * smile
+    left = {k: (w * dx, -w * drop, 0.0) for k, w in _FROWN_FOLLOW.items()}
+    left.update({11: (0.0, -0.1 * drop, 0.0), 12: (0.0, -0.12 * drop, 0.0)})
+    # the smile had lifted the upper lip off the teeth: it comes back down over them
+    # (the middle points, 62 and 51, are in both sides' tables: half in each)
+    for k, f in {63: 0.22, 52: 0.15, 62: 0.5 * 0.25, 51: 0.5 * 0.18}.items():
+        dx, dy, dz = left.get(k, (0.0, 0.0, 0.0))
+        left[k] = (dx, dy - f * smile, dz)
+    return {"mouthFrownLeft": left, "mouthFrownRight": _sym(left)}
+
+
 def _eyelid_moves(gap_l: float, gap_r: float) -> dict[str, dict[int, tuple]]:
     """Eyelid channels scaled by each eye's opening (inter-ocular units)."""
     out: dict[str, dict[int, tuple]] = {}
-    for side, gap, up, lo, brow in (("Left", gap_l, L_EYE_UP, L_EYE_LO, (23, 24, 25)),
-                                    ("Right", gap_r, R_EYE_UP, R_EYE_LO, (20, 19, 18))):
+    for side, gap, up, lo, brow in (("Left", gap_l, L_EYE_UP, L_EYE_LO, (22, 23, 24, 25, 26)),
+                                    ("Right", gap_r, R_EYE_UP, R_EYE_LO, (21, 20, 19, 18, 17))):
         g = max(gap, 0.05)
         out[f"eyeBlink{side}"] = {**{k: (0.0, -BLINK_WARP * g, 0.0) for k in up},
                                   **{k: (0.0, 0.08 * g, 0.0) for k in lo}}
-        out[f"eyeWide{side}"] = {**{k: (0.0, 0.28 * g, 0.0) for k in up},
-                                 **{k: (0.0, 0.025, 0.0) for k in brow}}
+        # eyes wide (surprise): the upper lid up, the brow over it lifted with it
+        out[f"eyeWide{side}"] = {**{k: (0.0, 0.42 * g, 0.0) for k in up},
+                                 **{k: (0.0, 0.06, 0.0) for k in brow}}
         out[f"eyeSquint{side}"] = {**{k: (0.0, 0.25 * g, 0.0) for k in lo},
                                    **{k: (0.0, -0.1 * g, 0.0) for k in up}}
         out[f"eyeLookDown{side}"] = {k: (0.0, -0.15 * g, 0.0) for k in up}
@@ -292,7 +344,7 @@ def fit_rig(landmarks: np.ndarray) -> FaceRig:
 
     gap_r = float(np.mean(face_xy[R_EYE_UP, 1] - face_xy[R_EYE_LO, 1]))
     gap_l = float(np.mean(face_xy[L_EYE_UP, 1] - face_xy[L_EYE_LO, 1]))
-    moves = {**CHANNEL_MOVES, **_eyelid_moves(gap_l, gap_r)}
+    moves = {**CHANNEL_MOVES, **_eyelid_moves(gap_l, gap_r), **_frown_moves(rest_smile(face_xy))}
     basis = np.zeros((N_BLENDSHAPES, 68, 3), np.float32)
     for name, table in moves.items():
         for k, v in table.items():
@@ -304,5 +356,5 @@ def fit_rig(landmarks: np.ndarray) -> FaceRig:
 
 #: the channels the rig moves (others, e.g. eyeLookIn/Out and tongueOut, it ignores)
 def rigged_channels() -> list[str]:
-    names = set(CHANNEL_MOVES) | set(_eyelid_moves(0.2, 0.2))
+    names = set(CHANNEL_MOVES) | set(_eyelid_moves(0.2, 0.2)) | set(_frown_moves(0.0))
     return [n for n in BLENDSHAPES if n in names]

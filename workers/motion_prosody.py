@@ -47,24 +47,30 @@ from giris.workers.bases import MotionEngine
 from giris.workers.coefficients import (BLENDSHAPES, INDEX, N_BLENDSHAPES, N_CHANNELS, POSE_SLICE,
                                         VISEME_SLICE)
 from giris.workers.engine import EngineContext, EngineError
+from giris.workers.face_rig import BROW_RANGE
 from giris.workers.one_euro import OneEuroFilter
 
-#: blendshape (and head pose) offsets at intensity 1.0
+#: blendshape (and head pose) offsets at intensity 1.0. Sized to read at the default
+#: intensity (0.6) on a 512² portrait: mouth corners and brows move ≥ 8 px (~0.12 IOD)
+#: against neutral. Sad and angry take the portrait's own smile out (the rig's mouthFrown
+#: first undoes a smiling rest pose); happy adds to it; surprised lifts the brows and lids.
 EMOTIONS: dict[str, dict[str, float]] = {
     "neutral": {},
-    "happy": {"mouthSmileLeft": 0.55, "mouthSmileRight": 0.55, "cheekSquintLeft": 0.35,
-              "cheekSquintRight": 0.35, "eyeSquintLeft": 0.2, "eyeSquintRight": 0.2,
-              "mouthDimpleLeft": 0.15, "mouthDimpleRight": 0.15, "browInnerUp": 0.05,
+    "happy": {"mouthSmileLeft": 1.0, "mouthSmileRight": 1.0, "cheekSquintLeft": 1.0,
+              "cheekSquintRight": 1.0, "eyeSquintLeft": 0.25, "eyeSquintRight": 0.25,
+              "mouthDimpleLeft": 0.6, "mouthDimpleRight": 0.6, "browInnerUp": 0.05,
               "headPitch": -0.02},
-    "sad": {"mouthFrownLeft": 0.45, "mouthFrownRight": 0.45, "browInnerUp": 0.55,
-            "browDownLeft": 0.1, "browDownRight": 0.1, "mouthShrugLower": 0.2,
+    "sad": {"mouthFrownLeft": 1.0, "mouthFrownRight": 1.0, "browInnerUp": 1.0,
+            "browDownLeft": 0.08, "browDownRight": 0.08, "mouthShrugLower": 0.6,
+            "mouthPressLeft": 0.2, "mouthPressRight": 0.2,
             "eyeLookDownLeft": 0.15, "eyeLookDownRight": 0.15, "eyeSquintLeft": 0.1,
             "eyeSquintRight": 0.1, "headPitch": 0.06},
-    "surprised": {"browInnerUp": 0.6, "browOuterUpLeft": 0.6, "browOuterUpRight": 0.6,
-                  "eyeWideLeft": 0.55, "eyeWideRight": 0.55, "jawOpen": 0.08, "headPitch": -0.03},
-    "angry": {"browDownLeft": 0.6, "browDownRight": 0.6, "eyeSquintLeft": 0.3, "eyeSquintRight": 0.3,
-              "noseSneerLeft": 0.3, "noseSneerRight": 0.3, "mouthPressLeft": 0.2,
-              "mouthPressRight": 0.2, "mouthFrownLeft": 0.15, "mouthFrownRight": 0.15,
+    "surprised": {"browInnerUp": 0.7, "browOuterUpLeft": 0.7, "browOuterUpRight": 0.7,
+                  "eyeWideLeft": 1.0, "eyeWideRight": 1.0, "jawOpen": 0.08, "headPitch": -0.03},
+    "angry": {"browDownLeft": 1.0, "browDownRight": 1.0, "eyeSquintLeft": 0.3, "eyeSquintRight": 0.3,
+              "noseSneerLeft": 0.3, "noseSneerRight": 0.3, "mouthPressLeft": 0.3,
+              "mouthPressRight": 0.3, "mouthFrownLeft": 1.0, "mouthFrownRight": 1.0,
+              "mouthShrugLower": 0.3,
               "headPitch": 0.03},
 }
 _EMOTION_VEC: dict[str, np.ndarray] = {}
@@ -75,6 +81,8 @@ for _name, _offs in EMOTIONS.items():
     _EMOTION_VEC[_name] = _v
 
 _BLINK = (INDEX["eyeBlinkLeft"], INDEX["eyeBlinkRight"])
+#: brow-raise channels: the rig moves them BROW_RANGE × as far per unit as it first did
+_BROW_UP = [INDEX[n] for n in ("browInnerUp", "browOuterUpLeft", "browOuterUpRight")]
 _YAW, _PITCH, _ROLL, _TX, _TY, _TZ = (INDEX[n] for n in ("headYaw", "headPitch", "headRoll",
                                                          "headTx", "headTy", "headTz"))
 _MOUTH = np.zeros(N_CHANNELS, bool)
@@ -204,6 +212,9 @@ class ProsodyMotionEngine(MotionEngine):
         mc = np.where(_MOUTH, self.mouth_min_cutoff, self.min_cutoff)
         beta = np.where(_MOUTH, self.mouth_beta, self.beta)
         mc[list(_BLINK)] = np.inf  # blinks bypass the filter: they must stay crisp
+        # brow weights are 1/BROW_RANGE of what they were for the same pixels: the speed
+        # term scales up by as much, so the filter smooths the brows as it did
+        beta[_BROW_UP] *= BROW_RANGE
         return OneEuroFilter(mc, beta, self.d_cutoff)
 
     # ----------------------------------------------------------------- animate
@@ -250,11 +261,12 @@ class ProsodyMotionEngine(MotionEngine):
         out[:, _TY] -= 0.3 * self.nod_gain * nod
         out[:, _TZ] += 0.02 * speaking
 
-        # brows on emphasis
+        # brows on emphasis (weights over BROW_RANGE: the rig's brow tables are that much
+        # larger, so the raise is as many pixels as before, float for float)
         b = self.brow_gain * np.clip(brow, 0.0, 1.5)
-        out[:, INDEX["browInnerUp"]] += 0.35 * b
-        out[:, INDEX["browOuterUpLeft"]] += 0.25 * b
-        out[:, INDEX["browOuterUpRight"]] += 0.25 * b
+        out[:, INDEX["browInnerUp"]] += (0.35 / BROW_RANGE) * b
+        out[:, INDEX["browOuterUpLeft"]] += (0.25 / BROW_RANGE) * b
+        out[:, INDEX["browOuterUpRight"]] += (0.25 / BROW_RANGE) * b
 
         # emotion, eased towards the target
         target = _EMOTION_VEC[emotion] * intensity
