@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 import numpy as np
 
 from giris.runtime.client import Client, Coefficients, Frame, Item, Session
+from giris.runtime.errors import ServerGone
 
 T = TypeVar("T")
 
@@ -34,8 +35,7 @@ class AsyncSession:
             MAX_WAITERS, thread_name_prefix="giris-aio")
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(fn, *args, **kw))
+        return await asyncio.wrap_future(_submit(self._executor, fn, *args, **kw))
 
     async def start_say(self, text: str, **kw: Any) -> int:
         """Start an utterance; returns its id (see :meth:`Session.start_say`)."""
@@ -75,7 +75,7 @@ class AsyncSession:
         fut: concurrent.futures.Future | None = None
         try:
             while True:
-                fut = self._executor.submit(s._next, utterance, limit)
+                fut = _submit(self._executor, s._next, utterance, limit)
                 msg = await asyncio.wrap_future(fut, loop=loop)
                 fut = None
                 item, done = s._advance(utterance, msg)
@@ -108,6 +108,17 @@ class AsyncSession:
         await self.close()
 
 
+def _submit(executor: concurrent.futures.Executor, fn: Callable[..., T], *args: Any,
+            **kw: Any) -> "concurrent.futures.Future[T]":
+    """``executor.submit``, saying ServerGone once the client is closed (its executor shut
+    down): a call after ``close()`` raised asyncio's RuntimeError "cannot schedule new
+    futures after shutdown", not a GirisError as every other error is."""
+    try:
+        return executor.submit(fn, *args, **kw)
+    except RuntimeError:
+        raise ServerGone("client is closed") from None
+
+
 def _drop_late(session: Session, fut: concurrent.futures.Future) -> None:
     if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
         session.client._drop(fut.result())
@@ -122,8 +133,7 @@ class AsyncClient:
                                                                thread_name_prefix="giris-aio")
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(fn, *args, **kw))
+        return await asyncio.wrap_future(_submit(self._executor, fn, *args, **kw))
 
     async def open_session(self, avatar: Any = None, **kw: Any) -> AsyncSession:
         s = await self._call(self.sync.open_session, avatar, **kw)
