@@ -119,6 +119,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("GIRIS_PROGRESS")))
     try:
         if args.connect:
+            _server_socket(args.connect)
             client = Client(args.connect, server_key=args.server_key, client_keys=args.client_key)
         else:
             from giris.runtime.embed import Runtime
@@ -325,17 +326,23 @@ def _announce(args: argparse.Namespace, what: str, where: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _server_socket(endpoint: str) -> None:
+    """An ipc endpoint with no socket file has no server: say so now, not after the
+    client's timeout (``say --connect`` waited 30 s)."""
+    from giris.runtime.transport import ipc_path
+
+    path = ipc_path(endpoint)
+    if path is not None and not os.path.exists(path):
+        raise GirisError(f"no server at {endpoint} (no socket file {path}; is `giris serve` "
+                         "running, on this endpoint?)", code="server_gone")
+
+
 # ---------------------------------------------------------------------- status
 def cmd_status(args: argparse.Namespace) -> int:
     from giris.runtime.client import Client
-    from giris.runtime.transport import ipc_path
 
     endpoint = args.endpoint or default_endpoint()
-    path = ipc_path(endpoint)
-    if path is not None and not os.path.exists(path):  # say so now, not after the timeout
-        print(f"giris: error [server_gone]: no server at {endpoint} (no socket file {path}; "
-              "is `giris serve` running, on this endpoint?)", file=sys.stderr)
-        return 2
+    _server_socket(endpoint)
     with Client(endpoint, server_key=args.server_key, client_keys=args.client_key,
                 timeout=args.timeout) as c:
         st = c.status(timeout=args.timeout)

@@ -37,6 +37,11 @@ def test_status_of_a_missing_server_fails_cleanly(tmp_path: Path):
     r = giris("status", "--endpoint", f"ipc://{tmp_path}/nobody.sock")
     assert r.returncode == 2
     assert "server_gone" in r.stderr and "no socket file" in r.stderr and "Traceback" not in r.stderr
+    # so does `say --connect` (it waited out the client's 30 s)
+    t0 = time.monotonic()
+    r = giris("say", "hi", "-o", str(tmp_path / "x.mp4"), "--connect", f"ipc://{tmp_path}/nobody.sock")
+    assert r.returncode == 2 and time.monotonic() - t0 < 20
+    assert "server_gone" in r.stderr and "no socket file" in r.stderr and "Traceback" not in r.stderr
     # a tcp endpoint nobody answers: after the timeout
     r = giris("status", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "1")
     assert r.returncode == 2
