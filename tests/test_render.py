@@ -705,3 +705,42 @@ def test_refused_avatars_give_the_render_workers_memory_back(make_server):
         grown.append((worker.memory_info().rss - rss0) >> 20)
     assert max(grown) < 64, f"the render worker grew by {grown} MB after each refusal"
     c.open_session("astronaut", size=128).close()  # and it still works
+
+
+def test_the_portraits_own_teeth_stay_as_the_jaw_opens(engine, session, neutral):
+    """The astronaut smiles with its upper teeth showing. Opening the jaw used to lay a
+    drawn interior over them (a flat band darker by ~60 levels at jawOpen 0.1: every
+    syllable's teeth "popped"). Now the photo's teeth stay, rigid with the head and not
+    carried by the jaw, and the cavity appears only in the gap that opens under them."""
+    lm = session.rest_px[:68]
+    gray = np.array([0.299, 0.587, 0.114], np.float32)
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    up = np.interp(xs, lm[[60, 61, 62, 63, 64], 0], lm[[60, 61, 62, 63, 64], 1])
+    lo = np.interp(xs, lm[[60, 67, 66, 65, 64], 0], lm[[60, 67, 66, 65, 64], 1])
+    x0, x1 = lm[60, 0], lm[64, 0]
+    middle = (xs > x0 + 0.15 * (x1 - x0)) & (xs < x1 - 0.15 * (x1 - x0))
+    teeth = middle & (ys > up + 1) & (ys < up + 0.8 * (lo - up))
+    assert teeth.sum() > 40
+    rest = neutral[teeth].astype(np.float32)
+    assert (rest @ gray).mean() > 180  # the premise: bright teeth between the lips at rest
+    for jaw in (0.05, 0.1, 0.2, 0.3):
+        now = frame(engine, session, jawOpen=jaw)[teeth].astype(np.float32)
+        level = (now @ gray).mean() - (rest @ gray).mean()
+        assert abs(level) < 3, (jaw, level)               # no pop: same brightness
+        assert np.abs(now - rest).mean() < 4, jaw          # and the photo's own teeth
+    # below the teeth, in the gap the jaw opened, a dark cavity
+    out = frame(engine, session, jawOpen=0.3)
+    lm3 = session.rig.targets(row(jawOpen=0.3))[:68]
+    lo3 = np.interp(xs, lm3[[60, 67, 66, 65, 64], 0], lm3[[60, 67, 66, 65, 64], 1])
+    gap = middle & (ys > lo + 1) & (ys < lo3 - 1)
+    assert gap.sum() > 20
+    assert (out[gap].astype(np.float32) @ gray).mean() < 90
+    # the head carries the teeth: moved up and right, the same teeth there, shifted
+    moved = row(jawOpen=0.2, headTx=0.08, headTy=0.08)
+    shift = session.rig.targets(moved)[62] - session.rig.targets(row(jawOpen=0.2))[62]
+    dx, dy = (int(round(float(d))) for d in shift)
+    assert abs(dx) >= 2 and abs(dy) >= 2
+    out = frame(engine, session, **{"jawOpen": 0.2, "headTx": 0.08, "headTy": 0.08})
+    ty, tx = np.nonzero(teeth)
+    now = out[ty + dy, tx + dx].astype(np.float32)
+    assert np.abs(now - rest).mean() < 10
