@@ -89,6 +89,19 @@ class AsyncSession:
                 if fut is not None:  # a message it takes after all is nobody's: give it back
                     fut.add_done_callback(functools.partial(_drop_late, s))
 
+    async def idle(self, seconds: float | None = None, *, chunk_s: float = 0.2) -> AsyncIterator[Item]:
+        """The avatar alive with nothing to say (see :meth:`Session.idle`): its items until
+        ``seconds`` have played or a ``say`` on the session cuts it; leaving early ends it."""
+        idle = await self._call(self.sync.idle, seconds, chunk_s=chunk_s)
+        idle._started = True  # read here, not through the sync iterator
+        items = self.stream(idle.utterance, cancel_on_exit=True)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            await self._call(idle._halt)  # stop feeding it (a thread join: not on the loop)
+            await items.aclose()
+
     async def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
                          final: bool = False) -> int:
         """Live audio in (see :meth:`Session.send_audio`)."""

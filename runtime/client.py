@@ -17,7 +17,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import zmq
@@ -25,6 +25,9 @@ import zmq
 from giris.runtime import protocol as P
 from giris.runtime.errors import BadInput, GirisError, ServerGone, Timeout, from_wire
 from giris.runtime.transport import PoolSet, recv, send
+
+if TYPE_CHECKING:
+    from giris.runtime.idle import Idle
 
 _SENTINEL = object()  #: put in each session queue by Client.close(): wakes its readers
 _WAKE = object()  #: wakes a session's reader to look again (an utterance was abandoned)
@@ -481,6 +484,7 @@ class Session:
         self._reading = False  #: one reader at a time takes from the client's queue
         self.events: list[Event] = []
         self.closed = False
+        self._idle: weakref.ref | None = None  #: the idle stream running, if any
 
     @property
     def fps(self) -> float:
@@ -504,6 +508,7 @@ class Session:
         the item is handed to the caller), to see where the time goes."""
         meta = {"text": text, "emotion": emotion, "intensity": intensity, "rate": rate,
                 "batch": batch or None, "trace": trace or None}
+        self._cut_idle()
         reply = self.client.request(P.Message(P.SAY, session=self.token,
                                               meta={k: v for k, v in meta.items() if v is not None}))
         return int(reply.meta["utterance"])
@@ -542,11 +547,31 @@ class Session:
                 or not float(sample_rate).is_integer() or sample_rate <= 0):
             raise BadInput(f"send_audio: sample_rate must be a positive whole number of Hz, "
                            f"got {sample_rate!r}")
+        if utterance is None:
+            self._cut_idle()
         msg = P.Message(P.AUDIO_IN, session=self.token,
                         meta={"sample_rate": int(sample_rate), "final": bool(final),
                               **({"utterance": utterance} if utterance is not None else {})})
         msg.add_inline(np.ascontiguousarray(pcm))
         return int(self.client.request(msg).meta["utterance"])
+
+    def idle(self, seconds: float | None = None, *, chunk_s: float = 0.2) -> "Idle":
+        """The avatar alive with nothing to say: blinks, the slow sway, the mouth at rest,
+        for ``seconds`` (None: until ``stop()``, ``close()`` or the next ``say``). Iterate
+        it for the frames, as ``say``'s items. It is live audio of silence, paced to the
+        session (see :mod:`giris.runtime.idle`); a ``say`` or new live audio on the
+        session cuts it, so speech starts at once."""
+        from giris.runtime.idle import Idle
+
+        idle = Idle(self, seconds, chunk_s)
+        self._idle = weakref.ref(idle)
+        return idle
+
+    def _cut_idle(self) -> None:
+        idle = self._idle() if self._idle is not None else None
+        self._idle = None
+        if idle is not None:
+            idle.cut()
 
     def cancel(self, utterance: int | None = None) -> list[int]:
         """Stop ``utterance`` (None: all of the session's) between two chunks; its stream

@@ -201,3 +201,106 @@ def test_audio_after_an_utterance_ended_its_input_is_refused(make_server):
         s.send_audio(tone, 16000, utterance=said)
     assert list(s.stream(utt, timeout=15))[-1].meta["complete"]
     assert list(s.stream(said, timeout=15))[-1].meta["complete"]
+
+
+def test_idle_keeps_a_live_avatar_streaming_and_a_say_cuts_in_at_once(make_server):
+    """Between utterances a live avatar got no frames (a player showed the last one
+    frozen); ``idle()`` streams it at rest, paced, and speech cuts in without waiting
+    behind the idle frames already made."""
+    import gc
+
+    from giris.runtime.errors import BadInput
+    from giris.runtime.client import Event
+
+    srv = make_server()
+    s = srv.client().open_session(realtime=True, zero_copy=True)
+    t0 = time.monotonic()
+    stamps, done = [], None
+    for item in s.idle(1.0):
+        if isinstance(item, Frame):
+            stamps.append(time.monotonic() - t0)
+            item.release()
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            done = item
+    assert len(stamps) == 25 and done.meta["complete"]
+    assert stamps[-1] - stamps[0] > 0.8  # paced to the wall clock, not a burst
+    idle = s.idle()  # until stopped
+    for n, item in enumerate(idle):
+        if isinstance(item, Frame):
+            item.release()
+        if n >= 30:
+            break
+    assert not idle.ended  # (leaving the loop alone does not stop an idle stream)
+    idle = s.idle()  # a new one replaces it
+    seen = 0
+    for item in idle:
+        if isinstance(item, Frame):
+            item.release()
+            seen += 1
+            if seen == 5:
+                break
+    t1 = time.monotonic()
+    first = None
+    for item in s.say("one two"):
+        if isinstance(item, Frame):
+            first = first or time.monotonic() - t1
+            item.release()
+    assert first is not None and first < 1.0
+    assert idle.ended and [i for i in idle if isinstance(i, Event)] == []  # its loop ends
+    # stop() ends one gracefully; one let go without close() stops being fed
+    idle = s.idle()
+    for item in idle:
+        if isinstance(item, Frame):
+            item.release()
+            break
+    idle.stop()
+    rest = [i.release() or i if isinstance(i, Frame) else i for i in idle]
+    assert rest[-1].kind == "utterance_done" and rest[-1].meta["complete"]
+    s.idle()
+    gc.collect()
+    time.sleep(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "giris-idle"]
+    for bad in ({"seconds": 0}, {"seconds": "1"}, {"chunk_s": 5}):
+        try:
+            s.idle(**bad)
+        except BadInput:
+            continue
+        raise AssertionError(f"idle({bad}) was taken")
+    # an offline session's idle runs ahead of the clock: 10 s of frames in much less
+    t0 = time.monotonic()
+    frames = sum(1 for i in srv.client().open_session().idle(10.0) if isinstance(i, Frame) and not i.release())
+    assert frames == 250 and time.monotonic() - t0 < 8
+    assert eventually_free(srv)
+
+
+def eventually_free(srv, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(p["in_use"] == 0 for p in srv.status()["pools"].values()):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_async_idle_is_cut_by_a_say_on_its_session(make_server):
+    import asyncio
+
+    from giris.runtime.aio import AsyncClient
+
+    srv = make_server()
+
+    async def run() -> tuple[int, int, int]:
+        async with AsyncClient(srv.endpoint) as c:
+            s = await c.open_session(realtime=True)
+            bounded = sum([isinstance(i, Frame) async for i in s.idle(0.4)])
+
+            async def show() -> int:
+                return sum([isinstance(i, Frame) async for i in s.idle()])
+
+            shown = asyncio.create_task(show())
+            await asyncio.sleep(0.8)
+            said = sum([isinstance(i, Frame) async for i in s.say("one two")])
+            return bounded, await asyncio.wait_for(shown, 5), said
+
+    bounded, idle, said = asyncio.run(run())
+    assert bounded == 10 and idle > 5 and said == 10

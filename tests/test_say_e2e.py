@@ -210,6 +210,24 @@ def test_live_audio_without_phonemes_moves_the_lips(rt):
     assert np.corrcoef(opening, loud)[0, 1] > 0.3
 
 
+def test_idle_keeps_the_avatar_alive_with_the_mouth_at_rest(rt):
+    """``idle()``: between utterances the avatar goes on moving (the sway, blinks) with
+    its mouth at rest, through the default engines."""
+    s = rt.open_session(size=256, seed=3)
+    frames = {}
+    for item in s.idle(3.0):
+        if isinstance(item, Frame):
+            frames[item.index] = item.image.copy()
+            item.release()
+    s.close()
+    assert sorted(frames) == list(range(75))
+    video = np.stack([frames[k] for k in sorted(frames)]).astype(np.float32)
+    step = np.abs(np.diff(video, axis=0)).mean(axis=(1, 2, 3))
+    assert step.min() > 0.005  # the slow sway moves every frame: never a still picture
+    opening = mouth_opening(video[::5].astype(np.uint8))
+    assert opening.max() - opening.min() < 0.03  # the mouth stays at rest
+
+
 def test_bad_requests_get_clear_errors_and_leave_nothing(rt, tmp_path):
     with pytest.raises(BadInput):
         rt.open_session(emotion="furious")
