@@ -265,6 +265,33 @@ def test_head_yaw_moves_the_face(engine, session, neutral):
     assert not np.array_equal(left, right)
 
 
+def test_the_helmet_ring_beside_the_chin_stays_while_the_head_moves(engine):
+    """What lies beside the jaw is not the head: the astronaut's helmet ring there (and
+    the wall) stays put while the head nods, turns and the jaw opens, and the face still
+    follows the pose in full. The flow used to leak from the jaw into the ring (it moved
+    ~4 px at 512 on a nod, 75% as far as the jaw next to it)."""
+    s = engine.open_session({"size": 512})
+    try:
+        lm, iod = s.rig.landmarks, s.rig.iod
+        still = np.zeros((512, 512, 3), np.uint8)
+        engine.render(s, row(), still)
+        # the ring's rim left of the jaw, and the wall and rim right of it (~0.8 IOD out)
+        ring_l = lm[4] + np.array([-0.85, 0.2]) * iod
+        ring_r = lm[12] + np.array([0.72, 0.3]) * iod
+        for pose in ({"headPitch": 0.1}, {"headPitch": 0.11, "headYaw": -0.04},
+                     {"headYaw": -0.06}, {"jawOpen": 0.6}):
+            out = np.zeros_like(still)
+            engine.render(s, row(**pose), out)
+            moved = s.rig.targets(row(**pose))[:68] - lm
+            for p in (ring_l, ring_r):
+                assert np.abs(_shift(still, out, p, r=12)).max() <= 1, pose
+            # the face follows: the chin's pixels move as far as the rig's chin
+            chin = _shift(still, out, lm[8] + np.array([0.0, -0.15]) * iod, r=12, reach=24)
+            assert np.hypot(*chin) >= 0.8 * np.hypot(*moved[8]) >= 5, pose
+    finally:
+        engine.close_session(s)
+
+
 def test_a_chin_on_the_frame_edge_drops_out_of_it_whole(engine):
     """A portrait cut just under the chin: as the jaw opens, the chin goes on down out of
     the frame, skin where it was; the frame's last row held still pinched it into a notch of

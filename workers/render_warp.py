@@ -81,6 +81,21 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 RING_CENTER = (0.0, -0.35)
 RING_RADII = (2.25, 2.6)
 
+#: the collar: fixed anchors beside the lower face, so what lies there (a helmet ring, a
+#: collar, the shoulders, the wall) does not move with the head or the jaw. The ring alone
+#: left ~1 IOD between the jaw and its anchors, and the smooth flow spread the head's motion
+#: over it: the astronaut's helmet ring beside her chin moved ~75% as far as the jaw.
+#: Jaw landmark (image-left side; the right side mirrors it, 16 - k) → distances out from
+#: the jaw line along its normal, inter-ocular units: an inner row close to the jaw's sides
+#: (the rim is ~0.2 IOD from it there), an outer row beside the lower jaw that keeps the
+#: spline from overshooting past the inner one, and under the chin (6, 10) one anchor
+#: further out: the neck, between them, is where the head's motion fades.
+COLLAR = {2: (0.3,), 3: (0.3, 0.6), 4: (0.25, 0.6), 5: (0.25, 0.6), 6: (0.5,)}
+#: a collar anchor gives way (moves with the nearby jaw) where a jaw point's motion would
+#: exceed this share of the distance between them (the flow's gradient there): usual
+#: speech and sway stay below it, a big nod or a wide-open mouth does not fold the picture
+COLLAR_STRAIN = 0.8
+
 #: mouthClose at which a portrait's parted lips are drawn sealed (/p b m/ peak at ~0.35-0.6
 #: after coarticulation)
 CLOSE_SEAL = 1.8
@@ -111,6 +126,39 @@ def bundled_landmarks() -> dict[str, np.ndarray]:
             continue  # a damaged file: dlib finds the points instead
         known[str(d["sha256"])] = pts
     return known
+
+
+def _collar(rig: FaceRig) -> np.ndarray:
+    """The collar's anchors (see ``COLLAR``) in image pixels: points out from the rest jaw
+    line along its normal (in the face frame, so a tilted portrait's collar is tilted)."""
+    jaw = rig.rest[:17, :2].astype(np.float64)
+    centre = jaw.mean(0)
+    table = {**COLLAR, **{16 - k: g for k, g in COLLAR.items()}}
+    pts = []
+    for k, gaps in sorted(table.items()):
+        t = jaw[min(k + 1, 16)] - jaw[max(k - 1, 0)]
+        nrm = np.array([t[1], -t[0]]) / max(float(np.hypot(*t)), 1e-9)
+        if np.dot(nrm, jaw[k] - centre) < 0:  # outwards, away from the face
+            nrm = -nrm
+        pts += [jaw[k] + g * nrm for g in gaps]
+    return rig.to_image(np.asarray(pts, np.float32))
+
+
+def _collar_give(state: "WarpSession", jaw_t: np.ndarray, jaw_disp: np.ndarray) -> np.ndarray:
+    """Per frame, the collar anchors' values (backward displacement, px, (C, 2)): 0 (held)
+    unless a jaw point moves, relative to the anchor, by more than ``COLLAR_STRAIN`` of the
+    distance left between them; then the anchor gives way, following the nearby jaw points
+    just enough to cap that strain (a big nod or a wide-open mouth would fold the picture
+    between a fixed anchor and a jaw sliding past or into it)."""
+    d2 = _sqdist(state.collar_px, jaw_t)
+    dist = np.sqrt(np.maximum(d2, 1e-6))
+    strain = (np.hypot(jaw_disp[:, 0], jaw_disp[:, 1])[None, :] / dist).max(1)
+    give = np.clip(1.0 - COLLAR_STRAIN / np.maximum(strain, 1e-6), 0.0, 1.0)
+    if not give.any():
+        return np.zeros((len(give), 2))
+    w = 1.0 / d2 ** 2
+    w /= w.sum(1, keepdims=True)
+    return give[:, None] * (w @ jaw_disp)
 
 
 def _tps(d2: np.ndarray) -> np.ndarray:
@@ -174,6 +222,8 @@ class WarpSession:
     mouth_rest_gap: float                # portrait's own inner-lip opening, pixels
     teeth: "Teeth | None" = None         # the portrait's own teeth (lips parted at rest)
     colour: float = 1.0                  # how colourful the face is: 0 (a gray photo) .. 1
+    #: the collar anchors' positions (C, 2) px: the last C anchors (see COLLAR_STRAIN)
+    collar_px: np.ndarray | None = None
     nbytes: int = 0  # held in all (measured at open)
     device_nbytes: int = 0  # of which on the render device
     frames: int = 0
@@ -292,12 +342,14 @@ class WarpRenderEngine(RenderEngine):
         ring_px = rig.to_image(ring_face)
         lo = np.floor(ring_px.min(0)).astype(int)
         hi = np.ceil(ring_px.max(0)).astype(int) + 1
-        if self.batched:  # the whole frame: every same-size session batches into one call
-            x0, y0, x1, y1 = 0, 0, size, size
-        else:
-            x0, y0 = max(0, int(lo[0])), max(0, int(lo[1]))
-            x1, y1 = min(size, int(hi[0])), min(size, int(hi[1]))
+        x0, y0 = max(0, int(lo[0])), max(0, int(lo[1]))
+        x1, y1 = min(size, int(hi[0])), min(size, int(hi[1]))
         w, h = x1 - x0, y1 - y0
+        # the region resampled: the box, or the whole frame (every same-size session then
+        # batches into one call), where the flow is still the box's: anchored on its edges,
+        # tapered to 0 at them and 0 outside it (the suit below the box stays put)
+        rx0, ry0, rx1, ry1 = (0, 0, size, size) if self.batched else (x0, y0, x1, y1)
+        rw, rh = rx1 - rx0, ry1 - ry0
         if w < 16 or h < 16:
             raise EngineError("the face is too close to the image edge to animate", code="bad_image")
         # which of the box's sides (left, top, right, bottom) the frame itself cuts
@@ -319,16 +371,18 @@ class WarpRenderEngine(RenderEngine):
         edge = np.unique(np.round(np.array(edge, np.float32), 2), axis=0)
         inside = ((ring_px[:, 0] > ax0 + 0.15 * iod) & (ring_px[:, 0] < ax1 - 1 - 0.15 * iod)
                   & (ring_px[:, 1] > ay0 + 0.15 * iod) & (ring_px[:, 1] < ay1 - 1 - 0.15 * iod))
-        anchors_px = np.concatenate([edge, ring_px[inside]]).astype(np.float32)
+        # the collar beside the lower face (last, so _coarse finds them at the end)
+        collar_px = _collar(rig)
+        anchors_px = np.concatenate([edge, ring_px[inside], collar_px]).astype(np.float32)
 
         def norm(p: np.ndarray) -> np.ndarray:
             return ((p - rig.origin) / iod).astype(np.float32)
 
         cell = max(4.0, self.grid_cell * size / 512.0)
-        gw = max(2, int(np.ceil((w - 1) / cell)) + 1)
-        gh = max(2, int(np.ceil((h - 1) / cell)) + 1)
-        gx = np.linspace(x0, x1 - 1, gw, dtype=np.float32)
-        gy = np.linspace(y0, y1 - 1, gh, dtype=np.float32)
+        gw = max(2, int(np.ceil((rw - 1) / cell)) + 1)
+        gh = max(2, int(np.ceil((rh - 1) / cell)) + 1)
+        gx = np.linspace(rx0, rx1 - 1, gw, dtype=np.float32)
+        gy = np.linspace(ry0, ry1 - 1, gh, dtype=np.float32)
         grid_px = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)
         grid_n = norm(grid_px)
         anchors_n = norm(anchors_px)
@@ -343,7 +397,8 @@ class WarpRenderEngine(RenderEngine):
         system[n + 1:, n_m:n] = a64.T
         centers64 = np.concatenate([norm(rig.rest_px).astype(np.float64), a64])
         p_g = np.concatenate([np.ones((len(grid_n), 1), np.float32), grid_n], 1)
-        # taper: 1 inside, smoothly 0 at the box edges that are not the frame's edges
+        # taper: 1 inside, smoothly 0 at the box edges that are not the frame's edges (and
+        # outside them, where the whole frame is resampled)
         m = max(3.0, 0.03 * max(w, h))
         # (per grid point: a box that is the whole frame has no inner edge at all, and
         # every distance stays infinite; scalars here broke the CUDA/whole-frame path)
@@ -395,15 +450,16 @@ class WarpRenderEngine(RenderEngine):
         skin = image[fy0:fy1, fx0:fx1].reshape(-1, 3).astype(np.int16)
         chroma = float(np.median(skin.max(1) - skin.min(1))) if len(skin) else 0.0
         colour = float(np.clip(chroma / COLOURFUL_CHROMA, 0.0, 1.0))
-        device_nbytes = src.numel() * 4 + w * h * (8 + 12 + 3)  # source; grid, float and uint8 box
+        device_nbytes = src.numel() * 4 + rw * rh * (8 + 12 + 3)  # source; grid, float and uint8 box
         nbytes = device_nbytes + image.nbytes + k_ga.nbytes + system.nbytes + grid_px.nbytes * 3
         if teeth is not None:
             nbytes += teeth.crop.numel() * 4
         return WarpSession(spec=spec, size=size, image=image, rig=rig, device=self.device, src=src,
-                           roi=(x0, y0, x1, y1), gh=gh, gw=gw, grid_px=grid_px, grid_n=grid_n,
+                           roi=(rx0, ry0, rx1, ry1), gh=gh, gw=gw, grid_px=grid_px, grid_n=grid_n,
                            anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper, out_taper=out_taper,
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
                            centers64=centers64,
+                           collar_px=collar_px,
                            rest_px=rest_px, lid_rgb=lid_rgb, lip_rgb=lip_rgb, mouth_rest_gap=gap, teeth=teeth,
                            colour=colour, nbytes=nbytes,
                            device_nbytes=device_nbytes)
@@ -460,6 +516,8 @@ class WarpRenderEngine(RenderEngine):
         A[n + 1:, :n_m] = c.T
         rhs = np.zeros((n + 3, 2))
         rhs[:n_m] = disp
+        if state.collar_px is not None and len(state.collar_px):
+            rhs[n - len(state.collar_px):n] = _collar_give(state, targets[:17], disp[:17])
         sol = np.linalg.solve(A, rhs).astype(np.float32)
         k_gm = _tps_mm(state.grid_n, c.astype(np.float32), state.grid_sq)
         flow = k_gm @ sol[:n_m]
