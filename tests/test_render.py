@@ -529,7 +529,10 @@ def test_a_session_is_charged_where_its_memory_is(session):
     on_gpu.device = torch.device("cuda", 0)
     held = on_gpu.held(session)
     assert set(held) == {"cuda:0", "cpu"} and sum(held.values()) == session.nbytes
-    assert held["cuda:0"] == session.device_nbytes >= session.src.numel() * 4 > held["cpu"] > 0
+    # the device holds the source and the box buffers; the host the rest (the rig, the
+    # spline system, the teeth's crop), whatever their sizes
+    assert held["cuda:0"] == session.device_nbytes >= session.src.numel() * 4
+    assert held["cpu"] == session.nbytes - session.device_nbytes > 0
 
 
 # --------------------------------------------------------------- decompression bombs
