@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from giris.runtime.client import Speech
 from giris.runtime.errors import BadInput, GirisError
 
 if TYPE_CHECKING:
-    from giris.runtime.client import Item, Session
+    from giris.runtime.client import Session
 
 #: the silence's sample rate (the acoustic path's cost grows with it; silence has no band)
 RATE = 16000
@@ -39,7 +40,7 @@ OFFLINE_LEAD_S = 8.0
 OFFLINE_SPEED = 3.0
 
 
-class Idle:
+class Idle(Speech):
     """What :meth:`Session.idle` returns: the idle utterance's items (frames, and its
     ``utterance_done``), iterable like :meth:`Session.say`'s. Leaving the loop early or
     ``close()`` cancels it; ``stop()`` ends it after what was sent."""
@@ -59,22 +60,13 @@ class Idle:
         self.error: GirisError | None = None
         self._lock = threading.Lock()  # one sender at a time (the feeder, stop, cut)
         self._stop = threading.Event()
-        self._items = session.stream(self.utterance, cancel_on_exit=True)
-        self._started = False
         self._thread: threading.Thread | None = None
+        super().__init__(session, self.utterance, session.stream(self.utterance, cancel_on_exit=True))
         if not self.ended:
             self._thread = threading.Thread(target=_feed, args=(weakref.ref(self), time.monotonic(),
                                             bool(session.spec.get("realtime"))),
                                             name="giris-idle", daemon=True)
             self._thread.start()
-
-    # ------------------------------------------------------------------ the stream
-    def __iter__(self) -> "Idle":
-        return self
-
-    def __next__(self) -> "Item":
-        self._started = True
-        return next(self._items)
 
     def stop(self) -> None:
         """End the idle stream once what was sent has played (its ``utterance_done``
@@ -98,16 +90,7 @@ class Idle:
     def close(self) -> None:
         self._halt()
         self.ended = True
-        if not self._started:
-            self._started = True
-            self.session._abandon(self.utterance)
-        self._items.close()  # type: ignore[attr-defined]
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
-            pass
+        super().close()
 
     # ------------------------------------------------------------------ feeding
     def _halt(self) -> None:

@@ -493,15 +493,22 @@ def test_motion_is_deterministic_and_chunking_invariant(motion_engine):
     assert np.all((a[:, :67] >= 0) & (a[:, :67] <= 1))
 
 
-def test_mouth_passes_through_the_filter_without_much_lag(motion_engine):
-    """Lip sync must survive the smoothing: the filtered jaw follows the coeffs closely."""
+def through_motion(motion_engine, tokens) -> tuple[np.ndarray, np.ndarray, list]:
+    """An utterance of ``tokens`` through a fresh coeffs stage and then ``motion_engine``:
+    (the coefficients, the motion stage's frames, the phonemes)."""
     c_engine = VisemeEngine({}, EngineContext(stage="coeffs"))
-    pcm, phon = utterance(HELLO_WORLD)
-    c, p, outs = run_coeffs(c_engine, c_engine.open_session({}), [(pcm, phon)])
+    pcm, phon = utterance(tokens)
+    c, _, outs = run_coeffs(c_engine, c_engine.open_session({}), [(pcm, phon)])
     state = motion_engine.open_session({"seed": 1})
     msg = StageInput(type="coeffs", seq=0, pts=0.0, meta=outs[0].meta, tensors=outs[0].tensors)
     (out,) = list(motion_engine.process(msg, state))
-    jaw_in, jaw_out = c[:, JAW], out.tensors[0][:, JAW]
+    return c, out.tensors[0], phon
+
+
+def test_mouth_passes_through_the_filter_without_much_lag(motion_engine):
+    """Lip sync must survive the smoothing: the filtered jaw follows the coeffs closely."""
+    c, out, _ = through_motion(motion_engine, HELLO_WORLD)
+    jaw_in, jaw_out = c[:, JAW], out[:, JAW]
     assert np.corrcoef(jaw_in, jaw_out)[0, 1] > 0.95
     assert np.abs(jaw_out - jaw_in).max() < 0.15
 
@@ -519,13 +526,8 @@ def test_the_mouth_closes_when_the_sound_stops(motion_engine, tokens):
     80-130 ms after the sound (a frame stood for the sound half a frame before it was on
     screen, a pause reached full dominance a quarter of the way in, and the mouth's 4 Hz
     One Euro filter halved what was left once a frame)."""
-    c_engine = VisemeEngine({}, EngineContext(stage="coeffs"))
-    pcm, phon = utterance(tokens)
-    _, _, outs = run_coeffs(c_engine, c_engine.open_session({}), [(pcm, phon)])
-    state = motion_engine.open_session({"seed": 1})
-    msg = StageInput(type="coeffs", seq=0, pts=0.0, meta=outs[0].meta, tensors=outs[0].tensors)
-    (out,) = list(motion_engine.process(msg, state))
-    jaw = out.tensors[0][:, JAW]
+    _, out, phon = through_motion(motion_engine, tokens)
+    jaw = out[:, JAW]
     shown = np.arange(len(jaw)) / FPS                        # each frame's first instant on screen
     spans: list[list[float]] = []                            # sounding stretches, as utterance() makes them
     for ipa, a, n in phon:
