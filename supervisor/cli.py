@@ -310,6 +310,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         sup.shutdown()
         hooks.close()
+    if sup.fatal is not None:
+        raise sup.fatal
     # SIGTERM is how a service is stopped: 0. Ctrl-C is an interruption: 130, as a shell
     # reports it (a script running `giris serve` can tell the two apart)
     return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0

@@ -94,6 +94,10 @@ class ServiceHooks:
         except Exception as e:  # noqa: BLE001 - a bad file keeps the old config
             log.error("reload failed, keeping the running config", extra={"error": str(e)})
             return
+        refused = sup.defaults_refused(new.defaults)
+        if refused:
+            log.error("reload failed, keeping the running config", extra={"error": refused})
+            return
         cfg = sup.config
         cfg.limits, cfg.timeouts, cfg.restart, cfg.defaults = new.limits, new.timeouts, new.restart, new.defaults
         cfg.budgets = new.budgets

@@ -89,6 +89,8 @@ class Supervisor:
         self.gateway = Gateway(self)
         self.delivery = Delivery(self)
         self.announced_ready = False
+        #: why the server stopped itself (a config only the ready stages could judge)
+        self.fatal: GirisError | None = None
         self._poller: zmq.Poller | None = None
 
     # ------------------------------------------------------------------ start-up
@@ -200,6 +202,8 @@ class Supervisor:
         """Run the loop until every stage is ready or failed (so start-up is observable)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.fatal is not None:
+                raise self.fatal
             if all(w.state in (READY, FAILED) for w in self.workers):
                 return all(w.state == READY for w in self.workers)
             self.step(0.05)
@@ -312,14 +316,32 @@ class Supervisor:
         self.control.send_multipart([w.identity, *P.encode(reply)])
         w.state = READY
         w.kind = str(msg.meta.get("kind") or "")
+        accepts = msg.meta.get("accepts")
+        w.accepts = accepts if isinstance(accepts, dict) else {}
         log.info("stage ready", extra={"stage": w.stage, "pid": w.pid,
                                         "load_s": round(msg.meta.get("load_s", 0), 3)})
         if restarted:
             self.delivery.stage_restarted(w)
         if not self.announced_ready and all(x.state == READY for x in self.workers):
+            refused = self.defaults_refused(self.config.defaults)
+            if refused:  # every session open would fail: stop now, saying why
+                self.fatal = GirisError(refused, code="bad_config")
+                log.error("bad session defaults, stopping", extra={"error": refused})
+                self.request_stop()
+                return
             self.announced_ready = True
             if self.notifier is not None:
                 self.notifier.ready()
+
+    def defaults_refused(self, defaults: dict[str, Any]) -> str | None:
+        """Why ``defaults`` would make every session fail (a value a stage's engine does
+        not know, by its ``accepts``), or None."""
+        for w in self.workers:
+            for key, values in w.accepts.items():
+                if key in defaults and defaults[key] is not None and str(defaults[key]) not in values:
+                    return (f"[defaults] {key} = {defaults[key]!r} is not one the {w.stage} stage's "
+                            f"engine ({w.spec.get('engine')}) knows: {', '.join(values)}")
+        return None
 
     def check_workers(self, now: float) -> None:
         for w in self.workers:

@@ -180,6 +180,26 @@ def test_config_shapes_and_ranges_are_named_at_load(data, said):
     assert said in str(e.value)
 
 
+def test_a_default_no_stage_knows_stops_the_server_at_start(tmp_path: Path):
+    """``[defaults] emotion = "furious"``: every session open failed on a server that said
+    it was serving. What only an engine can judge is judged once the stages are ready:
+    the server stops with exit 2 and says which value and which are known."""
+    from tests.conftest import small_stages, write_toml
+
+    cfg = write_toml(tmp_path / "g.toml", {
+        "server": {"endpoint": f"ipc://{tmp_path}/gw.sock"}, "defaults": {"size": 64, "emotion": "furious"},
+        "limits": {"min_size": 32}, "stages": small_stages(motion={"engine": "prosody"})})
+    from tests.conftest import shm_segments
+
+    proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert ("[bad_config]: [defaults] emotion = 'furious' is not one the motion stage's engine "
+            "(prosody) knows: neutral, happy, sad, surprised, angry") in err
+    assert shm_segments(proc.pid) == []  # stopped as on SIGTERM, its pools unlinked
+
+
 def test_a_bad_device_engine_or_log_level_is_one_line(tmp_path: Path):
     cfg = tmp_path / "tpu.toml"
     cfg.write_text('[stages.render]\nengine = "warp"\ndevice = "tpu"\n')

@@ -913,3 +913,28 @@ def test_a_client_that_stops_reading_holds_back_its_own_session_only(make_server
     finally:
         raw.close(0)
         ctx.term()
+
+
+def test_sighup_reloads_limits_and_keeps_the_running_config_when_the_new_one_is_bad(make_server):
+    """SIGHUP rereads the file: new limits apply to the next request; a file that does not
+    load, or defaults a stage refuses (an unknown emotion), are logged and the running
+    config is kept (they would have failed every session)."""
+    srv = make_server({"stages": small_stages(motion={"engine": "prosody"})})
+    s = srv.client().open_session()
+    assert len(collect(s, "one two three")["frames"]) == 15
+    base = srv.config_path.read_text()
+
+    def hup(text: str, said: str) -> None:
+        srv.config_path.write_text(text)
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        assert eventually(lambda: said in srv.logs(), timeout=10), srv.logs()
+
+    hup(base.replace("[limits]", "[limits]\nmax_text_chars = 5"), "reloaded limits")
+    with pytest.raises(LimitExceeded):
+        s.start_say("one two three")
+    hup(base.replace('size = 64', 'size = 64\nemotion = "furious"'), "is not one the motion stage's engine")
+    hup("[limits\n", "reload failed, keeping the running config")
+    assert srv.status()["state"] == "serving"
+    with pytest.raises(LimitExceeded):  # still the limits of the last good reload
+        s.start_say("one two three")
+    assert len(collect(srv.client().open_session(), "one")["frames"]) == 5  # neutral default kept

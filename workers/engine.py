@@ -120,5 +120,12 @@ class Engine:
     def close_session(self, state: Any) -> None:
         """Drop everything the session held."""
 
+    def accepts(self) -> dict[str, list[str]]:
+        """Session options whose every valid value this engine can list (e.g.
+        ``{"emotion": [...]}``): the server checks its ``[defaults]`` against them once the
+        stages are ready, so a bad default stops the server at start, not every session
+        open after it. Engines that take open-ended values (paths) list nothing."""
+        return {}
+
     def warmup(self) -> None:
         """Run once before the worker reports ready, so the first request is not slow."""

@@ -201,6 +201,9 @@ class ProsodyMotionEngine(MotionEngine):
         s.filt = self._filter()
         return s
 
+    def accepts(self) -> dict[str, list[str]]:
+        return {"emotion": list(EMOTIONS)}
+
     def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
         return {"cpu": 32 * 1024}
 

@@ -149,8 +149,14 @@ class StageWorker:
         else:
             self.output = socket(self.ctx, zmq.PUSH, linger=2000, sndhwm=0)
             self.output.connect(sp["output"])
+        try:
+            accepts = {str(k): [str(v) for v in vs] for k, vs in (self.engine.accepts() or {}).items()}
+        except Exception:  # noqa: BLE001 - a third-party engine's bug: nothing is checked
+            log.exception("accepts() failed", extra={"stage": self.stage})
+            accepts = {}
         send(self.control, P.Message(P.READY, meta={"pid": os.getpid(), "load_s": load_s,
-                                                    "kind": str(getattr(self.engine, "stage", ""))}))
+                                                    "kind": str(getattr(self.engine, "stage", "")),
+                                                    "accepts": accepts}))
         # The supervisor answers with the open sessions to restore before any work is read.
         if not self.control.poll(int(sp.get("ready_timeout", 60) * 1000)):
             raise SystemExit("supervisor did not answer READY")
