@@ -77,6 +77,7 @@ class Supervisor:
         self.pools = PoolSet()
         self.workers: list[WorkerHandle] = []
         self.launcher: Launcher | None = None
+        self._launcher_deaths: list[float] = []  #: when it died, within the last minute
         self.pending: dict[int, Pending] = {}
         self._req = itertools.count(1)
         self._stop = threading.Event()
@@ -182,7 +183,7 @@ class Supervisor:
             return
         code = old.proc.poll()
         old.close()
-        self._launcher_deaths = [t for t in getattr(self, "_launcher_deaths", []) if now - t < 60.0] + [now]
+        self._launcher_deaths = [t for t in self._launcher_deaths if now - t < 60.0] + [now]
         if len(self._launcher_deaths) >= LAUNCHER_DEATHS:
             log.error("launcher keeps dying: workers start as fresh interpreters from now on",
                       extra={"code": code, "deaths": len(self._launcher_deaths)})

@@ -214,6 +214,31 @@ def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server)
     assert {p.pid for p in psutil.Process(plain.proc.pid).children()} == pids
 
 
+def test_a_launcher_that_keeps_dying_is_given_up_for_fresh_interpreters(make_server):
+    """A launcher that dies three times in a minute (say an engine's preload crashes it
+    each time) is not started a fourth time: workers then start as fresh interpreters,
+    children of the server, and the server serves on."""
+    srv = make_server()
+    server = psutil.Process(srv.proc.pid)
+
+    def launcher() -> psutil.Process | None:
+        workers = {w["pid"] for w in srv.status()["workers"]}
+        rest = [p for p in server.children() if p.pid not in workers]
+        return rest[0] if rest else None
+
+    for _ in range(3):
+        old = launcher()
+        assert old is not None
+        old.kill()
+        assert eventually(lambda: all(w["state"] == "ready" for w in srv.status()["workers"])
+                          and ((now := launcher()) is None or now.pid != old.pid), timeout=30)
+    assert "launcher keeps dying" in srv.logs()
+    assert eventually(lambda: all(w["state"] == "ready" for w in srv.status()["workers"]), timeout=30)
+    assert launcher() is None
+    assert {psutil.Process(w["pid"]).ppid() for w in srv.status()["workers"]} == {server.pid}
+    assert len(collect(srv.client().open_session(), "still here")["frames"]) == math.ceil(2 * WORD_S * 25)
+
+
 def test_a_preload_that_initialises_cuda_ends_forking(make_server):
     """An engine whose preload initialised CUDA (against the rule: a forked child cannot
     use the parent's context) makes the launcher stop forking: that stage and any started
