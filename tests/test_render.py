@@ -737,6 +737,27 @@ def test_refused_avatars_give_the_render_workers_memory_back(make_server):
     c.open_session("astronaut", size=128).close()  # and it still works
 
 
+def test_lips_only_just_apart_show_no_teeth_to_keep(session):
+    """Lips a little apart with lip or shadow between them, not teeth (an audit's
+    closed-mouth portrait measured 0.032 IOD apart, over the "parted" line): they took the
+    own-teeth path and spoke through a toothless dark hole, at one output size and not at
+    another. The gap must be teeth-bright against the lips to be kept as teeth."""
+    from giris.workers.render_warp import _LUMA, _teeth_plate
+
+    lm = session.rest_px[:68].astype(np.float32)
+    lips = float(np.mean([c @ _LUMA for c in session.lip_rgb]))
+    assert session.teeth is not None and _teeth_plate(session.image, lm, lips) is not None
+    shut = session.image.copy()  # the same mouth, its gap filled with the lips' colour
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    up = np.interp(xs, lm[[60, 61, 62, 63, 64], 0], lm[[60, 61, 62, 63, 64], 1])
+    lo = np.interp(xs, lm[[60, 67, 66, 65, 64], 0], lm[[60, 67, 66, 65, 64], 1])
+    inside = (xs >= lm[60, 0]) & (xs <= lm[64, 0]) & (ys >= up - 1) & (ys <= lo + 1)
+    shut[inside] = (0.5 * (session.lip_rgb[0] + session.lip_rgb[1])).astype(np.uint8)
+    assert _teeth_plate(shut, lm, lips) is None
+    shut[inside] = (0.4 * shut[inside]).astype(np.uint8)  # or a line of shadow
+    assert _teeth_plate(shut, lm, lips) is None
+
+
 def test_the_portraits_own_teeth_stay_as_the_jaw_opens(engine, session, neutral):
     """The astronaut smiles with its upper teeth showing. Opening the jaw used to lay a
     drawn interior over them (a flat band darker by ~60 levels at jawOpen 0.1: every

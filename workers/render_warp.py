@@ -440,7 +440,7 @@ class WarpRenderEngine(RenderEngine):
                 px = [_patch(image, q, r) for q in 0.5 * (lm[outer] + lm[inner])]
                 return np.median(np.concatenate(px), 0).astype(np.float32)
             lip_rgb = (lip([50, 51, 52], [61, 62, 63]), lip([58, 57, 56], [67, 66, 65]))
-            teeth = _teeth_plate(image, lm)
+            teeth = _teeth_plate(image, lm, float(np.mean([c @ _LUMA for c in lip_rgb])))
         else:
             teeth = None
         # the mouth interior is drawn in colours: in a black-and-white (or faded) portrait
@@ -722,6 +722,10 @@ _TONGUE = np.array([168, 70, 78], np.float32)
 #: a face whose median pixel spans this much between its channels is drawn in full colour
 COLOURFUL_CHROMA = 24.0
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+#: how much brighter than the lips (luma levels) the gap between them must be to be
+#: teeth: the bundled smile's are ~55 above its lips; lips just apart, a line of lip or
+#: shadow 5-50 below them
+TEETH_CONTRAST = 20.0
 
 
 #: depth (face frame, inter-ocular units) of the upper teeth: a little behind the inner
@@ -755,9 +759,11 @@ class Teeth:
     crop_at: tuple[int, int]  # its top-left pixel (x, y)
 
 
-def _teeth_plate(image: np.ndarray, lm: np.ndarray) -> Teeth | None:
+def _teeth_plate(image: np.ndarray, lm: np.ndarray, lip_luma: float) -> Teeth | None:
     """The portrait's teeth between its parted inner lips: where a dark line (the gap
-    between the upper and the lower row) splits them, and their colour."""
+    between the upper and the lower row) splits them, and their colour. None where no
+    teeth show: lips only just apart (a line of lip or shadow, not teeth, between them)
+    would have spoken through a toothless hole (the drawn interior suits them)."""
     p0, p1 = lm[60], lm[64]
     ax, nrm, length = _frame(p0, p1)
     if length < 4:
@@ -776,6 +782,8 @@ def _teeth_plate(image: np.ndarray, lm: np.ndarray) -> Teeth | None:
     prof = lum.mean(1)
     k = 5 + int(np.argmin(prof[5:15]))          # depth 0.31 .. 0.87 of the gap
     split = float(ts[k]) if prof[k] < 0.6 * bright else 1.0
+    if bright < lip_luma + TEETH_CONTRAST:
+        return None
     upper = (ts[:, None] <= split) & (lum >= bright)
     teeth_rgb = np.median(rgb[upper], 0) if upper.any() else _TEETH
     # the frames sample the teeth from a small copy of the source about the mouth (one
