@@ -378,7 +378,7 @@ def test_whole_frame_batches_as_on_cuda(engine, session):
         assert np.array_equal(o, alone)
     assert np.array_equal(outs[3], small.image)  # still: the source itself
     box = frame(engine, session, jawOpen=0.5)
-    assert np.abs(outs[0].astype(np.int16) - box).mean() < 1.0
+    assert np.abs(outs[0].astype(np.int16) - box).mean() < 0.2  # (0.8 when its flow leaked into the suit)
     assert np.abs(outs[0].astype(np.int16) - outs[2]).mean() > 0.1  # and the jobs differ
 
 
