@@ -201,6 +201,45 @@ def test_emotions_are_visible_at_the_default_intensity(engine):
         engine.close_session(s)
 
 
+def test_a_full_frown_bends_the_lips_as_one_arch(engine):
+    """At intensity 1.0 sad and angry wrecked a mouth showing its teeth (an audit): the
+    inner lips bent into an M / gull-wing over the teeth (the lower lip's middle a sharp
+    peak 4 px above its neighbours at 512², the gap over the teeth squashed from 9.6 to
+    4.1 px), and on a closed mouth the lower lip crossed the upper (gap −4 px: a zigzag
+    lip line). Now the lips bend as one arch: no sharp peak or dip in the middle of either
+    inner lip, the middle of the mouth does not go down towards the chin, the teeth keep
+    over half their height, and closed lips never cross."""
+    s = engine.open_session({"size": 512})
+    try:
+        rig = s.rig
+        rest = rig.targets(row())[:68]
+        gap = lambda p: p[[67, 66, 65], 1] - p[[61, 62, 63], 1]  # noqa: E731  (y down)
+        for name in ("sad", "angry"):
+            t = rig.targets(_emotion_row(name, 1.0))[:68]
+            for chain in ([61, 62, 63], [67, 66, 65]):
+                # the middle point against its neighbours' mean (px, y down): no sharp peak
+                # (the M's middle) and no dip deeper than the portrait's own at rest
+                bend = lambda p: float(p[chain[1], 1] - p[[chain[0], chain[2]], 1].mean())  # noqa: E731
+                assert -2.0 < bend(t) < max(2.0, bend(rest) + 0.5), (name, chain, bend(t), bend(rest))
+            # the middle of the mouth stays (not down towards the chin)
+            drop = float((t[[51, 57, 62, 66], 1] - rest[[51, 57, 62, 66], 1]).mean())
+            assert drop < 1.0, (name, drop)
+            assert gap(t).min() > 0.55 * gap(rest).min(), (name, gap(t), gap(rest))
+            assert float((t - rest)[[48, 54], 1].mean()) >= 12.0  # still a strong frown
+        # a closed mouth: the same face with its inner lips together
+        lm = rig.landmarks.copy()
+        for a, b in ((61, 67), (62, 66), (63, 65)):
+            lm[a, 1] = lm[b, 1] = 0.5 * (lm[a, 1] + lm[b, 1])
+            lm[a, 1] -= 0.8
+            lm[b, 1] += 0.8
+        closed = fit_rig(lm)
+        for name in ("sad", "angry"):
+            t = closed.targets(_emotion_row(name, 1.0))[:68]
+            assert gap(t).min() >= 0.0, (name, gap(t))
+    finally:
+        engine.close_session(s)
+
+
 def test_a_sad_mouth_still_opens_and_seals(engine):
     """Under an emotion the mouth still follows speech: it opens with the jaw, and a
     /p b m/ still draws the (smiling portrait's parted) lips together."""

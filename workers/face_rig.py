@@ -96,8 +96,10 @@ _LOWER_LIP = [55, 56, 57, 58, 59, 65, 66, 67]
 _UPPER_LIP = [49, 50, 51, 52, 53, 61, 62, 63]
 
 # Left-side tables (subject's left = image right, +x); mirrored for Right.
+# (mouthSmile lifts the inner lip next to the middle, 63 and 65, no more than the outer lip
+# over it, 52 and 56: at 0.03-0.04 a closed mouth's lip line bent into a sharp V)
 _SMILE_L = {54: (0.10, 0.09, -0.03), 64: (0.09, 0.08, -0.03), 53: (0.04, 0.04, -0.01),
-            55: (0.05, 0.05, -0.01), 63: (0.03, 0.03, 0.0), 65: (0.04, 0.04, 0.0),
+            55: (0.05, 0.05, -0.01), 63: (0.02, 0.012, 0.0), 65: (0.025, 0.015, 0.0),
             52: (0.01, 0.01, 0.0), 56: (0.02, 0.02, 0.0),
             12: (0.02, 0.02, 0.0), 13: (0.02, 0.03, 0.0), 11: (0.01, 0.01, 0.0),
             35: (0.015, 0.01, 0.0), 46: (0.0, 0.025, 0.0), 47: (0.0, 0.02, 0.0)}
@@ -179,11 +181,6 @@ CHANNEL_MOVES: dict[str, dict[int, tuple[float, float, float]]] = {
     "mouthRollUpper": {49: (0.0, -0.04, -0.02), 50: (0.0, -0.05, -0.02), 51: (0.0, -0.05, -0.02),
                        52: (0.0, -0.05, -0.02), 53: (0.0, -0.04, -0.02),
                        61: (0.0, -0.01, -0.02), 62: (0.0, -0.012, -0.02), 63: (0.0, -0.01, -0.02)},
-    # chin raiser (pout): the lower lip pushed up, most in the middle
-    "mouthShrugLower": {**{k: (0.0, 0.05, 0.02) for k in _LOWER_LIP},
-                        56: (0.0, 0.07, 0.025), 57: (0.0, 0.075, 0.03), 58: (0.0, 0.07, 0.025),
-                        65: (0.0, 0.065, 0.02), 66: (0.0, 0.07, 0.02), 67: (0.0, 0.065, 0.02),
-                        7: (0.0, 0.03, 0.0), 8: (0.0, 0.045, 0.01), 9: (0.0, 0.03, 0.0)},
     "mouthShrugUpper": {k: (0.0, 0.035, 0.01) for k in _UPPER_LIP},
     "browInnerUp": _times(_BROW_INNER_UP, BROW_RANGE),
     "browOuterUpLeft": _times(_BROW_OUTER_UP_L, BROW_RANGE),
@@ -199,8 +196,16 @@ CHANNEL_MOVES: dict[str, dict[int, tuple[float, float, float]]] = {
 #: how much of a smiling portrait's raised corners count as its smile (above RESTING_CORNER)
 FROWN_DROP = 0.09
 RESTING_CORNER = 0.03
-#: share of the corner's drop each lip point follows (a frown bends the lips as an arch)
-_FROWN_FOLLOW = {54: 1.0, 64: 0.9, 53: 0.4, 55: 0.4, 63: 0.3, 65: 0.3, 52: 0.12, 56: 0.12}
+#: mouthFrown on a portrait parted at rest: the share of its gap between the inner lips the
+#: upper lip comes down over the teeth (at a full smile; less for a smaller one), and the
+#: most of that gap mouthShrugLower's lower lip may take (the rest of its push lifts both
+#: lips together: pressed lips rise as one, they do not cross)
+FROWN_COVER = 0.2
+SHRUG_GAP = 0.25
+#: a gap between the inner lips under this (IOD units) counts as lips touching
+SHRUG_TOUCH = 0.06
+_INNER_PAIRS = ((61, 67), (62, 66), (63, 65))
+_INNER_UP, _INNER_LO = [a for a, _ in _INNER_PAIRS], [b for _, b in _INNER_PAIRS]
 
 
 def rest_smile(face_xy: np.ndarray) -> float:
@@ -212,20 +217,89 @@ def rest_smile(face_xy: np.ndarray) -> float:
     return float(np.clip(corner - mid - RESTING_CORNER, 0.0, 0.3))
 
 
-def _frown_moves(smile: float) -> dict[str, dict[int, tuple]]:
-    """mouthFrown relative to the portrait's rest: the corners come down by the smile the
-    portrait has at rest, then ``FROWN_DROP`` below a resting mouth; undoing a smile also
-    narrows the mouth a little. (A fixed drop left a grinning portrait grinning when sad.)"""
+def _mouth_span(face_xy: np.ndarray) -> np.ndarray:
+    """Each lip point's place across the mouth: −1 at the image-left corner, 0 in the
+    middle, +1 at the image-right corner (face frame x)."""
+    mid = 0.5 * (face_xy[48, 0] + face_xy[54, 0])
+    half = max(0.5 * (face_xy[54, 0] - face_xy[48, 0]), 1e-3)
+    t = np.zeros(68)
+    t[48:68] = np.clip((face_xy[48:68, 0] - mid) / half, -1.0, 1.0)
+    return t
+
+
+def _inner_gaps(face_xy: np.ndarray) -> np.ndarray:
+    """The rest gap between the inner lips (IOD units, ≥ 0) at its three columns."""
+    return np.array([max(float(face_xy[a, 1] - face_xy[b, 1]), 0.0) for a, b in _INNER_PAIRS])
+
+
+def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
+    """mouthFrown and mouthShrugLower fitted to the portrait's mouth (``None``: a generic
+    closed, resting mouth, for the channel list).
+
+    mouthFrown: the corners come down by the smile the portrait has at rest, then
+    ``FROWN_DROP`` below a resting mouth (a fixed drop left a grinning portrait grinning
+    when sad); undoing a smile also narrows the mouth a little. Every lip point comes down
+    by the corners' drop times t² (t its place across the mouth, 0 in the middle, 1 at a
+    corner): the lips bend as one smooth arch, upper and lower alike at each column, so
+    the gap between them (the teeth) keeps its height and the middle stays where it was.
+    (Fixed shares per point, the inner lip's 0.3 where the outer took 0.12, bent a grin's
+    lips into an M over its teeth.) A portrait parted at rest has its upper lip lifted off
+    the teeth by the smile: it comes back down over them by ``FROWN_COVER`` of the gap."""
+    if face_xy is None:
+        face_xy = np.zeros((68, 2), np.float32)
+        face_xy[48:68, 0] = np.linspace(-0.5, 0.5, 20)
+    smile = rest_smile(face_xy)
     drop = FROWN_DROP + smile
-    dx = 0.02 - 0.3 * smile
-    left = {k: (w * dx, -w * drop, 0.0) for k, w in _FROWN_FOLLOW.items()}
-    left.update({11: (0.0, -0.1 * drop, 0.0), 12: (0.0, -0.12 * drop, 0.0)})
-    # the smile had lifted the upper lip off the teeth: it comes back down over them
-    # (the middle points, 62 and 51, are in both sides' tables: half in each)
-    for k, f in {63: 0.22, 52: 0.15, 62: 0.5 * 0.25, 51: 0.5 * 0.18}.items():
-        dx, dy, dz = left.get(k, (0.0, 0.0, 0.0))
-        left[k] = (dx, dy - f * smile, dz)
-    return {"mouthFrownLeft": left, "mouthFrownRight": _sym(left)}
+    narrow = 0.02 - 0.3 * smile
+    t = _mouth_span(face_xy)
+    gaps = _inner_gaps(face_xy)
+    sides: dict[str, dict[int, list[float]]] = {"Left": {}, "Right": {}}
+
+    def add(k: int, d: tuple[float, float, float]) -> None:
+        """A move for point k, on its side's channel (halved over both in the middle)."""
+        share = ({"Left": 1.0} if t[k] > 0.05 else {"Right": 1.0} if t[k] < -0.05
+                 else {"Left": 0.5, "Right": 0.5})
+        for side, f in share.items():
+            v = sides[side].setdefault(k, [0.0, 0.0, 0.0])
+            for i in range(3):
+                v[i] += f * d[i]
+
+    for k in range(48, 68):
+        w = t[k] * t[k]
+        add(k, (narrow * t[k] * abs(t[k]), -w * drop, 0.0))
+    cover = FROWN_COVER * min(1.0, smile / 0.1)
+    for (up, _), g, outer in zip(_INNER_PAIRS, gaps, (50, 51, 52)):
+        c = cover * g * (1.0 - t[up] * t[up])
+        add(up, (0.0, -c, 0.0))
+        add(outer, (0.0, -c, 0.0))
+    out = {}
+    for side, table in sides.items():
+        out[f"mouthFrown{side}"] = {k: tuple(v) for k, v in table.items()}
+    # the cheeks beside the corners come down a little with them
+    out["mouthFrownLeft"].update({11: (0.0, -0.1 * drop, 0.0), 12: (0.0, -0.12 * drop, 0.0)})
+    out["mouthFrownRight"].update({5: (0.0, -0.1 * drop, 0.0), 4: (0.0, -0.12 * drop, 0.0)})
+    # chin raiser (pout): the lower lip pushed up, most in the middle. Lips that touch at
+    # rest rise as one (a closed mouth's lower lip was pushed through the upper one: a
+    # zigzag lip line); over a gap the lower lip's inner edge takes at most SHRUG_GAP of it
+    shrug = {**{k: [0.0, 0.05, 0.02] for k in _LOWER_LIP},
+             56: [0.0, 0.07, 0.025], 57: [0.0, 0.075, 0.03], 58: [0.0, 0.07, 0.025],
+             7: [0.0, 0.012, 0.0], 8: [0.0, 0.018, 0.01], 9: [0.0, 0.012, 0.0]}
+    for (up, lo), g, outer, want in zip(_INNER_PAIRS, gaps, (50, 51, 52), (0.065, 0.07, 0.065)):
+        both = want * float(np.clip(1.0 - g / SHRUG_TOUCH, 0.0, 1.0))  # lips that touch
+        shrug[lo] = [0.0, both + min(want - both, SHRUG_GAP * g), 0.02]
+        if both > 0:
+            shrug[up] = [0.0, both, 0.02]
+            shrug[outer] = [0.0, both, 0.01]
+    out["mouthShrugLower"] = {k: tuple(v) for k, v in shrug.items()}
+    return out
+
+
+#: eyeWide: how far a weight of 1 lifts the upper lid, in the eye's own openings. A warp
+#: can only stretch the eye to open it (the iris and the lash line with it): 0.42 at a
+#: linear weight smeared the lashes into a band and the iris upwards at 1. The weight is
+#: eased (1 - (1 - w)²): most of the lift by the default 0.6, little more beyond
+EYE_WIDE = 0.28
+_EYE_WIDE = [INDEX["eyeWideLeft"], INDEX["eyeWideRight"]]
 
 
 def _eyelid_moves(gap_l: float, gap_r: float) -> dict[str, dict[int, tuple]]:
@@ -236,8 +310,9 @@ def _eyelid_moves(gap_l: float, gap_r: float) -> dict[str, dict[int, tuple]]:
         g = max(gap, 0.05)
         out[f"eyeBlink{side}"] = {**{k: (0.0, -BLINK_WARP * g, 0.0) for k in up},
                                   **{k: (0.0, 0.08 * g, 0.0) for k in lo}}
-        # eyes wide (surprise): the upper lid up, the brow over it lifted with it
-        out[f"eyeWide{side}"] = {**{k: (0.0, 0.42 * g, 0.0) for k in up},
+        # eyes wide (surprise): the upper lid up, the brow over it lifted with it (the
+        # weight eased, see FaceRig.shape: the lid can only go so far)
+        out[f"eyeWide{side}"] = {**{k: (0.0, EYE_WIDE * g, 0.0) for k in up},
                                  **{k: (0.0, 0.06, 0.0) for k in brow}}
         out[f"eyeSquint{side}"] = {**{k: (0.0, 0.25 * g, 0.0) for k in lo},
                                    **{k: (0.0, -0.1 * g, 0.0) for k in up}}
@@ -282,6 +357,9 @@ class FaceRig:
     def shape(self, coeffs: np.ndarray) -> np.ndarray:
         """Face-frame 3D points (P, 3) for the blendshapes of a 73-vector (no head pose)."""
         w = np.clip(np.asarray(coeffs[:N_BLENDSHAPES], np.float32), 0.0, 1.0)
+        if w[_EYE_WIDE].any():
+            w = w.copy()
+            w[_EYE_WIDE] = 1.0 - (1.0 - w[_EYE_WIDE]) ** 2
         pts = self.rest.copy()
         pts[:68] += (w @ self.basis).reshape(68, 3)
         jaw, close = w[INDEX["jawOpen"]], w[INDEX["mouthClose"]]
@@ -290,6 +368,14 @@ class FaceRig:
             lower = self.basis[INDEX["jawOpen"]].reshape(68, 3)
             pts[_LOWER_LIP] -= 0.62 * k * lower[_LOWER_LIP]
             pts[_UPPER_LIP] += 0.3 * k * lower[_LOWER_LIP]
+        # the inner lips meet but do not cross (press, shrug and frown on a closed mouth
+        # summed past its gap: a zigzag lip line); a portrait's own crossing is its floor
+        up, lo = _INNER_UP, _INNER_LO
+        short = np.minimum(self.rest[up, 1] - self.rest[lo, 1], 0.0) - (pts[up, 1] - pts[lo, 1])
+        if (short > 0).any():
+            half = 0.5 * np.maximum(short, 0.0)
+            pts[up, 1] += half
+            pts[lo, 1] -= half
         return pts
 
     def project(self, pts: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
@@ -344,7 +430,7 @@ def fit_rig(landmarks: np.ndarray) -> FaceRig:
 
     gap_r = float(np.mean(face_xy[R_EYE_UP, 1] - face_xy[R_EYE_LO, 1]))
     gap_l = float(np.mean(face_xy[L_EYE_UP, 1] - face_xy[L_EYE_LO, 1]))
-    moves = {**CHANNEL_MOVES, **_eyelid_moves(gap_l, gap_r), **_frown_moves(rest_smile(face_xy))}
+    moves = {**CHANNEL_MOVES, **_eyelid_moves(gap_l, gap_r), **_lip_moves(face_xy)}
     basis = np.zeros((N_BLENDSHAPES, 68, 3), np.float32)
     for name, table in moves.items():
         for k, v in table.items():
@@ -356,5 +442,5 @@ def fit_rig(landmarks: np.ndarray) -> FaceRig:
 
 #: the channels the rig moves (others, e.g. eyeLookIn/Out and tongueOut, it ignores)
 def rigged_channels() -> list[str]:
-    names = set(CHANNEL_MOVES) | set(_eyelid_moves(0.2, 0.2)) | set(_frown_moves(0.0))
+    names = set(CHANNEL_MOVES) | set(_eyelid_moves(0.2, 0.2)) | set(_lip_moves(None))
     return [n for n in BLENDSHAPES if n in names]
