@@ -362,7 +362,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"live load: {live.get('load', 0):.2f} of {cap} (512² sessions at 25 FPS)")
     rows = [("stage", "engine", "pid", "state", "restarts", "cpus", "device", "sessions", "queued")]
     for w in st["workers"]:
-        rows.append((w["stage"], str(w["engine"]), str(w["pid"]), w["state"], str(w["restarts"]),
+        state = w["state"] + (f" (retry in {w['retry_in_s']:.0f} s)" if w.get("retry_in_s") is not None else "")
+        rows.append((w["stage"], str(w["engine"]), str(w["pid"]), state, str(w["restarts"]),
                      ",".join(map(str, w["cpus"] or [])) or "-", w["device"], str(w["sessions"]),
                      str(w["queued"])))
     _table(rows)

@@ -66,10 +66,10 @@ class WorkerHandle:
     started_at: float = 0.0
     last_beat: float = 0.0
     restart_at: float = 0.0
-    #: when it was marked failed, and whether trying it again later may help (not when
-    #: its engine refused its configuration)
+    #: when it was marked failed, and when it is tried again (monotonic; None: never, as
+    #: when its engine refused its configuration)
     failed_at: float = 0.0
-    retryable: bool = True
+    retry_at: float | None = None
     beat: dict[str, Any] = field(default_factory=dict)
     identity: bytes = b""
     last_exit: int | None = None
@@ -162,4 +162,6 @@ class WorkerHandle:
                 "engine": self.spec.get("engine"), "kind": self.kind, "sessions": self.beat.get("sessions", 0),
                 "queued": self.beat.get("queued", 0), "processed": self.beat.get("processed", 0),
                 "dropped": self.beat.get("dropped", 0), "held": self.beat.get("held", {}),
-                "last_exit": self.last_exit}
+                "last_exit": self.last_exit,
+                "retry_in_s": (round(max(0.0, self.retry_at - time.monotonic()), 1)
+                               if self.state == FAILED and self.retry_at is not None else None)}

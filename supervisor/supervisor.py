@@ -369,8 +369,7 @@ class Supervisor:
     def _retry_due(self, w: WorkerHandle, now: float) -> bool:
         """A failed stage is started again ``restart.failed_retry`` s after it failed: a
         server left degraded for good served nobody until someone restarted it by hand."""
-        retry = self.config.restart.failed_retry
-        return w.retryable and retry > 0 and now >= w.failed_at + retry and not self.stopping
+        return w.retry_at is not None and now >= w.retry_at and not self.stopping
 
     def on_worker_exit(self, w: WorkerHandle, code: int | None, now: float, hung: bool = False) -> None:
         pid = w.pid
@@ -403,7 +402,8 @@ class Supervisor:
                       extra={"stage": w.stage, "restarts": w.restarts, "code": code,
                              "retry_in": retry if retry > 0 and not refused else None})
             w.state = FAILED
-            w.failed_at, w.retryable = now, not refused
+            w.failed_at = now
+            w.retry_at = now + retry if retry > 0 and not refused else None
             self.delivery.stage_failed(w)
         else:
             w.state = BACKOFF

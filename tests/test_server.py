@@ -340,6 +340,8 @@ def test_a_failed_stage_is_tried_again_after_failed_retry_and_the_server_serves(
     assert eventually(lambda: srv.status()["state"] == "degraded", timeout=30)
     with pytest.raises(StageFailed):
         srv.clients[0].open_session()
+    motion = next(w for w in srv.status()["workers"] if w["stage"] == "motion")
+    assert 0 <= motion["retry_in_s"] <= 1.5  # status says when
     # while the cause holds, each retry fails it again: degraded, not a tight crash loop
     time.sleep(2.0)
     motion = next(w for w in srv.status()["workers"] if w["stage"] == "motion")
