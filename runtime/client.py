@@ -787,11 +787,29 @@ class Speech(Iterator[Item]):
         self._started = True
         return next(self._items)
 
+    def __iter__(self) -> Iterator[Item]:
+        """A loop's own iterator: leaving the loop early (``break``, an exception) ends
+        the utterance even while this object is still referenced (a variable kept it
+        alive, and its stream with it: its frames held the session's pool share and the
+        next ``say`` failed with ``pool_full``)."""
+        try:
+            while True:
+                try:
+                    item = self.__next__()
+                except StopIteration:
+                    return
+                yield item
+        finally:
+            self.close()
+
     def close(self) -> None:
         if not self._started:
             self._started = True
             self.session._abandon(self.utterance)
-        self._items.close()  # type: ignore[attr-defined]
+        try:
+            self._items.close()  # type: ignore[attr-defined]
+        except ValueError:  # another thread is reading it ("generator already executing"):
+            self.session._abandon(self.utterance)  # its read wakes and the stream ends
 
     def __del__(self) -> None:
         try:

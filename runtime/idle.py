@@ -41,9 +41,10 @@ OFFLINE_SPEED = 3.0
 
 
 class Idle(Speech):
-    """What :meth:`Session.idle` returns: the idle utterance's items (frames, and its
-    ``utterance_done``), iterable like :meth:`Session.say`'s. Leaving the loop early or
-    ``close()`` cancels it; ``stop()`` ends it after what was sent."""
+    """What :meth:`Session.idle` returns: the idle utterance's items (frames, the silence
+    as audio chunks and, where wanted, coefficients; then its ``utterance_done``),
+    iterable like :meth:`Session.say`'s. Leaving the loop early or ``close()`` (from any
+    thread) cancels it; ``stop()`` ends it after what was sent."""
 
     def __init__(self, session: "Session", seconds: float | None, chunk_s: float) -> None:
         if seconds is not None and not (isinstance(seconds, (int, float)) and 0 < seconds < 86400):

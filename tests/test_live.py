@@ -230,8 +230,11 @@ def test_idle_keeps_a_live_avatar_streaming_and_a_say_cuts_in_at_once(make_serve
             item.release()
         if n >= 30:
             break
-    assert not idle.ended  # (leaving the loop alone does not stop an idle stream)
-    idle = s.idle()  # a new one replaces it
+    # leaving the loop ends it, though `idle` still holds it (its frames held the
+    # session's pool share, and the next say failed with pool_full)
+    assert idle.ended and eventually_free(srv)
+    idle = s.idle()  # a new one replaces an old one
+    s.idle()
     seen = 0
     for item in idle:
         if isinstance(item, Frame):
@@ -249,13 +252,13 @@ def test_idle_keeps_a_live_avatar_streaming_and_a_say_cuts_in_at_once(make_serve
     assert idle.ended and [i for i in idle if isinstance(i, Event)] == []  # its loop ends
     # stop() ends one gracefully; one let go without close() stops being fed
     idle = s.idle()
+    seen = []
     for item in idle:
+        seen.append(item)
         if isinstance(item, Frame):
             item.release()
-            break
-    idle.stop()
-    rest = [i.release() or i if isinstance(i, Frame) else i for i in idle]
-    assert rest[-1].kind == "utterance_done" and rest[-1].meta["complete"]
+            idle.stop()  # (once is enough; again is harmless)
+    assert seen[-1].kind == "utterance_done" and seen[-1].meta["complete"]
     s.idle()
     gc.collect()
     time.sleep(0.3)
@@ -271,6 +274,28 @@ def test_idle_keeps_a_live_avatar_streaming_and_a_say_cuts_in_at_once(make_serve
     frames = sum(1 for i in srv.client().open_session().idle(10.0) if isinstance(i, Frame) and not i.release())
     assert frames == 250 and time.monotonic() - t0 < 8
     assert eventually_free(srv)
+    # closed from another thread while one reads it: the reader's loop ends at once (it
+    # raised "generator already executing" there, and the reader waited out its timeout)
+    idle = s.idle()
+    ended = threading.Event()
+
+    def show() -> None:
+        for item in idle:
+            if isinstance(item, Frame):
+                item.release()
+        ended.set()
+
+    threading.Thread(target=show, daemon=True).start()
+    time.sleep(0.5)
+    idle.close()
+    assert ended.wait(2.0)
+    # and a say kept in a variable is cancelled by leaving its loop, as one that is not
+    said = s.say(" ".join(["word"] * 30))
+    for item in said:
+        if isinstance(item, Frame):
+            item.release()
+            break
+    assert eventually_free(srv) and len(collect(s, "one two")["frames"]) == 10
 
 
 def eventually_free(srv, timeout: float = 5.0) -> bool:
