@@ -291,6 +291,61 @@ def test_one_eye_blink_leaves_the_other(engine, session, neutral):
     assert box_diff(out, neutral, lm[36:42], 1) < 2
 
 
+def _lid_profile(out: np.ndarray, targets: np.ndarray, iod: float, up: list[int], lo: list[int]):
+    """Luma of a closed eye, averaged over the columns between the upper lid's middle
+    landmarks: the rows from 0.2 IOD above the (moved) upper lid down to the middle of the
+    closed eye; and the mean horizontal neighbour difference (texture) in the lid just
+    below the upper lid and in the skin 0.12 IOD above it."""
+    y = out.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    xs = np.arange(int(np.ceil(targets[up, 0].min())), int(np.floor(targets[up, 0].max())) + 1)
+    yu = np.round(np.interp(xs, *zip(*sorted(targets[up].tolist())))).astype(int)
+    yl = np.interp(xs, *zip(*sorted(targets[lo].tolist())))
+    mid = int(np.round(np.mean(yl - yu) * 0.5))
+    prof = [float(y[yu + d, xs].mean()) for d in range(-int(0.2 * iod), mid + 1)]
+
+    def texture(d: int) -> float:
+        return float(np.abs(y[yu + d, xs + 1] - y[yu + d, xs]).mean())
+    lid = np.mean([texture(d) for d in range(0, mid + 1)])
+    above = np.mean([texture(-int(0.12 * iod) + d) for d in (-1, 0, 1)])
+    return np.array(prof), float(lid), float(above)
+
+
+def test_a_closed_eyelid_is_the_photos_own_skin(engine, session, neutral):
+    """A blink's lid is the skin above the eye coming down, not a flat sticker with an
+    outline: textured like that skin, no dark band along its top (the photo's lash line
+    must not be left standing above the lid), no colour of its own (a gray portrait's lid
+    is gray), and the eye is the same picture again once it opens."""
+    r = row(eyeBlinkLeft=1.0, eyeBlinkRight=1.0)
+    out = frame(engine, session, eyeBlinkLeft=1.0, eyeBlinkRight=1.0)
+    targets = session.rig.targets(r)[:68]
+    iod = session.rig.iod
+    for up, lo in (([37, 38], [41, 40]), ([43, 44], [47, 46])):
+        prof, lid, above = _lid_profile(out, targets, iod, up, lo)
+        # a dark band: a row darker than rows both above and below it (the old lid: the
+        # photo's lash line 50 levels under the skin and the lid each side of it)
+        valley = max(min(prof[:i + 1].max(), prof[i:].max()) - prof[i] for i in range(len(prof)))
+        assert valley < 12, (valley, prof.round())
+        # textured like the skin above (the old flat fill: ~0.3-1 against ~4-5)
+        assert lid > 0.5 * above, (lid, above)
+    # opened again: the very same frame as before the blink
+    assert np.array_equal(frame(engine, session), neutral)
+    # a gray portrait's lid (lash line included) stays gray
+    gray = IM.decode_image((ASSETS / "astronaut.png").read_bytes()).astype(np.float32)
+    gray = np.repeat((gray @ np.array([0.299, 0.587, 0.114], np.float32))[..., None], 3, 2)
+    s = engine.open_session({"avatar": IM.encode_png(np.round(gray).astype(np.uint8)), "size": SIZE})
+    try:
+        g = np.zeros((SIZE, SIZE, 3), np.uint8)
+        engine.render(s, r, g)
+        lm = s.rig.landmarks
+        for eye in (lm[36:42], lm[42:48]):
+            lo_ = np.floor(eye.min(0) - 0.1 * s.rig.iod).astype(int)
+            hi_ = np.ceil(eye.max(0) + 0.1 * s.rig.iod).astype(int)
+            box = g[lo_[1]:hi_[1], lo_[0]:hi_[0]].astype(np.int16)
+            assert int((box.max(2) - box.min(2)).max()) <= 2
+    finally:
+        engine.close_session(s)
+
+
 def test_head_yaw_moves_the_face(engine, session, neutral):
     lm = session.rig.landmarks
     right = frame(engine, session, headYaw=0.3)

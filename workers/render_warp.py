@@ -9,7 +9,7 @@ precomputed: the warp region (``roi``: an ellipse around the head and neck, with
 bounding box), fixed anchors on that box and on the ellipse (the background stays put),
 a coarse grid over the box (``grid_cell`` px cells, default ``size/64``), the thin-plate
 kernel between the grid and the anchors, the source as a float tensor on the device,
-the eyelid skin colour, the mouth's rest opening.
+the mouth's rest opening.
 
 Per frame (``render``):
 
@@ -31,9 +31,10 @@ Per frame (``render``):
    fills only the gap that opens between them, fading in with the opening (no change at
    rest, no jump in the teeth's brightness when a syllable starts). A closed-mouth portrait
    gets a drawn interior (cavity, a band of upper teeth, a hint of lower teeth and tongue).
-   Eyelids (skin from above the eye, a lash line) drawn down over each eye as
-   ``eyeBlink*`` rises, after the rig has warped the upper lid part of the way
-   (``face_rig.BLINK_WARP``).
+   Eyelids drawn down over each eye as ``eyeBlink*`` rises, after the rig has warped the
+   upper lid part of the way (``face_rig.BLINK_WARP``): the frame's own skin between brow
+   and lid resampled down to the lid's edge, the photo's lash band squeezed into a thin
+   line there.
 
 ``render_batch`` on CUDA resamples every job of the same frame size in one ``grid_sample``;
 on the CPU it renders job by job: the resampling cost is per output pixel, a batch saves
@@ -105,6 +106,15 @@ EYES = {  # ARKit side: (upper chain, lower chain) from outer to inner corner
     "Right": ([36, 37, 38, 39], [36, 41, 40, 39]),
     "Left": ([45, 44, 43, 42], [45, 46, 47, 42]),
 }
+BROWS = {"Right": [17, 18, 19, 20, 21], "Left": [22, 23, 24, 25, 26]}
+#: a blink's lid (inter-ocular units): the skin swept down over the eye starts at most
+#: LID_REACH above the upper lid (less under a low brow); the photo's lash band (lashes,
+#: liner, shadow) is the LID_LASH above the upper lid's landmarks, squeezed to
+#: LID_LASH_CLOSED at the closed lid's edge; the skin darkens by LID_SHADE towards it
+LID_REACH = 0.16
+LID_LASH = 0.07
+LID_LASH_CLOSED = 0.03
+LID_SHADE = 0.2
 
 
 def bundled_avatars() -> list[str]:
@@ -217,7 +227,6 @@ class WarpSession:
     #: positive) is kept, fading to 0 at the frame's own edges
     out_taper: tuple[np.ndarray, np.ndarray]
     rest_px: np.ndarray                  # (P, 2) rest positions of the rig's moving points
-    lid_rgb: dict[str, np.ndarray]       # eyelid skin colour per side
     lip_rgb: tuple[np.ndarray, np.ndarray] | None  # upper, lower lip colour (lips parted at rest)
     mouth_rest_gap: float                # portrait's own inner-lip opening, pixels
     teeth: "Teeth | None" = None         # the portrait's own teeth (lips parted at rest)
@@ -424,14 +433,6 @@ class WarpRenderEngine(RenderEngine):
         rest_px = rig.rest_px
         lm = rest_px[:68]
 
-        # eyelid skin: the mean colour of a patch between each upper lid and its brow
-        lid_rgb = {}
-        for side, brow in (("Right", [18, 19, 20]), ("Left", [23, 24, 25])):
-            up = EYES[side][0][1:3]
-            p = 0.6 * lm[up].mean(0) + 0.4 * lm[brow].mean(0)
-            patch = _patch(image, p, max(1, int(round(0.05 * iod))))
-            lid_rgb[side] = (np.median(patch, 0) if len(patch) else np.array([180, 140, 120])).astype(np.float32)
-
         gap = _chain_gap(lm)
         lip_rgb = None
         if gap > max(1.5, 0.03 * iod):  # parted at rest (a smile showing teeth): /p b m/ seal it
@@ -460,7 +461,7 @@ class WarpRenderEngine(RenderEngine):
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
                            centers64=centers64,
                            collar_px=collar_px,
-                           rest_px=rest_px, lid_rgb=lid_rgb, lip_rgb=lip_rgb, mouth_rest_gap=gap, teeth=teeth,
+                           rest_px=rest_px, lip_rgb=lip_rgb, mouth_rest_gap=gap, teeth=teeth,
                            colour=colour, nbytes=nbytes,
                            device_nbytes=device_nbytes)
 
@@ -618,7 +619,7 @@ class WarpRenderEngine(RenderEngine):
         for side, (upper, lower) in EYES.items():
             b = float(row[INDEX[f"eyeBlink{side}"]])
             if b > 0.02:
-                _eyelid(out, lm[upper], lm[lower], min(b, 1.0), iod, state.lid_rgb[side])
+                _eyelid(out, lm[upper], lm[lower], lm[BROWS[side]], min(b, 1.0), iod)
 
 
 def _check_cuda(device: torch.device) -> None:
@@ -1029,37 +1030,82 @@ def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float,
     _blend(out, box, col, a)
 
 
-def _eyelid(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, blink: float, iod: float,
-            skin: np.ndarray) -> None:
-    """Draw an eyelid down over one eye: ``blink`` 0 (open) .. 1 (closed)."""
+def _eyelid(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, brow: np.ndarray,
+            blink: float, iod: float) -> None:
+    """Draw an eyelid down over one eye: ``blink`` 0 (open) .. 1 (closed).
+
+    The lid is the photo's own: the frame's skin between the brow and the upper lid (as
+    the warp left it) is resampled down, along the eye's normal, to the lid's moving
+    edge: the clean skin above the lash line stretched over the eye, the photo's lash
+    band (lashes, liner, the lid's shadow) squeezed into a thin line at that edge. At the
+    top the resampling is the identity (the lid is continuous with the crease and the
+    skin above it: no outline); at ``blink`` 0 it is the identity everywhere. The skin
+    darkens slightly towards the lash line. No colour of its own: a gray portrait's lid
+    stays gray."""
     p0, p1 = upper[0], upper[-1]
     ax, nrm, length = _frame(p0, p1)
     if length < 2:
         return
-    pad = 0.08 * iod + 2
-    box = _box(np.concatenate([upper, lower]), pad, out.shape)
-    if box is None:
-        return
-    u, v = _local(box, p0, ax, nrm)
     uu, vu = _chain(upper, p0, ax, nrm)
     ul, vl = _chain(lower, p0, ax, nrm)
     if uu[-1] < uu[0] + 1:
         return
-    v_up = np.interp(u, uu, vu).astype(np.float32)
-    v_lo = np.interp(u, ul, vl).astype(np.float32)
-    f = blink ** 1.2
-    v_lid = v_up + f * (np.maximum(v_lo, v_up) - v_up) + 0.6 * f   # the lid's edge
-    feather = max(1.0, 0.04 * iod)
-    top = v_up - 0.05 * iod * f                                   # blend into skin above
-    a = np.clip((v_lid - v) + 0.5, 0, 1) * np.clip((v - top) / feather, 0, 1)
-    margin = 0.06 * length + 0.5
-    a *= np.clip((u + margin) / margin, 0, 1) * np.clip((length + margin - u) / margin, 0, 1)
-    a *= min(1.0, blink / 0.15)
-    if not a.any():
+    ub, vb = _local_xy(brow[:, 0], brow[:, 1], p0, ax, nrm)
+    order = np.argsort(ub)
+    # how far above the lid the sweep starts: clear of the brow's lower edge
+    reach = float(np.clip(0.55 * np.min(vu - np.interp(uu, ub[order], vb[order])),
+                          LID_LASH * iod + 1.5, LID_REACH * iod))
+    pad = 0.08 * iod + 2
+    box = _box(np.concatenate([upper, lower, upper - nrm * (reach + 1.5)]), pad, out.shape)
+    if box is None:
         return
+    xs, ys = _pixels(box)
+    u, v = _local_xy(xs, ys, p0, ax, nrm)
+    f = blink ** 1.2
+    # the lid's region, roughly, from the chains' extremes: only its pixels are worked on
+    sel = ((v > min(0.0, vu.min()) - reach - 0.5) & (v < vl.max() + f * max(0.6, 0.02 * iod) + 1.0))
+    yy, xx = np.nonzero(sel)
+    u, v = u[yy, xx], v[yy, xx]
+    v_up = np.interp(u, uu, vu).astype(np.float32)
+    v_lo = np.maximum(np.interp(u, ul, vl).astype(np.float32), v_up)
+    v_lid = v_up + f * (v_lo - v_up + max(0.6, 0.02 * iod))  # the lid's edge: closed, just
+    # past the lower lid's landmarks (on its rim: a sliver of white shows above them)
+    top = v_up - reach
+    # past the corners the lid fades out; wider at the outer one (u = 0), whose lash tail
+    # comes down with the lid rather than stand up from its end
+    margin = 0.06 * length + 0.5
+    outer = 0.18 * length + 0.5
+    side = np.clip((u + outer) / outer, 0, 1) * np.clip((length + margin - u) / margin, 0, 1)
+    feather = max(1.0, 0.04 * iod)
+    a = np.clip(v_lid - v + 0.5, 0, 1) * _smoothstep((v - top) / feather) * side
+    keep = a > 0
+    if not keep.any():
+        return
+    yy, xx, u, v, a = yy[keep], xx[keep], u[keep], v[keep], a[keep]
+    v_up, v_lid, top = v_up[keep], v_lid[keep], top[keep]
+    # where each lid pixel comes from (v_src, same u): [top, v_up - lash] (skin) onto
+    # [top, v_lid - w], [v_up - lash, v_up + 0.5] (the lash band) onto [v_lid - w, v_lid]
+    lash = LID_LASH * iod
+    w = lash + 0.5 + f * (max(0.8, LID_LASH_CLOSED * iod) - lash - 0.5)
+    in_lash = v >= v_lid - w
+    v_src = top + (v - top) * ((v_up - lash - top) / np.maximum(v_lid - w - top, 1e-3))
+    v_src[in_lash] = (v_up - lash + (v - (v_lid - w)) * ((lash + 0.5) / w))[in_lash]
+    # sampled along the normal only, never from below the pixel itself; the lash band is
+    # squeezed ~3×: one tap would alias it into a dotted line, its pixels take three
+    # across their source span (one gather for all)
+    span = (lash + 0.5) / w / 3.0
+    li = np.flatnonzero(in_lash)
+    vs = np.concatenate([v_src, v_src[li] - span, v_src[li] + span])
+    k = np.concatenate([np.arange(len(v)), li, li])
+    dv = np.minimum(vs, v[k]) - v[k]
+    py, px = yy + box[1], xx + box[0]
+    taps = _bilinear(out, px[k] + dv * float(nrm[0]), py[k] + dv * float(nrm[1]))
+    col = taps[:len(v)]
+    if len(li):
+        n = len(li)
+        col[li] = (col[li] + taps[len(v):len(v) + n] + taps[len(v) + n:]) * (1.0 / 3.0)
+    # the skin darker towards the lash line
     depth = np.clip((v - top) / np.maximum(v_lid - top, 1e-3), 0, 1)
-    col = skin[None, None, :] * (1.0 - 0.12 * depth)[..., None]
-    lash_w = max(0.8, 0.028 * iod)
-    lash = np.clip(1 - np.abs(v - (v_lid - 0.4 * lash_w)) / lash_w, 0, 1) * min(1.0, f * 1.5)
-    col = col + (np.array([45, 32, 30], np.float32) - col) * (0.85 * lash)[..., None]
-    _blend(out, box, col, a)
+    col *= (1.0 - LID_SHADE * f * depth ** 1.5)[:, None]
+    under = out[py, px].astype(np.float32)
+    out[py, px] = np.clip(under + (col - under) * a[:, None] + 0.5, 0, 255).astype(np.uint8)
