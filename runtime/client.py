@@ -508,9 +508,13 @@ class Session:
         the item is handed to the caller), to see where the time goes."""
         meta = {"text": text, "emotion": emotion, "intensity": intensity, "rate": rate,
                 "batch": batch or None, "trace": trace or None}
-        self._cut_idle()
-        reply = self.client.request(P.Message(P.SAY, session=self.token,
-                                              meta={k: v for k, v in meta.items() if v is not None}))
+        self._yield_idle()
+        try:
+            reply = self.client.request(P.Message(P.SAY, session=self.token,
+                                                  meta={k: v for k, v in meta.items() if v is not None}))
+        except GirisError:
+            self._cut_idle()  # nothing takes over from it: it would hang unfed
+            raise
         return int(reply.meta["utterance"])
 
     def coefficients(self, text: str, **kw: Any) -> Iterator[Coefficients]:
@@ -531,7 +535,7 @@ class Session:
             items.close()  # leaving early cancels the utterance (see stream)
 
     def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
-                   final: bool = False) -> int:
+                   final: bool = False, idle: bool = False) -> int:
         """Live audio in: the avatar lip-syncs to it. Returns the utterance id.
 
         ``pcm`` must be a 1-D ``int16`` numpy array (mono) and ``sample_rate`` an integer:
@@ -547,13 +551,20 @@ class Session:
                 or not float(sample_rate).is_integer() or sample_rate <= 0):
             raise BadInput(f"send_audio: sample_rate must be a positive whole number of Hz, "
                            f"got {sample_rate!r}")
-        if utterance is None:
-            self._cut_idle()
+        fresh = utterance is None
+        if fresh:
+            self._yield_idle()
         msg = P.Message(P.AUDIO_IN, session=self.token,
                         meta={"sample_rate": int(sample_rate), "final": bool(final),
+                              **({"idle": True} if idle else {}),
                               **({"utterance": utterance} if utterance is not None else {})})
         msg.add_inline(np.ascontiguousarray(pcm))
-        return int(self.client.request(msg).meta["utterance"])
+        try:
+            return int(self.client.request(msg).meta["utterance"])
+        except GirisError:
+            if fresh:
+                self._cut_idle()  # nothing takes over from it: it would hang unfed
+            raise
 
     def idle(self, seconds: float | None = None, *, chunk_s: float = 0.2) -> "Idle":
         """The avatar alive with nothing to say: blinks, the slow sway, the mouth at rest,
@@ -566,6 +577,18 @@ class Session:
         idle = Idle(self, seconds, chunk_s)
         self._idle = weakref.ref(idle)
         return idle
+
+    def _yield_idle(self) -> None:
+        """Speech is coming: a live session's idle stream stops being fed and plays on
+        until the speech's first frame takes over on the server (no gap between them);
+        an offline session's is cut now (its frames would only come first)."""
+        idle = self._idle() if self._idle is not None else None
+        if idle is None:
+            return
+        if self.spec.get("realtime"):
+            idle.halt()
+        else:
+            self._cut_idle()
 
     def _cut_idle(self) -> None:
         idle = self._idle() if self._idle is not None else None

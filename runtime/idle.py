@@ -4,13 +4,16 @@ A live avatar that stops getting audio stops getting frames, and a player shows 
 one frozen. The motion stage animates silence as it does speech (blinks, the slow sway,
 the mouth at rest), so an idle stream is live audio of silence, sent by a thread at the
 pace the session is played (a live session: the wall clock, a little ahead; an offline
-one: as fast as the server's audio budget takes it). Nothing new on the wire: it is
-``audio_in``, and the frames come as any utterance's.
+one: as fast as the server's audio budget takes it). On the wire it is ``audio_in``
+marked ``idle``, and the frames come as any utterance's.
 
-A ``say``, an ``idle`` or a ``send_audio`` of a new utterance on the session cuts the
-idle stream first (a cancel: what of it waits for its pacing slot is dropped, so the
-speech is not queued behind up to :data:`LEAD_S` of idle frames, and a loop over it
-ends); ``stop()`` ends it gracefully instead. Like any stream, one that is not read
+A ``say``, an ``idle`` or a ``send_audio`` of a new utterance on the session stops
+feeding it. In a live session the idle stream plays on until the new utterance's first
+frame takes over on the server: its frames due before that one still play, the rest are
+dropped, and its stream ends (``utterance_done``, ``cancelled``), so the picture never
+stops between them and the speech is not queued behind up to :data:`LEAD_S` of idle
+frames. An offline session's idle stream is cut at once (a cancel; a loop over it
+ends). ``stop()`` ends it gracefully instead. Like any stream, one that is not read
 holds the frames that came for it (a zero-copy session's pool share): leave a loop over
 it with ``close()``, ``stop()`` or the next ``say``.
 """
@@ -57,7 +60,7 @@ class Idle(Speech):
         first = self.chunk if self.total is None else min(self.chunk, self.total)
         self.sent = first
         self.ended = self.total is not None and first >= self.total
-        self.utterance = session.send_audio(np.zeros(first, np.int16), RATE, final=self.ended)
+        self.utterance = session.send_audio(np.zeros(first, np.int16), RATE, final=self.ended, idle=True)
         self.error: GirisError | None = None
         self._lock = threading.Lock()  # one sender at a time (the feeder, stop, cut)
         self._stop = threading.Event()
@@ -78,15 +81,21 @@ class Idle(Speech):
                 self.ended = True
                 self._send(np.zeros(RATE // 25, np.int16), final=True)  # one frame closes it
 
+    def halt(self) -> None:
+        """Stop feeding it; what was sent plays (a live session's next utterance takes
+        over from it on the server, its stream then ending ``cancelled``)."""
+        self._halt()
+        with self._lock:
+            self.ended = True
+
     def cut(self) -> None:
         """End it now (speech comes): cancelled on the server, what waits there for its
         pacing slot dropped, and what already came of it dropped here (its zero-copy
         frames given back); a loop over it ends."""
         self._halt()
         with self._lock:
-            if not self.ended:
-                self.ended = True
-                self.session._abandon(self.utterance)
+            self.ended = True
+            self.session._abandon(self.utterance)  # (once: it knows what it abandoned)
 
     def close(self) -> None:
         self._halt()

@@ -151,6 +151,8 @@ class Delivery:
         utt = msg.meta.get("utterance")
         if msg.type == P.FRAME:
             fps = float(rec.spec.get("fps", 25))
+            if utt != last_utt and self.take_over(rec, utt, now + delay):
+                t0, k0, last_due, last_utt = self.clock.get(rec.token, (now, None, now, None))
             due = t0 + (msg.seq - (k0 or 0)) / fps
             starts = k0 is None or utt != last_utt
             if (k0 is None or starts and due < now + delay or due < now - 1.5 / fps
@@ -172,6 +174,42 @@ class Delivery:
             self.sup.gateway.to(rec.client, msg, droppable=msg.type == P.FRAME)
         else:
             heapq.heappush(self.paced, (due, next(self._order), rec.token, msg, []))
+
+    def take_over(self, rec: SessionRecord, utterance: Any, at: float) -> bool:
+        """A live utterance's first frame takes over from the session's idle streams
+        (``Utterance.yields``): their frames due before ``at`` (where this one's first frame
+        will be) still play, the rest are dropped, their stages stop, and each ends
+        (``cancelled``) right after its last frame kept. The client cut them as it spoke
+        before: nothing was shown for 160-270 ms, the idle frames already made dropped
+        and the new ones not yet due. Whether any did."""
+        idle = [u for u in rec.utterances.values() if u.yields and u.id != utterance and not u.cancelled]
+        if not idle:
+            return False
+        ids = {u.id for u in idle}
+        keep, last, dropped = [], None, {}
+        for p in self.paced:
+            if p[2] == rec.token and p[3].meta.get("utterance") in ids and p[0] >= at:
+                self.sup.pools.release_all(p[3])
+                if p[3].type == P.FRAME:
+                    dropped[p[3].meta["utterance"]] = dropped.get(p[3].meta["utterance"], 0) + 1
+            else:
+                keep.append(p)
+                if p[2] == rec.token:
+                    last = p[0] if last is None else max(last, p[0])
+        heapq.heapify(keep)
+        self.paced = keep
+        for u in idle:
+            if not u.stopped:
+                self.sup.gateway.stop_stages(rec, u.id)
+            rec.utterances.pop(u.id, None)
+            u.cancelled = True  # what of it the stages still send is dropped on arrival
+            ev = P.event("utterance_done", session=rec.token, utterance=u.id,
+                         frames=u.frames - dropped.get(u.id, 0), complete=False, cancelled=True)
+            heapq.heappush(self.paced, (last if last is not None else 0.0, next(self._order), rec.token, ev, []))
+        # the clock starts over at this utterance (k0 None: anchored a playout delay out)
+        t0, _, _, _ = self.clock.get(rec.token, (at, None, at, None))
+        self.clock[rec.token] = (t0, None, last if last is not None else time.monotonic(), None)
+        return True
 
     def crowd_delay(self, rec: SessionRecord, now: float, delay: float) -> float:
         """The cushion a live stream starting now gets for the others starting with it
@@ -240,6 +278,11 @@ class Delivery:
                        at_once: bool = False, **extra: Any) -> None:
         if rec.utterances.pop(utt.id, None) is None:
             return
+        if utt.frames == 0:
+            # one that would have taken over from the idle streams it stopped ended without
+            # a frame (an error, a cancel): they, no longer fed by their client, end too
+            for u in [u for u in rec.utterances.values() if u.yields and u.stopped]:
+                self.utterance_done(rec, u, complete=False, cancelled=True)
         ev = P.event("utterance_done", session=rec.token, utterance=utt.id, frames=utt.frames,
                      complete=complete, **extra)
         if at_once or extra.get("cancelled"):

@@ -279,6 +279,7 @@ class Gateway:
             raise BadInput("emotion must be a string")
         if msg.meta.get("trace") is True:  # stamps of each process on the way (same-host clocks)
             meta["trace"] = [["gateway", time.monotonic()]]
+        self.yield_idle(rec)
         utt = self.new_utterance(rec)
         utt.closed_input = utt.from_text = True
         meta["utterance"] = utt.id
@@ -306,6 +307,9 @@ class Gateway:
         final = msg.meta.get("final", False)
         if type(final) is not bool:
             raise BadInput("final must be true or false")
+        idle = msg.meta.get("idle", False)
+        if type(idle) is not bool:
+            raise BadInput("idle must be true or false")
         try:
             rec.audio_check(pcm.shape[0] / sr, now)
         except LimitExceeded as e:
@@ -313,7 +317,9 @@ class Gateway:
                 self.end_utterance(rec, utt, e)
             raise
         if utt is None:
+            self.yield_idle(rec)
             utt = self.new_utterance(rec)
+            utt.yields = idle
         utt.closed_input = final
         out = P.Message(P.AUDIO_IN, session=rec.token, seq=utt.id,
                         meta={"utterance": utt.id, "sample_rate": sr, "final": final})
@@ -340,6 +346,16 @@ class Gateway:
         ev.meta["utterance"] = utt.id
         self.to(rec.client, ev)
         self.sup.delivery.utterance_done(rec, utt, complete=False, at_once=True, error=err.code)
+
+    def yield_idle(self, rec: SessionRecord) -> None:
+        """A new utterance comes: the stages stop making the session's idle streams now
+        (a renderer drawing them ahead held the new one's frames back behind them, ~0.5 s);
+        what they made plays on until the new utterance's first frame takes over
+        (:meth:`Delivery.take_over`)."""
+        for u in rec.utterances.values():
+            if u.yields and not u.stopped and not u.cancelled:
+                u.stopped = True
+                self.stop_stages(rec, u.id)
 
     def stop_stages(self, rec: SessionRecord, utterance: int | None) -> None:
         """Have every stage drop ``utterance`` of the session (all of them when None): the

@@ -34,6 +34,11 @@ class Utterance:
     #: a ``say``: its text is with the first stage, and lost with it if that stage dies
     #: before its audio ended (``audio_in`` goes on: its client sends the rest)
     from_text: bool = False
+    #: an idle stream (``audio_in`` with ``idle``): it yields to the session's next
+    #: utterance when that one's first frame is paced (a live session)
+    yields: bool = False
+    #: its stages were told to drop it (what they made of it still plays)
+    stopped: bool = False
     #: when the last stage's final frame (or mark) came; the utterance is done once the
     #: client streams from earlier stages (audio, coefficients) have ended too
     ended_at: float | None = None

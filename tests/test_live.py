@@ -329,3 +329,45 @@ def test_async_idle_is_cut_by_a_say_on_its_session(make_server):
 
     bounded, idle, said = asyncio.run(run())
     assert bounded == 10 and idle > 5 and said == 10
+
+
+def test_speech_takes_over_from_a_live_idle_stream_without_a_gap(make_server):
+    """A say used to cut the idle stream at once: what of it was made was dropped, and
+    nothing was shown until the speech's first frame (160-270 ms). Now the idle frames
+    already made play on until the speech's first frame takes over, and the idle stream
+    ends (``cancelled``) just before it; no idle frame comes after it."""
+    from giris.runtime.client import Event
+
+    srv = make_server()
+    s = srv.client().open_session(realtime=True, zero_copy=True)
+    log: list[tuple[float, str, object]] = []
+    idle = s.idle()
+    said_at: list[float] = []
+
+    def show() -> None:
+        for item in idle:
+            if isinstance(item, Frame):
+                log.append((time.monotonic(), "idle", item.index))
+                item.release()
+            elif isinstance(item, Event) and item.kind == "utterance_done":
+                log.append((time.monotonic(), "idle done", item.meta.get("cancelled")))
+
+    reader = threading.Thread(target=show, daemon=True)
+    reader.start()
+    time.sleep(1.0)
+    said_at.append(time.monotonic())
+    for item in s.say("one two"):
+        if isinstance(item, Frame):
+            log.append((time.monotonic(), "say", item.index))
+            item.release()
+    reader.join(5)
+    assert not reader.is_alive()
+    done = [e for e in log if e[1] == "idle done"]
+    assert done and done[0][2] is True
+    first_say = next(i for i, e in enumerate(log) if e[1] == "say")
+    idle_after_say_call = [e for e in log[:first_say] if e[1] == "idle" and e[0] > said_at[0]]
+    assert idle_after_say_call, "the idle stream stopped at the say instead of playing on"
+    assert not [e for e in log[first_say:] if e[1] == "idle"]
+    indexes = [e[2] for e in log if e[1] in ("idle", "say")]
+    assert indexes == sorted(indexes)  # one picture timeline: never back in time
+    assert eventually_free(srv)
