@@ -151,7 +151,8 @@ class Delivery:
         utt = msg.meta.get("utterance")
         if msg.type == P.FRAME:
             fps = float(rec.spec.get("fps", 25))
-            if utt != last_utt and self.take_over(rec, utt, now + delay):
+            first = rec.utterances.get(utt)
+            if first is not None and first.frames == 1 and self.take_over(rec, utt, now + delay):
                 t0, k0, last_due, last_utt = self.clock.get(rec.token, (now, None, now, None))
             due = t0 + (msg.seq - (k0 or 0)) / fps
             starts = k0 is None or utt != last_utt
@@ -176,13 +177,15 @@ class Delivery:
             heapq.heappush(self.paced, (due, next(self._order), rec.token, msg, []))
 
     def take_over(self, rec: SessionRecord, utterance: Any, at: float) -> bool:
-        """A live utterance's first frame takes over from the session's idle streams
-        (``Utterance.yields``): their frames due before ``at`` (where this one's first frame
+        """A live utterance's first frame takes over from the session's idle streams that
+        its request stopped (``Utterance.yields``, ``stopped``; one started after it
+        follows it): their frames due before ``at`` (where this one's first frame
         will be) still play, the rest are dropped, their stages stop, and each ends
         (``cancelled``) right after its last frame kept. The client cut them as it spoke
         before: nothing was shown for 160-270 ms, the idle frames already made dropped
         and the new ones not yet due. Whether any did."""
-        idle = [u for u in rec.utterances.values() if u.yields and u.id != utterance and not u.cancelled]
+        idle = [u for u in rec.utterances.values()
+                if u.yields and u.stopped and u.id != utterance and not u.cancelled]
         if not idle:
             return False
         ids = {u.id for u in idle}
@@ -199,8 +202,6 @@ class Delivery:
         heapq.heapify(keep)
         self.paced = keep
         for u in idle:
-            if not u.stopped:
-                self.sup.gateway.stop_stages(rec, u.id)
             rec.utterances.pop(u.id, None)
             u.cancelled = True  # what of it the stages still send is dropped on arrival
             ev = P.event("utterance_done", session=rec.token, utterance=u.id,

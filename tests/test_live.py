@@ -336,7 +336,7 @@ def test_speech_takes_over_from_a_live_idle_stream_without_a_gap(make_server):
     nothing was shown until the speech's first frame (160-270 ms). Now the idle frames
     already made play on until the speech's first frame takes over, and the idle stream
     ends (``cancelled``) just before it; no idle frame comes after it."""
-    from giris.runtime.client import Event
+    from giris.runtime.client import AudioChunk, Event
 
     srv = make_server()
     s = srv.client().open_session(realtime=True, zero_copy=True)
@@ -356,11 +356,21 @@ def test_speech_takes_over_from_a_live_idle_stream_without_a_gap(make_server):
     reader.start()
     time.sleep(1.0)
     said_at.append(time.monotonic())
+    after = None
     for item in s.say("one two"):
         if isinstance(item, Frame):
             log.append((time.monotonic(), "say", item.index))
             item.release()
+        elif isinstance(item, AudioChunk) and item.final and after is None:
+            after = s.idle(0.4)  # started during the speech: it follows it, not cut by it
     reader.join(5)
+    for item in after:
+        if isinstance(item, Frame):
+            log.append((time.monotonic(), "after", item.index))
+            item.release()
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            assert item.meta["complete"]
+    assert len([e for e in log if e[1] == "after"]) == 10
     assert not reader.is_alive()
     done = [e for e in log if e[1] == "idle done"]
     assert done and done[0][2] is True
@@ -368,6 +378,6 @@ def test_speech_takes_over_from_a_live_idle_stream_without_a_gap(make_server):
     idle_after_say_call = [e for e in log[:first_say] if e[1] == "idle" and e[0] > said_at[0]]
     assert idle_after_say_call, "the idle stream stopped at the say instead of playing on"
     assert not [e for e in log[first_say:] if e[1] == "idle"]
-    indexes = [e[2] for e in log if e[1] in ("idle", "say")]
+    indexes = [e[2] for e in log if e[1] in ("idle", "say", "after")]
     assert indexes == sorted(indexes)  # one picture timeline: never back in time
     assert eventually_free(srv)
