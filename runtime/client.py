@@ -512,8 +512,8 @@ class Session:
         try:
             reply = self.client.request(P.Message(P.SAY, session=self.token,
                                                   meta={k: v for k, v in meta.items() if v is not None}))
-        except GirisError:
-            self._cut_idle()  # nothing takes over from it: it would hang unfed
+        except GirisError as e:
+            self._idle_on(e)
             raise
         return int(reply.meta["utterance"])
 
@@ -561,9 +561,9 @@ class Session:
         msg.add_inline(np.ascontiguousarray(pcm))
         try:
             return int(self.client.request(msg).meta["utterance"])
-        except GirisError:
+        except GirisError as e:
             if fresh:
-                self._cut_idle()  # nothing takes over from it: it would hang unfed
+                self._idle_on(e)
             raise
 
     def idle(self, seconds: float | None = None, *, chunk_s: float = 0.2) -> "Idle":
@@ -589,6 +589,19 @@ class Session:
             idle.halt()
         else:
             self._cut_idle()
+
+    def _idle_on(self, e: GirisError) -> None:
+        """The request the idle stream made way for failed: a refusal leaves the stream
+        as it was on the server, so it is fed again (it stopped silently before, and a
+        player showed its last frame); without an answer, it is cut (nothing would take
+        over from it)."""
+        idle = self._idle() if self._idle is not None else None
+        if idle is None:
+            return
+        if isinstance(e, (ServerGone, Timeout)):
+            self._cut_idle()
+        else:
+            idle.resume()
 
     def _cut_idle(self) -> None:
         idle = self._idle() if self._idle is not None else None

@@ -65,20 +65,36 @@ class Idle(Speech):
         self._lock = threading.Lock()  # one sender at a time (the feeder, stop, cut)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._t0 = time.monotonic()
+        #: its input can never go on (its last chunk sent, or cut, closed, failed)
+        self._over = self.ended
         super().__init__(session, self.utterance, session.stream(self.utterance, cancel_on_exit=True))
         if not self.ended:
-            self._thread = threading.Thread(target=_feed, args=(weakref.ref(self), time.monotonic(),
-                                            bool(session.spec.get("realtime"))),
-                                            name="giris-idle", daemon=True)
-            self._thread.start()
+            self._start()
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=_feed, args=(weakref.ref(self), self._t0,
+                                        bool(self.session.spec.get("realtime"))),
+                                        name="giris-idle", daemon=True)
+        self._thread.start()
+
+    def resume(self) -> None:
+        """Feed it again after :meth:`halt` (the speech it made way for was refused), on
+        its own clock, as if it had never stopped."""
+        with self._lock:
+            if self._over or not self.ended:
+                return
+            self.ended = False
+            self._start()
 
     def stop(self) -> None:
         """End the idle stream once what was sent has played (its ``utterance_done``
         comes, ``complete``)."""
         self._halt()
         with self._lock:
-            if not self.ended:
-                self.ended = True
+            if not self._over:
+                self.ended = self._over = True
                 self._send(np.zeros(RATE // 25, np.int16), final=True)  # one frame closes it
 
     def halt(self) -> None:
@@ -94,12 +110,12 @@ class Idle(Speech):
         frames given back); a loop over it ends."""
         self._halt()
         with self._lock:
-            self.ended = True
+            self.ended = self._over = True
             self.session._abandon(self.utterance)  # (once: it knows what it abandoned)
 
     def close(self) -> None:
         self._halt()
-        self.ended = True
+        self.ended = self._over = True
         super().close()
 
     # ------------------------------------------------------------------ feeding
@@ -115,7 +131,7 @@ class Idle(Speech):
             self.sent += len(pcm)
         except GirisError as e:  # the session or the server is gone, or a limit: say so
             self.error = e
-            self.ended = True
+            self.ended = self._over = True
             try:
                 self.session.cancel(self.utterance)  # its reader gets the end, then the error
             except GirisError:
@@ -130,7 +146,7 @@ def _feed(ref: "weakref.ref[Idle]", t0: float, realtime: bool) -> None:
         idle = ref()
         if idle is None or idle._stop.is_set() or idle.ended:
             return
-        due = t0 + idle.sent / RATE / speed - lead
+        due = t0 + (idle.sent / RATE - lead) / speed  # `lead` seconds of audio ahead
         stop = idle._stop
         del idle
         wait = due - time.monotonic()
@@ -147,7 +163,7 @@ def _feed(ref: "weakref.ref[Idle]", t0: float, realtime: bool) -> None:
             n = idle.chunk if idle.total is None else min(idle.chunk, idle.total - idle.sent)
             final = idle.total is not None and idle.sent + n >= idle.total
             if final:
-                idle.ended = True
+                idle.ended = idle._over = True
             idle._send(np.zeros(n, np.int16), final=final)
         del idle
 

@@ -191,14 +191,20 @@ class Delivery:
         ids = {u.id for u in idle}
         keep, last, dropped = [], None, {}
         for p in self.paced:
-            if p[2] == rec.token and p[3].meta.get("utterance") in ids and p[0] >= at:
+            if p[2] != rec.token:
+                keep.append(p)
+            elif p[3].meta.get("utterance") in ids and p[0] >= at:
                 self.sup.pools.release_all(p[3])
                 if p[3].type == P.FRAME:
                     dropped[p[3].meta["utterance"]] = dropped.get(p[3].meta["utterance"], 0) + 1
+            elif p[0] >= at:
+                # the speech's own coefficients, queued behind the idle frames just dropped
+                # (with coefficients wanted, its first frame and the idle's end waited for
+                # that tail: a 320 ms gap): they go with its first frame, in their order
+                keep.append((at, *p[1:]))
             else:
                 keep.append(p)
-                if p[2] == rec.token:
-                    last = p[0] if last is None else max(last, p[0])
+                last = p[0] if last is None else max(last, p[0])
         heapq.heapify(keep)
         self.paced = keep
         for u in idle:

@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import numpy as np
+import pytest
 
 from giris.runtime import protocol as P
 from giris.runtime.client import Frame
@@ -273,6 +274,26 @@ def test_idle_keeps_a_live_avatar_streaming_and_a_say_cuts_in_at_once(make_serve
     t0 = time.monotonic()
     frames = sum(1 for i in srv.client().open_session().idle(10.0) if isinstance(i, Frame) and not i.release())
     assert frames == 250 and time.monotonic() - t0 < 8
+    # unbounded, within the server's audio budget (it sent 24 s at once: LimitExceeded)
+    frames = 0
+    for item in srv.client().open_session().idle():
+        if isinstance(item, Frame):
+            item.release()
+            frames += 1
+            if frames == 400:
+                break
+    # a say the server refuses leaves a live idle stream playing (it ended silently)
+    idle = s.idle()
+    with pytest.raises(GirisError):
+        s.say("x" * 5000)
+    got = 0
+    for item in idle:
+        if isinstance(item, Frame):
+            item.release()
+            got += 1
+            if got == 40:
+                break
+    assert got == 40
     assert eventually_free(srv)
     # closed from another thread while one reads it: the reader's loop ends at once (it
     # raised "generator already executing" there, and the reader waited out its timeout)
@@ -331,15 +352,16 @@ def test_async_idle_is_cut_by_a_say_on_its_session(make_server):
     assert bounded == 10 and idle > 5 and said == 10
 
 
-def test_speech_takes_over_from_a_live_idle_stream_without_a_gap(make_server):
+@pytest.mark.parametrize("want", [["audio", "frames"], ["audio", "coeffs", "frames"]])
+def test_speech_takes_over_from_a_live_idle_stream_without_a_gap(make_server, want):
     """A say used to cut the idle stream at once: what of it was made was dropped, and
     nothing was shown until the speech's first frame (160-270 ms). Now the idle frames
     already made play on until the speech's first frame takes over, and the idle stream
     ends (``cancelled``) just before it; no idle frame comes after it."""
     from giris.runtime.client import AudioChunk, Event
 
-    srv = make_server()
-    s = srv.client().open_session(realtime=True, zero_copy=True)
+    srv = make_server({"stages": small_stages(render_s=0.03)})  # frames come after coefficients
+    s = srv.client().open_session(realtime=True, zero_copy=True, want=want)
     log: list[tuple[float, str, object]] = []
     idle = s.idle()
     said_at: list[float] = []
@@ -378,6 +400,11 @@ def test_speech_takes_over_from_a_live_idle_stream_without_a_gap(make_server):
     idle_after_say_call = [e for e in log[:first_say] if e[1] == "idle" and e[0] > said_at[0]]
     assert idle_after_say_call, "the idle stream stopped at the say instead of playing on"
     assert not [e for e in log[first_say:] if e[1] == "idle"]
+    # the idle frames bridge the switch: a frame period or so between the last of them and
+    # the speech's first (with coefficients wanted, the speech's coefficients queued
+    # behind the dropped idle frames held its first frame back: 320 ms)
+    last_idle = max(e[0] for e in log[:first_say] if e[1] == "idle")
+    assert log[first_say][0] - last_idle < 0.25
     indexes = [e[2] for e in log if e[1] in ("idle", "say", "after")]
     assert indexes == sorted(indexes)  # one picture timeline: never back in time
     assert eventually_free(srv)
