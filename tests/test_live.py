@@ -234,15 +234,11 @@ def test_idle_keeps_a_live_avatar_streaming_and_a_say_cuts_in_at_once(make_serve
     # leaving the loop ends it, though `idle` still holds it (its frames held the
     # session's pool share, and the next say failed with pool_full)
     assert idle.ended and eventually_free(srv)
-    idle = s.idle()  # a new one replaces an old one
-    s.idle()
-    seen = 0
-    for item in idle:
-        if isinstance(item, Frame):
-            item.release()
-            seen += 1
-            if seen == 5:
-                break
+    old = s.idle()
+    idle = s.idle()  # a new one takes over from an old one, which ends
+    assert [i.kind for i in old if isinstance(i, Event) or isinstance(i, Frame) and i.release()] \
+        == ["utterance_done"]
+    assert read_frames(idle, 5) == 5
     t1 = time.monotonic()
     first = None
     for item in s.say("one two"):
@@ -275,25 +271,12 @@ def test_idle_keeps_a_live_avatar_streaming_and_a_say_cuts_in_at_once(make_serve
     frames = sum(1 for i in srv.client().open_session().idle(10.0) if isinstance(i, Frame) and not i.release())
     assert frames == 250 and time.monotonic() - t0 < 8
     # unbounded, within the server's audio budget (it sent 24 s at once: LimitExceeded)
-    frames = 0
-    for item in srv.client().open_session().idle():
-        if isinstance(item, Frame):
-            item.release()
-            frames += 1
-            if frames == 400:
-                break
+    assert read_frames(srv.client().open_session().idle(), 400) == 400
     # a say the server refuses leaves a live idle stream playing (it ended silently)
     idle = s.idle()
     with pytest.raises(GirisError):
         s.say("x" * 5000)
-    got = 0
-    for item in idle:
-        if isinstance(item, Frame):
-            item.release()
-            got += 1
-            if got == 40:
-                break
-    assert got == 40
+    assert read_frames(idle, 40) == 40
     assert eventually_free(srv)
     # closed from another thread while one reads it: the reader's loop ends at once (it
     # raised "generator already executing" there, and the reader waited out its timeout)
@@ -317,6 +300,18 @@ def test_idle_keeps_a_live_avatar_streaming_and_a_say_cuts_in_at_once(make_serve
             item.release()
             break
     assert eventually_free(srv) and len(collect(s, "one two")["frames"]) == 10
+
+
+def read_frames(stream, n: int) -> int:
+    """Read up to ``n`` frames of ``stream`` (giving each back), then leave it."""
+    got = 0
+    for item in stream:
+        if isinstance(item, Frame):
+            item.release()
+            got += 1
+            if got == n:
+                break
+    return got
 
 
 def eventually_free(srv, timeout: float = 5.0) -> bool:
