@@ -91,7 +91,8 @@ class AsyncSession:
 
     async def idle(self, seconds: float | None = None, *, chunk_s: float = 0.2) -> AsyncIterator[Item]:
         """The avatar alive with nothing to say (see :meth:`Session.idle`): its items until
-        ``seconds`` have played or a ``say`` on the session cuts it; leaving early ends it."""
+        ``seconds`` have played or a ``say`` on the session takes over from it; leaving
+        early ends it."""
         idle = await self._call(self.sync.idle, seconds, chunk_s=chunk_s)
         idle._started = True  # read here, not through the sync iterator
         items = self.stream(idle.utterance, cancel_on_exit=True)

@@ -571,7 +571,8 @@ class Session:
         for ``seconds`` (None: until ``stop()``, ``close()`` or the next ``say``). Iterate
         it for the frames, as ``say``'s items. It is live audio of silence, paced to the
         session (see :mod:`giris.runtime.idle`); a ``say`` or new live audio on the
-        session cuts it, so speech starts at once."""
+        session takes over from it (a live session: its frames play until the speech's
+        first frame; an offline one: cut at once)."""
         from giris.runtime.idle import Idle
 
         idle = Idle(self, seconds, chunk_s)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 #: the silence's sample rate (the acoustic path's cost grows with it; silence has no band)
 RATE = 16000
 #: audio a live session's idle stream keeps sent ahead of the wall clock: enough for the
-#: pipeline's latency and a hiccup of this thread, little to drop when speech cuts in
+#: pipeline's latency and a hiccup of this thread, little to drop when speech takes over
 LEAD_S = 0.3
 #: an offline session's: it runs at OFFLINE_SPEED × real time, within the audio budget
 #: (4× over a 12 s burst, see ``supervisor/sessions.py``)
