@@ -228,6 +228,39 @@ def test_idle_keeps_the_avatar_alive_with_the_mouth_at_rest(rt):
     assert opening.max() - opening.min() < 0.03  # the mouth stays at rest
 
 
+def test_speech_takes_over_from_idle_without_a_gap_through_the_default_engines(rt):
+    """A live session with coefficients wanted: the speech's coefficients, queued behind
+    the idle frames a take-over drops, held its first frame back (a 320 ms gap with
+    nothing shown); the idle frames now bridge the switch."""
+    import threading
+    import time
+
+    s = rt.open_session(size=256, seed=3, realtime=True, zero_copy=True,
+                        want=["audio", "coeffs", "frames"])
+    log: list[tuple[float, str]] = []
+    idle = s.idle()
+
+    def show() -> None:
+        for item in idle:
+            if isinstance(item, Frame):
+                log.append((time.monotonic(), "idle"))
+                item.release()
+
+    reader = threading.Thread(target=show, daemon=True)
+    reader.start()
+    time.sleep(3.0)  # (the idle frames queued ahead grow to their depth over the first seconds)
+    for item in s.say("Okay, here is the answer."):
+        if isinstance(item, Frame):
+            log.append((time.monotonic(), "say"))
+            item.release()
+    reader.join(5)
+    s.close()
+    first = next(i for i, e in enumerate(log) if e[1] == "say")
+    last_idle = max(t for t, kind in log[:first] if kind == "idle")
+    assert log[first][0] - last_idle < 0.25
+    assert all(kind == "say" for _, kind in log[first:])
+
+
 def test_bad_requests_get_clear_errors_and_leave_nothing(rt, tmp_path):
     with pytest.raises(BadInput):
         rt.open_session(emotion="furious")
