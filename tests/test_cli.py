@@ -198,6 +198,14 @@ def test_a_default_no_stage_knows_stops_the_server_at_start(tmp_path: Path):
     assert ("[bad_config]: [defaults] emotion = 'furious' is not one the motion stage's engine "
             "(prosody) knows: neutral, happy, sad, surprised, angry") in err
     assert shm_segments(proc.pid) == []  # stopped as on SIGTERM, its pools unlinked
+    # so does a voice the voice does not know (the real Piper engine)
+    cfg = write_toml(tmp_path / "v.toml", {
+        "server": {"endpoint": f"ipc://{tmp_path}/gw2.sock"}, "defaults": {"size": 64, "voice": "nobody"},
+        "limits": {"min_size": 32}, "stages": small_stages(tts={"engine": "piper", "options": {}})})
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2 and "[defaults] voice = 'nobody' is not one the tts stage's engine (piper) knows: joe" \
+        in r.stderr, r.stderr
 
 
 def test_a_bad_device_engine_or_log_level_is_one_line(tmp_path: Path):

@@ -183,6 +183,10 @@ class PiperEngine(TTSEngine):
     def known(self) -> list[str]:
         return sorted({BUNDLED, *self.voice_table})
 
+    def accepts(self) -> dict[str, list[str]]:
+        # with voice_paths, a session may name any .onnx file: nothing to list
+        return {} if self.voice_paths else {"voice": self.known()}
+
     def _load(self, name: str, trusted: bool = False) -> _Voice:
         key, model, config = self._resolve(name, trusted)
         if key in self.voices:
