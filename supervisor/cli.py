@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"say": cmd_say, "serve": cmd_serve, "status": cmd_status, "keys": cmd_keys,
                 "bench": cmd_bench}[args.cmd](args)
     except GirisError as e:
-        print(f"giris: error [{e.code}]: {e}", file=sys.stderr)
+        _fail(args, str(e), e.code)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -85,8 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except (OSError, ValueError, zmq.ZMQError) as e:  # a file, a config value, an endpoint
         log.debug("failed", exc_info=True)
-        print(f"giris: error: {_said(e)}", file=sys.stderr)
+        _fail(args, _said(e), None)
         return 2
+
+
+def _fail(args: argparse.Namespace, text: str, code: str | None) -> None:
+    """The command's last line when it fails: for a person, or under ``--log-json`` a JSON
+    line like every other (the journal's last line of a failed start was plain text)."""
+    if getattr(args, "log_json", False):
+        line = json.dumps({"ts": round(time.time(), 3), "level": "error", "logger": "giris.cli",
+                           "event": text, **({"code": code} if code else {})})
+    else:
+        line = f"giris: error [{code}]: {text}" if code else f"giris: error: {text}"
+    print(line, file=sys.stderr)
 
 
 def _said(e: BaseException) -> str:

@@ -170,6 +170,8 @@ class LaunchedProcess:
         self.rid = rid
         self.launcher = launcher
         self.returncode: int | None = None
+        #: it ended because its launcher died (not a crash of its own)
+        self.orphaned = False
         self._fresh = fresh
         self._popen: Any = None  # the fresh interpreter, where the launcher declined
 
@@ -199,6 +201,7 @@ class LaunchedProcess:
                 code = 1  # the fork failed
             if code is None and not self.launcher.alive:
                 code = -signal.SIGKILL  # the launcher is gone, and its children with it
+                self.orphaned = True
             self.returncode = code
         return self.returncode
 

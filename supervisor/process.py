@@ -70,6 +70,7 @@ class WorkerHandle:
     #: when its engine refused its configuration)
     failed_at: float = 0.0
     retry_at: float | None = None
+    refused: bool = False
     beat: dict[str, Any] = field(default_factory=dict)
     identity: bytes = b""
     last_exit: int | None = None

@@ -5,11 +5,13 @@ that hangs stops the watchdog pings, and systemd restarts the service.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from giris.runtime.config import Config
+from giris.runtime.errors import GirisError
 
 if TYPE_CHECKING:
     from giris.supervisor.supervisor import Supervisor
@@ -74,8 +76,12 @@ class ServiceHooks:
             from giris.supervisor.metrics_hooks import MetricsHooks
 
             hooks.metrics = MetricsHooks(cfg)
-            hooks.metrics_port, hooks._stop_metrics = hooks.metrics.serve(
-                cfg.server.metrics_host, cfg.server.metrics_port)
+            host, port = cfg.server.metrics_host, cfg.server.metrics_port
+            try:
+                hooks.metrics_port, hooks._stop_metrics = hooks.metrics.serve(host, port)
+            except OSError as e:  # (it said "[Errno 98] Address already in use", no port)
+                raise GirisError(f"cannot listen for metrics on {host}:{port}: {e.strerror or e}",
+                                 code="endpoint_in_use" if e.errno == errno.EADDRINUSE else "bad_endpoint") from None
         return hooks
 
     def request_reload(self) -> None:
@@ -106,6 +112,8 @@ class ServiceHooks:
             p = w.policy
             p.backoff_initial, p.backoff_max = new.restart.backoff_initial, new.restart.backoff_max
             p.max_restarts, p.window = new.restart.max_restarts, new.restart.window
+            if w.state == "failed":  # a retry already scheduled follows the new failed_retry
+                sup.schedule_retry(w)
         log.warning("reloaded limits, budgets, timeouts, restart policy and defaults",
                     extra={"at": time.time()})
 

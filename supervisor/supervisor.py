@@ -364,7 +364,15 @@ class Supervisor:
                 log.warning("retrying failed stage", extra={"stage": w.stage, "failed_s": round(now - w.failed_at, 1)})
                 w.policy.reset()  # a fresh series of restarts before it is failed again
                 w.restarts += 1
+                if self.metrics is not None:  # (status counts it: so does the metric)
+                    self.metrics.on_restart(w.stage)
                 w.spawn()
+
+    def schedule_retry(self, w: WorkerHandle) -> None:
+        """When a failed stage is tried again, by ``restart.failed_retry`` (again after a
+        reload changes it); never for one whose engine refused its configuration."""
+        retry = self.config.restart.failed_retry
+        w.retry_at = w.failed_at + retry if retry > 0 and not w.refused else None
 
     def _retry_due(self, w: WorkerHandle, now: float) -> bool:
         """A failed stage is started again ``restart.failed_retry`` s after it failed: a
@@ -388,7 +396,12 @@ class Supervisor:
         if self.stopping:
             w.state = STOPPED
             return
-        delay = w.policy.record_crash(now)
+        if getattr(w.proc, "orphaned", False):
+            # its launcher died and took it along: not a crash of its own (three launcher
+            # deaths failed every stage at max_restarts = 2)
+            delay = w.policy.backoff_initial
+        else:
+            delay = w.policy.record_crash(now)
         refused = code == os.EX_CONFIG and not w.kind  # never started: its engine refuses
         if refused:                                    # its configuration, which retries
             delay = None                               # will not change
@@ -397,13 +410,13 @@ class Supervisor:
         if self.metrics is not None and delay is not None:  # a restart is what it counts
             self.metrics.on_restart(w.stage)
         if delay is None:
-            retry = self.config.restart.failed_retry
-            log.error("stage failed: not restarted, the server is degraded",
-                      extra={"stage": w.stage, "restarts": w.restarts, "code": code,
-                             "retry_in": retry if retry > 0 and not refused else None})
-            w.state = FAILED
+            w.refused = refused
             w.failed_at = now
-            w.retry_at = now + retry if retry > 0 and not refused else None
+            self.schedule_retry(w)
+            log.error("stage failed, the server is degraded" + (
+                      f": tried again in {w.retry_at - now:.0f} s" if w.retry_at is not None else
+                      ": not restarted"), extra={"stage": w.stage, "restarts": w.restarts, "code": code})
+            w.state = FAILED
             self.delivery.stage_failed(w)
         else:
             w.state = BACKOFF

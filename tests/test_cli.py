@@ -193,7 +193,12 @@ def test_a_default_no_stage_knows_stops_the_server_at_start(tmp_path: Path):
 
     proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg)],
                             stderr=subprocess.PIPE, text=True)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:  # (a server that did not stop was left running by an earlier version of this test)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 2 and "Traceback" not in err, err
     assert ("[bad_config]: [defaults] emotion = 'furious' is not one the motion stage's engine "
             "(prosody) knows: neutral, happy, sad, surprised, angry") in err
@@ -206,6 +211,25 @@ def test_a_default_no_stage_knows_stops_the_server_at_start(tmp_path: Path):
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 2 and "[defaults] voice = 'nobody' is not one the tts stage's engine (piper) knows: joe" \
         in r.stderr, r.stderr
+    # under --log-json, the failing start's last line is JSON too
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "--log-json", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=180)
+    last = json.loads(r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 2 and last["code"] == "bad_config" and "voice = 'nobody'" in last["event"]
+
+
+def test_a_metrics_port_in_use_is_named(tmp_path: Path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--endpoint",
+                            f"ipc://{tmp_path}/gw.sock", "--metrics-port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"[endpoint_in_use]: cannot listen for metrics on 127.0.0.1:{port}: Address already in use" in r.stderr
 
 
 def test_a_bad_device_engine_or_log_level_is_one_line(tmp_path: Path):
