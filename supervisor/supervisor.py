@@ -455,13 +455,17 @@ class Supervisor:
 
     # ------------------------------------------------------------------ status
     def state(self) -> str:
-        """``starting`` until every stage was ready once, then ``serving``; ``degraded``
-        while a stage is marked failed (its sessions cannot be served); ``stopping``."""
+        """``starting`` until every stage was ready once, then ``serving``; ``recovering``
+        while a stage is being restarted (new sessions get ``stage_unavailable``: retry
+        shortly; it read ``serving`` while they were refused); ``degraded`` while a stage is
+        marked failed (its sessions cannot be served); ``stopping``."""
         if self.stopping:
             return "stopping"
         if any(w.state == FAILED for w in self.workers):
             return "degraded"
-        return "serving" if self.announced_ready else "starting"
+        if not self.announced_ready:
+            return "starting"
+        return "serving" if all(w.state == READY for w in self.workers) else "recovering"
 
     def offers(self) -> list[str] | None:
         """The streams this pipeline makes for clients (``audio``, ``coeffs``, ``frames``),

@@ -226,17 +226,25 @@ def test_a_launcher_that_keeps_dying_is_given_up_for_fresh_interpreters(make_ser
         rest = [p for p in server.children() if p.pid not in workers]
         return rest[0] if rest else None
 
+    seen: set[str] = set()
     for _ in range(3):  # (not a crash of the workers it took along: max_restarts 1 holds)
         old = launcher()
         assert old is not None
         old.kill()
-        assert eventually(lambda: all(w["state"] == "ready" for w in srv.status()["workers"])
-                          and ((now := launcher()) is None or now.pid != old.pid), timeout=30)
+
+        def back() -> bool:
+            st = srv.status()
+            seen.add(st["state"])  # (while they come back: recovering, not serving)
+            return all(w["state"] == "ready" for w in st["workers"]) and (
+                (now := launcher()) is None or now.pid != old.pid)
+
+        assert eventually(back, timeout=30)
     assert "launcher keeps dying" in srv.logs()
     assert eventually(lambda: all(w["state"] == "ready" for w in srv.status()["workers"]), timeout=30)
     assert launcher() is None
     assert {psutil.Process(w["pid"]).ppid() for w in srv.status()["workers"]} == {server.pid}
     assert srv.status()["state"] == "serving"  # three launcher deaths failed no stage
+    assert "recovering" in seen
     assert len(collect(srv.client().open_session(), "still here")["frames"]) == math.ceil(2 * WORD_S * 25)
 
 
