@@ -329,9 +329,7 @@ class Delivery:
                     self.utterance_done(rec, utt, complete=False, lost=True)
 
     def stage_failed(self, w: "WorkerHandle") -> None:
-        when = (f"tried again in {max(0.0, w.retry_at - time.monotonic()):.0f} s"
-                if w.retry_at is not None else "not restarted")
-        err = StageFailed(f"stage {w.stage} crashed {w.restarts + 1} times: failed, {when}",
+        err = StageFailed(f"stage {w.stage} crashed {w.restarts + 1} times: failed, {w.retry_note()}",
                           stage=w.stage)
         for rec in self.sup.registry:
             self.sup.gateway.to(rec.client, P.error(err, session=rec.token))

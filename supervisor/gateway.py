@@ -157,11 +157,8 @@ class Gateway:
     def _check_stages(self) -> None:
         failed = [w for w in self.sup.workers if w.state == "failed"]
         if failed:
-            now = time.monotonic()
-            raise StageFailed("stage(s) " + ", ".join(
-                w.stage + (f" failed (tried again in {max(0.0, w.retry_at - now):.0f} s)" if w.retry_at is not None
-                           else " failed (not restarted)") for w in failed),
-                stages=[w.stage for w in failed])
+            raise StageFailed("stage(s) " + ", ".join(f"{w.stage} failed ({w.retry_note()})" for w in failed),
+                              stages=[w.stage for w in failed])
         if self.sup.stopping:
             raise GirisError("server is shutting down", code="shutting_down")
 

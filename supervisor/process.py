@@ -164,5 +164,15 @@ class WorkerHandle:
                 "queued": self.beat.get("queued", 0), "processed": self.beat.get("processed", 0),
                 "dropped": self.beat.get("dropped", 0), "held": self.beat.get("held", {}),
                 "last_exit": self.last_exit,
-                "retry_in_s": (round(max(0.0, self.retry_at - time.monotonic()), 1)
-                               if self.state == FAILED and self.retry_at is not None else None)}
+                "retry_in_s": None if (left := self.retry_in()) is None else round(left, 1)}
+
+    def retry_in(self) -> float | None:
+        """Seconds until a failed stage is tried again (None: not failed, or never)."""
+        if self.state != FAILED or self.retry_at is None:
+            return None
+        return max(0.0, self.retry_at - time.monotonic())
+
+    def retry_note(self) -> str:
+        """What happens to a failed stage next, in words (errors and logs say it alike)."""
+        left = self.retry_in()
+        return "not restarted" if left is None else f"tried again in {left:.0f} s"

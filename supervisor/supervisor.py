@@ -412,11 +412,10 @@ class Supervisor:
         if delay is None:
             w.refused = refused
             w.failed_at = now
-            self.schedule_retry(w)
-            log.error("stage failed, the server is degraded" + (
-                      f": tried again in {w.retry_at - now:.0f} s" if w.retry_at is not None else
-                      ": not restarted"), extra={"stage": w.stage, "restarts": w.restarts, "code": code})
             w.state = FAILED
+            self.schedule_retry(w)
+            log.error(f"stage failed, the server is degraded: {w.retry_note()}",
+                      extra={"stage": w.stage, "restarts": w.restarts, "code": code})
             self.delivery.stage_failed(w)
         else:
             w.state = BACKOFF
