@@ -90,14 +90,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(args: argparse.Namespace, text: str, code: str | None) -> None:
-    """The command's last line when it fails: for a person, or under ``--log-json`` a JSON
-    line like every other (the journal's last line of a failed start was plain text)."""
+    """The command's last line when it fails (the journal's last line of a failed start
+    was plain text under ``--log-json``)."""
+    _line(args, "error", text, f"giris: error [{code}]: {text}" if code else f"giris: error: {text}",
+          **({"code": code} if code else {}))
+
+
+def _line(args: argparse.Namespace, level: str, event: str, plain: str, **fields: Any) -> None:
+    """A line the command says whatever the log level (where it serves, why it failed):
+    ``plain`` for a person, or under ``--log-json`` a JSON object like every log line."""
     if getattr(args, "log_json", False):
-        line = json.dumps({"ts": round(time.time(), 3), "level": "error", "logger": "giris.cli",
-                           "event": text, **({"code": code} if code else {})})
-    else:
-        line = f"giris: error [{code}]: {text}" if code else f"giris: error: {text}"
-    print(line, file=sys.stderr)
+        plain = json.dumps({"ts": round(time.time(), 3), "level": level, "logger": "giris.cli",
+                            "event": event, **fields})
+    print(plain, file=sys.stderr, flush=True)
 
 
 def _said(e: BaseException) -> str:
@@ -329,14 +334,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _announce(args: argparse.Namespace, what: str, where: str) -> None:
-    """Where the server listens, whatever the log level (a person or a script waits for
-    it); under ``--log-json`` a JSON line like every other."""
-    if args.log_json:
-        line = json.dumps({"ts": round(time.time(), 3), "level": "info", "logger": "giris.cli",
-                           "event": what, "url": where})
-    else:
-        line = f"giris: {what} {where}"
-    print(line, file=sys.stderr, flush=True)
+    """Where the server listens (a person or a script waits for it)."""
+    _line(args, "info", what, f"giris: {what} {where}", url=where)
 
 
 def _server_socket(endpoint: str) -> None:
