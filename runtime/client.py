@@ -579,11 +579,15 @@ class Session:
         self._idle = weakref.ref(idle)
         return idle
 
+    def _idle_stream(self) -> "Idle | None":
+        """The session's idle stream, while one is alive."""
+        return self._idle() if self._idle is not None else None
+
     def _yield_idle(self) -> None:
         """Speech is coming: a live session's idle stream stops being fed and plays on
         until the speech's first frame takes over on the server (no gap between them);
         an offline session's is cut now (its frames would only come first)."""
-        idle = self._idle() if self._idle is not None else None
+        idle = self._idle_stream()
         if idle is None:
             return
         if self.spec.get("realtime"):
@@ -596,7 +600,7 @@ class Session:
         as it was on the server, so it is fed again (it stopped silently before, and a
         player showed its last frame); without an answer, it is cut (nothing would take
         over from it)."""
-        idle = self._idle() if self._idle is not None else None
+        idle = self._idle_stream()
         if idle is None:
             return
         if isinstance(e, (ServerGone, Timeout)):
@@ -605,7 +609,7 @@ class Session:
             idle.resume()
 
     def _cut_idle(self) -> None:
-        idle = self._idle() if self._idle is not None else None
+        idle = self._idle_stream()
         self._idle = None
         if idle is not None:
             idle.cut()
