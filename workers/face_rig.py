@@ -204,8 +204,9 @@ FROWN_COVER = 0.2
 SHRUG_GAP = 0.25
 #: a gap between the inner lips under this (IOD units) counts as lips touching
 SHRUG_TOUCH = 0.06
-_INNER_PAIRS = ((61, 67), (62, 66), (63, 65))
-_INNER_UP, _INNER_LO = [a for a, _ in _INNER_PAIRS], [b for _, b in _INNER_PAIRS]
+#: the inner lips' facing points, upper → lower, one pair per column
+INNER_PAIRS = ((61, 67), (62, 66), (63, 65))
+_INNER_UP, _INNER_LO = [a for a, _ in INNER_PAIRS], [b for _, b in INNER_PAIRS]
 
 
 def rest_smile(face_xy: np.ndarray) -> float:
@@ -229,7 +230,7 @@ def _mouth_span(face_xy: np.ndarray) -> np.ndarray:
 
 def _inner_gaps(face_xy: np.ndarray) -> np.ndarray:
     """The rest gap between the inner lips (IOD units, ≥ 0) at its three columns."""
-    return np.array([max(float(face_xy[a, 1] - face_xy[b, 1]), 0.0) for a, b in _INNER_PAIRS])
+    return np.array([max(float(face_xy[a, 1] - face_xy[b, 1]), 0.0) for a, b in INNER_PAIRS])
 
 
 def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
@@ -268,7 +269,7 @@ def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
         w = t[k] * t[k]
         add(k, (narrow * t[k] * abs(t[k]), -w * drop, 0.0))
     cover = FROWN_COVER * min(1.0, smile / 0.1)
-    for (up, _), g, outer in zip(_INNER_PAIRS, gaps, (50, 51, 52)):
+    for (up, _), g, outer in zip(INNER_PAIRS, gaps, (50, 51, 52)):
         c = cover * g * (1.0 - t[up] * t[up])
         add(up, (0.0, -c, 0.0))
         add(outer, (0.0, -c, 0.0))
@@ -284,7 +285,7 @@ def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
     shrug = {**{k: [0.0, 0.05, 0.02] for k in _LOWER_LIP},
              56: [0.0, 0.07, 0.025], 57: [0.0, 0.075, 0.03], 58: [0.0, 0.07, 0.025],
              7: [0.0, 0.012, 0.0], 8: [0.0, 0.018, 0.01], 9: [0.0, 0.012, 0.0]}
-    for (up, lo), g, outer, want in zip(_INNER_PAIRS, gaps, (50, 51, 52), (0.065, 0.07, 0.065)):
+    for (up, lo), g, outer, want in zip(INNER_PAIRS, gaps, (50, 51, 52), (0.065, 0.07, 0.065)):
         both = want * float(np.clip(1.0 - g / SHRUG_TOUCH, 0.0, 1.0))  # lips that touch
         shrug[lo] = [0.0, both + min(want - both, SHRUG_GAP * g), 0.02]
         if both > 0:

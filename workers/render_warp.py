@@ -72,7 +72,7 @@ from giris.workers import landmarks as LM
 from giris.workers.bases import RenderEngine
 from giris.workers.coefficients import INDEX, N_CHANNELS, POSE
 from giris.workers.engine import EngineContext, EngineError
-from giris.workers.face_rig import CAMERA_DISTANCE, PIVOT, TEMPLATE_Z, FaceRig, fit_rig
+from giris.workers.face_rig import CAMERA_DISTANCE, INNER_PAIRS, PIVOT, TEMPLATE_Z, FaceRig, fit_rig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 128, 1024, 512
@@ -667,7 +667,7 @@ def frame_square(rgb: np.ndarray, lm: np.ndarray, size: int, framing: float) -> 
 
 def _chain_gap(lm: np.ndarray) -> float:
     """Largest distance between the upper and lower inner lip (pixels)."""
-    return float(max(np.hypot(*(lm[a] - lm[b])) for a, b in ((61, 67), (62, 66), (63, 65))))
+    return float(max(np.hypot(*(lm[a] - lm[b])) for a, b in INNER_PAIRS))
 
 
 def _frame(p0: np.ndarray, p1: np.ndarray):
