@@ -208,11 +208,8 @@ class Delivery:
         heapq.heapify(keep)
         self.paced = keep
         for u in idle:
-            rec.utterances.pop(u.id, None)
-            u.cancelled = True  # what of it the stages still send is dropped on arrival
-            ev = P.event("utterance_done", session=rec.token, utterance=u.id,
-                         frames=u.frames - dropped.get(u.id, 0), complete=False, cancelled=True)
-            heapq.heappush(self.paced, (last if last is not None else 0.0, next(self._order), rec.token, ev, []))
+            u.frames -= dropped.get(u.id, 0)
+            self.utterance_done(rec, u, complete=False, due=0.0 if last is None else last, cancelled=True)
         # the clock starts over at this utterance (k0 None: anchored a playout delay out)
         t0, _, _, _ = self.clock.get(rec.token, (at, None, at, None))
         self.clock[rec.token] = (t0, None, last if last is not None else time.monotonic(), None)
@@ -282,17 +279,23 @@ class Delivery:
 
     # ------------------------------------------------------------------ utterances
     def utterance_done(self, rec: SessionRecord, utt: Utterance, complete: bool,
-                       at_once: bool = False, **extra: Any) -> None:
+                       at_once: bool = False, due: float | None = None, **extra: Any) -> None:
+        """End ``utt``: paced after its frames, or answered at once (``at_once``, or cut
+        short by its client), or paced at ``due`` (an idle stream a takeover ended: its
+        frames due before the speech still play, then its end)."""
         if rec.utterances.pop(utt.id, None) is None:
             return
-        if utt.frames == 0:
+        if utt.frames == 0 and due is None:
             # one that would have taken over from the idle streams it stopped ended without
             # a frame (an error, a cancel): they, no longer fed by their client, end too
             for u in [u for u in rec.utterances.values() if u.yields and u.stopped]:
                 self.utterance_done(rec, u, complete=False, cancelled=True)
         ev = P.event("utterance_done", session=rec.token, utterance=utt.id, frames=utt.frames,
                      complete=complete, **extra)
-        if at_once or extra.get("cancelled"):
+        if due is not None:
+            utt.cancelled = True  # what of it the stages still send is dropped on arrival
+            heapq.heappush(self.paced, (due, next(self._order), rec.token, ev, []))
+        elif at_once or extra.get("cancelled"):
             # Cut short by the client: answered at once, never paced. What of it still waits
             # for its pacing slot is dropped, so nothing of the utterance follows its end (a
             # client may stop reading here) and the next utterance does not wait behind it.
