@@ -216,6 +216,15 @@ def test_a_default_no_stage_knows_stops_the_server_at_start(tmp_path: Path):
                        capture_output=True, text=True, timeout=180)
     last = json.loads(r.stderr.strip().splitlines()[-1])
     assert r.returncode == 2 and last["code"] == "bad_config" and "voice = 'nobody'" in last["event"]
+    # and an avatar name none of the bundled ones (the warp renderer): every session open
+    # failed with "unknown avatar" on a server that said it was serving
+    cfg = write_toml(tmp_path / "a.toml", {
+        "server": {"endpoint": f"ipc://{tmp_path}/gw3.sock"}, "defaults": {"size": 64, "avatar_name": "nobody"},
+        "limits": {"min_size": 32}, "stages": small_stages(render={"engine": "warp", "options": {}})})
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2 and "[defaults] avatar_name = 'nobody' is not one the render stage's engine (warp) knows: " \
+        "astronaut" in r.stderr, r.stderr
 
 
 def test_a_metrics_port_in_use_is_named(tmp_path: Path):

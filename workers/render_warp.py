@@ -306,6 +306,10 @@ class WarpRenderEngine(RenderEngine):
                 self._cache.popitem(last=False)
         return prepared
 
+    def accepts(self) -> dict[str, list[str]]:
+        # a portrait sent as bytes is open-ended; a name is one of those shipped
+        return {"avatar_name": bundled_avatars()}
+
     def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
         s = self._size(spec)
         px = s * s
