@@ -643,7 +643,7 @@ def test_espeaks_voice_is_set_only_when_it_changes(piper, monkeypatch):
     from piper import espeakbridge
     from piper.phonemize_espeak import EspeakPhonemizer
 
-    from giris.workers.tts_piper import _espeak_voice_once
+    from giris.workers.tts_piper import _mend_espeak_bridge
 
     real, calls = espeakbridge.set_voice, []
 
@@ -652,7 +652,7 @@ def test_espeaks_voice_is_set_only_when_it_changes(piper, monkeypatch):
         real(name)
 
     monkeypatch.setattr(espeakbridge, "set_voice", counted)
-    _espeak_voice_once()  # what the engine does at start, over the bridge's own
+    _mend_espeak_bridge()  # what the engine does at start, over the bridge's own
     voice = piper.voices[piper.default].piper
     english = voice.phonemize("Good morning to you.")
     for _ in range(20):
@@ -660,6 +660,31 @@ def test_espeaks_voice_is_set_only_when_it_changes(piper, monkeypatch):
     german = EspeakPhonemizer().phonemize("de", "Guten Morgen.")  # (espeak initialized again)
     assert german != english and voice.phonemize("Good morning to you.") == english  # switched back
     assert calls == ["en-us", "de", "en-us"]
+
+
+def test_espeaks_clauses_are_freed(piper):
+    """Piper's espeak bridge kept a reference to every clause tuple it returned, so none
+    (nor its phoneme strings) was ever freed: 3.7 MB per 10,000 clauses in a worker that
+    runs for weeks."""
+    import gc
+    import tracemalloc
+
+    voice = piper.voices[piper.default].piper
+    text = "Good morning to you, my friend. How are you today?"
+    assert len(voice.phonemize(text)) == 2
+    for _ in range(50):
+        voice.phonemize(text)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):  # 6,000 clauses
+            voice.phonemize(text)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, grown
 
 
 def test_a_first_clause_cut_mid_phrase_joins_without_a_pause(piper):
