@@ -203,26 +203,26 @@ def test_a_default_no_stage_knows_stops_the_server_at_start(tmp_path: Path):
     assert ("[bad_config]: [defaults] emotion = 'furious' is not one the motion stage's engine "
             "(prosody) knows: neutral, happy, sad, surprised, angry") in err
     assert shm_segments(proc.pid) == []  # stopped as on SIGTERM, its pools unlinked
+
+    def serve(name: str, defaults: dict, *flags: str, **stages: dict) -> subprocess.CompletedProcess:
+        cfg = write_toml(tmp_path / f"{name}.toml", {
+            "server": {"endpoint": f"ipc://{tmp_path}/{name}.sock"}, "defaults": {"size": 64, **defaults},
+            "limits": {"min_size": 32}, "stages": small_stages(**stages)})
+        return subprocess.run([sys.executable, "-m", "giris.supervisor.cli", *flags, "serve", "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=180)
+
     # so does a voice the voice does not know (the real Piper engine)
-    cfg = write_toml(tmp_path / "v.toml", {
-        "server": {"endpoint": f"ipc://{tmp_path}/gw2.sock"}, "defaults": {"size": 64, "voice": "nobody"},
-        "limits": {"min_size": 32}, "stages": small_stages(tts={"engine": "piper", "options": {}})})
-    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=180)
+    piper = {"tts": {"engine": "piper", "options": {}}}
+    r = serve("v", {"voice": "nobody"}, **piper)
     assert r.returncode == 2 and "[defaults] voice = 'nobody' is not one the tts stage's engine (piper) knows: joe" \
         in r.stderr, r.stderr
     # under --log-json, the failing start's last line is JSON too
-    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "--log-json", "serve", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=180)
+    r = serve("v", {"voice": "nobody"}, "--log-json", **piper)
     last = json.loads(r.stderr.strip().splitlines()[-1])
     assert r.returncode == 2 and last["code"] == "bad_config" and "voice = 'nobody'" in last["event"]
     # and an avatar name none of the bundled ones (the warp renderer): every session open
     # failed with "unknown avatar" on a server that said it was serving
-    cfg = write_toml(tmp_path / "a.toml", {
-        "server": {"endpoint": f"ipc://{tmp_path}/gw3.sock"}, "defaults": {"size": 64, "avatar_name": "nobody"},
-        "limits": {"min_size": 32}, "stages": small_stages(render={"engine": "warp", "options": {}})})
-    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=180)
+    r = serve("a", {"avatar_name": "nobody"}, render={"engine": "warp", "options": {}})
     assert r.returncode == 2 and "[defaults] avatar_name = 'nobody' is not one the render stage's engine (warp) knows: " \
         "astronaut" in r.stderr, r.stderr
 
