@@ -31,6 +31,15 @@ Why this design:
 * **Pauses close at once.** A pause (``sil``) is at full dominance from its first instant,
   not from a quarter of the way in like a sound's core: the mouth settles while the sound
   stops, and the last sound's carry-over alone shapes the release.
+* **A silent stop before a pause ends with its sound.** Piper gives a stop before a pause
+  (/t/ in "that's it.", /k/ in "I like.") its whole closure, ~0.1 s in which nothing is
+  heard; the stop's pose held the jaw ~0.1 open through it and closed only at the pause.
+  Where such stops and the sound before them fall ``stop_quiet_db`` under the running
+  peak for ``_QUIET_RUN_S`` (or to the pause), they end there and the pause starts: the
+  mouth settles as the sound dies. Not where the lips close (/p b m/ among or before
+  the stops): the portrait's rest may part them, so they stay sealed to the pause; an
+  /f v/ before the stops keeps its whole time. The quiet is read from the audio in 5 ms
+  hops, kept as long as the segments.
 * **Audio-only path** (``phonemes is None``, live ``audio_in``): RMS → openness; spectral
   shape (low-band ratio → voicing, high-band ratio → fricative /s/, spectral centroid →
   rounded vs spread lips) → viseme weights, lightly smoothed. numpy FFT only.
@@ -59,9 +68,13 @@ _ONEHOT = np.eye(N_VISEMES)
 _SIL_EPS = 0.02          # background dominance of silence, where no segment reaches
 _KEEP_S = 0.4            # how much past-segment history a session keeps across chunks
 _DB_FLOOR = -90.0
+_HOP_S = 0.005           # resolution of the "has the sound stopped" track (stops before pauses)
+_QUIET_RUN_S = 0.03      # a quiet stretch this long inside a stop is its silent closure
 
-# segment columns: start_s, end_s, viseme, dominance, voiced, vowel, stress
-Segment = tuple[float, float, int, float, float, float, float]
+# segment columns: start_s, end_s, viseme, dominance, voiced, vowel, stress, stop, pause
+Segment = tuple[float, float, int, float, float, float, float, float, float]
+_STOP, _PAUSE = 7, 8
+_PP = V.VISEME_INDEX["PP"]
 
 
 @dataclass
@@ -82,6 +95,10 @@ class VisemeSession:
     #: audio-only path: smoothed viseme weights and slow loudness average
     weights: np.ndarray = field(default_factory=lambda: _ONEHOT[V.SIL].copy())
     slow_energy: float = 0.0
+    #: recent ``_HOP_S`` hops of audio, True where quiet (``stop_quiet_db`` under the running
+    #: peak); hop ``quiet_first + i`` is session samples ``[(quiet_first + i) * hop, +hop)``
+    quiet: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    quiet_first: int = 0
 
 
 class VisemeEngine(CoeffsEngine):
@@ -95,7 +112,9 @@ class VisemeEngine(CoeffsEngine):
     ``dominance_shape`` (1.5: exponent ``c`` of the dominance fall-off ``exp(-(d/reach)^c)``),
     ``close_frames`` (3: frames eased to closed at the end of an utterance),
     ``smoothing`` (0.5: audio-only weight EMA), ``frame_phase`` (0.5: where in its display
-    interval ``[k, k + 1) / fps`` frame ``k`` is sampled). Session spec: ``fps`` (25).
+    interval ``[k, k + 1) / fps`` frame ``k`` is sampled), ``stop_quiet_db`` (30: how far
+    under the running peak a stop before a pause counts as silent, its pose then given
+    up to the pause). Session spec: ``fps`` (25).
     """
 
     def __init__(self, options: Mapping[str, Any], context: EngineContext) -> None:
@@ -112,6 +131,7 @@ class VisemeEngine(CoeffsEngine):
         self.close_frames = int(o.get("close_frames", 3))
         self.smoothing = float(o.get("smoothing", 0.5))
         self.frame_phase = min(max(float(o.get("frame_phase", 0.5)), 0.0), 1.0)
+        self.stop_quiet_db = float(o.get("stop_quiet_db", 30.0))
 
     # ---------------------------------------------------------------- sessions
     def open_session(self, spec: Mapping[str, Any]) -> VisemeSession:
@@ -141,9 +161,11 @@ class VisemeEngine(CoeffsEngine):
         sr = int(sample_rate)
         x = np.asarray(pcm).reshape(-1)
         x = x * np.float32(1 / 32768) if x.dtype.kind in "iu" else x.astype(np.float32)
+        hop = max(1, int(round(sr * _HOP_S)))
         if state.next_sample != start_sample or state.sample_rate != sr:
             state.tail = np.zeros(0, np.float32)  # a gap or a restart: nothing to carry over
             self._forget_utterance(state)
+            state.quiet, state.quiet_first = np.zeros(0, bool), -(-start_sample // hop)
         state.sample_rate = sr
         n = len(frames)
         k = np.arange(frames.start, frames.stop, dtype=np.float64) + self.frame_phase
@@ -154,7 +176,9 @@ class VisemeEngine(CoeffsEngine):
         nfft = 1 << max(6, (period - 1).bit_length())
         centers = np.rint(k * sr / fps).astype(np.int64) - origin
 
-        energy = self._loudness(buf, centers, period, fps, state)
+        prior_peak = state.peak_db
+        energy, peak = self._loudness(buf, centers, period, fps, state)
+        self._track_quiet(buf, origin, start_sample + x.shape[0], hop, t, peak, prior_peak, state)
         # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
         # whose phonemes are known: only None means "no phonemes, read the sound"
         if phonemes is not None:
@@ -190,11 +214,12 @@ class VisemeEngine(CoeffsEngine):
 
     # ---------------------------------------------------------------- loudness
     def _loudness(self, buf: np.ndarray, centers: np.ndarray, period: int, fps: float,
-                  state: VisemeSession) -> np.ndarray:
-        """Normalised loudness per frame: RMS in dB against a decaying running peak."""
+                  state: VisemeSession) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised loudness per frame (RMS in dB against a decaying running peak), and
+        that running peak (dBFS)."""
         n = centers.shape[0]
         if n == 0:
-            return np.zeros(0)
+            return np.zeros(0), np.zeros(0)
         # a chunk's last frame stays on screen into the next chunk, whose samples are not
         # here yet: its window is cut at the last sample, and keeps a quarter period at least
         lo = np.clip(np.minimum(centers - period // 2, buf.shape[0] - period // 4), 0, buf.shape[0])
@@ -222,7 +247,84 @@ class VisemeEngine(CoeffsEngine):
         peak = np.maximum(peak, self.min_peak_db)
         state.peak_db = float(peak[-1])
         energy = (db - (peak - self.range_db)) / (self.range_db - self.headroom_db)
-        return _clip01(energy)
+        return _clip01(energy), peak
+
+    def _track_quiet(self, buf: np.ndarray, origin: int, end: int, hop: int, t: np.ndarray,
+                     peak: np.ndarray, prior_peak: float, state: VisemeSession) -> None:
+        """Append the hops completed by this chunk to ``state.quiet`` (a hop is quiet when
+        its RMS is ``stop_quiet_db`` under the running peak of the last frame sampled
+        before it), kept as far back as the session's segments: where a stop before a pause
+        falls silent is read from it (:meth:`_settle_stops`)."""
+        sr = state.sample_rate
+        # what no kept segment can reach is let go (a stop's chain starts at one of them)
+        since = min([s[0] for s in state.segments] + [origin / sr])
+        drop = min(max(0, int(since * sr) // hop - state.quiet_first), state.quiet.shape[0])
+        state.quiet, state.quiet_first = state.quiet[drop:], state.quiet_first + drop
+        nxt = state.quiet_first + state.quiet.shape[0]
+        if nxt * hop < origin:  # its samples are gone (cannot happen while the tail is kept)
+            state.quiet, nxt = np.zeros(0, bool), -(-origin // hop)
+            state.quiet_first = nxt
+        last = end // hop  # hops [nxt, last) are complete now
+        if last > nxt:
+            x = buf[nxt * hop - origin:last * hop - origin].reshape(-1, hop)
+            mean = x.mean(axis=1)  # about the mean: a DC offset is no sound
+            var = np.maximum(np.einsum("ij,ij->i", x, x) / hop - mean * mean, 0.0)
+            db = 10.0 * np.log10(var + 1e-24)
+            mid = (np.arange(nxt, last) + 0.5) * hop / sr
+            i = np.searchsorted(t, mid, side="right") - 1
+            ref = np.where(i >= 0, peak[np.maximum(i, 0)] if peak.size else prior_peak, prior_peak)
+            state.quiet = np.concatenate([state.quiet, db < ref - self.stop_quiet_db])
+
+    def _sound_end(self, lo: float, hi: float, heard: bool, state: VisemeSession) -> float | None:
+        """Where the sound falls silent in ``[lo, hi)`` seconds: the start of the first quiet
+        run that lasts ``_QUIET_RUN_S`` (a faint release burst after the closure does not
+        undo it) or, when the audio up to ``hi`` is all ``heard``, reaches ``hi`` (a chunk
+        cut just after a dip would close the mouth mid-sound); None if it sounds on, or
+        the hops are not known."""
+        sr = state.sample_rate
+        hop = max(1, int(round(sr * _HOP_S)))
+        h0 = max(int(np.ceil(lo * sr / hop)), state.quiet_first)
+        h1 = min(int(np.floor(hi * sr / hop)), state.quiet_first + state.quiet.shape[0])
+        if h1 <= h0:
+            return None
+        q = state.quiet[h0 - state.quiet_first:h1 - state.quiet_first]
+        need = max(1, int(round(_QUIET_RUN_S * sr / hop)))
+        run = 0
+        for i, quiet in enumerate(q):
+            run = run + 1 if quiet else 0
+            if run and (run >= need or heard and i == q.shape[0] - 1):
+                return (h0 + i - run + 1) * hop / sr
+        return None
+
+    def _settle_stops(self, segs: list[Segment], avail: float, state: VisemeSession) -> list[Segment]:
+        """Stops just before a pause end where their sound does (module docstring): the
+        stops, and the sound before them (whose token often outlasts its fading voice),
+        are cut where the audio falls silent, and the pause starts there. Lips shut among
+        or before them (/p b m/) stay shut to the pause; an /f v/ before them is kept
+        whole. ``segs``: this chunk's and its neighbours' segments; ``avail``: the session
+        time (s) the audio is heard up to."""
+        out: list[Segment] = list(segs)
+        gone: set[int] = set()
+        for i in range(1, len(out)):
+            if not out[i][_PAUSE] or not out[i - 1][_STOP]:
+                continue
+            j = i - 1
+            while j > 0 and out[j - 1][_STOP]:
+                j -= 1
+            if any(int(out[k][2]) == _PP for k in range(max(j - 1, 0), i)):
+                continue  # lips shut (/p b m/) stay so to the pause: the portrait's rest may part them
+            if j > 0 and int(out[j - 1][2]) != V.SIL and not _MUST_SHOW[int(out[j - 1][2])]:
+                j -= 1  # the sound before the stops may fade out before its token ends
+            end = self._sound_end(out[j][0], min(out[i][0], avail), out[i][0] <= avail, state)
+            if end is None:
+                continue
+            for k in range(j, i):
+                if out[k][0] < end:
+                    out[k] = (out[k][0], min(out[k][1], end)) + out[k][2:]
+                else:
+                    gone.add(k)  # silent from its start: not seen at all
+            out[i] = (min(out[i][0], end),) + out[i][1:]
+        return [s for k, s in enumerate(out) if k not in gone]
 
     # ----------------------------------------------------------- phoneme path
     def _segments(self, phonemes: list, sr: int, start_sample: int, state: VisemeSession) -> list[Segment]:
@@ -256,7 +358,8 @@ class VisemeEngine(CoeffsEngine):
                 st = 0.0
                 if stress and snd.vowel:
                     st, stress, state.pending_stress = stress, 0.0, 0.0
-                segs.append((a, b, snd.viseme, snd.dominance, float(snd.voiced), float(snd.vowel), st))
+                segs.append((a, b, snd.viseme, snd.dominance, float(snd.voiced), float(snd.vowel), st,
+                             float(snd.stop), float(snd.pause)))
                 a = b
             if sounds and VISEMES[sounds[0].viseme] == "sil":
                 state.pending_stress = 0.0  # a stress mark never jumps over a pause
@@ -272,6 +375,7 @@ class VisemeEngine(CoeffsEngine):
             scratch = VisemeSession(spec={}, segments=[], pending_stress=state.pending_stress,
                                     pending_start=state.pending_start)
             every = segs + self._segments(ahead, sr, start_sample, scratch)
+        every = self._settle_stops(every, (start_sample + n_samples) / sr, state)
         if every and n:
             S = np.asarray(every, np.float64)
             s0, s1, vis, dom = S[:, 0], S[:, 1], S[:, 2].astype(np.int64), S[:, 3]

@@ -80,6 +80,9 @@ MODIFIERS = set("ːˑʰʲʷˤ˞↓↑ⁿˡ0123456789")
 
 VOICELESS = set("p t k f θ s ʃ h x ç ɸ q ʈ c χ ħ ɕ ʂ ʍ ʔ ɬ ʜ ʡ".split()) | {"tʃ", "ts", "ʧ", "ʦ", "tɕ"}
 VOWELS = set("a ɑ æ ʌ ɶ ä e ɛ ə ɜ ɘ ɤ ɐ ε i ɪ ɨ ᵻ ɯ o ɔ ɒ ɵ ø œ ɞ u ʊ ʉ y ʏ ɚ ɝ".split())
+#: oral and glottal stops: their closure is silent, so before a pause the TTS's alignment
+#: gives them time in which nothing is heard (``coeffs_visemes`` ends them with the sound)
+STOPS = set("p b t d k ɡ g q ɢ c ɟ ʈ ɖ ʔ".split())
 
 #: Cohen–Massaro dominance (how strongly a segment imposes its shape on its neighbours):
 #: lip closures and lip-teeth contacts must be seen, so they dominate; reduced vowels,
@@ -163,6 +166,8 @@ class Sound:
     dominance: float
     voiced: bool
     vowel: bool
+    stop: bool = False    # an oral or glottal stop (:data:`STOPS`)
+    pause: bool = False   # silence that is a pause (punctuation, Piper's ^ $ _), not a word gap
 
 
 def _strip(s: str) -> tuple[str, float, bool]:
@@ -183,7 +188,7 @@ def _strip(s: str) -> tuple[str, float, bool]:
 def _sound(symbol: str, viseme: str, share: float) -> Sound:
     dom = DOMINANCE_BY_IPA.get(symbol, DOMINANCE[viseme])
     return Sound(VISEME_INDEX[viseme], share, dom, symbol not in VOICELESS and viseme != "sil",
-                 symbol in VOWELS)
+                 symbol in VOWELS, symbol in STOPS, viseme == "sil" and not symbol.isspace())
 
 
 @lru_cache(maxsize=4096)
