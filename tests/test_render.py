@@ -346,6 +346,106 @@ def test_a_closed_eyelid_is_the_photos_own_skin(engine, session, neutral):
         engine.close_session(s)
 
 
+def _line_profile(y: np.ndarray, lm: np.ndarray, targets: np.ndarray, pts: list[int],
+                  rows: np.ndarray) -> np.ndarray:
+    """Luma at ``rows`` (px, y down) off the line through landmarks ``pts`` as moved to
+    ``targets``, averaged over the columns between the landmarks at rest."""
+    xs = np.arange(int(np.ceil(lm[pts, 0].min())), int(np.floor(lm[pts, 0].max())) + 1)
+    yt = np.interp(xs, *zip(*sorted(targets[pts].tolist())))
+    col = np.arange(y.shape[0])
+    return np.array([np.mean([np.interp(a + d, col, y[:, x]) for a, x in zip(yt, xs)]) for d in rows])
+
+
+def _lash_band(y: np.ndarray, lm: np.ndarray, targets: np.ndarray, iod: float,
+               up: list[int]) -> tuple[float, float]:
+    """The upper lid's lash band over the columns between the lid's two middle landmarks:
+    its thickness (px, from the darkest row at the lid's margin up to where the luma is
+    back half way to the skin above) and that margin's height (px, y down, against the
+    landmarks at rest)."""
+    rows = np.arange(-0.3 * iod, 0.06 * iod, 0.25)
+    prof = _line_profile(y, lm, targets, up, rows)
+    near = np.flatnonzero(np.abs(rows) <= 0.04 * iod)
+    i = near[np.argmin(prof[near])]
+    half = 0.5 * (prof[(rows > -0.2 * iod) & (rows < rows[i])].max() + prof[i])
+    j = i
+    while j > 0 and prof[j] < half:
+        j -= 1
+    return float(rows[i] - rows[j]), float(np.mean(targets[up, 1] - lm[up, 1]) + rows[i])
+
+
+def _brow_line(y: np.ndarray, lm: np.ndarray, targets: np.ndarray, iod: float, brow: list[int]) -> float:
+    """How thick (px) the brow's dark line is about its moved landmarks (at half depth)."""
+    rows = np.arange(-0.12 * iod, 0.12 * iod, 0.25)
+    prof = _line_profile(y, lm, targets, brow, rows)
+    near = np.flatnonzero(np.abs(rows) <= 0.06 * iod)
+    i = near[np.argmin(prof[near])]
+    half = 0.5 * (min(prof[:i].max(), prof[i:].max()) + prof[i])
+    j, k = i, i
+    while j > 0 and prof[j] < half:
+        j -= 1
+    while k < len(prof) - 1 and prof[k] < half:
+        k += 1
+    return float(rows[k] - rows[j])
+
+
+def test_wide_eyes_lift_the_lash_band_whole(engine):
+    """Surprise (eyeWide and raised brows) stretched the upper lid's lash band (the warp
+    spread the brows' lift over it: 1.5-1.7× as thick at surprised 1.0, 1.4-1.5× at the
+    default 0.6, at 512²). Now the band rises with the lid as one piece and the skin
+    between it and the brow takes the stretch; the lid still rises as far, the brows
+    stay lines, a blink still closes the wide eye, the whole-frame (CUDA) path draws the
+    same, and the band comes in without a jump as eyeWide leaves 0."""
+    s = engine.open_session({"size": 512})
+    try:
+        lm, iod = s.rig.landmarks, s.rig.iod
+        luma = np.array([0.299, 0.587, 0.114], np.float32)
+
+        def render(r: np.ndarray) -> np.ndarray:
+            out = np.zeros((512, 512, 3), np.uint8)
+            engine.render(s, r, out)
+            return out
+
+        def lines(r: np.ndarray) -> list[tuple[float, float, float]]:
+            y = render(r).astype(np.float32) @ luma
+            t = s.rig.targets(r)[:68]
+            return [(*_lash_band(y, lm, t, iod, up), _brow_line(y, lm, t, iod, brow))
+                    for up, brow in (([37, 38], [18, 19, 20]), ([43, 44], [23, 24, 25]))]
+        rest = lines(row())
+        for intensity in (0.6, 1.0):
+            for now, then in zip(lines(_emotion_row("surprised", intensity)), rest):
+                (thick, margin, brow), (thick0, margin0, brow0) = now, then
+                assert thick < 1.25 * thick0, (intensity, now, then)  # the band: was 1.4-1.7×
+                assert margin - margin0 < -1.5, (intensity, now, then)  # the lid went up
+                assert brow < 1.25 * brow0, (intensity, now, then)  # the brow stays a line
+        # a blink still closes the wide eye: the iris is covered by skin
+        wide = _emotion_row("surprised", 1.0)
+        shut = wide.copy()
+        shut[INDEX["eyeBlinkLeft"]] = shut[INDEX["eyeBlinkRight"]] = 1.0
+        y_open, y_shut = (render(r).astype(np.float32) @ luma for r in (wide, shut))
+        for eye in ([37, 38, 40, 41], [43, 44, 46, 47]):
+            x, y = lm[eye].mean(0).round().astype(int)
+            assert y_open[y - 1:y + 2, x - 1:x + 2].mean() < 90  # the iris (~40)
+            assert y_shut[y - 1:y + 2, x - 1:x + 2].mean() > 125  # the lid's skin (~140-170)
+        # the whole-frame path (CUDA's) draws the box renderer's picture
+        batched = WarpRenderEngine({"batch_frames": True}, EngineContext(stage="render"))
+        whole = batched.open_session({"size": 512})
+        for r in (wide, _emotion_row("surprised", 0.03)):
+            out = np.zeros((512, 512, 3), np.uint8)
+            batched.render(whole, r, out)
+            assert np.abs(out.astype(np.int16) - render(r)).mean() < 0.2
+        # no jump as eyeWide leaves 0 under raised brows (the band eases in from where
+        # the warp without it puts it)
+        brows = row(browInnerUp=0.3, browOuterUpLeft=0.2, browOuterUpRight=0.2)
+        step = brows.copy()
+        step[INDEX["eyeWideLeft"]] = step[INDEX["eyeWideRight"]] = 0.0025
+        lo = np.floor(lm[17:48].min(0)).astype(int) - 10
+        hi = np.ceil(lm[17:48].max(0)).astype(int) + 10
+        a, b = (render(r)[lo[1]:hi[1], lo[0]:hi[0]].astype(np.int16) for r in (brows, step))
+        assert np.abs(a - b).max() <= 2, np.abs(a - b).max()
+    finally:
+        engine.close_session(s)
+
+
 def test_head_yaw_moves_the_face(engine, session, neutral):
     lm = session.rig.landmarks
     right = frame(engine, session, headYaw=0.3)

@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA build of torch and a GPU")]
 
 ROWS = [row(), row(jawOpen=0.6), row(eyeBlinkLeft=1.0, eyeBlinkRight=1.0),
-        row(headYaw=0.3, mouthSmileLeft=0.7, mouthSmileRight=0.7), row(jawOpen=0.3, headPitch=-0.2)]
+        row(headYaw=0.3, mouthSmileLeft=0.7, mouthSmileRight=0.7), row(jawOpen=0.3, headPitch=-0.2),
+        row(eyeWideLeft=1.0, eyeWideRight=1.0, browInnerUp=0.7, headYaw=0.1)]
 
 
 def test_cuda_frames_match_the_cpu_frames():

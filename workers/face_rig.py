@@ -17,7 +17,9 @@
   squashing an eye to nothing with a smooth warp folds the image).
 * **Extra points.** Besides the 68 landmarks the rig moves a skull arc (forehead, top and
   sides of the head, rigid with the head) and three neck points (a fraction
-  ``NECK_FOLLOW`` of the head motion), so hair and neck follow the head smoothly.
+  ``NECK_FOLLOW`` of the head motion), so hair and neck follow the head smoothly. While
+  ``eyeWide`` is on, ``frame_targets`` adds band points just above the upper lids and
+  below the brows, carried with them (``LASH_BAND``): the lash band rises whole.
 * **Head pose.** Right-handed, y up, z towards the viewer (as in ``motion_prosody``):
   positive ``headYaw`` turns the nose towards the image's right, positive ``headPitch`` is
   chin down, positive ``headRoll`` turns the face counter-clockwise on screen. Rotation is
@@ -301,6 +303,20 @@ def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
 #: eased (1 - (1 - w)²): most of the lift by the default 0.6, little more beyond
 EYE_WIDE = 0.28
 _EYE_WIDE = [INDEX["eyeWideLeft"], INDEX["eyeWideRight"]]
+#: eyeWide's bands: a control point LASH_BAND (IOD) above each upper-lid landmark and its
+#: outer corner, carried with the lid, so the lash band (lashes, liner, the lid's margin:
+#: ~0.07 IOD of the photo) moves as one piece; and one BROW_BAND below each brow landmark,
+#: carried with the brow, so the brow stays a line. The skin between them (crease to brow)
+#: takes the stretch of the lifted lid and brows: the smooth warp had spread the brows'
+#: lift over the lash band (1.5-1.7× as thick at surprised 1.0), and with the lid's points
+#: alone over the brow's lower half (1.3-1.7×). Only while eyeWide is on (other frames keep
+#: their flow byte for byte); fully carried from an eased weight of LASH_GATE, blended in
+#: below it from where the warp without them puts them (no jump when surprise sets in)
+LASH_BAND = 0.1
+LASH_LIDS = [36] + R_EYE_UP + L_EYE_UP + [45]
+BROW_BAND = 0.07
+BROW_LINE = list(range(17, 27))
+LASH_GATE = 0.15
 
 
 def _eyelid_moves(gap_l: float, gap_r: float) -> dict[str, dict[int, tuple]]:
@@ -355,6 +371,28 @@ class FaceRig:
     def to_image(self, xy: np.ndarray) -> np.ndarray:
         return (self.origin[None, :] + self.iod * (xy @ self.axes)).astype(np.float32)
 
+    @property
+    def band_rest_px(self) -> np.ndarray:
+        """Rest positions of eyeWide's band points (``band_points``), image pixels (16, 2)."""
+        return self.to_image(self.band_points(self.rest)[:, :2])
+
+    @staticmethod
+    def band_points(pts: np.ndarray) -> np.ndarray:
+        """eyeWide's band points (16, 3) for face-frame points: LASH_BAND above the upper
+        lids' landmarks and BROW_BAND below the brows', each moved as its landmark is."""
+        return np.concatenate([pts[LASH_LIDS] + np.array([0.0, LASH_BAND, 0.0], np.float32),
+                               pts[BROW_LINE] - np.array([0.0, BROW_BAND, 0.0], np.float32)])
+
+    @staticmethod
+    def band_weight(coeffs: np.ndarray) -> float:
+        """How far the band points are carried with their landmarks: 0 with eyeWide off (no
+        band points at all), 1 from an eased eyeWide of ``LASH_GATE``, smooth between."""
+        w = float(np.clip(np.asarray(coeffs[_EYE_WIDE], np.float32), 0.0, 1.0).max())
+        if w <= 0.0:
+            return 0.0
+        t = min(1.0, (1.0 - (1.0 - w) ** 2) / LASH_GATE)
+        return t * t * (3.0 - 2.0 * t)
+
     def shape(self, coeffs: np.ndarray) -> np.ndarray:
         """Face-frame 3D points (P, 3) for the blendshapes of a 73-vector (no head pose)."""
         w = np.clip(np.asarray(coeffs[:N_BLENDSHAPES], np.float32), 0.0, 1.0)
@@ -380,7 +418,8 @@ class FaceRig:
         return pts
 
     def project(self, pts: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
-        """Apply the head pose of a 73-vector to face-frame points → image pixels (P, 2)."""
+        """Apply the head pose of a 73-vector to face-frame points → image pixels (P, 2).
+        Points past the rig's own (eyeWide's band points) move wholly with the head."""
         yaw, pitch, roll, tx, ty, tz = (float(coeffs[INDEX[n]]) for n in
                                         ("headYaw", "headPitch", "headRoll", "headTx", "headTy", "headTz"))
         if yaw or pitch or roll or tx or ty or tz:
@@ -389,14 +428,25 @@ class FaceRig:
             moved = (pts - pivot) @ r.T + pivot + np.array([tx, ty, 0.0], np.float32)
             scale = CAMERA_DISTANCE / max(CAMERA_DISTANCE - tz, 1.0)
             moved[:, :2] = (moved[:, :2] - pivot[:2]) * scale + pivot[:2]
-            f = self.follow[:, None]
-            pts = pts + f * (moved - pts)
+            f = self.follow
+            if len(pts) > len(f):
+                f = np.concatenate([f, np.ones(len(pts) - len(f), np.float32)])
+            pts = pts + f[:, None] * (moved - pts)
         return self.to_image(pts[:, :2])
 
     def targets(self, coeffs: np.ndarray) -> np.ndarray:
         """Image positions (P, 2) of every moving point for one 73-vector."""
         return self.project(self.shape(coeffs), coeffs)
 
+    def frame_targets(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """``targets``; and while eyeWide is on, its band points' image positions (16, 2) and
+        their weight (``band_weight``), else ``None, 0.0``."""
+        g = self.band_weight(coeffs)
+        pts = self.shape(coeffs)
+        if g <= 0.0:
+            return self.project(pts, coeffs), None, 0.0
+        both = self.project(np.concatenate([pts, self.band_points(pts)]), coeffs)
+        return both[:len(pts)], both[len(pts):], g
 
 def fit_rig(landmarks: np.ndarray) -> FaceRig:
     """Fit the rig to 68 detected landmarks (image pixels)."""

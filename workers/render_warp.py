@@ -14,7 +14,8 @@ the mouth's rest opening.
 Per frame (``render``):
 
 1. The rig turns the 73-vector into image positions of 68 landmarks + 12 skull/neck
-   points (blendshape displacements, then head pose, projected).
+   points (blendshape displacements, then head pose, projected); with ``eyeWide`` on,
+   16 more that carry the lash band with the lid and the brows as lines (``face_rig.LASH_BAND``).
 2. A thin-plate spline is fitted *in the output frame*: centres at those targets and at the
    anchors, values the backward displacement (rest − target, 0 on anchors). Working in
    the output frame means a mouth opening is smooth there (in the source the inner lips
@@ -171,6 +172,29 @@ def _collar_give(state: "WarpSession", jaw_t: np.ndarray, jaw_disp: np.ndarray) 
     return give[:, None] * (w @ jaw_disp)
 
 
+def _anchor_system(a64: np.ndarray, n_m: int, lam: float) -> np.ndarray:
+    """The thin-plate system (n_m + A + 3)² for n_m moving centres (filled per frame)
+    before the anchors ``a64`` (face units): the anchor blocks and the affine rows."""
+    n_a = len(a64)
+    n = n_m + n_a
+    system = np.zeros((n + 3, n + 3))
+    system[n_m:n, n_m:n] = _tps(_sqdist(a64, a64)) + lam * np.eye(n_a)
+    system[:n, n] = system[n, :n] = 1.0
+    system[n_m:n, n + 1:] = a64
+    system[n + 1:, n_m:n] = a64.T
+    return system
+
+
+def _flow_at(state: "WarpSession", p: np.ndarray, c: np.ndarray, sol: np.ndarray) -> np.ndarray:
+    """The spline's value (px, (k, 2)) at points ``p`` (face units) for centres ``c`` and
+    coefficients ``sol`` (untapered: for points inside the face)."""
+    n_m = len(c)
+    n = n_m + len(state.anchors_n)
+    anchors = state.centers64[-len(state.anchors_n):].astype(np.float32)
+    return (_tps_mm(p, c) @ sol[:n_m] + _tps_mm(p, anchors) @ sol[n_m:n]
+            + sol[n] + p @ sol[n + 1:])
+
+
 def _tps(d2: np.ndarray) -> np.ndarray:
     """Thin-plate kernel r² log r from squared distances (0 at 0)."""
     return 0.5 * d2 * np.log(np.maximum(d2, 1e-20))
@@ -220,6 +244,8 @@ class WarpSession:
     k_ga: np.ndarray                     # (G, A) kernel grid-anchors (float32)
     grid_sq: np.ndarray                  # (G, 1) squared norms of grid_n
     system: np.ndarray                   # (P+A+3)² spline system with the anchor blocks filled
+    band_system: np.ndarray              # the same with eyeWide's 16 band points after the P
+    band_rest_px: np.ndarray             # (16, 2) their rest positions (face_rig.LASH_BAND)
     centers64: np.ndarray                # (P+A, 2) rest centres then anchors (float64)
     p_g: np.ndarray                      # (G, 3) [1, u, v] on the grid
     taper: np.ndarray                    # (G, 1)
@@ -401,13 +427,8 @@ class WarpRenderEngine(RenderEngine):
         anchors_n = norm(anchors_px)
         k_ga = _tps(_sqdist(grid_n, anchors_n)).astype(np.float32)
         a64 = anchors_n.astype(np.float64)
-        n_m, n_a = len(rig.rest), len(anchors_n)
-        n = n_m + n_a
-        system = np.zeros((n + 3, n + 3))
-        system[n_m:n, n_m:n] = _tps(_sqdist(a64, a64)) + self.lam * np.eye(n_a)
-        system[:n, n] = system[n, :n] = 1.0
-        system[n_m:n, n + 1:] = a64
-        system[n + 1:, n_m:n] = a64.T
+        system = _anchor_system(a64, len(rig.rest), self.lam)
+        band_system = _anchor_system(a64, len(rig.rest) + len(rig.band_rest_px), self.lam)
         centers64 = np.concatenate([norm(rig.rest_px).astype(np.float64), a64])
         p_g = np.concatenate([np.ones((len(grid_n), 1), np.float32), grid_n], 1)
         # taper: 1 inside, smoothly 0 at the box edges that are not the frame's edges (and
@@ -456,13 +477,15 @@ class WarpRenderEngine(RenderEngine):
         chroma = float(np.median(skin.max(1) - skin.min(1))) if len(skin) else 0.0
         colour = float(np.clip(chroma / COLOURFUL_CHROMA, 0.0, 1.0))
         device_nbytes = src.numel() * 4 + rw * rh * (8 + 12 + 3)  # source; grid, float and uint8 box
-        nbytes = device_nbytes + image.nbytes + k_ga.nbytes + system.nbytes + grid_px.nbytes * 3
+        nbytes = (device_nbytes + image.nbytes + k_ga.nbytes + system.nbytes + band_system.nbytes
+                  + grid_px.nbytes * 3)
         if teeth is not None:
             nbytes += teeth.crop.numel() * 4
         return WarpSession(spec=spec, size=size, image=image, rig=rig, device=self.device, src=src,
                            roi=(rx0, ry0, rx1, ry1), gh=gh, gw=gw, grid_px=grid_px, grid_n=grid_n,
                            anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper, out_taper=out_taper,
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
+                           band_system=band_system, band_rest_px=rig.band_rest_px,
                            centers64=centers64,
                            collar_px=collar_px,
                            rest_px=rest_px, lip_rgb=lip_rgb, mouth_rest_gap=gap, teeth=teeth,
@@ -499,20 +522,17 @@ class WarpRenderEngine(RenderEngine):
 
     def close_session(self, state: WarpSession) -> None:
         state.src = None  # type: ignore[assignment]
-        state.k_ga = state.system = None  # type: ignore[assignment]
+        state.k_ga = state.system = state.band_system = None  # type: ignore[assignment]
 
     # -------------------------------------------------------------------------- frames
-    def _coarse(self, state: WarpSession, targets: np.ndarray) -> np.ndarray | None:
-        """Coarse sampling grid (2, gh, gw), normalised for grid_sample; None when still."""
-        disp = state.rest_px - targets                       # backward displacement, px
-        if float(np.abs(disp).max()) < 0.02:
-            return None
-        rig = state.rig
-        c = ((targets - rig.origin) / rig.iod).astype(np.float64)
+    def _solve(self, state: WarpSession, c: np.ndarray, disp: np.ndarray, system: np.ndarray,
+               collar: np.ndarray | None) -> np.ndarray:
+        """The spline's coefficients (moving points, anchors, affine part; float32 (n+3, 2))
+        for centres ``c`` (face units) carrying ``disp`` (px), the collar's values given."""
         n_m = len(c)
         n = n_m + len(state.anchors_n)
-        A = state.system.copy()                              # anchor blocks are constant
-        k = _tps_mm(c, state.centers64[n_m:])
+        A = system.copy()                                    # anchor blocks are constant
+        k = _tps_mm(c, state.centers64[-len(state.anchors_n):])
         A[:n_m, n_m:n] = k
         A[n_m:n, :n_m] = k.T
         A[:n_m, :n_m] = _tps_mm(c, c)
@@ -521,9 +541,40 @@ class WarpRenderEngine(RenderEngine):
         A[n + 1:, :n_m] = c.T
         rhs = np.zeros((n + 3, 2))
         rhs[:n_m] = disp
+        if collar is not None:
+            rhs[n - len(collar):n] = collar
+        return np.linalg.solve(A, rhs).astype(np.float32)
+
+    def _coarse(self, state: WarpSession, targets: np.ndarray, band: np.ndarray | None = None,
+                band_w: float = 1.0) -> np.ndarray | None:
+        """Coarse sampling grid (2, gh, gw), normalised for grid_sample; None when still.
+
+        ``band``: eyeWide's band points (``face_rig.LASH_BAND``) at their targets, each
+        sampling the source ``band_w`` of the way from where the flow without them samples
+        there (0: the same picture) to its rest point (1: the lash band rigid with the lid,
+        the brow with its landmarks)."""
+        disp = state.rest_px - targets                       # backward displacement, px
+        if float(np.abs(disp).max()) < 0.02:
+            return None
+        rig = state.rig
+        c = ((targets - rig.origin) / rig.iod).astype(np.float64)
+        collar = None
         if state.collar_px is not None and len(state.collar_px):
-            rhs[n - len(state.collar_px):n] = _collar_give(state, targets[:17], disp[:17])
-        sol = np.linalg.solve(A, rhs).astype(np.float32)
+            collar = _collar_give(state, targets[:17], disp[:17])
+        system = state.system
+        if band is not None:
+            cb = ((band - rig.origin) / rig.iod).astype(np.float64)
+            band_disp = state.band_rest_px - band
+            if band_w < 1.0:  # blending in: from where the flow without the band samples
+                sol = self._solve(state, c, disp, system, collar)
+                free = _flow_at(state, cb.astype(np.float32), c.astype(np.float32), sol)
+                band_disp = free + band_w * (band_disp - free)
+            c = np.concatenate([c, cb])
+            disp = np.concatenate([disp, band_disp])
+            system = state.band_system
+        n_m = len(c)
+        n = n_m + len(state.anchors_n)
+        sol = self._solve(state, c, disp, system, collar)
         k_gm = _tps_mm(state.grid_n, c.astype(np.float32), state.grid_sq)
         flow = k_gm @ sol[:n_m]
         flow += state.k_ga @ sol[n_m:n]
@@ -555,8 +606,8 @@ class WarpRenderEngine(RenderEngine):
             if out.shape != state.image.shape or out.dtype != np.uint8:
                 raise EngineError(f"output buffer must be uint8 {state.image.shape}, not "
                                   f"{out.dtype} {out.shape}", code="bad_input")
-            targets = state.rig.targets(row)
-            coarse = self._coarse(state, targets)
+            targets, band, band_w = state.rig.frame_targets(row)
+            coarse = self._coarse(state, targets, band, band_w)
             if coarse is None:
                 np.copyto(out, state.image)
                 self._composite(state, row, targets, out)
