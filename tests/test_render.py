@@ -240,6 +240,37 @@ def test_a_full_frown_bends_the_lips_as_one_arch(engine):
         engine.close_session(s)
 
 
+def test_a_frown_pulls_the_corners_down_not_the_lips(engine):
+    """Under a big frown the lips as a whole sat lower (an audit: 0.056 IOD as dlib reads a
+    sad 1.0 frame at 512²): the frown's t² profile took the lips' middle half down with the
+    corners, and the upper lip came down over the teeth top edge and all. Now the lips
+    without their corners stay where they were (rig: 0.029 / 0.035 IOD lower at sad /
+    angry 1.0, now ≤ 0.015), the upper lip's top edge stays on the frame (2-3 px down,
+    now ~1) and the corners still come down as far."""
+    s = engine.open_session({"size": 512})
+    try:
+        rig, iod, lm = s.rig, s.rig.iod, s.rig.landmarks
+        rest = rig.targets(row())[:68]
+        still = np.zeros((512, 512, 3), np.uint8)
+        engine.render(s, row(), still)
+        lips = [k for k in range(48, 68) if k not in (48, 54, 60, 64)]  # all but the corners
+        for name in ("sad", "angry"):
+            for intensity in (0.6, 1.0):
+                r = _emotion_row(name, intensity)
+                d = (rig.targets(r)[:68] - rest)[:, 1] / iod  # IOD, y down
+                assert abs(float(d[lips].mean())) < 0.02, (name, intensity, d[lips].mean())
+                assert float(d[[48, 54]].mean()) >= 0.14 * intensity / 0.6, (name, intensity)
+                if intensity == 1.0:
+                    out = np.zeros_like(still)
+                    engine.render(s, r, out)
+                    top = np.mean([_shift(still, out, lm[k])[1] for k in (50, 51, 52)])
+                    corners = min(_shift(still, out, lm[k])[1] for k in (48, 54))
+                    assert top <= 1.5, (name, top)  # px at 512²: the upper lip stays
+                    assert corners >= 9, (name, corners)  # the corners come down
+    finally:
+        engine.close_session(s)
+
+
 def test_a_sad_mouth_still_opens_and_seals(engine):
     """Under an emotion the mouth still follows speech: it opens with the jaw, and a
     /p b m/ still draws the (smiling portrait's parted) lips together."""

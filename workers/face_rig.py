@@ -198,6 +198,11 @@ CHANNEL_MOVES: dict[str, dict[int, tuple[float, float, float]]] = {
 #: how much of a smiling portrait's raised corners count as its smile (above RESTING_CORNER)
 FROWN_DROP = 0.09
 RESTING_CORNER = 0.03
+#: mouthFrown: a lip point at t across the mouth (0 in the middle, 1 at a corner) comes down
+#: by the corners' drop × |t|^FROWN_BEND. At 2 the lips' middle half came down with the
+#: corners: the lips as a whole sank (0.029 IOD in the rig at sad 1.0, 0.056 as dlib
+#: reads the frame) where a frown pulls the corners down
+FROWN_BEND = 3.0
 #: mouthFrown on a portrait parted at rest: the share of its gap between the inner lips the
 #: upper lip comes down over the teeth (at a full smile; less for a smaller one), and the
 #: most of that gap mouthShrugLower's lower lip may take (the rest of its push lifts both
@@ -242,12 +247,14 @@ def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
     mouthFrown: the corners come down by the smile the portrait has at rest, then
     ``FROWN_DROP`` below a resting mouth (a fixed drop left a grinning portrait grinning
     when sad); undoing a smile also narrows the mouth a little. Every lip point comes down
-    by the corners' drop times t² (t its place across the mouth, 0 in the middle, 1 at a
-    corner): the lips bend as one smooth arch, upper and lower alike at each column, so
-    the gap between them (the teeth) keeps its height and the middle stays where it was.
-    (Fixed shares per point, the inner lip's 0.3 where the outer took 0.12, bent a grin's
-    lips into an M over its teeth.) A portrait parted at rest has its upper lip lifted off
-    the teeth by the smile: it comes back down over them by ``FROWN_COVER`` of the gap."""
+    by the corners' drop times |t|^``FROWN_BEND`` (t its place across the mouth, 0 in the
+    middle, 1 at a corner): the lips bend as one smooth arch, upper and lower alike at each
+    column, so the gap between them (the teeth) keeps its height, and the middle of the
+    mouth stays where it was: the corners are pulled down, the lips do not sink. (Fixed
+    shares per point, the inner lip's 0.3 where the outer took 0.12, bent a grin's lips
+    into an M over its teeth.) A portrait parted at rest has its upper lip lifted off the
+    teeth by the smile: its inner edge comes back down over them by ``FROWN_COVER`` of the
+    gap, its top edge staying (the lip fills out; moving both lowered the whole lip)."""
     if face_xy is None:
         face_xy = np.zeros((68, 2), np.float32)
         face_xy[48:68, 0] = np.linspace(-0.5, 0.5, 20)
@@ -268,13 +275,11 @@ def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
                 v[i] += f * d[i]
 
     for k in range(48, 68):
-        w = t[k] * t[k]
+        w = abs(t[k]) ** FROWN_BEND
         add(k, (narrow * t[k] * abs(t[k]), -w * drop, 0.0))
     cover = FROWN_COVER * min(1.0, smile / 0.1)
-    for (up, _), g, outer in zip(INNER_PAIRS, gaps, (50, 51, 52)):
-        c = cover * g * (1.0 - t[up] * t[up])
-        add(up, (0.0, -c, 0.0))
-        add(outer, (0.0, -c, 0.0))
+    for (up, _), g in zip(INNER_PAIRS, gaps):
+        add(up, (0.0, -cover * g * (1.0 - t[up] * t[up]), 0.0))
     out = {}
     for side, table in sides.items():
         out[f"mouthFrown{side}"] = {k: tuple(v) for k, v in table.items()}
