@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 import numpy as np
 
 from giris.runtime.client import Client, Coefficients, Frame, Item, Session
-from giris.runtime.errors import ServerGone
+from giris.runtime.errors import GirisError, ServerGone
 
 T = TypeVar("T")
 
@@ -38,8 +38,9 @@ class AsyncSession:
         return await asyncio.wrap_future(_submit(self._executor, fn, *args, **kw))
 
     async def start_say(self, text: str, **kw: Any) -> int:
-        """Start an utterance; returns its id (see :meth:`Session.start_say`)."""
-        return await self._call(self.sync.start_say, text, **kw)
+        """Start an utterance; returns its id (see :meth:`Session.start_say`). Cancelled
+        while the request is on its way, the utterance it starts anyway is abandoned."""
+        return await _call_undo(self._executor, self.sync._abandon, self.sync.start_say, text, **kw)
 
     async def say(self, text: str, **kw: Any) -> AsyncIterator[Item]:
         """Stream ``text``'s items; leaving early (``break``, a cancelled task) cancels the
@@ -93,7 +94,8 @@ class AsyncSession:
         """The avatar alive with nothing to say (see :meth:`Session.idle`): its items until
         ``seconds`` have played or a ``say`` on the session takes over from it; leaving
         early ends it."""
-        idle = await self._call(self.sync.idle, seconds, chunk_s=chunk_s)
+        idle = await _call_undo(self._executor, functools.partial(_close_later, self._executor),
+                                self.sync.idle, seconds, chunk_s=chunk_s)
         idle._started = True  # read here, not through the sync iterator
         items = self.stream(idle.utterance, cancel_on_exit=True)
         try:
@@ -105,9 +107,11 @@ class AsyncSession:
 
     async def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
                          final: bool = False) -> int:
-        """Live audio in (see :meth:`Session.send_audio`)."""
-        return await self._call(self.sync.send_audio, pcm, sample_rate, utterance=utterance,
-                                final=final)
+        """Live audio in (see :meth:`Session.send_audio`). Cancelled while a new utterance's
+        first audio is on its way, that utterance is abandoned (nobody knows its id)."""
+        undo = self.sync._abandon if utterance is None else _keep
+        return await _call_undo(self._executor, undo, self.sync.send_audio, pcm, sample_rate,
+                                utterance=utterance, final=final)
 
     async def cancel(self, utterance: int | None = None) -> list[int]:
         return await self._call(self.sync.cancel, utterance)
@@ -133,6 +137,41 @@ def _submit(executor: concurrent.futures.Executor, fn: Callable[..., T], *args: 
         raise ServerGone("client is closed") from None
 
 
+async def _call_undo(executor: concurrent.futures.Executor, undo: Callable[[T], Any],
+                     fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """``fn`` on an executor thread, and ``undo`` its result if the awaiting task is cancelled
+    first: the thread cannot be stopped, so a ``say`` or an ``open_session`` it was sending
+    went through anyway and its result was thrown away (an utterance nobody knew the id of
+    ran on, its frames kept by the client: a zero-copy session's next say failed pool_full)."""
+    fut = _submit(executor, fn, *args, **kw)
+    try:
+        return await asyncio.wrap_future(fut)
+    except BaseException:
+        fut.add_done_callback(functools.partial(_undo_late, undo))  # now if it is done already
+        raise
+
+
+def _undo_late(undo: Callable[[Any], Any], fut: concurrent.futures.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:  # it ran, and nobody got its result
+        try:
+            undo(fut.result())
+        except GirisError:  # a closed client or session: nothing left to undo
+            pass
+
+
+def _close_later(executor: concurrent.futures.Executor, obj: Any) -> None:
+    """``obj.close()`` on an executor thread (it waits for the server or a thread); a closed
+    client closed everything already."""
+    try:
+        _submit(executor, obj.close)
+    except ServerGone:
+        pass
+
+
+def _keep(_: Any) -> None:
+    """Nothing to undo (audio for an utterance the caller already knows)."""
+
+
 def _drop_late(session: Session, fut: concurrent.futures.Future) -> None:
     if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
         session.client._drop(fut.result())
@@ -150,7 +189,10 @@ class AsyncClient:
         return await asyncio.wrap_future(_submit(self._executor, fn, *args, **kw))
 
     async def open_session(self, avatar: Any = None, **kw: Any) -> AsyncSession:
-        s = await self._call(self.sync.open_session, avatar, **kw)
+        """Open a session (see :meth:`Client.open_session`); one that opens after the awaiting
+        task was cancelled is closed."""
+        s = await _call_undo(self._executor, functools.partial(_close_later, self._executor),
+                             self.sync.open_session, avatar, **kw)
         return AsyncSession(s, self._executor)
 
     async def status(self) -> dict:

@@ -1,0 +1,141 @@
+"""The asyncio twin's own promises (``giris.runtime.aio``), each against a real server: a
+task cancelled at any await leaves nothing running or held behind it."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from giris.runtime.aio import AsyncClient
+from giris.runtime.client import Frame
+from tests.conftest import small_stages
+
+LONG = " ".join(["word"] * 20)  # 100 frames: more than a 3-slot zero-copy share holds
+#: a zero-copy session may hold 3 frames: an utterance left running unread fills them, and
+#: the next say fails pool_full after block_timeout
+TIGHT = {"stages": small_stages(render={"session_slots": 3, "block_timeout": 2.0})}
+
+
+def _queued(session) -> int:
+    """Messages kept for the session but not read: its backlog and the client's queue."""
+    q = session.client._sessions.get(session.token)
+    return sum(len(b) for b in session._backlog.values()) + (q.qsize() if q else 0)
+
+
+def _held(obj: Any, name: str) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """Make ``obj.name`` wait for a go-ahead once it is called: (entered, go, returned)."""
+    real: Callable = getattr(obj, name)
+    entered, go, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def held(*args: Any, **kw: Any) -> Any:
+        entered.set()
+        go.wait(10)
+        try:
+            return real(*args, **kw)
+        finally:
+            returned.set()
+
+    setattr(obj, name, held)
+    return entered, go, returned
+
+
+async def _frames(speech) -> int:
+    n = 0
+    async for item in speech:
+        if isinstance(item, Frame):
+            n += 1
+            item.release()
+    return n
+
+
+async def _settled(srv, session, timeout: float = 10.0) -> tuple[int, dict]:
+    """(messages still kept, pool slots in use) once nothing is left over, or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pools = {k: p["in_use"] for k, p in srv.status()["pools"].items()}
+        left = _queued(session.sync)
+        if (left == 0 and not any(pools.values())) or time.monotonic() > deadline:
+            return left, pools
+        await asyncio.sleep(0.1)
+
+
+def test_a_task_cancelled_while_its_say_is_sent_leaves_nothing_running(make_server):
+    """The executor thread's start_say finished after the task was cancelled and its id was
+    thrown away: the utterance ran on, its frames held the session's zero-copy share and
+    the next say failed pool_full; its items stayed in the client's backlog."""
+    srv = make_server(TIGHT)
+
+    async def run() -> tuple[int, int, dict]:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            s = await c.open_session(zero_copy=True)
+            entered, go, _ = _held(s.sync, "start_say")
+            task = asyncio.create_task(_frames(s.say(LONG, timeout=10)))
+            assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+            task.cancel()  # e.g. the websocket that asked for it closed
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            go.set()  # the say goes out now, for nobody
+            await asyncio.sleep(1.0)
+            n = await _frames(s.say("one two", timeout=10))
+            return (n, *await _settled(srv, s))
+
+    n, left, pools = asyncio.run(run())
+    assert n == 10
+    assert left == 0 and not any(pools.values()), (left, pools)
+
+
+@pytest.mark.parametrize("what", ["send_audio", "idle"])
+def test_a_task_cancelled_while_a_live_utterance_starts_leaves_nothing_running(make_server, what):
+    """The same for the first audio of a new live utterance (its id thrown away: it was
+    never abandoned, its frames kept) and an idle stream (its feeder thread started)."""
+    srv = make_server(TIGHT)
+
+    async def run() -> tuple[int, dict]:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            s = await c.open_session(zero_copy=True)
+            entered, go, returned = _held(s.sync, what)
+            if what == "idle":
+                task = asyncio.create_task(s.idle().__anext__())
+            else:
+                task = asyncio.create_task(s.send_audio(np.zeros(16000, np.int16), 16000))
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, entered.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            go.set()
+            assert await loop.run_in_executor(None, returned.wait, 10)
+            await asyncio.sleep(1.0)  # an utterance left running has frames by now
+            return await _settled(srv, s, timeout=5)
+
+    left, pools = asyncio.run(run())
+    assert left == 0 and not any(pools.values()), (left, pools)
+
+
+def test_a_task_cancelled_while_its_session_opens_leaves_no_session_open(make_server):
+    """The session that opens for nobody is closed explicitly. (Before, only the sync
+    ``Session.__del__`` closed it, when CPython collected the thrown-away result: this
+    passed then too.)"""
+    srv = make_server()
+
+    async def run() -> int:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            entered, go, opened = _held(c.sync, "open_session")
+            task = asyncio.create_task(c.open_session())
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, entered.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            go.set()  # it opens now, for nobody
+            assert await loop.run_in_executor(None, opened.wait, 10)
+            deadline = time.monotonic() + 10
+            while (sessions := (await c.status())["sessions"]) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return sessions
+
+    assert asyncio.run(run()) == 0
