@@ -42,53 +42,24 @@ class AsyncSession:
         while the request is on its way, the utterance it starts anyway is abandoned."""
         return await _call_undo(self._executor, self.sync._abandon, self.sync.start_say, text, **kw)
 
-    async def say(self, text: str, **kw: Any) -> AsyncIterator[Item]:
-        """Stream ``text``'s items; leaving early (``break``, a cancelled task) cancels the
-        utterance, as with :meth:`Session.say`."""
+    def say(self, text: str, **kw: Any) -> "AsyncSpeech":
+        """Stream ``text``'s items: ``async for item in session.say(text)``. Leaving the loop
+        early (``break``, an exception, a cancelled task) cancels the utterance, as with
+        :meth:`Session.say`, also while a variable still holds what this returns."""
         timeout = kw.pop("timeout", None)
-        utt = await self.start_say(text, **kw)
-        items = self.stream(utt, timeout=timeout, cancel_on_exit=True)
-        try:
-            async for item in items:
-                yield item
-        finally:
-            await items.aclose()  # now, not when the loop gets round to collecting it
+        return AsyncSpeech(self, functools.partial(self.sync.start_say, text, **kw), timeout)
 
-    async def coefficients(self, text: str, **kw: Any) -> AsyncIterator[Coefficients]:
-        """Only the coefficient stream (see :meth:`Session.coefficients`)."""
-        items = self.say(text, **kw)
-        try:
-            async for item in items:
-                if isinstance(item, Coefficients):
-                    yield item
-                elif isinstance(item, Frame):
-                    item.release()
-        finally:
-            await items.aclose()
+    def coefficients(self, text: str, **kw: Any) -> "AsyncSpeech":
+        """Only the coefficient stream (see :meth:`Session.coefficients`); frames that come
+        with it are released."""
+        timeout = kw.pop("timeout", None)
+        return AsyncSpeech(self, functools.partial(self.sync.start_say, text, **kw), timeout,
+                           only=Coefficients)
 
-    async def stream(self, utterance: int, timeout: float | None = None, *,
-                     cancel_on_exit: bool = False) -> AsyncIterator[Item]:
+    def stream(self, utterance: int, timeout: float | None = None, *,
+               cancel_on_exit: bool = False) -> "AsyncStream":
         """Items of ``utterance`` until its ``utterance_done`` (see :meth:`Session.stream`)."""
-        s = self.sync
-        limit = timeout or s.client.timeout
-        loop = asyncio.get_running_loop()
-        done = False
-        fut: concurrent.futures.Future | None = None
-        try:
-            while True:
-                fut = _submit(self._executor, s._next, utterance, limit)
-                msg = await asyncio.wrap_future(fut, loop=loop)
-                fut = None
-                item, done = s._advance(utterance, msg)
-                if item is not None:
-                    yield item
-                if done:
-                    return
-        finally:
-            if not done and cancel_on_exit:
-                s._abandon(utterance)  # also wakes the read still waiting for it
-                if fut is not None:  # a message it takes after all is nobody's: give it back
-                    fut.add_done_callback(functools.partial(_drop_late, s))
+        return AsyncStream(self, utterance, timeout, cancel_on_exit)
 
     async def idle(self, seconds: float | None = None, *, chunk_s: float = 0.2) -> AsyncIterator[Item]:
         """The avatar alive with nothing to say (see :meth:`Session.idle`): its items until
@@ -124,6 +95,156 @@ class AsyncSession:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+class AsyncStream:
+    """What :meth:`AsyncSession.stream` returns: the items of one utterance, each read on an
+    executor thread. An object, not an async generator: ``close()`` acts at once without
+    the event loop (an async generator left early but still referenced ran its ``finally``
+    only when collected, by a task the loop scheduled), so :class:`AsyncSpeech` can end
+    its utterance the moment a loop lets go of it."""
+
+    def __init__(self, session: AsyncSession, utterance: int, timeout: float | None,
+                 cancel_on_exit: bool) -> None:
+        self.session, self.utterance = session, utterance
+        self._limit = timeout or session.sync.client.timeout
+        self._cancel_on_exit = cancel_on_exit
+        self._ended = False  #: its utterance_done (or an error) came: nothing to cancel
+        self._over = False  #: nothing more is read through this object
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> Item:
+        s = self.session.sync
+        while not self._over:
+            fut = _submit(self.session._executor, s._next, self.utterance, self._limit)
+            try:
+                msg = await asyncio.wrap_future(fut)
+            except BaseException:  # a cancelled task, a timeout, the client closed
+                if self._cancel_on_exit:
+                    self.close()  # also wakes the read still waiting for it
+                    # a message it takes after all is nobody's: give it back
+                    fut.add_done_callback(functools.partial(_drop_late, s))
+                self._over = True
+                raise
+            try:
+                item, self._ended = s._advance(self.utterance, msg)
+            except BaseException:  # an error event (it abandoned the utterance)
+                self.close()
+                raise
+            self._over = self._ended
+            if item is not None:
+                return item
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        """Stop reading; with ``cancel_on_exit`` the utterance is cancelled and what is
+        still to come of it dropped, without waiting for the server."""
+        if not self._over and not self._ended and self._cancel_on_exit:
+            self.session.sync._abandon(self.utterance)
+        self._over = True
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
+            pass
+
+
+class AsyncSpeech:
+    """What :meth:`AsyncSession.say` returns: ``async for item in speech``, as the sync
+    :class:`~giris.runtime.client.Speech`. Each ``async for`` gets an iterator of its own
+    whose end (the loop left by ``break``, an exception or a cancelled task: the loop lets
+    go of it) cancels the utterance at once, without waiting for the server or the event
+    loop. An async generator kept in a variable was not closed by leaving its loop: the
+    utterance ran on unread (zero-copy: its frames held the session's pool share and the
+    next say failed ``pool_full``)."""
+
+    def __init__(self, session: AsyncSession, start: Callable[[], int], timeout: float | None,
+                 only: type | None = None) -> None:
+        self.session = session
+        self.utterance: int | None = None  #: its id, once the server has answered
+        self._start_fn = start
+        self._start: "concurrent.futures.Future[int] | None" = None
+        self._timeout = timeout
+        self._only = only  #: yield only items of this type (frames among the rest released)
+        self._items: AsyncStream | None = None
+        self._closed = False
+
+    def _send(self) -> "concurrent.futures.Future[int]":
+        if self._start is None:
+            self._start = _submit(self.session._executor, self._start_fn)
+        return self._start
+
+    async def _stream(self) -> AsyncStream:
+        if self._items is None:
+            try:
+                utt = await asyncio.wrap_future(self._send())
+            except BaseException:
+                self.close()  # cancelled on the way: the utterance it starts is abandoned
+                raise
+            self.utterance = utt
+            self._items = AsyncStream(self.session, utt, self._timeout, cancel_on_exit=True)
+        return self._items
+
+    def __aiter__(self) -> "_SpeechLoop":
+        return _SpeechLoop(self)
+
+    async def __anext__(self) -> Item:
+        """The next item; an error, or the awaiting task cancelled, ends the utterance."""
+        if self._closed:
+            raise StopAsyncIteration
+        items = await self._stream()
+        while True:
+            item = await items.__anext__()
+            if self._only is None or isinstance(item, self._only):
+                return item
+            if isinstance(item, Frame):
+                item.release()
+
+    def close(self) -> None:
+        """Cancel the utterance unless it is over (now, or once the server answers the
+        request), dropping what is still to come of it; never waits."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._items is not None:
+            self._items.close()
+        elif self._start is not None:
+            self._start.add_done_callback(functools.partial(_undo_late, self.session.sync._abandon))
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
+            pass
+
+
+class _SpeechLoop:
+    """One ``async for`` over an :class:`AsyncSpeech`: when the loop lets go of it (CPython
+    frees it as the loop is left), the speech is closed."""
+
+    def __init__(self, speech: AsyncSpeech) -> None:
+        self._speech = speech
+
+    def __aiter__(self) -> "_SpeechLoop":
+        return self
+
+    async def __anext__(self) -> Item:
+        return await self._speech.__anext__()
+
+    def __del__(self) -> None:
+        try:
+            self._speech.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
+            pass
 
 
 def _submit(executor: concurrent.futures.Executor, fn: Callable[..., T], *args: Any,

@@ -139,3 +139,28 @@ def test_a_task_cancelled_while_its_session_opens_leaves_no_session_open(make_se
             return sessions
 
     assert asyncio.run(run()) == 0
+
+
+@pytest.mark.parametrize("what", ["say", "coefficients"])
+def test_leaving_a_loop_over_a_kept_say_cancels_it(make_server, what):
+    """``items = s.say(text); async for item in items: ... break``: the async generator,
+    still referenced, was not closed, so its utterance ran on unread and the next say
+    failed pool_full (the sync ``Speech.__iter__`` had fixed this for ``for``)."""
+    srv = make_server(TIGHT)
+
+    async def run() -> tuple[int, int, dict]:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            s = await c.open_session(zero_copy=True, want=["audio", "coeffs", "frames"])
+            items = getattr(s, what)(LONG, timeout=10)
+            async for item in items:
+                if isinstance(item, Frame):
+                    item.release()
+                if what == "say" and isinstance(item, Frame) or what != "say":
+                    break
+            n = await _frames(s.say("one two", timeout=10))
+            assert items is not None  # still held
+            return (n, *await _settled(srv, s))
+
+    n, left, pools = asyncio.run(run())
+    assert n == 10
+    assert left == 0 and not any(pools.values()), (left, pools)
