@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-from typing import Any, AsyncIterator, Callable, TypeVar
+import weakref
+from typing import Any, AsyncIterator, Callable, Generator, TypeVar
 
 import numpy as np
 
 from giris.runtime.client import Client, Coefficients, Frame, Item, Session
-from giris.runtime.errors import GirisError, ServerGone
+from giris.runtime.errors import BadInput, GirisError, ServerGone
 
 T = TypeVar("T")
 
@@ -43,15 +44,20 @@ class AsyncSession:
         return await _call_undo(self._executor, self.sync._abandon, self.sync.start_say, text, **kw)
 
     def say(self, text: str, **kw: Any) -> "AsyncSpeech":
-        """Stream ``text``'s items: ``async for item in session.say(text)``. Leaving the loop
-        early (``break``, an exception, a cancelled task) cancels the utterance, as with
-        :meth:`Session.say`, also while a variable still holds what this returns."""
+        """Stream ``text``'s items: ``async for item in session.say(text)``. As
+        :meth:`Session.say`, the request is sent at once (``await session.say(text)`` waits
+        for its answer: a refused one raises there, ``.utterance`` is its id), and leaving
+        the loop early (``break``, an exception, a cancelled task), or letting it go unread,
+        cancels the utterance, also while a variable still holds what this returns."""
         timeout = kw.pop("timeout", None)
         return AsyncSpeech(self, functools.partial(self.sync.start_say, text, **kw), timeout)
 
     def coefficients(self, text: str, **kw: Any) -> "AsyncSpeech":
         """Only the coefficient stream (see :meth:`Session.coefficients`); frames that come
         with it are released."""
+        if "coeffs" not in self.spec.get("want", ()):
+            raise BadInput("this session was opened without want=[..., 'coeffs']: it gets no "
+                           "coefficients; open one that asks for them")
         timeout = kw.pop("timeout", None)
         return AsyncSpeech(self, functools.partial(self.sync.start_say, text, **kw), timeout,
                            only=Coefficients)
@@ -168,27 +174,34 @@ class AsyncSpeech:
                  only: type | None = None) -> None:
         self.session = session
         self.utterance: int | None = None  #: its id, once the server has answered
-        self._start_fn = start
-        self._start: "concurrent.futures.Future[int] | None" = None
+        # sent now, as the sync say does (it was sent at the first item read: a bad request
+        # raised only there, and until then there was no id to cancel or resume with)
+        self._start = _submit(session._executor, start)
+        self._start.add_done_callback(functools.partial(_answered, weakref.ref(self)))
         self._timeout = timeout
         self._only = only  #: yield only items of this type (frames among the rest released)
         self._items: AsyncStream | None = None
         self._closed = False
 
-    def _send(self) -> "concurrent.futures.Future[int]":
-        if self._start is None:
-            self._start = _submit(self.session._executor, self._start_fn)
-        return self._start
+    def __await__(self) -> Generator[Any, None, "AsyncSpeech"]:
+        """``speech = await session.say(text)``: once the server has accepted the request
+        (a refusal raises here); then read it with ``async for``."""
+        return self._answered().__await__()
+
+    async def _answered(self) -> "AsyncSpeech":
+        await self._stream()
+        return self
 
     async def _stream(self) -> AsyncStream:
         if self._items is None:
             try:
-                utt = await asyncio.wrap_future(self._send())
+                utt = await asyncio.wrap_future(self._start)
             except BaseException:
                 self.close()  # cancelled on the way: the utterance it starts is abandoned
                 raise
             self.utterance = utt
-            self._items = AsyncStream(self.session, utt, self._timeout, cancel_on_exit=True)
+            if self._items is None:  # (another task awaiting the answer may have made it)
+                self._items = AsyncStream(self.session, utt, self._timeout, cancel_on_exit=True)
         return self._items
 
     def __aiter__(self) -> "_SpeechLoop":
@@ -214,7 +227,7 @@ class AsyncSpeech:
         self._closed = True
         if self._items is not None:
             self._items.close()
-        elif self._start is not None:
+        else:
             self._start.add_done_callback(functools.partial(_undo_late, self.session.sync._abandon))
 
     async def aclose(self) -> None:
@@ -225,6 +238,14 @@ class AsyncSpeech:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
             pass
+
+
+def _answered(ref: "weakref.ref[AsyncSpeech]", fut: "concurrent.futures.Future[int]") -> None:
+    """The say's answer came: its id on the speech, read or not (held weakly: a speech let
+    go unread is collected, and its utterance cancelled, at once)."""
+    speech = ref()
+    if speech is not None and not fut.cancelled() and fut.exception() is None:
+        speech.utterance = fut.result()
 
 
 class _SpeechLoop:

@@ -12,6 +12,7 @@ import pytest
 
 from giris.runtime.aio import AsyncClient
 from giris.runtime.client import Frame
+from giris.runtime.errors import BadInput
 from tests.conftest import small_stages
 
 LONG = " ".join(["word"] * 20)  # 100 frames: more than a 3-slot zero-copy share holds
@@ -163,4 +164,33 @@ def test_leaving_a_loop_over_a_kept_say_cancels_it(make_server, what):
 
     n, left, pools = asyncio.run(run())
     assert n == 10
+    assert left == 0 and not any(pools.values()), (left, pools)
+
+
+def test_say_sends_its_request_at_once(make_server):
+    """As the sync ``say``: the request goes at the call, so a refused one raises at
+    ``await session.say(...)`` and ``.utterance`` is known without reading; one let go
+    unread is cancelled. (It was sent at the first item read: a bad text raised only
+    there, and there was no id to cancel or resume with.)"""
+    srv = make_server(TIGHT)
+
+    async def run() -> tuple[int, int, int, dict]:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            s = await c.open_session(zero_copy=True)
+            with pytest.raises(BadInput):
+                await s.say("   ")
+            speech = s.say("one two", timeout=10)
+            deadline = time.monotonic() + 10
+            while speech.utterance is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # nothing read: the request went out by itself
+            assert isinstance(speech.utterance, int)
+            n = await _frames(speech)
+            s.say(LONG)  # let go unread: cancelled, as a sync Speech
+            await asyncio.sleep(0.5)
+            again = await s.say("one two", timeout=10)
+            assert isinstance(again.utterance, int)
+            return (n, await _frames(again), *await _settled(srv, s))
+
+    n, again, left, pools = asyncio.run(run())
+    assert n == again == 10
     assert left == 0 and not any(pools.values()), (left, pools)
