@@ -9,6 +9,7 @@ waiting stream at once (it raises ServerGone), so ``asyncio.run`` returns prompt
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import weakref
@@ -16,8 +17,9 @@ from typing import Any, AsyncIterator, Callable, Generator, TypeVar
 
 import numpy as np
 
-from giris.runtime.client import Client, Coefficients, Frame, Item, Session
-from giris.runtime.errors import BadInput, GirisError, ServerGone
+from giris.runtime import protocol as P
+from giris.runtime.client import Client, Coefficients, Frame, Item, Session, _utterance_of
+from giris.runtime.errors import BadInput, GirisError, ServerGone, Timeout
 
 T = TypeVar("T")
 
@@ -32,6 +34,9 @@ class AsyncSession:
         self.sync = session
         self.token = session.token
         self.spec = session.spec
+        #: per utterance, a read whose awaiting task gave up while it waited: the next reader
+        #: of the utterance takes it over (guarded by the session's ``_cond``)
+        self._orphans: dict[int, _Read] = {}
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             MAX_WAITERS, thread_name_prefix="giris-aio")
 
@@ -124,15 +129,22 @@ class AsyncStream:
     async def __anext__(self) -> Item:
         s = self.session.sync
         while not self._over:
-            fut = _submit(self.session._executor, s._next, self.utterance, self._limit)
+            read, adopted = self._read()
             try:
-                msg = await asyncio.wrap_future(fut)
-            except BaseException:  # a cancelled task, a timeout, the client closed
+                msg = await asyncio.wrap_future(read.fut)
+            except Timeout:
+                if adopted:  # the read given up on timed out (from its own start): read afresh
+                    continue
+                self._fail()
+                raise
+            except BaseException:  # a cancelled task, the client closed
                 if self._cancel_on_exit:
                     self.close()  # also wakes the read still waiting for it
                     # a message it takes after all is nobody's: give it back
-                    fut.add_done_callback(functools.partial(_drop_late, s))
-                self._over = True
+                    read.fut.add_done_callback(functools.partial(_drop_late, s))
+                    self._over = True
+                else:
+                    self._give_up(read)
                 raise
             try:
                 item, self._ended = s._advance(self.utterance, msg)
@@ -143,6 +155,39 @@ class AsyncStream:
             if item is not None:
                 return item
         raise StopAsyncIteration
+
+    def _read(self) -> tuple["_Read", bool]:
+        """The read of the utterance's next message: one a cancelled wait gave up on, taken
+        over while it still has its message (true), or a new one."""
+        s = self.session.sync
+        orphans = self.session._orphans
+        with s._cond:
+            read = orphans.pop(self.utterance, None)
+            if read is not None and read.state == "reading" and not read.fut.done():
+                read.wanted = True
+                return read, True
+        read = _Read()
+        read.fut = _submit(self.session._executor, _read_next, s, self.utterance, self._limit, read)
+        return read, False
+
+    def _give_up(self, read: "_Read") -> None:
+        """The wait for ``read`` was cancelled (e.g. ``asyncio.wait_for``): the message it
+        has or takes goes back to the front of the session's backlog, or to the next reader
+        of the utterance, instead of into a future nobody awaits (a frame went missing, its
+        zero-copy slot never given back, or the utterance_done, and the stream never ended)."""
+        s = self.session.sync
+        with s._cond:
+            read.wanted = False
+            if read.state == "handed":  # it came, but the task was cancelled before it woke
+                _give_back(s, read.msg)
+                read.state, read.msg = "back", None
+            elif read.state == "reading":
+                self.session._orphans[self.utterance] = read
+
+    def _fail(self) -> None:
+        if self._cancel_on_exit:
+            self.close()
+        self._over = True
 
     def close(self) -> None:
         """Stop reading; with ``cancel_on_exit`` the utterance is cancelled and what is
@@ -159,6 +204,46 @@ class AsyncStream:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
             pass
+
+
+class _Read:
+    """One ``Session._next`` on an executor thread, and who wants its message (guarded by
+    the session's ``_cond``): ``state`` is "reading", "handed" (to the awaiting task) or
+    "back" (given back to the backlog: the task gave up before it came)."""
+
+    __slots__ = ("fut", "wanted", "state", "msg")
+
+    def __init__(self) -> None:
+        self.fut: concurrent.futures.Future | None = None
+        self.wanted = True
+        self.state = "reading"
+        self.msg: P.Message | None = None
+
+
+def _read_next(s: Session, utterance: int, limit: float, read: _Read) -> "P.Message | None":
+    """``s._next``, and its message handed over or, if nobody waits for it any more, given
+    back, in one hold of the session's lock (so no other reader comes between)."""
+    msg = s._next(utterance, limit)
+    with s._cond:
+        if read.wanted:
+            read.state, read.msg = "handed", msg
+            return msg
+        _give_back(s, msg)
+        read.state = "back"
+        return None
+
+
+def _give_back(s: Session, msg: "P.Message | None") -> None:
+    """Put ``msg`` back at the front of the session's backlog, where its reader looks first
+    (under ``s._cond``); dropped if its utterance is abandoned meanwhile."""
+    if msg is None:
+        return
+    utt = _utterance_of(msg)
+    if s.client._is_abandoned(s.token, utt):
+        s.client._drop(msg)
+    else:
+        s._backlog.setdefault(utt, collections.deque()).appendleft(msg)
+        s._cond.notify_all()
 
 
 class AsyncSpeech:

@@ -194,3 +194,40 @@ def test_say_sends_its_request_at_once(make_server):
     n, again, left, pools = asyncio.run(run())
     assert n == again == 10
     assert left == 0 and not any(pools.values()), (left, pools)
+
+
+@pytest.mark.parametrize("poll_s", [0.05, 0.3])
+def test_a_resumed_stream_loses_nothing_to_cancelled_waits(make_server, poll_s):
+    """``wait_for(stream.__anext__(), t)`` timing out: the executor thread still waiting
+    took the next message and handed it to a future nobody awaited. The resumed stream
+    missed a frame (its zero-copy slot never given back) or the utterance_done, and
+    never ended."""
+    srv = make_server({"stages": small_stages(tts={"options": {"word_s": 0.2, "slow_s": 0.4}})})
+
+    async def run() -> tuple[list, int, int, dict]:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            s = await c.open_session(zero_copy=True)
+            utt = await s.start_say(" ".join(["SLOW"] * 6))  # 30 frames, a word each 0.4 s
+            got: list = []
+            timeouts = 0
+            items = s.stream(utt)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    item = await asyncio.wait_for(items.__anext__(), poll_s)
+                except asyncio.TimeoutError:
+                    timeouts += 1
+                    items = s.stream(utt)  # "a later stream(utterance) goes on where this one stopped"
+                    continue
+                if isinstance(item, Frame):
+                    got.append(item.index)
+                    item.release()
+                elif getattr(item, "kind", None) == "utterance_done":
+                    got.append("done")
+                    break
+            return (got, timeouts, *await _settled(srv, s))
+
+    got, timeouts, left, pools = asyncio.run(run())
+    assert timeouts >= 3  # the test tested something
+    assert got == [*range(30), "done"], got
+    assert left == 0 and not any(pools.values()), (left, pools)
