@@ -140,11 +140,7 @@ class AsyncStream:
             except BaseException:  # a cancelled task, the client closed
                 if self._cancel_on_exit:
                     self.close()  # also wakes the read still waiting for it
-                    # a message it takes after all is nobody's: give it back
-                    read.fut.add_done_callback(functools.partial(_drop_late, s))
-                    self._over = True
-                else:
-                    self._give_up(read)
+                self._give_up(read)
                 raise
             try:
                 item, self._ended = s._advance(self.utterance, msg)
@@ -174,14 +170,16 @@ class AsyncStream:
         """The wait for ``read`` was cancelled (e.g. ``asyncio.wait_for``): the message it
         has or takes goes back to the front of the session's backlog, or to the next reader
         of the utterance, instead of into a future nobody awaits (a frame went missing, its
-        zero-copy slot never given back, or the utterance_done, and the stream never ended)."""
+        zero-copy slot never given back, or the utterance_done, and the stream never ended).
+        Of an abandoned utterance's, only a session-wide event (``stage_restarted``,
+        ``session_closed``) is given back, for the session's other readers: all were dropped."""
         s = self.session.sync
         with s._cond:
             read.wanted = False
             if read.state == "handed":  # it came, but the task was cancelled before it woke
                 _give_back(s, read.msg)
                 read.state, read.msg = "back", None
-            elif read.state == "reading":
+            elif read.state == "reading" and not self._cancel_on_exit:
                 self.session._orphans[self.utterance] = read
 
     def _fail(self) -> None:
@@ -397,11 +395,6 @@ def _close_later(executor: concurrent.futures.Executor, obj: Any) -> None:
 
 def _keep(_: Any) -> None:
     """Nothing to undo (audio for an utterance the caller already knows)."""
-
-
-def _drop_late(session: Session, fut: concurrent.futures.Future) -> None:
-    if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
-        session.client._drop(fut.result())
 
 
 class AsyncClient:

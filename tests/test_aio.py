@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from giris.runtime.aio import AsyncClient
-from giris.runtime.client import Frame
+from giris.runtime import protocol as P
+from giris.runtime.client import Event, Frame
 from giris.runtime.errors import BadInput
 from tests.conftest import small_stages
 
@@ -231,3 +232,29 @@ def test_a_resumed_stream_loses_nothing_to_cancelled_waits(make_server, poll_s):
     assert timeouts >= 3  # the test tested something
     assert got == [*range(30), "done"], got
     assert left == 0 and not any(pools.values()), (left, pools)
+
+
+def test_a_session_event_a_cancelled_say_took_is_left_to_the_sessions_readers(make_server):
+    """A say's task cancelled just as its read took a session-wide event (no utterance:
+    ``stage_restarted``, ``session_closed``): the late message was dropped as the cancelled
+    utterance's, and no reader of the session ever saw it. (The event is injected as the
+    I/O thread hands it over, so that exactly one comes; the loop is kept busy meanwhile so
+    the task is cancelled before it wakes with it.)"""
+    srv = make_server({"stages": small_stages(tts={"options": {"word_s": 0.2, "slow_s": 2.0}})})
+
+    async def run() -> list[str]:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            s = await c.open_session()
+            task = asyncio.create_task(_frames(s.say("SLOW")))
+            deadline = time.monotonic() + 10
+            while not s.sync._reading and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # its read waits for the next message
+            c.sync._dispatch(P.event("stage_restarted", session=s.token, stage="render", restarts=1))
+            while s.sync._reading and time.monotonic() < deadline:
+                time.sleep(0.01)  # (blocking the loop) until the read has taken it
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return [i.kind async for i in s.say("one two", timeout=10) if isinstance(i, Event)]
+
+    assert asyncio.run(run()) == ["stage_restarted", "utterance_done"]
