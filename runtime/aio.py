@@ -13,13 +13,16 @@ import collections
 import concurrent.futures
 import functools
 import weakref
-from typing import Any, AsyncIterator, Callable, Generator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generator, TypeVar
 
 import numpy as np
 
 from giris.runtime import protocol as P
 from giris.runtime.client import Client, Coefficients, Frame, Item, Session, _utterance_of
 from giris.runtime.errors import BadInput, GirisError, ServerGone, Timeout
+
+if TYPE_CHECKING:
+    from giris.runtime.idle import Idle
 
 T = TypeVar("T")
 
@@ -72,20 +75,12 @@ class AsyncSession:
         """Items of ``utterance`` until its ``utterance_done`` (see :meth:`Session.stream`)."""
         return AsyncStream(self, utterance, timeout, cancel_on_exit)
 
-    async def idle(self, seconds: float | None = None, *, chunk_s: float = 0.2) -> AsyncIterator[Item]:
+    def idle(self, seconds: float | None = None, *, chunk_s: float = 0.2) -> "AsyncSpeech":
         """The avatar alive with nothing to say (see :meth:`Session.idle`): its items until
         ``seconds`` have played or a ``say`` on the session takes over from it; leaving
-        early ends it."""
-        idle = await _call_undo(self._executor, functools.partial(_close_later, self._executor),
-                                self.sync.idle, seconds, chunk_s=chunk_s)
-        idle._started = True  # read here, not through the sync iterator
-        items = self.stream(idle.utterance, cancel_on_exit=True)
-        try:
-            async for item in items:
-                yield item
-        finally:
-            await self._call(idle._halt)  # stop feeding it (a thread join: not on the loop)
-            await items.aclose()
+        the loop early ends it, as with ``say``, also while a variable still holds it."""
+        return AsyncSpeech(self, functools.partial(self.sync.idle, seconds, chunk_s=chunk_s),
+                           None, undo=_end_idle, id_of=_idle_id, stop=_stop_idle)
 
     async def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
                          final: bool = False) -> int:
@@ -253,10 +248,16 @@ class AsyncSpeech:
     utterance ran on unread (zero-copy: its frames held the session's pool share and the
     next say failed ``pool_full``)."""
 
-    def __init__(self, session: AsyncSession, start: Callable[[], int], timeout: float | None,
-                 only: type | None = None) -> None:
+    def __init__(self, session: AsyncSession, start: Callable[[], Any], timeout: float | None,
+                 only: type | None = None, undo: Callable[[Any], Any] | None = None,
+                 id_of: Callable[[Any], int] = int, stop: Callable[[Any], Any] | None = None) -> None:
         self.session = session
         self.utterance: int | None = None  #: its id, once the server has answered
+        #: what ``start`` returned (an idle stream's :class:`Idle`), once it has
+        self.answer: Any = None
+        self._undo = undo or session.sync._abandon  #: ends it, given what ``start`` returned
+        self._id_of = id_of
+        self._stop = stop  #: what else ends it, beside its stream (an idle stream's feeding)
         # sent now, as the sync say does (it was sent at the first item read: a bad request
         # raised only there, and until then there was no id to cancel or resume with)
         self._start = _submit(session._executor, start)
@@ -278,13 +279,14 @@ class AsyncSpeech:
     async def _stream(self) -> AsyncStream:
         if self._items is None:
             try:
-                utt = await asyncio.wrap_future(self._start)
+                answer = await asyncio.wrap_future(self._start)
             except BaseException:
                 self.close()  # cancelled on the way: the utterance it starts is abandoned
                 raise
-            self.utterance = utt
+            self.answer, self.utterance = answer, self._id_of(answer)
             if self._items is None:  # (another task awaiting the answer may have made it)
-                self._items = AsyncStream(self.session, utt, self._timeout, cancel_on_exit=True)
+                self._items = AsyncStream(self.session, self.utterance, self._timeout,
+                                          cancel_on_exit=True)
         return self._items
 
     def __aiter__(self) -> "_SpeechLoop":
@@ -310,8 +312,10 @@ class AsyncSpeech:
         self._closed = True
         if self._items is not None:
             self._items.close()
+            if self._stop is not None:
+                self._stop(self.answer)
         else:
-            self._start.add_done_callback(functools.partial(_undo_late, self.session.sync._abandon))
+            self._start.add_done_callback(functools.partial(_undo_late, self._undo))
 
     async def aclose(self) -> None:
         self.close()
@@ -328,7 +332,7 @@ def _answered(ref: "weakref.ref[AsyncSpeech]", fut: "concurrent.futures.Future[i
     go unread is collected, and its utterance cancelled, at once)."""
     speech = ref()
     if speech is not None and not fut.cancelled() and fut.exception() is None:
-        speech.utterance = fut.result()
+        speech.answer, speech.utterance = fut.result(), speech._id_of(fut.result())
 
 
 class _SpeechLoop:
@@ -391,6 +395,24 @@ def _close_later(executor: concurrent.futures.Executor, obj: Any) -> None:
         _submit(executor, obj.close)
     except ServerGone:
         pass
+
+
+def _idle_id(idle: "Idle") -> int:
+    idle._started = True  # read here, not through the sync iterator
+    return idle.utterance
+
+
+def _stop_idle(idle: "Idle") -> None:
+    """Stop feeding an idle stream without waiting for its thread (not on the loop): it
+    sees the flag and ends by itself, holding the stream only weakly."""
+    idle._stop.set()
+    idle.ended = idle._over = True
+    idle._thread = None  # nothing for its close() to join, should it be collected on the loop
+
+
+def _end_idle(idle: "Idle") -> None:
+    _stop_idle(idle)
+    idle.session._abandon(idle.utterance)
 
 
 def _keep(_: Any) -> None:

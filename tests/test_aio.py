@@ -258,3 +258,26 @@ def test_a_session_event_a_cancelled_say_took_is_left_to_the_sessions_readers(ma
             return [i.kind async for i in s.say("one two", timeout=10) if isinstance(i, Event)]
 
     assert asyncio.run(run()) == ["stage_restarted", "utterance_done"]
+
+
+def test_leaving_a_loop_over_a_kept_idle_stream_ends_it(make_server):
+    """``idle()`` was an async generator too: left early while a variable held it, it was
+    fed on and its frames piled up unread, holding the session's zero-copy share."""
+    srv = make_server(TIGHT)
+
+    async def run() -> tuple[int, dict, bool]:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            s = await c.open_session(zero_copy=True)
+            idle = s.idle()
+            async for item in idle:
+                if isinstance(item, Frame):
+                    item.release()
+                    break
+            await asyncio.sleep(1.0)  # an idle stream fed on would fill the share by now
+            left, pools = await _settled(srv, s)
+            feeder = getattr(getattr(idle, "answer", None), "_thread", None)
+            return left, pools, feeder is None or not feeder.is_alive()
+
+    left, pools, stopped = asyncio.run(run())
+    assert left == 0 and not any(pools.values()), (left, pools)
+    assert stopped
