@@ -6,7 +6,7 @@ import sys
 from typing import Sequence
 
 BENCHMARKS = {"transport": "perf.transport", "ttff": "perf.ttff", "render": "perf.render",
-              "restart": "perf.restart"}
+              "restart": "perf.restart", "vad": "perf.vad"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,7 +42,9 @@ Why this design:
   hops, kept as long as the segments.
 * **Audio-only path** (``phonemes is None``, live ``audio_in``): RMS → openness; spectral
   shape (low-band ratio → voicing, high-band ratio → fricative /s/, spectral centroid →
-  rounded vs spread lips) → viseme weights, lightly smoothed. numpy FFT only.
+  rounded vs spread lips) → viseme weights, lightly smoothed. numpy FFT only. Loudness
+  is measured above the steady background (:mod:`giris.workers.noise_floor`: measured
+  against silence, a hum or a fan held the mouth ajar in every pause).
 * **Utterance end.** On the final chunk the last frames ease to ``sil`` and the very last
   frame is exactly closed.
 
@@ -60,6 +62,7 @@ from giris.workers import visemes as V
 from giris.workers.bases import CoeffsEngine
 from giris.workers.coefficients import N_BLENDSHAPES, N_VISEMES, VISEME_SLICE, VISEMES, zeros
 from giris.workers.engine import EngineContext
+from giris.workers.noise_floor import FloorState, NoiseFloor
 
 _REACH_AHEAD = np.array([V.REACH_AHEAD[v] for v in VISEMES])
 _REACH_AFTER = np.array([V.REACH_AFTER[v] for v in VISEMES])
@@ -99,6 +102,8 @@ class VisemeSession:
     #: peak); hop ``quiet_first + i`` is session samples ``[(quiet_first + i) * hop, +hop)``
     quiet: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     quiet_first: int = 0
+    #: audio-only path: recent frames' levels, for the background's floor
+    floor: FloorState = field(default_factory=FloorState)
 
 
 class VisemeEngine(CoeffsEngine):
@@ -114,7 +119,10 @@ class VisemeEngine(CoeffsEngine):
     ``smoothing`` (0.5: audio-only weight EMA), ``frame_phase`` (0.5: where in its display
     interval ``[k, k + 1) / fps`` frame ``k`` is sampled), ``stop_quiet_db`` (30: how far
     under the running peak a stop before a pause counts as silent, its pose then given
-    up to the pause). Session spec: ``fps`` (25).
+    up to the pause). Audio-only path:
+    ``floor_window_s`` / ``floor_subtract`` / ``floor_keep_db`` (1.5 / 2 / 25: the steady
+    background taken out of its loudness, :mod:`giris.workers.noise_floor`; 0 subtracts
+    nothing). Session spec: ``fps`` (25).
     """
 
     def __init__(self, options: Mapping[str, Any], context: EngineContext) -> None:
@@ -132,6 +140,7 @@ class VisemeEngine(CoeffsEngine):
         self.smoothing = float(o.get("smoothing", 0.5))
         self.frame_phase = min(max(float(o.get("frame_phase", 0.5)), 0.0), 1.0)
         self.stop_quiet_db = float(o.get("stop_quiet_db", 30.0))
+        self.floor = NoiseFloor(o)
 
     # ---------------------------------------------------------------- sessions
     def open_session(self, spec: Mapping[str, Any]) -> VisemeSession:
@@ -177,7 +186,12 @@ class VisemeEngine(CoeffsEngine):
         centers = np.rint(k * sr / fps).astype(np.int64) - origin
 
         prior_peak = state.peak_db
-        energy, peak = self._loudness(buf, centers, period, fps, state)
+        db = self._level(buf, centers, period)
+        if phonemes is not None:
+            energy, peak = self._loudness(db, fps, state)
+        else:  # live audio: loudness above the steady background (a hum, a fan), not silence
+            floor = self.floor.floor(db, fps, state.floor)
+            energy, peak = self._loudness(self.floor.clean(db, floor), fps, state)
         self._track_quiet(buf, origin, start_sample + x.shape[0], hop, t, peak, prior_peak, state)
         # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
         # whose phonemes are known: only None means "no phonemes, read the sound"
@@ -213,13 +227,12 @@ class VisemeEngine(CoeffsEngine):
         state.weights = _ONEHOT[V.SIL].copy()
 
     # ---------------------------------------------------------------- loudness
-    def _loudness(self, buf: np.ndarray, centers: np.ndarray, period: int, fps: float,
-                  state: VisemeSession) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised loudness per frame (RMS in dB against a decaying running peak), and
-        that running peak (dBFS)."""
+    @staticmethod
+    def _level(buf: np.ndarray, centers: np.ndarray, period: int) -> np.ndarray:
+        """RMS level per frame (dBFS) over one frame period around its instant."""
         n = centers.shape[0]
         if n == 0:
-            return np.zeros(0), np.zeros(0)
+            return np.zeros(0)
         # a chunk's last frame stays on screen into the next chunk, whose samples are not
         # here yet: its window is cut at the last sample, and keeps a quarter period at least
         lo = np.clip(np.minimum(centers - period // 2, buf.shape[0] - period // 4), 0, buf.shape[0])
@@ -239,7 +252,15 @@ class VisemeEngine(CoeffsEngine):
         # about its mean, per window: a microphone's DC offset is no sound (+100 counts,
         # -50 dBFS and inaudible, held the mouth as open as speech does)
         rms = np.sqrt(np.maximum(sums / width - (means / width) ** 2, 0.0))
-        db = np.maximum(20.0 * np.log10(rms + 1e-12), _DB_FLOOR)
+        return np.maximum(20.0 * np.log10(rms + 1e-12), _DB_FLOOR)
+
+    def _loudness(self, db: np.ndarray, fps: float,
+                  state: VisemeSession) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised loudness per frame (its level in dB against a decaying running peak),
+        and that running peak (dBFS)."""
+        n = db.shape[0]
+        if n == 0:
+            return np.zeros(0), np.zeros(0)
         # running peak p_k = max(floor, db_k, p_{k-1} - d), closed form (max-plus scan)
         d = self.peak_decay_db_s / fps
         j = np.arange(n)

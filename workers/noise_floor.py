@@ -1,0 +1,68 @@
+"""The steady background under live audio, taken out of its loudness (``visemes`` engine,
+acoustic path: live audio without phonemes).
+
+The acoustic path opens the mouth by loudness, measured against silence: over a hum or
+a fan 40 dB under the voice the mouth stayed ~0.2 open in every pause (0.001 in a quiet
+room), and its motion followed the voice less (correlation with the voice's level 0.77 →
+0.53 as the fan came up to -30 dBFS). So each frame's level is measured above the
+background, as a speech enhancer does before it:
+
+* **The floor is the lowest level of the last ``floor_window_s``** (1.5 s): minimum
+  statistics (Martin 2001). Speech pauses between words at least that often, so the
+  minimum is the background between the words (a quiet room's silence leaves speech as
+  it was), and it follows a background that changes within that time.
+* **Power subtraction, oversubtracted** (Berouti, Schwartz & Makhoul 1979): the frame's
+  power less ``floor_subtract`` (2) times the floor's, since the minimum of a fluctuating
+  level sits below its mean (a fan's frames spread ±3 dB); 0 turns this off.
+* **At most ``floor_keep_db`` (25 dB) is taken off** a frame (the same paper's spectral
+  floor): a frame that is all background goes far under the voice's peak (the loudness
+  scale spans 40 dB below it) instead of to minus infinity, and the first syllable after
+  a loud background stops is not erased while the floor still remembers it.
+
+Vectorised over a chunk's frames; a session keeps the last ``floor_window_s`` of levels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+_SILENT_DB = -70.0  # a level below this counts as silence
+
+
+@dataclass
+class FloorState:
+    #: the last frames' levels (dBFS), oldest first; empty in a new session (silence)
+    levels: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+class NoiseFloor:
+    """Each frame's level with the steady background taken out."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        o = options
+        self.window_s = float(o.get("floor_window_s", 1.5))
+        self.subtract = float(o.get("floor_subtract", 2.0))
+        self.keep_db = float(o.get("floor_keep_db", 25.0))
+
+    def floor(self, db: np.ndarray, fps: float, state: FloorState) -> np.ndarray:
+        """The lowest of ``db`` (each frame's level, dBFS) over the last ``window_s``, this
+        frame's included."""
+        n = db.shape[0]
+        if n == 0:
+            return db
+        keep = max(1, int(round(self.window_s * fps))) - 1
+        h = np.empty(keep + n)
+        h[:keep] = state.levels if state.levels.shape[0] == keep else _SILENT_DB
+        h[keep:] = np.maximum(db, _SILENT_DB)
+        state.levels = h[n:].copy()
+        s = h.strides[0]
+        return np.lib.stride_tricks.as_strided(h, (n, keep + 1), (s, s), writeable=False).min(axis=1)
+
+    def clean(self, db: np.ndarray, floor: np.ndarray) -> np.ndarray:
+        """``db`` less ``subtract`` times ``floor``, in power; ``keep_db`` less at most."""
+        if self.subtract <= 0:
+            return db
+        power = 10.0 ** (db / 10.0) - self.subtract * 10.0 ** (floor / 10.0)
+        return np.maximum(10.0 * np.log10(np.maximum(power, 1e-12)), db - self.keep_db)
