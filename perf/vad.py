@@ -1,5 +1,6 @@
-"""``python -m perf vad``: the acoustic path for live audio, before (``floor_subtract = 0``:
-loudness against silence) / after (the defaults: the background's floor taken out).
+"""``python -m perf vad``: the acoustic path for live audio, before (``vad = false``,
+``floor_subtract = 0``: loudness alone) / after (the defaults: the background's floor taken
+out, the speech gate).
 
 Each signal is sent as live audio (no phonemes) in 20 ms chunks through the real
 ``visemes`` coeffs engine and the ``prosody`` motion engine, as their stage workers call
@@ -29,7 +30,7 @@ import numpy as np
 from perf.common import emit_json, machine, table
 
 FPS = 25
-BEFORE = {"floor_subtract": 0}  # the acoustic path as it was: loudness against silence
+BEFORE = {"vad": False, "floor_subtract": 0}  # the acoustic path as it was: loudness alone
 LEAD_S = 1.0  # silence before and after each signal: the avatar starts and ends at rest
 TEXTS = ("Well, I think we should start with the weather. It rained all morning, so the garden "
          "looks greener than ever! Did you remember to call your sister? She wanted to know about "

@@ -1,11 +1,13 @@
 """Live audio (``audio_in``, no phonemes) through the real ``visemes`` coeffs engine, fed as
 its stage worker feeds it, in 20 ms chunks: what a live microphone picks up besides the
-voice must not move the mouth (``workers/noise_floor.py``).
+voice must not move the mouth (``workers/noise_floor.py``, ``workers/voice_activity.py``).
 
 Speech is the real Piper voice; the other sounds are the benchmark's (``perf/vad.py``).
-The acoustic path measured loudness against silence: over a hum the mouth stayed open in
-every pause."""
+The acoustic path opened the mouth for any sound: a steady tone or music held it open
+wider than speech does on average, and over a hum the mouth stayed open in every pause."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -13,11 +15,11 @@ import pytest
 from giris.workers.coefficients import INDEX
 from giris.workers.coeffs_visemes import VisemeEngine
 from giris.workers.engine import EngineContext, StageInput
-from perf.vad import fan, framed_db, hum, noise, pcm16, piper
+from perf.vad import beeps, fan, framed_db, hum, music, noise, pcm16, piper, resample, tone
 
 JAW = INDEX["jawOpen"]
 FPS = 25
-AS_IT_WAS = {"floor_subtract": 0}  # the acoustic path as it was: loudness against silence
+AS_IT_WAS = {"vad": False, "floor_subtract": 0}  # the acoustic path before the gate and floor
 
 
 def live(pcm: np.ndarray, sr: int, options: dict | None = None, chunk_s: float = 0.02) -> np.ndarray:
@@ -82,7 +84,115 @@ def test_speech_in_a_quiet_room_is_measured_as_it_was(speech):
     voice, sr = speech
     clean = np.concatenate([quiet(sr), voice, quiet(sr)])
     for pcm in (clean, add(clean, noise(sr, len(clean) / sr + 1, -55.0))):
-        now, before = live(pcm, sr), live(pcm, sr, AS_IT_WAS)
+        now, before = live(pcm, sr, {"vad": False}), live(pcm, sr, AS_IT_WAS)
         _, voiced = pauses_and_voiced(clean, sr, len(now))
         assert np.abs(now - before)[voiced].max() < 0.05  # (over the floor: it held the mouth ajar)
         assert np.abs(now - before).mean() < 0.005
+
+
+# ------------------------------------------------------------------ speech gate
+@pytest.mark.parametrize("sound", [tone, hum, fan, noise])
+@pytest.mark.parametrize("sr", [16000, 48000])
+def test_a_steady_sound_leaves_the_mouth_shut(sound, sr):
+    """A tone, a hum, a fan or steady noise does not dip as syllables do: once the gate's
+    window (0.6 s) has heard it the mouth is shut within a second, a pure tone at once
+    (the mouth eases shut over a few frames). All but white noise held it ~0.5 open."""
+    jaw = live(np.concatenate([quiet(sr), sound(sr, 3.0), quiet(sr)]), sr)
+    body = jaw[15:15 + 75]
+    settled = 5 if sound is tone else 25
+    assert body[settled:].max() < 0.02, (sound.__name__, body.round(2))
+
+
+@pytest.mark.parametrize("sr", [16000, 48000])
+def test_beeps_open_the_mouth_for_a_frame_at_most(sr):
+    """0.15 s beeps once a second (a phone, a microwave) opened the mouth for 3-4 frames
+    each; now only a beep's first frame may (half its window is the silence before)."""
+    jaw = live(beeps(sr, 5.0), sr)
+    for second in range(5):
+        assert (jaw[second * FPS:(second + 1) * FPS] > 0.1).sum() <= 1, jaw.round(2)
+
+
+@pytest.mark.parametrize("sr", [16000, 22050, 48000])
+def test_music_barely_moves_the_mouth(sr):
+    """Music-like sound dips 10-16 dB (speech 20-50) and holds each note's pitch: once the
+    window has heard it the mouth is nearly shut. It was 0.55 open on average."""
+    pcm = np.concatenate([quiet(sr), music(sr, 6.0)])
+    after = live(pcm, sr)[15 + FPS:]
+    assert after.mean() < 0.05 and np.mean(after > 0.1) < 0.2, (after.mean(), np.mean(after > 0.1))
+    assert live(pcm, sr, AS_IT_WAS)[15 + FPS:].mean() > 0.4  # what was taken away
+
+
+@pytest.mark.parametrize("sr", [16000, 22050, 48000])
+def test_speech_moves_the_mouth_as_it_did(speech, sr):
+    """Real speech passes the gate untouched: the same jaw frame by frame, the first frame
+    of each word after a pause included (no added latency)."""
+    voice, voice_sr = speech
+    pcm = np.concatenate([quiet(sr), resample(voice, voice_sr, sr), quiet(sr)])
+    gated, plain = live(pcm, sr), live(pcm, sr, {"vad": False})
+    assert np.abs(gated - plain).max() < 0.02
+    db = framed_db(pcm, sr, len(plain))
+    onsets = [k for k in range(5, len(db)) if db[k] > -40 and (db[k - 5:k] < -50).all()]
+    assert len(onsets) >= 3
+    for k in onsets:
+        assert np.allclose(gated[k - 1:k + 3], plain[k - 1:k + 3], atol=1e-3), k
+    assert plain[db > db.max() - 25].mean() > 0.2
+
+
+def test_speech_over_music_still_moves_the_mouth(speech):
+    """Speech with music 7 dB under it (a radio in the room): the voice's gliding pitch
+    keeps the gate open while it speaks; in its pauses the music alone moves the mouth
+    much less than it did."""
+    voice, sr = speech
+    clean = np.concatenate([quiet(sr, 2.0), voice, quiet(sr)])
+    heard = add(clean, music(sr, math.ceil(len(clean) / sr) + 1, -30.0))
+    gated, plain = live(heard, sr), live(heard, sr, AS_IT_WAS)
+    pause, voiced = pauses_and_voiced(clean, sr, len(gated), after_s=1.0)
+    assert gated[voiced].mean() > 0.8 * plain[voiced].mean()
+    assert gated[pause].mean() < 0.5 * plain[pause].mean(), (gated[pause].mean(), plain[pause].mean())
+
+
+def test_the_gate_can_be_turned_off_and_checks_its_options():
+    pcm = np.concatenate([quiet(16000), tone(16000, 2.0)])
+    assert live(pcm, 16000, AS_IT_WAS)[40:].min() > 0.3  # the acoustic path as it was
+    with pytest.raises(ValueError, match="vad_dip_db"):
+        VisemeEngine({"vad_dip_db": [24, 16]}, EngineContext(stage="coeffs"))
+
+
+def test_the_gate_does_not_depend_on_how_the_audio_is_chunked(speech):
+    voice, sr = speech
+    pcm = np.concatenate([quiet(sr), voice, music(sr, 2.0), tone(sr, 1.0), voice[:sr]])
+    for chunk_s in (0.01, 0.1):
+        # the acoustic path's own windows are cut at a chunk's end, so frames differ a
+        # little with the chunking: the gate adds nothing to that
+        plain = np.abs(live(pcm, sr, {"vad": False}, chunk_s) - live(pcm, sr, {"vad": False}, 0.5)).mean()
+        assert np.abs(live(pcm, sr, chunk_s=chunk_s) - live(pcm, sr, chunk_s=0.5)).mean() < plain + 0.01
+
+
+def test_a_live_tone_leaves_the_mouth_shut_and_speech_opens_it_through_a_server(make_server, speech):
+    """``audio_in`` through a real server (the ``visemes`` coeffs stage in its worker): a
+    2 s tone held the mouth ~0.5 open in the coefficients a client's rig gets; now shut,
+    and the speech after it opens it as before."""
+    from giris.runtime.client import Coefficients
+    from tests.conftest import small_stages
+
+    srv = make_server({"stages": small_stages(coeffs={"engine": "visemes"})})
+    s = srv.client().open_session(want=["audio", "coeffs"])
+    sr = 16000
+    voice, voice_sr = speech
+    said = resample(voice[:int(5.5 * voice_sr)], voice_sr, sr)  # the live-audio budget: bursts of 12 s
+    pcm = np.concatenate([quiet(sr), tone(sr, 2.0), quiet(sr, 0.4), said, quiet(sr)])
+    step = sr // 10  # 0.1 s a message, as a client streams a microphone
+    utt = None
+    for a in range(0, len(pcm), step):
+        utt = s.send_audio(pcm[a:a + step], sr, utterance=utt, final=a + step >= len(pcm))
+    jaw: dict[int, float] = {}
+    for item in s.stream(utt, timeout=30):
+        if isinstance(item, Coefficients):
+            for j, row in enumerate(item.values):
+                jaw[item.first_frame + j] = float(row[JAW])
+    s.close()
+    frames = np.array([jaw[k] for k in range(math.ceil(len(pcm) * FPS / sr))])
+    held = frames[15 + 5:15 + 50]       # the tone, from its 6th frame
+    spoken = frames[15 + 50 + 10:-15]   # the speech
+    assert held.max() < 0.02, held.round(2)
+    assert spoken.max() > 0.4 and np.mean(spoken > 0.1) > 0.4

@@ -265,20 +265,27 @@ def test_pass_through_style_and_robust_tokens(coeffs_engine):
     assert np.isfinite(out[0].tensors[0]).all()
 
 
-def test_audio_only_silence_is_closed_and_a_loud_tone_opens_the_jaw(coeffs_engine):
-    t = np.arange(SR) / SR
+def voice_like(seconds: float, formant: float = 500.0, amp: float = 0.5) -> np.ndarray:
+    """A voice-like sound for the acoustic path: harmonics of a pitch gliding about 130 Hz,
+    shaped by one formant (500 Hz: dark, 2.6 kHz: bright), in syllables four times a
+    second. The path's speech gate takes it for speech; a steady tone it keeps shut."""
+    t = np.arange(int(seconds * SR)) / SR
+    phase = 2 * np.pi * np.cumsum(130 + 20 * np.sin(2 * np.pi * 1.3 * t)) / SR
+    x = sum(np.exp(-0.5 * ((h * 130 - formant) / 300) ** 2) * np.sin(h * phase) for h in range(1, 30))
+    return (amp * 32767 * x / np.abs(x).max() * ((t % 0.25) < 0.17)).astype(np.int16)
+
+
+def test_audio_only_silence_is_closed_and_a_voice_opens_the_jaw(coeffs_engine):
     silence = np.zeros(SR, np.int16)
-    tone = (0.5 * 32767 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
     state = coeffs_engine.open_session({})
-    c, p, _ = run_coeffs(coeffs_engine, state, [(silence, None), (tone, None), (silence, None)])
+    c, p, _ = run_coeffs(coeffs_engine, state, [(silence, None), (voice_like(1.0), None), (silence, None)])
     quiet, loud, after = c[:25], c[25:50], c[50:]
     assert np.all(quiet[:, JAW] < 0.01) and np.all(quiet[:, SIL] > 0.99)
-    assert loud[5:, JAW].min() > 0.3
-    assert p[30:50, 0].min() > 0.8 and p[30:50, 1].min() > 0.5   # loud, voiced
+    assert np.percentile(loud[5:, JAW], 75) > 0.3   # open on the syllables
+    assert np.percentile(p[30:50, 0], 75) > 0.8 and np.percentile(p[30:50, 1], 75) > 0.5   # loud, voiced
     assert after[-1, JAW] == 0.0 and after[5:, JAW].max() < 0.05
     # dark (low) sound rounds the lips, bright (high) sound spreads them
-    bright = (0.5 * 32767 * np.sin(2 * np.pi * 2600 * t)).astype(np.int16)
-    cb, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(bright, None)])
+    cb, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(voice_like(1.0, 2600.0), None)])
     assert loud[10:20, INDEX["mouthFunnel"]].mean() > cb[10:20, INDEX["mouthFunnel"]].mean() + 0.1
     assert cb[10:20, INDEX["mouthStretchLeft"]].mean() > loud[10:20, INDEX["mouthStretchLeft"]].mean()
 
@@ -286,16 +293,15 @@ def test_audio_only_silence_is_closed_and_a_loud_tone_opens_the_jaw(coeffs_engin
 def test_a_microphones_dc_offset_is_no_sound(coeffs_engine):
     """A constant offset (+100 counts: -50 dBFS, inaudible) held the mouth as open as
     speech; with speech on +300, it stayed open in the pauses."""
-    t = np.arange(SR) / SR
     for dc in (100, 300, -2000):
         c, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}),
                              [(np.full(SR, dc, np.int16), None)])
         assert c[:, JAW].max() < 0.01, dc
-    tone = (0.3 * 32767 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
+    voice = voice_like(1.0, amp=0.3)
     pause = np.zeros(SR, np.int16)
     c, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}),
-                         [(tone + 300, None), (pause + 300, None), (tone + 300, None)])
-    assert c[5:25, JAW].min() > 0.3 and c[35:50, JAW].max() < 0.01
+                         [(voice + 300, None), (pause + 300, None), (voice + 300, None)])
+    assert np.percentile(c[5:25, JAW], 75) > 0.3 and c[35:50, JAW].max() < 0.01
 
 
 def test_audio_only_chunking_is_continuous(coeffs_engine):

@@ -43,8 +43,13 @@ Why this design:
 * **Audio-only path** (``phonemes is None``, live ``audio_in``): RMS → openness; spectral
   shape (low-band ratio → voicing, high-band ratio → fricative /s/, spectral centroid →
   rounded vs spread lips) → viseme weights, lightly smoothed. numpy FFT only. Loudness
-  is measured above the steady background (:mod:`giris.workers.noise_floor`: measured
-  against silence, a hum or a fan held the mouth ajar in every pause).
+  alone opened the mouth for any sound, so it is measured above the steady background
+  (:mod:`giris.workers.noise_floor`: a hum or a fan held the mouth ajar in every pause)
+  and weighed by how much the frame sounds like speech
+  (:mod:`giris.workers.voice_activity`: level dips, gliding pitch, onsets, a pure-tone
+  check; a steady tone or music held the mouth wider than speech does): a tone, a hum,
+  a fan, a beep leave the mouth shut, music nearly; speech moves it as before (the gate
+  passes it at 1, with no look-ahead).
 * **Utterance end.** On the final chunk the last frames ease to ``sil`` and the very last
   frame is exactly closed.
 
@@ -63,6 +68,7 @@ from giris.workers.bases import CoeffsEngine
 from giris.workers.coefficients import N_BLENDSHAPES, N_VISEMES, VISEME_SLICE, VISEMES, zeros
 from giris.workers.engine import EngineContext
 from giris.workers.noise_floor import FloorState, NoiseFloor
+from giris.workers.voice_activity import GateState, SpeechGate
 
 _REACH_AHEAD = np.array([V.REACH_AHEAD[v] for v in VISEMES])
 _REACH_AFTER = np.array([V.REACH_AFTER[v] for v in VISEMES])
@@ -102,8 +108,9 @@ class VisemeSession:
     #: peak); hop ``quiet_first + i`` is session samples ``[(quiet_first + i) * hop, +hop)``
     quiet: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     quiet_first: int = 0
-    #: audio-only path: recent frames' levels, for the background's floor
+    #: audio-only path: recent frames of the background's floor and of the speech gate
     floor: FloorState = field(default_factory=FloorState)
+    voice: GateState = field(default_factory=GateState)
 
 
 class VisemeEngine(CoeffsEngine):
@@ -122,7 +129,8 @@ class VisemeEngine(CoeffsEngine):
     up to the pause). Audio-only path:
     ``floor_window_s`` / ``floor_subtract`` / ``floor_keep_db`` (1.5 / 2 / 25: the steady
     background taken out of its loudness, :mod:`giris.workers.noise_floor`; 0 subtracts
-    nothing). Session spec: ``fps`` (25).
+    nothing), ``vad`` (true: its speech gate; the ``vad_*`` options are in
+    :mod:`giris.workers.voice_activity`). Session spec: ``fps`` (25).
     """
 
     def __init__(self, options: Mapping[str, Any], context: EngineContext) -> None:
@@ -140,6 +148,7 @@ class VisemeEngine(CoeffsEngine):
         self.smoothing = float(o.get("smoothing", 0.5))
         self.frame_phase = min(max(float(o.get("frame_phase", 0.5)), 0.0), 1.0)
         self.stop_quiet_db = float(o.get("stop_quiet_db", 30.0))
+        self.voice = SpeechGate(o) if o.get("vad", True) else None
         self.floor = NoiseFloor(o)
 
     # ---------------------------------------------------------------- sessions
@@ -189,9 +198,11 @@ class VisemeEngine(CoeffsEngine):
         db = self._level(buf, centers, period)
         if phonemes is not None:
             energy, peak = self._loudness(db, fps, state)
-        else:  # live audio: loudness above the steady background (a hum, a fan), not silence
+        else:  # live audio: loudness above the steady background (a hum, a fan), not silence,
             floor = self.floor.floor(db, fps, state.floor)
             energy, peak = self._loudness(self.floor.clean(db, floor), fps, state)
+            if self.voice is not None:  # and only speech moves the mouth
+                energy = energy * self.voice.weights(buf, centers, nfft, sr, db, fps, state.voice)
         self._track_quiet(buf, origin, start_sample + x.shape[0], hop, t, peak, prior_peak, state)
         # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
         # whose phonemes are known: only None means "no phonemes, read the sound"
@@ -213,7 +224,7 @@ class VisemeEngine(CoeffsEngine):
             coeffs[n - m:] = (1.0 - r) * coeffs[n - m:] + r * zeros(1)
         prosody = np.stack([energy, voicing, emphasis], axis=1).astype(np.float32)
 
-        keep = nfft // 2 + 1
+        keep = nfft  # the gate's windows end at the last sample: a whole one behind it
         state.tail = buf[-keep:].copy()
         state.next_sample = start_sample + x.shape[0]
         if final:  # the next utterance starts from a closed mouth and no coarticulation
