@@ -123,6 +123,11 @@ class Client:
         self._ended: dict[str, str] = {}
         #: requests sent without waiting (an abandoned stream's cancel): replies dropped
         self._unwaited: set[int] = set()
+        #: requests whose caller gave up waiting (timed out) -> (type, session, fresh): a
+        #: late reply still ran on the server, so what it started is undone (see _late_reply);
+        #: the oldest are forgotten past LATE_KEPT
+        self._late: dict[int, tuple[str, str, bool]] = {}
+        self._late_lock = threading.Lock()  #: guards _late's trimming (never held across calls)
         self._lock = threading.Lock()
         self._outbox: "queue.Queue[tuple[int | None, list]]" = queue.Queue()
         self._closed = threading.Event()
@@ -235,7 +240,9 @@ class Client:
             silent = now - max(self._last_heard, sent)
             if now - sent < limit and not (limit > quiet and silent > quiet):
                 continue
-            self._waiters.pop(req, None)
+            if not self._give_up(req, msg):
+                waiter[0].wait(5)  # the reply came as it gave up: take it
+                break
             if silent > min(limit, quiet):
                 self._gone = True
                 raise ServerGone(f"no answer from {self.endpoint} in {min(limit, silent):.3g} s")
@@ -247,6 +254,58 @@ class Client:
         if reply.type == P.EVENT and reply.meta.get("kind") == "error":
             raise from_wire(reply.meta)
         return reply
+
+    def _give_up(self, req: int, msg: P.Message) -> bool:
+        """Stop waiting for ``req``'s reply: remembered first, so a reply that comes later
+        is undone (:meth:`_late_reply`) rather than lost; False when the reply was handed
+        to the waiter meanwhile (the caller takes it)."""
+        fresh = msg.type == P.SAY or (msg.type == P.AUDIO_IN and msg.meta.get("utterance") is None)
+        with self._late_lock:
+            self._late[req] = (msg.type, msg.session, fresh)
+            while len(self._late) > LATE_KEPT:
+                del self._late[next(iter(self._late))]
+        if self._waiters.pop(req, None) is None:  # the I/O thread took it: the reply is in
+            self._late.pop(req, None)
+            return False
+        return True
+
+    def _late_reply(self, kind: str, token: str, fresh: bool, msg: P.Message) -> None:
+        """The reply of a request whose caller timed out: what it started runs on the
+        server with nobody to read or end it, so it is undone without waiting. A session
+        opened late is closed (it counted against the client's sessions, heartbeated for
+        ever); a new utterance is cancelled and its messages dropped as they come (its
+        frames held a zero-copy session's pool share, and the next say failed
+        ``pool_full``)."""
+        if msg.type != P.REPLY or self._closed.is_set():
+            return  # an error: nothing was started
+        try:
+            if kind == P.OPEN_SESSION and msg.session:
+                self.post_unwaited(P.Message(P.CLOSE_SESSION, session=msg.session))
+            elif fresh and isinstance(msg.meta.get("utterance"), int) and token in self._sessions:
+                utt = int(msg.meta["utterance"])  # (a forgotten session's messages are dropped)
+                self._mark_abandoned(token, utt)
+                if token not in self._ended:
+                    self.post_unwaited(P.Message(P.CANCEL, session=token, meta={"utterance": utt}))
+        except GirisError:
+            pass
+
+    def _mark_abandoned(self, token: str, utterance: int) -> bool:
+        """Remember that nobody reads ``utterance`` of the session (its messages are
+        dropped on arrival); False if it was already. Bounded, not forgotten at the
+        utterance's end: a frame of it may still sit in the session's queue behind a
+        reader when its end is dropped by the I/O thread, and a forgotten id let that
+        frame into the backlog, its pool slot never given back (a zero-copy test found
+        1-2 slots held, once in ~15 runs)."""
+        gone = self._abandoned.setdefault(token, {})
+        if utterance in gone:
+            return False
+        gone[utterance] = None
+        while len(gone) > ABANDONED_KEPT:
+            try:
+                del gone[next(iter(gone))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread trimmed it
+                break
+        return True
 
     def post(self, msg: P.Message) -> None:
         """Queue ``msg`` for the I/O thread; never blocks."""
@@ -309,6 +368,11 @@ class Client:
             if waiter is not None:
                 waiter[1] = msg
                 waiter[0].set()
+                return
+        if req is not None and req in self._late:  # its caller gave up: undo what it started
+            late = self._late.pop(req, None)
+            if late is not None:
+                self._late_reply(*late, msg)
             return
         if req is not None and req in self._unwaited:
             self._unwaited.discard(req)
@@ -467,6 +531,8 @@ def _utterance_of(msg: P.Message) -> int | None:
 # ---------------------------------------------------------------------- a session
 #: abandoned utterance ids a session remembers (their late messages are dropped)
 ABANDONED_KEPT = 256
+#: timed-out requests a client remembers (their late replies are undone)
+LATE_KEPT = 256
 
 
 class Session:
@@ -673,16 +739,8 @@ class Session:
         """Nobody will read ``utterance`` any more: cancel it (best-effort, no wait), drop
         what was kept of it (giving pooled frames back) and what is still to come."""
         client = self.client
-        gone = client._abandoned.setdefault(self.token, {})
-        if utterance in gone:
+        if not client._mark_abandoned(self.token, utterance):
             cancel = False  # once is enough (an error ended it, or another reader left it)
-        gone[utterance] = None
-        # Bounded, not forgotten at the utterance's end: a frame of it may still sit in the
-        # session's queue behind a reader when its end is dropped by the I/O thread, and a
-        # forgotten id let that frame into the backlog, its pool slot never given back
-        # (a zero-copy test found 1-2 slots held, once in ~15 runs)
-        while len(gone) > ABANDONED_KEPT:
-            del gone[next(iter(gone))]
         if cancel and not self.closed and not client._closed.is_set():
             try:
                 client.post_unwaited(P.Message(P.CANCEL, session=self.token,

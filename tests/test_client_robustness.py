@@ -1,0 +1,67 @@
+"""The client SDK when things go wrong around it: replies that come after their caller
+gave up, a server slow to answer, stages that fail, a collector running at a bad moment,
+a session closed from another thread or by the server."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from giris.runtime.client import Frame
+from giris.runtime.errors import GirisError
+from tests.conftest import collect, small_stages
+
+
+def _wait(cond, timeout: float = 10.0, step: float = 0.1) -> bool:
+    """Whether ``cond()`` became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())
+
+
+def _pools_idle(srv) -> bool:
+    return all(p["in_use"] == 0 for p in srv.status()["pools"].values())
+
+
+def _stall(srv, seconds: float) -> None:
+    """The supervisor stops answering for ``seconds`` (a loaded host), then goes on."""
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    threading.Timer(seconds, os.kill, (srv.proc.pid, signal.SIGCONT)).start()
+
+
+def test_a_say_that_timed_out_is_cancelled_when_its_reply_comes(make_server):
+    """A say whose reply came after its timeout ran on unseen: its zero-copy frames held
+    the session's pool share and every later say failed with pool_full."""
+    srv = make_server({"stages": small_stages(render={"session_slots": 4, "block_timeout": 2.0})})
+    c = srv.client(timeout=1.0)
+    s = c.open_session(zero_copy=True, timeout=10)
+    assert len(collect(s, "one")["frames"]) == 5
+    _stall(srv, 1.5)
+    with pytest.raises(GirisError):
+        s.say("one two three four five six")
+    time.sleep(1.0)  # the server goes on: the say's reply comes, then its frames
+    assert _wait(lambda: _pools_idle(srv)), srv.status()["pools"]
+    out = collect(s, "seven eight", timeout=10)
+    assert len(out["frames"]) == 10 and out["events"][-1].meta["complete"]
+    assert not any(s._backlog.values())
+
+
+def test_a_session_opened_after_its_timeout_is_closed(make_server):
+    """An open_session that timed out still opened on the server: the orphan counted
+    against the client's sessions for as long as the client heartbeated."""
+    srv = make_server({"limits": {"max_sessions_per_client": 2},
+                       "stages": small_stages(render={"options": {"open_s": 1.5}})})
+    c = srv.client()
+    kept = c.open_session()  # noqa: F841 - held open
+    with pytest.raises(GirisError):
+        c.open_session(timeout=1.0)
+    time.sleep(1.5)  # it opens on the server meanwhile
+    assert _wait(lambda: srv.status()["sessions"] == 1), srv.status()["sessions"]
+    again = c.open_session(timeout=10)  # noqa: F841
+    assert srv.status()["sessions"] == 2
