@@ -132,6 +132,9 @@ class Client:
         self._outbox: "queue.Queue[tuple[int | None, list]]" = queue.Queue()
         self._closed = threading.Event()
         self._last_heard = time.monotonic()
+        #: when the I/O thread sent the first request or heartbeat the server has not
+        #: answered (None: all answered): how long a live server has been silent
+        self._unanswered_since: float | None = None
         #: the last request found the server silent: closing need not wait long for it
         self._gone = False
         self.pools = PoolSet()
@@ -222,7 +225,7 @@ class Client:
                              code="session_closed")
         req = next(self._reqs)
         msg.meta["req"] = req
-        waiter: list = [threading.Event(), None]
+        waiter: list = [threading.Event(), None, False]  # done, the reply, sent
         self._waiters[req] = waiter
         try:
             self.post(msg)
@@ -237,15 +240,17 @@ class Client:
         quiet = max(self.timeout, 3 * self.heartbeat)
         while not waiter[0].wait(min(max(0.0, sent + limit - time.monotonic()), 0.5)):
             now = time.monotonic()
-            silent = now - max(self._last_heard, sent)
+            # a request that could not leave (no connection) is unanswered since it was made
+            silent = max(self._silent_for(now), 0.0 if waiter[2] else now - sent)
             if now - sent < limit and not (limit > quiet and silent > quiet):
                 continue
             if not self._give_up(req, msg):
                 waiter[0].wait(5)  # the reply came as it gave up: take it
                 break
-            if silent > min(limit, quiet):
+            if not waiter[2] or self._is_silent(now, limit):
                 self._gone = True
-                raise ServerGone(f"no answer from {self.endpoint} in {min(limit, silent):.3g} s")
+                why = "nothing took the request" if not waiter[2] else f"silent for {silent:.3g} s"
+                raise ServerGone(f"no answer from {self.endpoint} in {limit:g} s ({why})")
             raise Timeout(f"{msg.type} got no reply in {limit:g} s")
         reply: P.Message | None = waiter[1]
         if reply is None:  # woken by close()
@@ -355,12 +360,28 @@ class Client:
     def _silence(self, timeout: float) -> GirisError:
         if self._closed.is_set():
             return ServerGone("client is closed")
-        if time.monotonic() - self._last_heard > timeout:
+        if self._is_silent(time.monotonic(), timeout):
             return ServerGone(f"server silent for {timeout:g} s")
         return Timeout(f"nothing arrived in {timeout:g} s")
 
+    def _silent_for(self, now: float) -> float:
+        """Seconds the server has left what the client sent (a request, a heartbeat)
+        unanswered: 0 when it answered everything."""
+        since = self._unanswered_since
+        return 0.0 if since is None else max(0.0, now - since)
+
+    def _is_silent(self, now: float, limit: float) -> bool:
+        """Whether the server counts as gone after a wait of ``limit``: it left what was
+        sent unanswered for that long (at most ``max(timeout, 3 heartbeats)``) and for
+        three heartbeats at least. A wait shorter than the heartbeat interval on a server slow to
+        answer (a stalled host, a long open) is a Timeout, not ServerGone: measured from
+        the last message heard, every request shorter than a heartbeat said ServerGone."""
+        silent = self._silent_for(now)
+        return silent > min(limit, max(self.timeout, 3 * self.heartbeat)) and silent >= 3 * self.heartbeat
+
     def _dispatch(self, msg: P.Message) -> None:
         self._last_heard = time.monotonic()
+        self._unanswered_since = None
         self._gone = False
         req = msg.meta.get("req") if msg.type in (P.REPLY, P.EVENT, P.HEARTBEAT) else None
         if req is not None and req in self._waiters:
@@ -442,6 +463,9 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, os.urandom(16))
         sock.setsockopt(zmq.RCVHWM, 0)
+        # queue only to a connection made (not to one being tried): a request that could
+        # not leave says no server took it (ServerGone), one sent but unanswered Timeout
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         if self._keys:
             server_key, public, secret = self._keys
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
@@ -488,6 +512,8 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
                 except zmq.Again:
                     break
                 pending.popleft()
+                if req is not None:  # answered (a release is not)
+                    _sent(self, req)
             if sock in ready:
                 for _ in range(512):
                     try:
@@ -503,6 +529,7 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
                 if (self._sessions or self._waiters) and not pending:  # a client awaiting an open is alive too
                     try:
                         send(sock, P.Message(P.HEARTBEAT), zmq.NOBLOCK)
+                        _sent(self, None)
                     except zmq.Again:
                         pass  # no peer to take it: the next one will do
             del self
@@ -521,6 +548,15 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
         wake_recv.close(0)
         with lock:
             wake.close(0)
+
+
+def _sent(client: Client, req: int | None) -> None:
+    """The I/O thread sent a request (``req``) or a heartbeat: the server owes an answer."""
+    if client._unanswered_since is None:
+        client._unanswered_since = time.monotonic()
+    waiter = client._waiters.get(req) if req is not None else None
+    if waiter is not None:
+        waiter[2] = True
 
 
 def _utterance_of(msg: P.Message) -> int | None:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from giris.runtime.client import Frame
-from giris.runtime.errors import GirisError
+from giris.runtime.errors import GirisError, ServerGone, Timeout
 from tests.conftest import collect, small_stages
 
 
@@ -65,3 +65,21 @@ def test_a_session_opened_after_its_timeout_is_closed(make_server):
     assert _wait(lambda: srv.status()["sessions"] == 1), srv.status()["sessions"]
     again = c.open_session(timeout=10)  # noqa: F841
     assert srv.status()["sessions"] == 2
+
+
+def test_a_request_shorter_than_a_heartbeat_times_out_on_a_live_server(make_server):
+    """A request whose limit was shorter than the heartbeat interval raised ServerGone
+    from a live server slow to answer (nothing could be heard in so short a wait); a
+    server silent for real is still ServerGone, early."""
+    srv = make_server({"stages": small_stages(render={"options": {"open_s": 1.5}})})
+    c = srv.client(heartbeat=10.0)
+    with pytest.raises(Timeout):
+        c.open_session(timeout=1.0)
+    assert c.status(timeout=5)["state"] == "serving"
+    quick = srv.client(timeout=1.0, heartbeat=0.2)  # silent for 1 s (5 heartbeats): gone
+    quick.status(timeout=5)  # connected
+    _stall(srv, 2.0)
+    t0 = time.monotonic()
+    with pytest.raises(ServerGone):
+        quick.status(timeout=10)
+    assert time.monotonic() - t0 < 5
