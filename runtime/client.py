@@ -128,6 +128,9 @@ class Client:
         #: the oldest are forgotten past LATE_KEPT
         self._late: dict[int, tuple[str, str, bool]] = {}
         self._late_lock = threading.Lock()  #: guards _late's trimming (never held across calls)
+        #: per session, the newest utterance id a reply gave (see _dispatch: an error for
+        #: the whole session concerns only utterances up to it)
+        self._newest: dict[str, int] = {}
         self._lock = threading.Lock()
         self._outbox: "queue.Queue[tuple[int | None, list]]" = queue.Queue()
         self._closed = threading.Event()
@@ -384,6 +387,8 @@ class Client:
         self._unanswered_since = None
         self._gone = False
         req = msg.meta.get("req") if msg.type in (P.REPLY, P.EVENT, P.HEARTBEAT) else None
+        if msg.type == P.REPLY and msg.session and type(msg.meta.get("utterance")) is int:
+            self._newest[msg.session] = max(self._newest.get(msg.session, 0), msg.meta["utterance"])
         if req is not None and req in self._waiters:
             waiter = self._waiters.pop(req, None)
             if waiter is not None:
@@ -402,6 +407,10 @@ class Client:
             return
         if msg.type == P.EVENT and msg.meta.get("kind") == "session_closed" and msg.session:
             self._ended[msg.session] = str(msg.meta.get("reason") or "closed")
+        if msg.type == P.EVENT and msg.meta.get("kind") == "error" and msg.meta.get("utterance") is None:
+            # an error for the whole session concerns the utterances it had then, not
+            # those started after it (a stale stage_failed was raised into a healthy say)
+            msg.upto = self._newest.get(msg.session, 0)  # type: ignore[attr-defined]
         if self._is_abandoned(msg.session, _utterance_of(msg)):  # nobody reads it: drop it now
             self._drop(msg)
             return
@@ -429,6 +438,7 @@ class Client:
         self._sessions.pop(token, None)
         self._abandoned.pop(token, None)
         self._ended.pop(token, None)
+        self._newest.pop(token, None)
 
 
 def _poke(wake: zmq.Socket, lock: threading.Lock) -> None:
@@ -748,8 +758,16 @@ class Session:
         ``utterance_done`` is dropped when it comes) and raises."""
         if msg is None:
             return None, True
-        if msg.type == P.EVENT and msg.meta.get("kind") == "error":
+        kind = msg.meta.get("kind") if msg.type == P.EVENT else None
+        if kind == "error":
             self._abandon(utterance, cancel=False)
+        elif (kind == "utterance_done" and msg.meta.get("error") and not msg.meta.get("complete")
+              and _utterance_of(msg) == utterance):
+            # its error went to another reader (an older server's one error for the whole
+            # session): this stream waited out its timeout for an end it had dropped
+            self._abandon(utterance, cancel=False)
+            code = str(msg.meta["error"])
+            raise from_wire({"code": code, "message": f"utterance {utterance} failed ({code})"})
         return self._to_item(msg)
 
     def _to_item(self, msg: P.Message) -> tuple[Item | None, bool]:
@@ -758,8 +776,6 @@ class Session:
             kind = msg.meta.get("kind")
             ev = Event(kind, msg.meta)
             if kind == "utterance_done":
-                if msg.meta.get("error") and not msg.meta.get("complete"):
-                    return None, False  # the error event itself was raised already
                 return ev, True
             if kind == "error":
                 raise from_wire(msg.meta)
@@ -821,6 +837,7 @@ class Session:
             while True:
                 if client._is_abandoned(self.token, utterance):
                     return None
+                self._drop_stale(utterance)
                 for key in (utterance, None):
                     b = self._backlog.get(key)
                     if b:
@@ -848,6 +865,16 @@ class Session:
                     self._cond.notify_all()
                 if msg is not None and msg is not _WAKE:
                     self._sort(msg)
+
+    def _drop_stale(self, utterance: int) -> None:
+        """Session-wide errors that came before ``utterance`` was asked for are not its
+        own: kept in ``events``, never raised into it (under _cond)."""
+        b = self._backlog.get(None)
+        while b and getattr(b[0], "upto", utterance) < utterance:
+            stale = b.popleft()
+            self.events.append(Event(str(stale.meta.get("kind")), stale.meta))
+        if b is not None and not b:
+            del self._backlog[None]
 
     def _item(self, msg: P.Message) -> Item | None:
         m = msg.meta

@@ -332,13 +332,19 @@ class Delivery:
                     self.utterance_done(rec, utt, complete=False, lost=True)
 
     def stage_failed(self, w: "WorkerHandle") -> None:
+        """A stage failed for good: each utterance in flight ends with the error (in its
+        own stream, ``meta.utterance``) and ``utterance_done`` at once. A session with
+        nothing in flight is told nothing: one session-level error went to every session,
+        so a second stream in flight waited out its timeout (only the first reader raised
+        it), and an idle session's next say, after the stage was back, raised it."""
         err = StageFailed(f"stage {w.stage} crashed {w.restarts + 1} times: failed, {w.retry_note()}",
                           stage=w.stage)
         for rec in self.sup.registry:
-            self.sup.gateway.to(rec.client, P.error(err, session=rec.token))
             for utt in list(rec.utterances.values()):
+                if utt.id not in rec.utterances:  # ended with one before it (an idle stream)
+                    continue
                 self.count_error("stage_failed")
-                self.utterance_done(rec, utt, complete=False, error="stage_failed")
+                self.sup.gateway.end_utterance(rec, utt, err)
 
     def count_error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1

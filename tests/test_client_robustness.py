@@ -11,7 +11,7 @@ import time
 import pytest
 
 from giris.runtime.client import Frame
-from giris.runtime.errors import GirisError, ServerGone, Timeout
+from giris.runtime.errors import GirisError, ServerGone, StageFailed, Timeout
 from tests.conftest import collect, small_stages
 
 
@@ -83,3 +83,39 @@ def test_a_request_shorter_than_a_heartbeat_times_out_on_a_live_server(make_serv
     with pytest.raises(ServerGone):
         quick.status(timeout=10)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_stage_failing_for_good_fails_every_utterance_in_flight(make_server):
+    """The server sent one error for the whole session, then each utterance's end: only
+    the stream that read the error raised; the second dropped its end and waited out its
+    timeout (Timeout, 8 s, not StageFailed)."""
+    srv = make_server({"restart": {"max_restarts": 0},
+                       "stages": small_stages(tts={"options": {"word_s": 0.2, "slow_s": 0.3}})})
+    s = srv.client().open_session()
+    a = s.start_say("SLOW SLOW CRASH")  # the tts dies: failed at once (max_restarts 0)
+    b = s.start_say("one two")  # queued behind it
+    for utt in (a, b):
+        t0 = time.monotonic()
+        with pytest.raises(StageFailed, match="tts"):
+            list(s.stream(utt, timeout=8))
+        assert time.monotonic() - t0 < 6
+    assert not any(s._backlog.values())
+
+
+def test_a_stage_failure_is_not_raised_into_a_later_say(make_server):
+    """A session with nothing in flight when a stage failed got a session-level error: its
+    next say, once the stage was back, raised that stale StageFailed."""
+    srv = make_server({"restart": {"max_restarts": 0, "failed_retry": 1.0}})
+    c = srv.client()
+    quiet = c.open_session()
+    other = c.open_session()
+    with pytest.raises(StageFailed):
+        collect(other, "one CRASH")
+
+    def serving() -> bool:
+        st = c.status()
+        return st["state"] == "serving" and all(w["state"] == "ready" for w in st["workers"])
+
+    assert _wait(serving, 30)
+    out = collect(quiet, "one two")
+    assert len(out["frames"]) == 10 and out["events"][-1].meta["complete"]
