@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from giris.runtime import protocol as P
 from giris.runtime.errors import StageFailed
 from giris.supervisor.sessions import SessionRecord, Utterance
+from giris.workers.coefficients import frame_range
 
 if TYPE_CHECKING:
     from giris.supervisor.process import WorkerHandle
@@ -74,8 +75,12 @@ class Delivery:
             self.utterance_done(rec, utt, complete=False, at_once=True, error=msg.meta.get("code"))
             return
         if msg.type == P.AUDIO:
-            end = int(msg.meta.get("start_sample", 0)) + (msg.tensors[0].shape[0] if msg.tensors else 0)
+            start = int(msg.meta.get("start_sample", 0))
+            end = start + (msg.tensors[0].shape[0] if msg.tensors else 0)
             rec.audio_end = max(rec.audio_end, end)
+            if utt.audio_start is None:
+                utt.audio_start, utt.sample_rate = start, int(msg.meta.get("sample_rate", 0))
+            utt.audio_stop = max(utt.audio_stop, end)
             if "audio" in want:
                 self.send(rec, msg)
         elif msg.type == P.COEFFS:
@@ -83,6 +88,8 @@ class Delivery:
                 self.send(rec, msg)
         elif msg.type == P.FRAME:
             utt.frames += 1
+            utt.first_seq = msg.seq if utt.first_seq is None else min(utt.first_seq, msg.seq)
+            utt.last_seq = max(utt.last_seq, msg.seq)
             rec.frames_out += 1
             rec.last_frame = max(rec.last_frame, msg.seq)
             self.frames_out += 1
@@ -112,7 +119,23 @@ class Delivery:
         if utt.ended_at is None:
             return
         if self.streams() <= utt.finals or now - utt.ended_at > STREAM_GRACE_S:
-            self.utterance_done(rec, utt, complete=not utt.interrupted)
+            self.utterance_done(rec, utt, complete=self.whole(rec, utt))
+
+    def whole(self, rec: SessionRecord, utt: Utterance) -> bool:
+        """Whether ``utt`` reached the client whole: never cut by a stage restart, or cut
+        by one after the first stage and still every frame of its audio came. Every
+        utterance in flight at a restart was reported incomplete, even with all its frames
+        (60 of 60, a render restart between two of its chunks), and ``giris say`` failed."""
+        if not utt.interrupted:
+            return True
+        if utt.source_cut or utt.audio_start is None or utt.sample_rate <= 0 or utt.first_seq is None:
+            return False
+        if P.AUDIO not in utt.finals:
+            return False
+        fps = float(rec.spec.get("fps", 25))
+        want = frame_range(utt.audio_start, utt.audio_stop - utt.audio_start, utt.sample_rate, fps)
+        return (len(want) > 0 and utt.frames == len(want) and utt.first_seq == want.start
+                and utt.last_seq == want.stop - 1)
 
     def streams(self) -> frozenset[str]:
         """The streams whose ends an utterance waits for: those the pipeline makes (one
@@ -237,12 +260,22 @@ class Delivery:
                 self.sup.gateway.to(rec.client, msg, droppable=msg.type == P.FRAME)
         lost_after = self.sup.config.timeouts.lost_after
         for rec in self.sup.registry:
+            oldest = True
             for utt in list(rec.utterances.values()):
-                if utt.interrupted and now - utt.last_progress > lost_after:
+                if utt.id not in rec.utterances:
+                    continue
+                if utt.ended_at is not None:
+                    self.maybe_done(rec, utt, now)
+                    continue
+                # Only the oldest utterance still being made can be lost: those behind it
+                # wait for it (a tts makes a session's utterances in turn), and one queued
+                # behind a long one was declared lost lost_after into the restart though
+                # it was made after it. Their wait starts when the one before them ends
+                # (utterance_done refreshes it).
+                if oldest and utt.interrupted and now - utt.last_progress > lost_after:
                     self.count_error("utterance_lost")
                     self.utterance_done(rec, utt, complete=False, lost=True)
-                elif utt.ended_at is not None:
-                    self.maybe_done(rec, utt, now)
+                oldest = False
 
     def flush(self) -> None:
         self.tick(float("inf"))
@@ -285,6 +318,9 @@ class Delivery:
         frames due before the speech still play, then its end)."""
         if rec.utterances.pop(utt.id, None) is None:
             return
+        now = time.monotonic()
+        for u in rec.utterances.values():  # the next one's wait for progress starts now
+            u.last_progress = max(u.last_progress, now)
         if utt.frames == 0 and due is None:
             # one that would have taken over from the idle streams it stopped ended without
             # a frame (an error, a cancel): they, no longer fed by their client, end too
@@ -308,9 +344,11 @@ class Delivery:
 
     def stage_down(self, w: "WorkerHandle") -> None:
         """A stage died: what is in flight may be cut; mark it so it cannot hang a client."""
+        source = bool(self.sup.workers) and self.sup.workers[0] is w
         for rec in self.sup.registry:
             for utt in rec.utterances.values():
                 utt.interrupted = True
+                utt.source_cut = utt.source_cut or source
                 utt.last_progress = time.monotonic()
 
     def stage_restarted(self, w: "WorkerHandle") -> None:

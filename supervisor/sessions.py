@@ -44,6 +44,17 @@ class Utterance:
     ended_at: float | None = None
     #: message types whose final message came (``audio``, ``coeffs``)
     finals: set = field(default_factory=set)
+    #: its audio as the supervisor saw it: [start, stop) samples at ``sample_rate`` (the
+    #: frames it must make); a restart of any stage but the first cut nothing if they all came
+    audio_start: int | None = None
+    audio_stop: int = 0
+    sample_rate: int = 0
+    #: its first and last frame index
+    first_seq: int | None = None
+    last_seq: int = -1
+    #: the first stage died while it was in flight: what it held cannot be told (live
+    #: audio in it is gone without a trace in the output)
+    source_cut: bool = False
 
 
 @dataclass

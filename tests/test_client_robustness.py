@@ -119,3 +119,32 @@ def test_a_stage_failure_is_not_raised_into_a_later_say(make_server):
     assert _wait(serving, 30)
     out = collect(quiet, "one two")
     assert len(out["frames"]) == 10 and out["events"][-1].meta["complete"]
+
+
+def test_a_restart_loses_no_utterance_queued_behind_a_long_one(make_server):
+    """A render restart marked every utterance in flight interrupted, and one queued behind
+    a long one (nothing of it could come before that one ended) was declared lost
+    ``lost_after`` (2 s) into the restart though the tts made it; and the long one,
+    every frame of it delivered, was reported incomplete."""
+    srv = make_server({"stages": small_stages(tts={"options": {"word_s": 0.2, "slow_s": 0.5}})})
+    s = srv.client().open_session()
+    a = s.start_say(" ".join(["SLOW"] * 12))  # ~6 s of tts work, 60 frames
+    b = s.start_say("one two three")  # 15 frames, queued behind it
+    render = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "render")
+    threading.Timer(1.0, os.kill, (render, signal.SIGKILL)).start()
+    ends: dict[int, tuple[int, dict]] = {}
+
+    def read(u: int) -> None:
+        items = list(s.stream(u, timeout=20))
+        ends[u] = (sum(isinstance(i, Frame) for i in items), items[-1].meta)
+
+    threads = [threading.Thread(target=read, args=(u,)) for u in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert next(w for w in srv.status()["workers"] if w["stage"] == "render")["restarts"] == 1
+    frames, meta = ends[b]
+    assert not meta.get("lost") and frames == 15 and meta["complete"], meta
+    frames, meta = ends[a]  # complete exactly when every frame came (a kill mid-frame cuts)
+    assert meta["complete"] == (frames == 60) and frames >= 50, (frames, meta)
