@@ -113,7 +113,9 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._reqs = itertools.count(1)
         self._waiters: dict[int, list] = {}
-        self._sessions: dict[str, "queue.Queue[P.Message]"] = {}
+        #: SimpleQueue (as the outbox): put from a ``__del__`` during a collection on a
+        #: thread inside a put of its own must not wait on a lock that thread holds
+        self._sessions: dict[str, "queue.SimpleQueue[Any]"] = {}
         #: per session, utterances nobody reads any more: their messages are dropped on arrival
         #: per session, the utterances nobody reads any more (insertion order: the oldest
         #: are forgotten past ABANDONED_KEPT)
@@ -131,8 +133,7 @@ class Client:
         #: per session, the newest utterance id a reply gave (see _dispatch: an error for
         #: the whole session concerns only utterances up to it)
         self._newest: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._outbox: "queue.Queue[tuple[int | None, list]]" = queue.Queue()
+        self._outbox: "queue.SimpleQueue[tuple[int | None, list]]" = queue.SimpleQueue()
         self._closed = threading.Event()
         self._last_heard = time.monotonic()
         #: when the I/O thread sent the first request or heartbeat the server has not
@@ -146,9 +147,10 @@ class Client:
         self._wake_addr = name
         self._wake_recv = self._ctx.socket(zmq.PULL)
         self._wake_recv.bind(name)
-        self._wake = self._ctx.socket(zmq.PUSH)
-        self._wake.setsockopt(zmq.LINGER, 0)
-        self._wake.connect(name)
+        wake = self._ctx.socket(zmq.PUSH)
+        wake.setsockopt(zmq.LINGER, 0)
+        wake.connect(name)
+        self._waker = _Waker(wake)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         # The I/O thread holds the client weakly: a client let go without close() is
@@ -157,7 +159,7 @@ class Client:
         self._thread = threading.Thread(target=_io_loop, args=(weakref.ref(self),),
                                         name="giris-client-io", daemon=True)
         self._finalizer = weakref.finalize(self, _let_go, self._sessions, self._outbox, self._closed,
-                                           self._wake, self._lock)
+                                           self._waker)
         self._finalizer.atexit = False
         self._thread.start()
         self._ready.wait(10)
@@ -189,7 +191,7 @@ class Client:
             msg.meta["spec"]["avatar_name"] = str(avatar)
         reply = self.request(msg, timeout=timeout or max(self.timeout, 120.0))
         token = reply.session
-        self._sessions.setdefault(token, queue.Queue())
+        self._sessions.setdefault(token, queue.SimpleQueue())
         return Session(self, token, reply.meta.get("spec", {}))
 
     def status(self, timeout: float | None = None) -> dict:
@@ -333,7 +335,7 @@ class Client:
         self.post(msg)
 
     def _poke(self) -> None:
-        _poke(self._wake, self._lock)
+        self._waker.poke()
 
     def next_message(self, token: str, timeout: float) -> P.Message:
         """The session's next message, whatever its utterance (Session sorts them)."""
@@ -441,23 +443,50 @@ class Client:
         self._newest.pop(token, None)
 
 
-def _poke(wake: zmq.Socket, lock: threading.Lock) -> None:
-    """Wake the I/O thread."""
-    with lock:
-        try:
-            wake.send(b"", zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+class _Waker:
+    """Wakes the I/O thread from any thread, without ever waiting for a lock.
+
+    A ZeroMQ socket is used by one thread at a time, so a wake is sent under a lock; but
+    a garbage collection may run inside that send and collect a Frame, Speech or Session
+    whose ``__del__`` posts and wakes again on the same thread: with a blocking lock it
+    waited for itself for ever. A wake that finds the lock taken leaves ``again`` set
+    instead, and the holder sends once more before it leaves, so none is lost."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._again = False
+        self._closed = False
+
+    def poke(self) -> None:
+        self._again = True
+        while self._again:
+            if not self._lock.acquire(blocking=False):
+                return  # its holder sees ``again`` once it is done
+            try:
+                self._again = False
+                if not self._closed:
+                    try:
+                        self._sock.send(b"", zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+            finally:
+                self._lock.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._sock.close(0)
 
 
-def _let_go(sessions: dict, outbox: queue.Queue, closed: threading.Event, wake: zmq.Socket,
-            lock: threading.Lock) -> None:
+def _let_go(sessions: dict, outbox: queue.SimpleQueue, closed: threading.Event,
+            waker: _Waker) -> None:
     """The end of a client, by close() or when it is collected without it: its sessions
     are closed on the server (without waiting for the answers) and its I/O thread ends."""
     for token in list(sessions):
         outbox.put((None, [bytes(f) for f in P.encode(P.Message(P.CLOSE_SESSION, session=token))]))
     closed.set()
-    _poke(wake, lock)
+    waker.poke()
 
 
 def _io_loop(ref: "weakref.ref[Client]") -> None:
@@ -466,8 +495,8 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
     self = ref()
     if self is None:
         return
-    ctx, outbox, closed, lock = self._ctx, self._outbox, self._closed, self._lock
-    wake_recv, wake, heartbeat = self._wake_recv, self._wake, self.heartbeat
+    ctx, outbox, closed, waker = self._ctx, self._outbox, self._closed, self._waker
+    wake_recv, heartbeat = self._wake_recv, self.heartbeat
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -556,8 +585,7 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
                 break
         sock.close(500 if flushed else 0)  # zmq's own thread delivers them, we do not wait
         wake_recv.close(0)
-        with lock:
-            wake.close(0)
+        waker.close()
 
 
 def _sent(client: Client, req: int | None) -> None:

@@ -148,3 +148,52 @@ def test_a_restart_loses_no_utterance_queued_behind_a_long_one(make_server):
     assert not meta.get("lost") and frames == 15 and meta["complete"], meta
     frames, meta = ends[a]  # complete exactly when every frame came (a kill mid-frame cuts)
     assert meta["complete"] == (frames == 60) and frames >= 50, (frames, meta)
+
+
+#: clients whose thread hung (the old client): kept, so collecting them cannot hang the run
+_HUNG: list = []
+
+
+def test_a_frame_collected_while_the_client_wakes_its_thread_cannot_hang_it(tmp_path, monkeypatch):
+    """Waking the I/O thread held a plain lock around a pyzmq send, where a garbage
+    collection may run; a zero-copy Frame in a reference cycle collected there posts its
+    release and wakes again, on the same thread: it waited for itself for ever (the
+    reviewer's script hung within 200,000 frames at the default GC thresholds). Here the
+    collection is made to run inside that send."""
+    import gc
+
+    import zmq
+
+    from giris.runtime import protocol as P
+    from giris.runtime.client import Client
+
+    c = Client(f"ipc://{tmp_path}/nobody.sock", timeout=2)
+    ref = P.TensorRef(dtype="uint8", shape=(1,), nbytes=1, pool="giris-1-x-render", slot=0, lease=1)
+    send = zmq.Socket.send
+    state: dict = {}
+
+    def collecting_send(sock, *a, **kw):
+        if threading.current_thread() is state.get("thread") and not state.get("collected"):
+            state["collected"] = True
+            gc.collect()  # the cyclic Frame's __del__ posts its release from in here
+        return send(sock, *a, **kw)
+
+    monkeypatch.setattr(zmq.Socket, "send", collecting_send)
+
+    def work() -> None:
+        f = Frame(image=None, index=0, pts=0.0, utterance=1, final=False,
+                  _release=lambda: c._release_refs("tok", [ref]))
+        f.cycle = f  # garbage only a collection finds
+        del f
+        c._poke()
+        state["done"] = True
+
+    state["thread"] = t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(5)
+    if not state.get("done"):
+        _HUNG.append(c)
+    assert state.get("collected") and state.get("done"), "the thread hung in its own wake-up"
+    monkeypatch.undo()
+    c.close()
+    assert not c._thread.is_alive()
