@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 _SENTINEL = object()  #: put in each session queue by Client.close(): wakes its readers
 _WAKE = object()  #: wakes a session's reader to look again (an utterance was abandoned)
+_CLOSED = object()  #: put in a session's queue by Session.close(): its reader raises at once
 
 
 # ---------------------------------------------------------------------- stream items
@@ -360,6 +361,9 @@ class Client:
             return None
         if msg is _SENTINEL:
             raise ServerGone("client is closed")
+        if msg is _CLOSED:
+            q.put(msg)  # for the next reader too
+            raise _session_closed()
         return msg
 
     def _silence(self, timeout: float) -> GirisError:
@@ -595,6 +599,10 @@ def _sent(client: Client, req: int | None) -> None:
     waiter = client._waiters.get(req) if req is not None else None
     if waiter is not None:
         waiter[2] = True
+
+
+def _session_closed() -> GirisError:
+    return GirisError("session is closed", code="session_closed")
 
 
 def _utterance_of(msg: P.Message) -> int | None:
@@ -839,7 +847,7 @@ class Session:
                         msg = q.get_nowait()
                     except queue.Empty:
                         break
-                    if msg is _SENTINEL:
+                    if msg is _SENTINEL or msg is _CLOSED:
                         q.put(msg)
                         break
                     if msg is not _WAKE:
@@ -865,6 +873,8 @@ class Session:
             while True:
                 if client._is_abandoned(self.token, utterance):
                     return None
+                if self.closed:  # by close() on another thread, or the server
+                    raise _session_closed()
                 self._drop_stale(utterance)
                 for key in (utterance, None):
                     b = self._backlog.get(key)
@@ -936,12 +946,23 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self._wake_readers()
         try:
             if self.token not in self.client._ended:  # else it is closed already
                 self.client.request(P.Message(P.CLOSE_SESSION, session=self.token),
                                     timeout=1 if self.client._gone else 10)
         finally:
             self.client._forget(self.token)
+
+    def _wake_readers(self) -> None:
+        """The session is closed: whoever reads it raises ``session_closed`` now (a
+        reader on another thread sat out its whole timeout, the server sending nothing
+        more for a closed session, then raised Timeout)."""
+        q = self.client._sessions.get(self.token)
+        if q is not None:
+            q.put(_CLOSED)  # the reader taking from the queue
+        with self._cond:
+            self._cond.notify_all()  # those waiting for it
 
     def __enter__(self) -> "Session":
         return self

@@ -197,3 +197,31 @@ def test_a_frame_collected_while_the_client_wakes_its_thread_cannot_hang_it(tmp_
     monkeypatch.undo()
     c.close()
     assert not c._thread.is_alive()
+
+
+def test_closing_a_session_from_another_thread_ends_the_loop_reading_it(make_server):
+    """close() dropped the session's queue, but its reader was blocked on that queue and
+    the server sends nothing for a closed session: the reader sat out its whole timeout
+    and raised Timeout."""
+    srv = make_server({"stages": small_stages(tts={"options": {"word_s": 0.2, "slow_s": 0.5}})})
+    s = srv.client(timeout=20).open_session()
+    speech = s.say(" ".join(["SLOW"] * 40))  # 20 s of work
+    got: dict = {}
+
+    def read() -> None:
+        try:
+            for _ in speech:
+                got["items"] = got.get("items", 0) + 1
+        except GirisError as e:
+            got["error"] = e
+        got["at"] = time.monotonic()
+
+    t = threading.Thread(target=read)
+    t.start()
+    time.sleep(1.2)
+    closed_at = time.monotonic()
+    s.close()
+    t.join(30)
+    assert got.get("items") and isinstance(got.get("error"), GirisError), got
+    assert got["error"].code == "session_closed" and got["at"] - closed_at < 5
+    assert srv.status()["sessions"] == 0
