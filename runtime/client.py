@@ -665,22 +665,18 @@ class Session:
             raise
         return int(reply.meta["utterance"])
 
-    def coefficients(self, text: str, **kw: Any) -> Iterator[Coefficients]:
+    def coefficients(self, text: str, **kw: Any) -> "Speech":
         """Only the coefficient stream (for clients that drive their own 3D avatar); the
         session must have been opened with ``want`` including ``"coeffs"`` (the server
-        sends none otherwise, and this would yield nothing)."""
+        sends none otherwise, and this would yield nothing). Returns a :class:`Speech`,
+        as ``say`` does: leaving a loop over it cancels the utterance even while a
+        variable holds it (a plain generator kept in one ran on, its zero-copy frames
+        holding the pool share, and the next say failed ``pool_full``)."""
         if "coeffs" not in self.spec.get("want", ()):
             raise BadInput("this session was opened without want=[..., 'coeffs']: it gets no "
                            "coefficients; open one that asks for them")
         items = self.say(text, **kw)
-        try:
-            for item in items:
-                if isinstance(item, Coefficients):
-                    yield item
-                elif isinstance(item, Frame):
-                    item.release()
-        finally:
-            items.close()  # leaving early cancels the utterance (see stream)
+        return Speech(self, items.utterance, _only_coefficients(items))
 
     def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
                    final: bool = False, idle: bool = False) -> int:
@@ -1027,6 +1023,18 @@ class Speech(Iterator[Item]):
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
             pass
+
+
+def _only_coefficients(items: "Speech") -> Iterator[Coefficients]:
+    """``items``' coefficients; its frames are given back at once."""
+    try:
+        for item in items:
+            if isinstance(item, Coefficients):
+                yield item
+            elif isinstance(item, Frame):
+                item.release()
+    finally:
+        items.close()  # leaving early cancels the utterance (see stream)
 
 
 def _read_avatar(path: str | os.PathLike) -> bytes:

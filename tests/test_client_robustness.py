@@ -225,3 +225,18 @@ def test_closing_a_session_from_another_thread_ends_the_loop_reading_it(make_ser
     assert got.get("items") and isinstance(got.get("error"), GirisError), got
     assert got["error"].code == "session_closed" and got["at"] - closed_at < 5
     assert srv.status()["sessions"] == 0
+
+
+def test_leaving_a_loop_over_coefficients_kept_in_a_variable_cancels_it(make_server):
+    """coefficients() was a plain generator: left with ``break`` while a variable held it,
+    it was not closed, its utterance ran on, and its unread zero-copy frames held the
+    session's pool share (the next say failed pool_full after 4 s)."""
+    srv = make_server({"stages": small_stages(render={"session_slots": 3, "block_timeout": 2.0})})
+    s = srv.client().open_session(zero_copy=True, want=["audio", "frames", "coeffs"])
+    co = s.coefficients(" ".join(["word"] * 20))
+    for _ in co:
+        break
+    out = collect(s, "one two", timeout=10)
+    assert len(out["frames"]) == 10 and out["events"][-1].meta["complete"]
+    assert _wait(lambda: _pools_idle(srv)), srv.status()["pools"]
+    assert co.utterance in s.client._abandoned[s.token]
