@@ -413,6 +413,8 @@ class Client:
             return
         if msg.type == P.EVENT and msg.meta.get("kind") == "session_closed" and msg.session:
             self._ended[msg.session] = str(msg.meta.get("reason") or "closed")
+            while len(self._ended) > ENDED_KEPT:  # kept past the session's end: bounded
+                del self._ended[next(iter(self._ended))]
         if msg.type == P.EVENT and msg.meta.get("kind") == "error" and msg.meta.get("utterance") is None:
             # an error for the whole session concerns the utterances it had then, not
             # those started after it (a stale stage_failed was raised into a healthy say)
@@ -440,11 +442,14 @@ class Client:
         if pooled and not self._closed.is_set():
             self.post(P.Message(P.RELEASE, session=token, meta={"refs": pooled}))
 
-    def _forget(self, token: str) -> None:
+    def _forget(self, token: str, keep_ended: bool = False) -> None:
+        """Drop what the client keeps for a session (no more heartbeats for it);
+        ``keep_ended``: its requests still fail at once with the server's reason."""
         self._sessions.pop(token, None)
         self._abandoned.pop(token, None)
-        self._ended.pop(token, None)
         self._newest.pop(token, None)
+        if not keep_ended:
+            self._ended.pop(token, None)
 
 
 class _Waker:
@@ -615,6 +620,8 @@ def _utterance_of(msg: P.Message) -> int | None:
 ABANDONED_KEPT = 256
 #: timed-out requests a client remembers (their late replies are undone)
 LATE_KEPT = 256
+#: sessions the server closed whose reason a client remembers (their requests fail at once)
+ENDED_KEPT = 256
 
 
 class Session:
@@ -812,7 +819,11 @@ class Session:
             if kind == "error":
                 raise from_wire(msg.meta)
             if kind == "session_closed":
+                # nothing more comes for it: the client forgets it now (it was kept, and
+                # heartbeated, for ever: close() found it closed and returned early)
                 self.closed = True
+                self._wake_readers()
+                self.client._forget(self.token, keep_ended=True)
                 raise GirisError(f"session closed by the server ({msg.meta.get('reason')})",
                                  code="session_closed")
             self.events.append(ev)
@@ -823,7 +834,9 @@ class Session:
         """Nobody will read ``utterance`` any more: cancel it (best-effort, no wait), drop
         what was kept of it (giving pooled frames back) and what is still to come."""
         client = self.client
-        if not client._mark_abandoned(self.token, utterance):
+        if self.token not in client._sessions:  # forgotten: nothing more comes for it
+            cancel = False
+        elif not client._mark_abandoned(self.token, utterance):
             cancel = False  # once is enough (an error ended it, or another reader left it)
         if cancel and not self.closed and not client._closed.is_set():
             try:
@@ -940,6 +953,7 @@ class Session:
 
     def close(self) -> None:
         if self.closed:
+            self.client._forget(self.token)  # closed by the server: forgotten for good
             return
         self.closed = True
         self._wake_readers()

@@ -240,3 +240,25 @@ def test_leaving_a_loop_over_coefficients_kept_in_a_variable_cancels_it(make_ser
     assert len(out["frames"]) == 10 and out["events"][-1].meta["complete"]
     assert _wait(lambda: _pools_idle(srv)), srv.status()["pools"]
     assert co.utterance in s.client._abandoned[s.token]
+
+
+def test_a_session_the_server_closes_while_read_is_forgotten(make_server):
+    """A reader that got session_closed marked the Session closed, so close() returned
+    early: the client kept the session's queue (and heartbeated for it), its abandoned
+    ids and its end for ever."""
+    srv = make_server({"timeouts": {"client_idle": 1.0},
+                       "stages": small_stages(tts={"options": {"word_s": 0.2, "slow_s": 0.1}})})
+    c = srv.client(heartbeat=10.0)  # too rare for this server: it closes the sessions as idle
+    for close in (False, True):
+        s = c.open_session()
+        with pytest.raises(GirisError) as e:
+            for _ in s.say(" ".join(["SLOW"] * 40)):
+                pass
+        assert e.value.code == "session_closed" and "idle" in str(e.value)
+        assert s.token not in c._sessions and s.token not in c._abandoned  # read: forgotten
+        with pytest.raises(GirisError, match="idle"):  # its requests still say why, at once
+            s.start_say("again")
+        if close:
+            s.close()
+            assert s.token not in c._ended
+    assert not c._sessions and not c._abandoned and len(c._ended) == 1
