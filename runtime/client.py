@@ -134,6 +134,11 @@ class Client:
         #: per session, the newest utterance id a reply gave (see _dispatch: an error for
         #: the whole session concerns only utterances up to it)
         self._newest: dict[str, int] = {}
+        #: the I/O thread stopped reading the socket (a session's queue is full, see
+        #: _hold_back); readers that wait on an empty queue (``_hungry``) resume it
+        self._held = False
+        self._hungry = 0
+        self._hungry_lock = threading.Lock()  #: never held across calls
         self._outbox: "queue.SimpleQueue[tuple[int | None, list]]" = queue.SimpleQueue()
         self._closed = threading.Event()
         self._last_heard = time.monotonic()
@@ -356,9 +361,22 @@ class Client:
                 raise ServerGone("client is closed")
             raise GirisError("session is closed", code="unknown_session")
         try:
-            msg = q.get(timeout=timeout)
+            msg = q.get_nowait()
         except queue.Empty:
-            return None
+            with self._hungry_lock:
+                self._hungry += 1
+            try:
+                if self._held:
+                    self._poke()  # this reader waits: reading goes on (see _hold_back)
+                msg = q.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            finally:
+                with self._hungry_lock:
+                    self._hungry -= 1
+        else:
+            if self._held and q.qsize() < SESSION_QUEUE // 2:
+                self._poke()  # room again
         if msg is _SENTINEL:
             raise ServerGone("client is closed")
         if msg is _CLOSED:
@@ -372,6 +390,23 @@ class Client:
         if self._is_silent(time.monotonic(), timeout):
             return ServerGone(f"server silent for {timeout:g} s")
         return Timeout(f"nothing arrived in {timeout:g} s")
+
+    def _full(self, token: str) -> bool:
+        q = self._sessions.get(token)
+        return q is not None and q.qsize() >= SESSION_QUEUE
+
+    def _hold_back(self) -> bool:
+        """Whether the I/O thread stops reading the socket: a session's queue holds
+        ``SESSION_QUEUE`` messages (its reader is behind), no request waits for its
+        reply and no reader waits on an empty queue. Then what comes waits in ZeroMQ
+        (``RECV_HWM``) and in the server's outbox, which holds the session back: a slow
+        reader of an offline stream had the whole utterance buffered here (546 frames,
+        ~102 MiB at 256²). A reply or another session's messages may lie behind the
+        held ones on the one socket, so anyone waiting for something resumes reading
+        (that session's queue then grows past its bound, as before)."""
+        if self._waiters or self._hungry or self._closed.is_set():
+            return False
+        return any(q.qsize() >= SESSION_QUEUE for q in list(self._sessions.values()))
 
     def _silent_for(self, now: float) -> float:
         """Seconds the server has left what the client sent (a request, a heartbeat)
@@ -450,6 +485,8 @@ class Client:
         self._newest.pop(token, None)
         if not keep_ended:
             self._ended.pop(token, None)
+        if self._held:
+            self._poke()  # its full queue may have been what held reading back
 
 
 class _Waker:
@@ -510,7 +547,9 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, os.urandom(16))
-        sock.setsockopt(zmq.RCVHWM, 0)
+        # a few messages in ZeroMQ; the rest wait in the server's outbox while this
+        # thread stops reading for a reader that is behind (see Client._hold_back)
+        sock.setsockopt(zmq.RCVHWM, RECV_HWM)
         # queue only to a connection made (not to one being tried): a request that could
         # not leave says no server took it (ServerGone), one sent but unanswered Timeout
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -532,9 +571,14 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
     # the DEALER with no peer: a blocking send would hang this thread and close()).
     # What cannot go yet waits here, in order, and goes when the socket can take it.
     pending: collections.deque = collections.deque()
+    held = False  # reading stopped: a session's reader is behind (Client._hold_back)
     try:
         while not closed.is_set():
-            poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if pending else 0))
+            flags = (0 if held else zmq.POLLIN) | (zmq.POLLOUT if pending else 0)
+            if flags:
+                poller.register(sock, flags)
+            elif sock in poller:
+                poller.unregister(sock)
             ready = dict(poller.poll(int(heartbeat * 500)))
             self = ref()
             if self is None or closed.is_set():
@@ -562,7 +606,8 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
                 pending.popleft()
                 if req is not None:  # answered (a release is not)
                     _sent(self, req)
-            if sock in ready:
+            held = self._hold_back()
+            if not held and ready.get(sock, 0) & zmq.POLLIN:
                 for _ in range(512):
                     try:
                         msg = recv(sock, flags=zmq.NOBLOCK)
@@ -571,13 +616,20 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
                     except GirisError:
                         continue
                     self._dispatch(msg)
+                    if self._full(msg.session) and self._hold_back():
+                        held = True
+                        break
+            self._held = held
+            if held:  # answers cannot be heard now: silence is not counted
+                self._unanswered_since = None
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + heartbeat
                 if (self._sessions or self._waiters) and not pending:  # a client awaiting an open is alive too
                     try:
                         send(sock, P.Message(P.HEARTBEAT), zmq.NOBLOCK)
-                        _sent(self, None)
+                        if not held:
+                            _sent(self, None)
                     except zmq.Again:
                         pass  # no peer to take it: the next one will do
             del self
@@ -622,6 +674,11 @@ ABANDONED_KEPT = 256
 LATE_KEPT = 256
 #: sessions the server closed whose reason a client remembers (their requests fail at once)
 ENDED_KEPT = 256
+#: messages a session's queue holds before the I/O thread stops reading (a slow reader);
+#: it reads on once the queue is half empty
+SESSION_QUEUE = 64
+#: messages ZeroMQ takes in for the client before the server's outbox holds them
+RECV_HWM = 64
 
 
 class Session:
@@ -862,6 +919,8 @@ class Session:
                     if msg is not _WAKE:
                         self._sort(msg)
             self._cond.notify_all()
+        if client._held:
+            client._poke()  # the queue was emptied: reading may go on
 
     def _sort(self, msg: P.Message) -> None:
         """Keep ``msg`` for its utterance's reader (under _cond)."""

@@ -262,3 +262,33 @@ def test_a_session_the_server_closes_while_read_is_forgotten(make_server):
             s.close()
             assert s.token not in c._ended
     assert not c._sessions and not c._abandoned and len(c._ended) == 1
+
+
+def test_a_reader_that_is_behind_holds_back_its_stream_not_the_clients_memory(make_server):
+    """The I/O thread took every message off the socket into an unbounded queue, so the
+    server's back-pressure never engaged: a slow reader had the whole utterance buffered
+    in the client (546 frames, ~102 MiB at 256²). Now reading stops at a full queue and
+    the server's outbox holds the rest; heartbeats go on, and a request or another
+    session's reader waiting for its messages resumes reading (no deadlock)."""
+    from giris.runtime import client as sdk
+
+    size = 256
+    srv = make_server({"defaults": {"size": size}, "timeouts": {"client_idle": 1.0},
+                       "stages": small_stages(render={"pool_slots": 16,
+                                                      "pool_slot_bytes": size * size * 3})})
+    c = srv.client(heartbeat=0.3)
+    a, b = c.open_session(), c.open_session()
+    q = c._sessions[a.token]
+    speech = a.say(" ".join(["word"] * 60))  # 300 frames, not read for now
+    peak = 0
+    deadline = time.monotonic() + 2.5  # past client_idle: heartbeats must go on meanwhile
+    while time.monotonic() < deadline:
+        peak = max(peak, q.qsize())
+        time.sleep(0.05)
+    assert peak <= getattr(sdk, "SESSION_QUEUE", 64) + 8, peak
+    assert srv.status()["outbox"]["messages_waiting"] > 0  # the server holds the rest
+    out = collect(b, "one two", timeout=10)  # b's reader resumes reading
+    assert len(out["frames"]) == 10 and out["events"][-1].meta["complete"]
+    assert c.status(timeout=5)["sessions"] == 2  # a request is answered; none closed as idle
+    frames = [i for i in speech if isinstance(i, Frame)]
+    assert len(frames) == 300 and frames[-1].final
