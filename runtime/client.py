@@ -278,8 +278,7 @@ class Client:
         fresh = msg.type == P.SAY or (msg.type == P.AUDIO_IN and msg.meta.get("utterance") is None)
         with self._late_lock:
             self._late[req] = (msg.type, msg.session, fresh)
-            while len(self._late) > LATE_KEPT:
-                del self._late[next(iter(self._late))]
+            _trim(self._late, LATE_KEPT)
         if self._waiters.pop(req, None) is None:  # the I/O thread took it: the reply is in
             self._late.pop(req, None)
             return False
@@ -316,11 +315,7 @@ class Client:
         if utterance in gone:
             return False
         gone[utterance] = None
-        while len(gone) > ABANDONED_KEPT:
-            try:
-                del gone[next(iter(gone))]
-            except (KeyError, RuntimeError, StopIteration):  # another thread trimmed it
-                break
+        _trim(gone, ABANDONED_KEPT)
         return True
 
     def post(self, msg: P.Message) -> None:
@@ -448,8 +443,7 @@ class Client:
             return
         if msg.type == P.EVENT and msg.meta.get("kind") == "session_closed" and msg.session:
             self._ended[msg.session] = str(msg.meta.get("reason") or "closed")
-            while len(self._ended) > ENDED_KEPT:  # kept past the session's end: bounded
-                del self._ended[next(iter(self._ended))]
+            _trim(self._ended, ENDED_KEPT)  # kept past the session's end: bounded
         if msg.type == P.EVENT and msg.meta.get("kind") == "error" and msg.meta.get("utterance") is None:
             # an error for the whole session concerns the utterances it had then, not
             # those started after it (a stale stage_failed was raised into a healthy say)
@@ -656,6 +650,16 @@ def _sent(client: Client, req: int | None) -> None:
     waiter = client._waiters.get(req) if req is not None else None
     if waiter is not None:
         waiter[2] = True
+
+
+def _trim(d: dict, keep: int) -> None:
+    """Forget the oldest entries of ``d`` past ``keep``; another thread may pop from it
+    meanwhile (then this stops: the next call trims)."""
+    while len(d) > keep:
+        try:
+            d.pop(next(iter(d)), None)
+        except (RuntimeError, StopIteration):  # changed under it
+            break
 
 
 def _session_closed() -> GirisError:
