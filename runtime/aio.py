@@ -103,7 +103,25 @@ class AsyncSession:
         await self.close()
 
 
-class AsyncStream:
+class _ClosedWhenDropped:
+    """``close()`` (which never waits) also when the object is let go: a loop left while
+    a variable still holds it, or an object nobody read, ends its utterance at once,
+    without the event loop's async-generator finalizer."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
+            pass
+
+
+class AsyncStream(_ClosedWhenDropped):
     """What :meth:`AsyncSession.stream` returns: the items of one utterance, each read on an
     executor thread. An object, not an async generator: ``close()`` acts at once without
     the event loop (an async generator left early but still referenced ran its ``finally``
@@ -189,15 +207,6 @@ class AsyncStream:
             self.session.sync._abandon(self.utterance)
         self._over = True
 
-    async def aclose(self) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
-            pass
-
 
 class _Read:
     """One ``Session._next`` on an executor thread, and who wants its message (guarded by
@@ -239,7 +248,7 @@ def _give_back(s: Session, msg: "P.Message | None") -> None:
         s._cond.notify_all()
 
 
-class AsyncSpeech:
+class AsyncSpeech(_ClosedWhenDropped):
     """What :meth:`AsyncSession.say` returns: ``async for item in speech``, as the sync
     :class:`~giris.runtime.client.Speech`. Each ``async for`` gets an iterator of its own
     whose end (the loop left by ``break``, an exception or a cancelled task: the loop lets
@@ -316,15 +325,6 @@ class AsyncSpeech:
                 self._stop(self.answer)
         else:
             self._start.add_done_callback(functools.partial(_undo_late, self._undo))
-
-    async def aclose(self) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
-            pass
 
 
 def _answered(ref: "weakref.ref[AsyncSpeech]", fut: "concurrent.futures.Future[int]") -> None:
