@@ -219,10 +219,16 @@ class SlotPool:
         """The session tag a slot was taken for (0: none)."""
         return self._u64[4 * index + 2]
 
-    def hold(self, index: int, lease: int, pid: int | None = None) -> None:
-        """Mark the slot as held by ``pid`` (the consumer), so its death frees it."""
-        if self._u32[8 * index + 1] == lease:
-            self._i32[8 * index + 2] = os.getpid() if pid is None else pid
+    def hold(self, index: int, lease: int, pid: int | None = None) -> bool:
+        """Mark the slot as held by ``pid`` (the consumer), so its death frees it. False
+        (nothing marked) when the reference is stale: the slot was freed (a dead
+        producer's, reclaimed) or reused; its lease alone still matched a freed slot."""
+        if not 0 <= index < self.n_slots:
+            return False
+        if self._u32[8 * index + 1] != lease or self._u32[8 * index] != BUSY:
+            return False
+        self._i32[8 * index + 2] = os.getpid() if pid is None else pid
+        return True
 
     # ------------------------------------------------------------------ references
     def ref(self, slot: Slot, array: np.ndarray, device: str = "cpu") -> TensorRef:

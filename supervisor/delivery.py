@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from giris.runtime import protocol as P
-from giris.runtime.errors import StageFailed
+from giris.runtime.errors import GirisError, StageFailed
 from giris.supervisor.sessions import SessionRecord, Utterance
 from giris.workers.coefficients import frame_range
 
 if TYPE_CHECKING:
     from giris.supervisor.process import WorkerHandle
     from giris.supervisor.supervisor import Supervisor
+
+log = logging.getLogger("giris.delivery")
 
 #: what stages before the last one send the client, each ending with a ``final`` message
 CLIENT_STREAMS = frozenset({P.AUDIO, P.COEFFS})
@@ -48,6 +51,8 @@ class Delivery:
         #: frame anchors it); ``utterance`` that of the last frame
         self.clock: dict[str, tuple[float, int | None, float, Any]] = {}
         self.frames_out = 0
+        #: frames whose slots were gone when they came (their renderer died meanwhile)
+        self.lost_frames = 0
         self.errors: dict[str, int] = {}
 
     # ------------------------------------------------------------------ results
@@ -86,6 +91,8 @@ class Delivery:
         elif msg.type == P.COEFFS:
             if "coeffs" in want:
                 self.send(rec, msg)
+        elif msg.type == P.FRAME and not self.readable(msg):
+            pass  # lost with its renderer: not counted, not sent (its end still counts below)
         elif msg.type == P.FRAME:
             utt.frames += 1
             utt.first_seq = msg.seq if utt.first_seq is None else min(utt.first_seq, msg.seq)
@@ -145,11 +152,30 @@ class Delivery:
             return CLIENT_STREAMS
         return frozenset(t for t, name in ((P.AUDIO, "audio"), (P.COEFFS, "coeffs")) if name in offers)
 
+    def readable(self, msg: P.Message) -> bool:
+        """Whether every pool tensor of ``msg`` is still in its slot. A frame its renderer
+        sent just before it died can be read here after the supervisor reclaimed the dead
+        worker's slots (``on_worker_exit``): a zero-copy client got the stale reference,
+        and its read raised ``StaleReference`` out of the user's loop. Such a frame is
+        dropped here (its slots given back, were any still held) and not counted."""
+        try:
+            for r in msg.tensors:
+                if r.pool is not None:
+                    self.sup.pools.get(r.pool).check(r)
+        except GirisError as e:
+            log.warning("frame lost with its renderer", extra={"error": str(e)})
+            self.sup.pools.release_all(msg)
+            self.lost_frames += 1
+            return False
+        return True
+
     def send_frame(self, rec: SessionRecord, msg: P.Message) -> None:
         refs = [r for r in msg.tensors if r.pool is not None]
         if rec.zero_copy:
             for r in refs:  # the client holds the slot now, until it releases it
-                self.sup.pools.get(r.pool).hold(r.slot, r.lease, pid=0)
+                if not self.sup.pools.get(r.pool).hold(r.slot, r.lease, pid=0):
+                    self.sup.pools.release_all(msg)  # stale (see readable): never the client's
+                    return
             self.send(rec, msg)
             return
         if not rec.realtime:  # copied out of its slot when it leaves (see the outbox)
