@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,7 @@ class Delivery:
         elif msg.type == P.COEFFS:
             if "coeffs" in want:
                 self.send(rec, msg)
-        elif msg.type == P.FRAME and not self.readable(msg):
+        elif msg.type == P.FRAME and not self.take(msg):
             pass  # lost with its renderer: not counted, not sent (its end still counts below)
         elif msg.type == P.FRAME:
             utt.frames += 1
@@ -152,16 +153,25 @@ class Delivery:
             return CLIENT_STREAMS
         return frozenset(t for t, name in ((P.AUDIO, "audio"), (P.COEFFS, "coeffs")) if name in offers)
 
-    def readable(self, msg: P.Message) -> bool:
-        """Whether every pool tensor of ``msg`` is still in its slot. A frame its renderer
-        sent just before it died can be read here after the supervisor reclaimed the dead
-        worker's slots (``on_worker_exit``): a zero-copy client got the stale reference,
-        and its read raised ``StaleReference`` out of the user's loop. Such a frame is
-        dropped here (its slots given back, were any still held) and not counted."""
+    def take(self, msg: P.Message) -> bool:
+        """Hold the pool slots of ``msg`` for the supervisor (its pid as their holder), or
+        say False when they are gone.
+
+        Held, they are the supervisor's from here: a renderer that dies while the frame
+        waits (in the outbox for a client slow to read) no longer takes them with it (its
+        slots are reclaimed by holder pid): the frames a copy-taking client had not read
+        yet were lost, though counted in ``utterance_done`` and ``last_frame``. Gone: a
+        frame its renderer sent just before it died, read here after its slots were
+        reclaimed (``on_worker_exit``); a zero-copy client got the stale reference, and
+        its read raised ``StaleReference`` out of the user's loop. Such a frame is dropped
+        here (any slot of it still held given back) and not counted."""
+        me = os.getpid()
         try:
             for r in msg.tensors:
                 if r.pool is not None:
-                    self.sup.pools.get(r.pool).check(r)
+                    pool = self.sup.pools.get(r.pool)
+                    pool.check(r)  # a stale reference raises, saying why
+                    pool.hold(r.slot, r.lease, pid=me)
         except GirisError as e:
             log.warning("frame lost with its renderer", extra={"error": str(e)})
             self.sup.pools.release_all(msg)
@@ -174,7 +184,7 @@ class Delivery:
         if rec.zero_copy:
             for r in refs:  # the client holds the slot now, until it releases it
                 if not self.sup.pools.get(r.pool).hold(r.slot, r.lease, pid=0):
-                    self.sup.pools.release_all(msg)  # stale (see readable): never the client's
+                    self.sup.pools.release_all(msg)  # stale (see take): never the client's
                     return
             self.send(rec, msg)
             return

@@ -86,3 +86,19 @@ def test_the_final_frame_lost_with_its_renderer_still_ends_the_utterance(pools):
     assert [(m.type, m.meta.get("kind"), m.meta.get("frames")) for m in sent] == [
         (P.EVENT, "utterance_done", 0)]
     assert np.count_nonzero(pool.table["state"]) == 0
+
+
+def test_a_frame_waiting_for_a_slow_client_outlives_its_renderer(pools):
+    """A copy-taking client slow to read: its frames wait in the outbox, in their slots
+    (copied when they leave). The renderer that made them dying meanwhile took those
+    slots with it (reclaimed by holder pid), and the frames were lost though counted in
+    ``utterance_done``. The supervisor holds a frame's slots from its arrival now."""
+    (pool,) = pools.pools.values()
+    d, rec, sent = _delivery(pools)
+    waiting = _frame(pool, rec, 0)
+    d.on_result(waiting)  # into the outbox (the stub keeps it, as a full client queue does)
+    assert sent == [waiting]
+    assert pool.reclaim(holder=RENDER_PID) == 0  # the renderer dies
+    assert int(pools.arrays(waiting)[0][0, 0, 0]) == 0  # still readable: it leaves whole
+    pools.release_all(waiting)  # as the outbox does once it left
+    assert pool.in_use() == 0
