@@ -84,6 +84,7 @@ class Delivery:
             start = int(msg.meta.get("start_sample", 0))
             end = start + (msg.tensors[0].shape[0] if msg.tensors else 0)
             rec.audio_end = max(rec.audio_end, end)
+            rec.audio_chunks = max(rec.audio_chunks, msg.seq + 1)
             if utt.audio_start is None:
                 utt.audio_start, utt.sample_rate = start, int(msg.meta.get("sample_rate", 0))
             utt.audio_stop = max(utt.audio_stop, end)

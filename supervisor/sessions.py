@@ -73,6 +73,9 @@ class SessionRecord:
     utterances: dict[int, Utterance] = field(default_factory=dict)
     #: end of the audio seen so far on the session clock (replayed to a restarted tts)
     audio_end: int = 0
+    #: audio chunks numbered so far (``seq``), also replayed: a restarted tts numbered
+    #: from 0 again, and the session's chunk numbers repeated
+    audio_chunks: int = 0
     requests: deque = field(default_factory=deque)
     #: audio_in messages in the last second, and the audio budget left (seconds) as of when
     audio_messages: deque = field(default_factory=deque)

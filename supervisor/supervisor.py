@@ -309,7 +309,8 @@ class Supervisor:
         reply = P.Message(P.REPLY, meta={"sessions": []})
         for rec in self.registry:
             entry = {"token": rec.token, "tag": rec.tag,
-                     "spec": dict(rec.spec, resume_sample=rec.audio_end)}
+                     "spec": dict(rec.spec, resume_sample=rec.audio_end,
+                                          resume_chunk=rec.audio_chunks)}
             if rec.avatar is not None:
                 reply.buffers.append(rec.avatar)
                 entry["avatar_buffer"] = len(reply.buffers) - 1

@@ -184,6 +184,21 @@ def test_a_say_cut_by_a_tts_crash_ends_when_tts_is_back_and_is_counted(make_serv
     assert len(out["frames"]) == math.ceil(2 * WORD_S * 25)
 
 
+def test_audio_chunk_numbers_go_on_across_a_tts_restart(make_server):
+    """``audio``'s ``seq`` counts the session's chunks (README: one clock per session), as
+    ``start_sample`` does its samples; a restarted tts got the sample clock back but
+    numbered its chunks from 0 again, so a session's chunk numbers repeated."""
+    srv = make_server()
+    s = srv.client().open_session()
+    before = [a.seq for a in collect(s, "one two three")["audio"]]
+    tts = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "tts")
+    os.kill(tts, signal.SIGKILL)
+    assert eventually(lambda: any(w["stage"] == "tts" and w["pid"] != tts and w["state"] == "ready"
+                                  for w in srv.status()["workers"]), timeout=30)
+    after = [a.seq for a in collect(s, "four five")["audio"]]
+    assert before == [0, 1, 2] and after == [3, 4]
+
+
 def test_workers_are_forked_from_the_launcher_and_outlive_its_death(make_server):
     """Workers (first ones and restarted ones) come from the launcher, which preloaded
     their engines; if the launcher itself dies, its workers die with it, a new launcher

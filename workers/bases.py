@@ -66,7 +66,8 @@ class TTSEngine(Engine):
         return None
 
     def open_session(self, spec: Mapping[str, Any]) -> TTSSession:
-        s = TTSSession(spec=dict(spec), clock=int(spec.get("resume_sample", 0)))
+        s = TTSSession(spec=dict(spec), clock=int(spec.get("resume_sample", 0)),
+                       chunks=int(spec.get("resume_chunk", 0)))
         s.extra = self.open_tts_session(spec)
         return s
 
