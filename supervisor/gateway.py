@@ -350,12 +350,18 @@ class Gateway:
     def yield_idle(self, rec: SessionRecord) -> None:
         """A new utterance comes: the stages stop making the session's idle streams now
         (a renderer drawing them ahead held the new one's frames back behind them, ~0.5 s);
-        what they made plays on until the new utterance's first frame takes over
-        (:meth:`Delivery.take_over`)."""
-        for u in rec.utterances.values():
-            if u.yields and not u.stopped and not u.cancelled:
+        in a live session what they made plays on until the new utterance's first frame
+        takes over (:meth:`Delivery.take_over`). An offline session has no takeover (that
+        is the live pacing's): its idle streams end here, ``cancelled``. They were left
+        stopped and never ended: no ``utterance_done``, a reader waiting on them for
+        good, and the session's oldest utterance kept so that none behind it could be
+        declared lost after a restart."""
+        for u in list(rec.utterances.values()):
+            if u.yields and not u.stopped and not u.cancelled and u.id in rec.utterances:
                 u.stopped = True
                 self.stop_stages(rec, u.id)
+                if not rec.realtime:
+                    self.sup.delivery.utterance_done(rec, u, complete=False, cancelled=True)
 
     def stop_stages(self, rec: SessionRecord, utterance: int | None) -> None:
         """Have every stage drop ``utterance`` of the session (all of them when None): the

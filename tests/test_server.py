@@ -610,6 +610,29 @@ def _ask(sock, frames):
     return P.decode(sock.recv_multipart())
 
 
+def test_an_offline_idle_stream_ends_when_the_next_utterance_comes(make_server):
+    """An offline session's idle stream (``audio_in`` with ``idle``) that a say stops:
+    nothing takes over from it (that is live pacing's), and it was left stopped and
+    never ended: no ``utterance_done`` (a raw client, no SDK logic on top)."""
+    srv = make_server()
+    sock = _raw(srv)
+    tok = _ask(sock, P.encode(P.Message(P.OPEN_SESSION, meta={"req": 1, "spec": {}}))).session
+    idle = P.Message(P.AUDIO_IN, session=tok, meta={"req": 2, "sample_rate": 16000,
+                                                     "final": True, "idle": True})
+    idle.add_inline(np.zeros(16000 * 4, np.int16))
+    sock.send_multipart(P.encode(idle))
+    sock.send_multipart(P.encode(P.Message(P.SAY, session=tok, meta={"req": 3, "text": "one two"})))
+    done: dict[int, dict] = {}
+    while len(done) < 2:
+        assert sock.poll(10000), f"no utterance_done after {done}"
+        m = P.decode(sock.recv_multipart())
+        if m.type == P.EVENT and m.meta.get("kind") == "utterance_done":
+            done[m.meta["utterance"]] = m.meta
+    assert done[1]["cancelled"] is True and not done[1]["complete"]
+    assert done[2]["complete"] and done[2]["frames"] == 10
+    sock.close()
+
+
 def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(make_server):
     srv = make_server({"limits": {"max_text_chars": 100},
                        "server": {"max_message_bytes": 1024 * 1024}})
