@@ -330,9 +330,12 @@ class Gateway:
     def cancel(self, rec: SessionRecord, msg: P.Message) -> None:
         utt = _utterance(msg)
         targets = [u for u in rec.utterances.values() if utt is None or u.id == utt]
+        # a live utterance the stages are done with still plays from the pacing queue
+        playing = self.sup.delivery.playing(rec, utt)
         self.stop_stages(rec, utt)
         self.reply(rec.client, msg.meta.get("req"), session=rec.token,
-                   cancelled=[u.id for u in targets])
+                   cancelled=sorted([u.id for u in targets] + playing))
+        self.sup.delivery.cut_playing(rec, playing)
         for u in targets:
             u.cancelled = True
             self.sup.delivery.utterance_done(rec, u, complete=False, cancelled=True)

@@ -731,6 +731,29 @@ def test_cancel_stops_an_utterance_midway(make_server):
     assert len(collect(s, "next one")["frames"]) == 10
 
 
+def test_cancel_cuts_a_live_utterance_whose_frames_are_all_made(make_server):
+    """A live utterance is drawn ahead of its clock; once its last frame is made its
+    ``utterance_done`` waits behind its frames in the pacing queue and it was no longer
+    found by ``cancel``: ``[]``, and its frames played on (a barge-in did not stop the
+    avatar). Here every frame is made within the 1.5 s playout delay, before the first
+    one is shown."""
+    srv = make_server()
+    s = srv.client().open_session(realtime=True, playout_delay=1.5)
+    utt = s.start_say("one two")  # 10 frames
+    frames, cancelled, done = 0, None, None
+    for item in s.stream(utt, timeout=10):
+        if isinstance(item, Frame):
+            frames += 1
+            if cancelled is None:
+                cancelled = s.cancel(utt)
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            done = item.meta
+    assert cancelled == [utt]
+    assert done["cancelled"] and not done["complete"] and done["frames"] == frames < 10
+    assert s.cancel() == []  # nothing left of it
+    assert len(collect(s, "next one")["frames"]) == 10
+
+
 def test_realtime_session_is_paced_to_the_wall_clock(make_server):
     srv = make_server()
     s = srv.client().open_session(realtime=True, fps=25)
