@@ -168,12 +168,7 @@ class Gateway:
         self._check_stages()
         if any(w.state != "ready" for w in sup.workers):
             raise GirisError("a stage is restarting; try again shortly", code="stage_unavailable")
-        if len(sup.registry) >= limits.max_sessions:
-            raise LimitExceeded(f"server holds its maximum of {limits.max_sessions} sessions",
-                                limit=limits.max_sessions)
-        if len(sup.registry.of_client(client)) >= limits.max_sessions_per_client:
-            raise LimitExceeded(f"at most {limits.max_sessions_per_client} sessions per client",
-                                limit=limits.max_sessions_per_client)
+        self.check_session_limits(client)  # and again below, when it is added
         spec = self.validate_spec(msg.meta.get("spec", {}))
         sup.registry.admit_live(spec, limits.live_capacity)  # and again below, when it is added
         avatar = None
@@ -204,8 +199,9 @@ class Gateway:
                 for dev, n in (r.get("estimate") or {}).items():
                     total[dev] = total.get(dev, 0) + int(n)
             try:
+                # again: other sessions may have been added while the stages estimated
+                self.check_session_limits(client)
                 sup.registry.admit(total)
-                # again: another live session may have been admitted while the stages estimated
                 sup.registry.admit_live(spec, sup.config.limits.live_capacity)
             except GirisError as e:
                 sup.delivery.count_error(e.code)
@@ -237,6 +233,20 @@ class Gateway:
                                   buffers=[avatar] if avatar is not None else []), opened)
 
         sup.fan_out(control(True), estimated)
+
+    def check_session_limits(self, client: bytes) -> None:
+        """Raise LimitExceeded if one more session would pass ``max_sessions`` or
+        ``max_sessions_per_client``. Checked when the open comes and again when the
+        session is added after the stages' estimates: checked only first, every open in
+        flight together passed it (five back-to-back opens at ``max_sessions = 2``: five
+        sessions)."""
+        limits = self.sup.config.limits
+        if len(self.sup.registry) >= limits.max_sessions:
+            raise LimitExceeded(f"server holds its maximum of {limits.max_sessions} sessions",
+                                limit=limits.max_sessions)
+        if len(self.sup.registry.of_client(client)) >= limits.max_sessions_per_client:
+            raise LimitExceeded(f"at most {limits.max_sessions_per_client} sessions per client",
+                                limit=limits.max_sessions_per_client)
 
     def validate_spec(self, raw: Any) -> dict[str, Any]:
         check_keys(raw)

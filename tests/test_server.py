@@ -822,6 +822,23 @@ def test_session_limits(make_server):
         b.open_session()
 
 
+def test_session_limits_hold_for_opens_in_flight_together(make_server):
+    """The limits were checked when an open came, before the stages' estimates, and not
+    again when the session was added: opens sent back to back all passed them."""
+    srv = make_server({"limits": {"max_sessions": 3, "max_sessions_per_client": 2}})
+    answers = []
+    for sock in (_raw(srv), _raw(srv)):
+        for i in range(3):
+            sock.send_multipart(P.encode(P.Message(P.OPEN_SESSION, meta={"req": i, "spec": {}})))
+        for _ in range(3):
+            assert sock.poll(10000), "no answer"
+            m = P.decode(sock.recv_multipart())
+            answers.append("ok" if m.type == P.REPLY else m.meta["code"])
+    assert sorted(answers) == ["limit_exceeded"] * 3 + ["ok"] * 3, answers
+    assert answers[:3].count("ok") == 2  # the first client: its own limit
+    assert srv.status()["sessions"] == 3
+
+
 def test_a_stage_on_a_second_gpu_is_charged_to_that_gpu(make_server):
     """A stage on ``cuda:1`` sees its GPU as ``cuda:0`` and reports it so; the supervisor
     charges it to ``cuda:1`` (no GPU needed: the test engine only reports figures)."""
