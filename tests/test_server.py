@@ -570,6 +570,27 @@ def test_a_client_slow_to_give_frames_back_holds_back_its_own_session_only(make_
     assert e.value.code == "pool_full" and len(kept) == 3
 
 
+def test_with_backpressure_drop_an_utterance_whose_last_frame_is_dropped_still_ends(make_server):
+    """``backpressure = "drop"``: a frame that finds the pool full is dropped, and the
+    final one took the utterance's end with it: no ``utterance_done``, the client waited
+    out its timeout. Here a zero-copy client keeps every slot of the pool, and another
+    client's say (all its frames dropped) must still end."""
+    srv = make_server({"stages": small_stages(render={"pool_slots": 4, "backpressure": "drop",
+                                                      "block_timeout": 30.0})})
+    hog = srv.client().open_session(zero_copy=True)
+    kept = []
+    for item in hog.stream(hog.start_say("one two"), timeout=10):
+        if isinstance(item, Frame):
+            item._release = None  # never given back
+            kept.append(item)
+            if len(kept) == 4:
+                break
+    assert list(srv.status()["pools"].values())[0]["in_use"] == 4
+    out = collect(srv.client().open_session(), "three", timeout=10)
+    assert out["frames"] == [] and len(out["audio"]) == 1
+    assert [e.kind for e in out["events"]] == ["utterance_done"]
+
+
 def test_sigkill_of_the_server_takes_its_launcher_and_workers_with_it(make_server, tmp_path):
     root = tmp_path / "run"  # where the servers make their socket directories
     root.mkdir()
