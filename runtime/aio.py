@@ -133,8 +133,9 @@ class AsyncStream(_ClosedWhenDropped):
         self.session, self.utterance = session, utterance
         self._limit = timeout or session.sync.client.timeout
         self._cancel_on_exit = cancel_on_exit
-        self._ended = False  #: its utterance_done (or an error) came: nothing to cancel
-        self._over = False  #: nothing more is read through this object
+        #: nothing more is read through this object (its utterance_done or an error came,
+        #: or it was closed): nothing to cancel
+        self._over = False
 
     def __aiter__(self) -> "AsyncStream":
         return self
@@ -148,7 +149,7 @@ class AsyncStream(_ClosedWhenDropped):
             except Timeout:
                 if adopted:  # the read given up on timed out (from its own start): read afresh
                     continue
-                self._fail()
+                self.close()
                 raise
             except BaseException:  # a cancelled task, the client closed
                 if self._cancel_on_exit:
@@ -156,11 +157,10 @@ class AsyncStream(_ClosedWhenDropped):
                 self._give_up(read)
                 raise
             try:
-                item, self._ended = s._advance(self.utterance, msg)
+                item, self._over = s._advance(self.utterance, msg)
             except BaseException:  # an error event (it abandoned the utterance)
                 self.close()
                 raise
-            self._over = self._ended
             if item is not None:
                 return item
         raise StopAsyncIteration
@@ -195,15 +195,10 @@ class AsyncStream(_ClosedWhenDropped):
             elif read.state == "reading" and not self._cancel_on_exit:
                 self.session._orphans[self.utterance] = read
 
-    def _fail(self) -> None:
-        if self._cancel_on_exit:
-            self.close()
-        self._over = True
-
     def close(self) -> None:
         """Stop reading; with ``cancel_on_exit`` the utterance is cancelled and what is
         still to come of it dropped, without waiting for the server."""
-        if not self._over and not self._ended and self._cancel_on_exit:
+        if not self._over and self._cancel_on_exit:
             self.session.sync._abandon(self.utterance)
         self._over = True
 

@@ -141,7 +141,6 @@ class Client:
         self._hungry_lock = threading.Lock()  #: never held across calls
         self._outbox: "queue.SimpleQueue[tuple[int | None, list]]" = queue.SimpleQueue()
         self._closed = threading.Event()
-        self._last_heard = time.monotonic()
         #: when the I/O thread sent the first request or heartbeat the server has not
         #: answered (None: all answered): how long a live server has been silent
         self._unanswered_since: float | None = None
@@ -419,7 +418,6 @@ class Client:
         return silent > min(limit, max(self.timeout, 3 * self.heartbeat)) and silent >= 3 * self.heartbeat
 
     def _dispatch(self, msg: P.Message) -> None:
-        self._last_heard = time.monotonic()
         self._unanswered_since = None
         self._gone = False
         req = msg.meta.get("req") if msg.type in (P.REPLY, P.EVENT, P.HEARTBEAT) else None

@@ -52,8 +52,6 @@ class Delivery:
         #: frame anchors it); ``utterance`` that of the last frame
         self.clock: dict[str, tuple[float, int | None, float, Any]] = {}
         self.frames_out = 0
-        #: frames whose slots were gone when they came (their renderer died meanwhile)
-        self.lost_frames = 0
         self.errors: dict[str, int] = {}
 
     # ------------------------------------------------------------------ results
@@ -176,7 +174,6 @@ class Delivery:
         except GirisError as e:
             log.warning("frame lost with its renderer", extra={"error": str(e)})
             self.sup.pools.release_all(msg)
-            self.lost_frames += 1
             return False
         return True
 

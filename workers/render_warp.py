@@ -923,19 +923,24 @@ def _sample(t: Teeth, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return got[0].permute(1, 2, 0).numpy()
 
 
-def _photo_teeth(t: Teeth, box, xs: np.ndarray, ys: np.ndarray,
+def _teeth_at(t: Teeth, qx: np.ndarray, qy: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Where photo pixels ``qx, qy`` sit in the teeth's frame: across the mouth (``vs``),
+    the upper lip's rest line there (``vu0``), the rest gap under it (``g0``), and the fade
+    at the mouth's ends (``side``)."""
+    us, vs = _local_xy(qx, qy, t.p0, t.ax, t.nrm)
+    vu0 = np.interp(us, t.uu, t.vu).astype(np.float32)
+    g0 = np.maximum(np.interp(us, t.ul, t.vl).astype(np.float32) - vu0, 0)
+    return vs, vu0, g0, np.clip(us + 0.5, 0, 1) * np.clip(t.length - us + 0.5, 0, 1)
+
+
+def _photo_teeth(t: Teeth, xs: np.ndarray, ys: np.ndarray,
                  p0, ax, nrm, u: np.ndarray, v_lo: np.ndarray, pose) -> tuple[np.ndarray, np.ndarray]:
-    """The portrait's own teeth over the output ``box``: colours and weights (0 where the
+    """The portrait's own teeth at the output pixels ``xs, ys``: colours and weights (0 where the
     cavity shows). Upper teeth ride with the head (``pose``: forward and inverse affine of
     the head's motion, None when still); a lower row seen apart from them with the lower lip."""
     qx, qy = (xs, ys) if pose is None else _apply(pose[1], xs, ys)
-    rx, ry = qx - t.p0[0], qy - t.p0[1]
-    us = rx * t.ax[0] + ry * t.ax[1]
-    vs = rx * t.nrm[0] + ry * t.nrm[1]
-    vu0 = np.interp(us, t.uu, t.vu).astype(np.float32)
-    g0 = np.maximum(np.interp(us, t.ul, t.vl).astype(np.float32) - vu0, 0)
+    vs, vu0, g0, side = _teeth_at(t, qx, qy)
     v_split = vu0 + t.split * g0
-    side = np.clip(us + 0.5, 0, 1) * np.clip(t.length - us + 0.5, 0, 1)
     # an upper lip raised off the teeth (above its rest line) shows their top row
     push = np.maximum(vu0 + 0.5 - vs, 0)
     w_up = np.clip(v_split - vs + 0.5, 0, 1) * np.clip((t.split * g0 - 0.5) / 1.5, 0, 1) * side
@@ -952,13 +957,9 @@ def _photo_teeth(t: Teeth, box, xs: np.ndarray, ys: np.ndarray,
     qx, qy = xs - drop * nrm[0], ys - drop * nrm[1]
     if pose is not None:
         qx, qy = _apply(pose[1], qx, qy)
-    rx, ry = qx - t.p0[0], qy - t.p0[1]
-    us = rx * t.ax[0] + ry * t.ax[1]
-    vs = rx * t.nrm[0] + ry * t.nrm[1]
-    vu0 = np.interp(us, t.uu, t.vu).astype(np.float32)
-    g0 = np.maximum(np.interp(us, t.ul, t.vl).astype(np.float32) - vu0, 0)
+    vs, vu0, g0, side = _teeth_at(t, qx, qy)
     w_lo = np.clip(vs - (vu0 + t.split * g0) + 0.5, 0, 1) * np.clip(((1 - t.split) * g0 - 0.5) / 1.5, 0, 1)
-    w_lo *= np.clip(us + 0.5, 0, 1) * np.clip(t.length - us + 0.5, 0, 1) * (1 - w_up)
+    w_lo *= side * (1 - w_up)
     col_lo = _sample(t, qx, qy)
     w = w_up + w_lo
     col = (col * w_up[..., None] + col_lo * w_lo[..., None]) / np.maximum(w, 1e-6)[..., None]
@@ -1022,7 +1023,7 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
     if teeth is None:
         alpha = strength * inside
     else:
-        photo, w = _photo_teeth(teeth, box, xs, ys, p0, ax, nrm, u, v_lo, pose)
+        photo, w = _photo_teeth(teeth, xs, ys, p0, ax, nrm, u, v_lo, pose)
         col += (photo - col) * w[..., None]
         # the photo's teeth replace the warp's (stretched) copy of them at once; the cavity
         # darkens in with the opening
