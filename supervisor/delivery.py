@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +90,7 @@ class Delivery:
         elif msg.type == P.COEFFS:
             if "coeffs" in want:
                 self.send(rec, msg)
-        elif msg.type == P.FRAME and not self.take(msg):
+        elif msg.type == P.FRAME and not self.take(msg, 0 if rec.zero_copy and "frames" in want else None):
             pass  # lost with its renderer: not counted, not sent (its end still counts below)
         elif msg.type == P.FRAME:
             utt.frames += 1
@@ -152,9 +151,10 @@ class Delivery:
             return CLIENT_STREAMS
         return frozenset(t for t, name in ((P.AUDIO, "audio"), (P.COEFFS, "coeffs")) if name in offers)
 
-    def take(self, msg: P.Message) -> bool:
-        """Hold the pool slots of ``msg`` for the supervisor (its pid as their holder), or
-        say False when they are gone.
+    def take(self, msg: P.Message, holder: int | None = None) -> bool:
+        """Hold the pool slots of ``msg`` for the supervisor (its pid as their holder; or
+        ``holder``: 0 for a zero-copy client, which gives them back itself), or say False
+        when they are gone.
 
         Held, they are the supervisor's from here: a renderer that dies while the frame
         waits (in the outbox for a client slow to read) no longer takes them with it (its
@@ -164,13 +164,12 @@ class Delivery:
         reclaimed (``on_worker_exit``); a zero-copy client got the stale reference, and
         its read raised ``StaleReference`` out of the user's loop. Such a frame is dropped
         here (any slot of it still held given back) and not counted."""
-        me = os.getpid()
         try:
             for r in msg.tensors:
                 if r.pool is not None:
                     pool = self.sup.pools.get(r.pool)
                     pool.check(r)  # a stale reference raises, saying why
-                    pool.hold(r.slot, r.lease, pid=me)
+                    pool.hold(r.slot, r.lease, pid=holder)
         except GirisError as e:
             log.warning("frame lost with its renderer", extra={"error": str(e)})
             self.sup.pools.release_all(msg)
@@ -178,12 +177,7 @@ class Delivery:
         return True
 
     def send_frame(self, rec: SessionRecord, msg: P.Message) -> None:
-        refs = [r for r in msg.tensors if r.pool is not None]
-        if rec.zero_copy:
-            for r in refs:  # the client holds the slot now, until it releases it
-                if not self.sup.pools.get(r.pool).hold(r.slot, r.lease, pid=0):
-                    self.sup.pools.release_all(msg)  # stale (see take): never the client's
-                    return
+        if rec.zero_copy:  # the client holds its slots (take), until it releases them
             self.send(rec, msg)
             return
         if not rec.realtime:  # copied out of its slot when it leaves (see the outbox)
