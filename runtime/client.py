@@ -398,9 +398,11 @@ class Client:
         ~102 MiB at 256²). A reply or another session's messages may lie behind the
         held ones on the one socket, so anyone waiting for something resumes reading
         (that session's queue then grows past its bound, as before)."""
-        if self._waiters or self._hungry or self._closed.is_set():
-            return False
-        return any(q.qsize() >= SESSION_QUEUE for q in list(self._sessions.values()))
+        return self._may_hold() and any(q.qsize() >= SESSION_QUEUE for q in list(self._sessions.values()))
+
+    def _may_hold(self) -> bool:
+        """Nobody waits for something that may lie behind held messages (see ``_hold_back``)."""
+        return not (self._waiters or self._hungry or self._closed.is_set())
 
     def _silent_for(self, now: float) -> float:
         """Seconds the server has left what the client sent (a request, a heartbeat)
@@ -608,7 +610,7 @@ def _io_loop(ref: "weakref.ref[Client]") -> None:
                     except GirisError:
                         continue
                     self._dispatch(msg)
-                    if self._full(msg.session) and self._hold_back():
+                    if self._full(msg.session) and self._may_hold():  # (that session: no scan of all)
                         held = True
                         break
             self._held = held
