@@ -9,7 +9,6 @@ waiting stream at once (it raises ServerGone), so ``asyncio.run`` returns prompt
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import functools
 import weakref
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, TypeVar
 import numpy as np
 
 from giris.runtime import protocol as P
-from giris.runtime.client import Client, Coefficients, Frame, Item, Session, _utterance_of
+from giris.runtime.client import Client, Coefficients, Frame, Item, Session
 from giris.runtime.errors import BadInput, GirisError, ServerGone, Timeout
 
 if TYPE_CHECKING:
@@ -233,14 +232,9 @@ def _read_next(s: Session, utterance: int, limit: float, read: _Read) -> "P.Mess
 def _give_back(s: Session, msg: "P.Message | None") -> None:
     """Put ``msg`` back at the front of the session's backlog, where its reader looks first
     (under ``s._cond``); dropped if its utterance is abandoned meanwhile."""
-    if msg is None:
-        return
-    utt = _utterance_of(msg)
-    if s.client._is_abandoned(s.token, utt):
-        s.client._drop(msg)
-    else:
-        s._backlog.setdefault(utt, collections.deque()).appendleft(msg)
-        s._cond.notify_all()
+    if msg is not None:
+        s._sort(msg, front=True)
+        s._cond.notify_all()  # (also when it was dropped: waiters look again)
 
 
 class AsyncSpeech(_ClosedWhenDropped):

@@ -926,13 +926,15 @@ class Session:
         if client._held:
             client._poke()  # the queue was emptied: reading may go on
 
-    def _sort(self, msg: P.Message) -> None:
-        """Keep ``msg`` for its utterance's reader (under _cond)."""
+    def _sort(self, msg: P.Message, front: bool = False) -> None:
+        """Keep ``msg`` for its utterance's reader (under _cond); ``front``: given back, it
+        is read first."""
         utt = _utterance_of(msg)
         if self.client._is_abandoned(self.token, utt):
             self.client._drop(msg)
         else:
-            self._backlog.setdefault(utt, collections.deque()).append(msg)
+            q = self._backlog.setdefault(utt, collections.deque())
+            (q.appendleft if front else q.append)(msg)
 
     def _next(self, utterance: int, timeout: float) -> P.Message | None:
         """The next message for ``utterance`` (or the session), None once it is abandoned.
