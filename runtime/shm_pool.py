@@ -207,13 +207,14 @@ class SlotPool:
 
     def release(self, index: int, lease: int) -> bool:
         """Give a slot back; False when the lease no longer matches (already reclaimed)."""
-        if not 0 <= index < self.n_slots:
+        if not self._busy(index, lease):
             return False
-        u32 = self._u32
-        if u32[8 * index + 1] != lease or u32[8 * index] != BUSY:
-            return False
-        u32[8 * index] = FREE
+        self._u32[8 * index] = FREE
         return True
+
+    def _busy(self, index: int, lease: int) -> bool:
+        """Whether slot ``index`` is taken under ``lease`` (not freed, reclaimed or reused)."""
+        return 0 <= index < self.n_slots and self._u32[8 * index + 1] == lease and self._u32[8 * index] == BUSY
 
     def owner_of(self, index: int) -> int:
         """The session tag a slot was taken for (0: none)."""
@@ -223,9 +224,7 @@ class SlotPool:
         """Mark the slot as held by ``pid`` (the consumer), so its death frees it. False
         (nothing marked) when the reference is stale: the slot was freed (a dead
         producer's, reclaimed) or reused; its lease alone still matched a freed slot."""
-        if not 0 <= index < self.n_slots:
-            return False
-        if self._u32[8 * index + 1] != lease or self._u32[8 * index] != BUSY:
+        if not self._busy(index, lease):
             return False
         self._i32[8 * index + 2] = os.getpid() if pid is None else pid
         return True
@@ -261,7 +260,7 @@ class SlotPool:
         i = ref.slot
         if not 0 <= i < self.n_slots:
             raise StaleReference("no such slot")
-        if self._u32[8 * i + 1] != ref.lease or self._u32[8 * i] != BUSY:
+        if not self._busy(i, ref.lease):
             raise StaleReference(f"slot {ref.slot} of {self.name} was released")
 
     # ------------------------------------------------------------------ supervisor side
