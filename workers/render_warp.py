@@ -190,8 +190,7 @@ def _flow_at(state: "WarpSession", p: np.ndarray, c: np.ndarray, sol: np.ndarray
     coefficients ``sol`` (untapered: for points inside the face)."""
     n_m = len(c)
     n = n_m + len(state.anchors_n)
-    anchors = state.centers64[-len(state.anchors_n):].astype(np.float32)
-    return (_tps_mm(p, c) @ sol[:n_m] + _tps_mm(p, anchors) @ sol[n_m:n]
+    return (_tps_mm(p, c) @ sol[:n_m] + _tps_mm(p, state.anchors_n) @ sol[n_m:n]
             + sol[n] + p @ sol[n + 1:])
 
 
@@ -246,7 +245,7 @@ class WarpSession:
     system: np.ndarray                   # (P+A+3)² spline system with the anchor blocks filled
     band_system: np.ndarray              # the same with eyeWide's 16 band points after the P
     band_rest_px: np.ndarray             # (16, 2) their rest positions (face_rig.LASH_BAND)
-    centers64: np.ndarray                # (P+A, 2) rest centres then anchors (float64)
+    anchors64: np.ndarray                # (A, 2) the anchors in float64, for the solve's kernel
     p_g: np.ndarray                      # (G, 3) [1, u, v] on the grid
     taper: np.ndarray                    # (G, 1)
     #: (G, 2) twice: how much of a flow component pointing out of the frame (negative,
@@ -429,7 +428,6 @@ class WarpRenderEngine(RenderEngine):
         a64 = anchors_n.astype(np.float64)
         system = _anchor_system(a64, len(rig.rest), self.lam)
         band_system = _anchor_system(a64, len(rig.rest) + len(rig.band_rest_px), self.lam)
-        centers64 = np.concatenate([norm(rig.rest_px).astype(np.float64), a64])
         p_g = np.concatenate([np.ones((len(grid_n), 1), np.float32), grid_n], 1)
         # taper: 1 inside, smoothly 0 at the box edges that are not the frame's edges (and
         # outside them, where the whole frame is resampled)
@@ -486,7 +484,7 @@ class WarpRenderEngine(RenderEngine):
                            anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper, out_taper=out_taper,
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
                            band_system=band_system, band_rest_px=rig.band_rest_px,
-                           centers64=centers64,
+                           anchors64=a64,
                            collar_px=collar_px,
                            rest_px=rest_px, lip_rgb=lip_rgb, mouth_rest_gap=gap, teeth=teeth,
                            colour=colour, nbytes=nbytes,
@@ -532,7 +530,7 @@ class WarpRenderEngine(RenderEngine):
         n_m = len(c)
         n = n_m + len(state.anchors_n)
         A = system.copy()                                    # anchor blocks are constant
-        k = _tps_mm(c, state.centers64[-len(state.anchors_n):])
+        k = _tps_mm(c, state.anchors64)
         A[:n_m, n_m:n] = k
         A[n_m:n, :n_m] = k.T
         A[:n_m, :n_m] = _tps_mm(c, c)
