@@ -392,11 +392,7 @@ def _idle_id(idle: "Idle") -> int:
 
 
 def _stop_idle(idle: "Idle") -> None:
-    """Stop feeding an idle stream without waiting for its thread (not on the loop): it
-    sees the flag and ends by itself, holding the stream only weakly."""
-    idle._stop.set()
-    idle.ended = idle._over = True
-    idle._thread = None  # nothing for its close() to join, should it be collected on the loop
+    idle._let_go()  # (not on the loop: no join)
 
 
 def _end_idle(idle: "Idle") -> None:

@@ -118,6 +118,13 @@ class Idle(Speech):
         self.ended = self._over = True
         super().close()
 
+    def _let_go(self) -> None:
+        """Stop feeding without waiting for the thread (for an event loop: no join): it
+        sees the flag and ends by itself, holding the stream only weakly."""
+        self._stop.set()
+        self.ended = self._over = True
+        self._thread = None  # nothing for close() to join, should it be collected on a loop
+
     # ------------------------------------------------------------------ feeding
     def _halt(self) -> None:
         self._stop.set()
