@@ -926,15 +926,35 @@ class Session:
         if client._held:
             client._poke()  # the queue was emptied: reading may go on
 
-    def _sort(self, msg: P.Message, front: bool = False) -> None:
+    def _sort(self, msg: P.Message, front: bool = False, reader: int | None = None) -> None:
         """Keep ``msg`` for its utterance's reader (under _cond); ``front``: given back, it
-        is read first."""
+        is read first. A pooled frame kept for another utterance than ``reader``'s is
+        copied out of the pool and its slot given back: parked, it held the session's
+        share of slots, and the reader's own utterance stalled (``pool_full``) waiting
+        for frames that had no slot to be drawn in."""
         utt = _utterance_of(msg)
         if self.client._is_abandoned(self.token, utt):
             self.client._drop(msg)
-        else:
-            q = self._backlog.setdefault(utt, collections.deque())
-            (q.appendleft if front else q.append)(msg)
+            return
+        if utt != reader and not front and msg.type == P.FRAME:
+            self._unpool(msg)
+        q = self._backlog.setdefault(utt, collections.deque())
+        (q.appendleft if front else q.append)(msg)
+
+    def _unpool(self, msg: P.Message) -> None:
+        """Make ``msg``'s pooled tensors inline copies and give their slots back."""
+        pooled = [(i, r) for i, r in enumerate(msg.tensors) if r.pool is not None]
+        if not pooled:
+            return
+        try:
+            copies = [self.client.pools.array(msg, r).copy() for _, r in pooled]
+        except GirisError:  # stale: left as it is, its read says so
+            return
+        for (i, ref), a in zip(pooled, copies):
+            msg.buffers.append(memoryview(a).cast("B") if a.nbytes else b"")
+            msg.tensors[i] = P.TensorRef(dtype=ref.dtype, shape=ref.shape, nbytes=ref.nbytes,
+                                         frame=len(msg.buffers))
+        self.client._release_refs(self.token, [r for _, r in pooled])
 
     def _next(self, utterance: int, timeout: float) -> P.Message | None:
         """The next message for ``utterance`` (or the session), None once it is abandoned.
@@ -976,7 +996,7 @@ class Session:
                     self._reading = False
                     self._cond.notify_all()
                 if msg is not None and msg is not _WAKE:
-                    self._sort(msg)
+                    self._sort(msg, reader=utterance)
 
     def _drop_stale(self, utterance: int) -> None:
         """Session-wide errors that came before ``utterance`` was asked for are not its

@@ -292,3 +292,21 @@ def test_a_reader_that_is_behind_holds_back_its_stream_not_the_clients_memory(ma
     assert c.status(timeout=5)["sessions"] == 2  # a request is answered; none closed as idle
     frames = [i for i in speech if isinstance(i, Frame)]
     assert len(frames) == 300 and frames[-1].final
+
+
+def test_reading_a_later_utterance_first_does_not_starve_it_of_slots(make_server):
+    """Frames of an utterance nobody reads yet waited in the backlog holding their pool
+    slots: with the session's share (4) taken by them, the utterance being read failed
+    with pool_full. Parked frames are copies now, their slots given back at once."""
+    srv = make_server({"stages": small_stages(render={"session_slots": 4, "block_timeout": 2.0})})
+    s = srv.client(timeout=10.0).open_session(zero_copy=True, timeout=10)
+    in_order = collect(s, "one two three four five six seven eight")["frames"]
+    first = s.start_say("one two three four five six seven eight")
+    second = s.start_say("nine ten")
+    later = [(f.index, f.image.copy()) for f in s.stream(second) if isinstance(f, Frame)]
+    assert len(later) == 10
+    parked = [f for f in s.stream(first) if isinstance(f, Frame)]
+    assert [f.index - parked[0].index for f in parked] == [i - in_order[0][0] for i, _, _ in in_order]
+    assert all(f._release is None for f in parked)  # copies: they hold no slot
+    assert all((f.image == img).all() for f, (_, img, _) in zip(parked, in_order))
+    assert _wait(lambda: _pools_idle(srv)), srv.status()["pools"]
