@@ -335,29 +335,27 @@ class Delivery:
             self.clock[rec.token] = (t0, k0, max(left), last_utt)
         return frames
 
-    def playing(self, rec: SessionRecord, utterance: int | None) -> list[int]:
+    def playing(self, rec: SessionRecord, utterance: int | None) -> dict[int, P.Message]:
         """The session's utterances (``utterance``, or all when None) that its stages are
-        done with but whose frames and ``utterance_done`` still wait in the pacing queue:
-        a live utterance is drawn up to ``LIVE_LEAD_S`` ahead, and once its last frame is
-        made it is no longer the session's (``utterance_done`` is queued behind its
-        frames). ``cancel`` found nothing to cut then (``cancelled: []``) and up to a
-        second and a half of its frames played on after it."""
-        return sorted({p[3].meta["utterance"] for p in self.paced
-                       if p[2] == rec.token and p[3].type == P.EVENT
-                       and p[3].meta.get("kind") == "utterance_done"
-                       and (utterance is None or p[3].meta.get("utterance") == utterance)})
+        done with but whose frames and ``utterance_done`` still wait in the pacing queue,
+        each with that ``utterance_done``: a live utterance is drawn up to
+        ``LIVE_LEAD_S`` ahead, and once its last frame is made it is no longer the
+        session's (``utterance_done`` is queued behind its frames). ``cancel`` found
+        nothing to cut then (``cancelled: []``) and up to a second and a half of its
+        frames played on after it."""
+        return {p[3].meta["utterance"]: p[3] for p in self.paced
+                if p[2] == rec.token and p[3].type == P.EVENT
+                and p[3].meta.get("kind") == "utterance_done"
+                and (utterance is None or p[3].meta.get("utterance") == utterance)}
 
-    def cut_playing(self, rec: SessionRecord, ids: list[int]) -> None:
-        """Cut the utterances ``ids`` (see :meth:`playing`) as a cancel cuts one still being
-        made: what of them waits for its pacing slot is dropped and their ``utterance_done``
-        (``cancelled``, not complete; ``frames``: those the client got) goes at once."""
-        for uid in ids:
-            done = [p[3] for p in self.paced if p[2] == rec.token and p[3].type == P.EVENT
-                    and p[3].meta.get("kind") == "utterance_done" and p[3].meta.get("utterance") == uid]
-            if not done:
-                continue
-            frames = int(done[0].meta.get("frames", 0)) - self.drop_paced(rec, uid)
-            meta = {k: v for k, v in done[0].meta.items() if k not in ("kind", "complete", "frames")}
+    def cut_playing(self, rec: SessionRecord, playing: dict[int, P.Message]) -> None:
+        """Cut the utterances ``playing`` (see :meth:`playing`) as a cancel cuts one still
+        being made: what of them waits for its pacing slot is dropped and their
+        ``utterance_done`` (``cancelled``, not complete; ``frames``: those the client got)
+        goes at once."""
+        for uid, done in playing.items():
+            frames = int(done.meta.get("frames", 0)) - self.drop_paced(rec, uid)
+            meta = {k: v for k, v in done.meta.items() if k not in ("kind", "complete", "frames")}
             self.sup.gateway.to(rec.client, P.event("utterance_done", session=rec.token, **{
                 **meta, "frames": frames, "complete": False, "cancelled": True}))
 

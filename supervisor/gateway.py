@@ -344,7 +344,7 @@ class Gateway:
         playing = self.sup.delivery.playing(rec, utt)
         self.stop_stages(rec, utt)
         self.reply(rec.client, msg.meta.get("req"), session=rec.token,
-                   cancelled=sorted([u.id for u in targets] + playing))
+                   cancelled=sorted([u.id for u in targets] + list(playing)))
         self.sup.delivery.cut_playing(rec, playing)
         for u in targets:
             u.cancelled = True
