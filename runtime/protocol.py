@@ -54,10 +54,13 @@ MARK = "mark"
 # Supervisor <-> worker control
 READY = "ready"
 STOP = "stop"
+#: would a session with ``meta.spec`` open? (``Engine.check``: the server's ``[defaults]``)
+#: answered by a ``reply`` {req, refused: the error's wire form, or None}
+CHECK = "check"
 
 CLIENT_TYPES = frozenset({OPEN_SESSION, CLOSE_SESSION, SAY, AUDIO_IN, CANCEL, RELEASE,
                           HEARTBEAT, STATUS})
-TYPES = CLIENT_TYPES | {REPLY, AUDIO, COEFFS, FRAME, EVENT, MARK, READY, STOP}
+TYPES = CLIENT_TYPES | {REPLY, AUDIO, COEFFS, FRAME, EVENT, MARK, READY, STOP, CHECK}
 
 #: event kinds carried in ``meta["kind"]`` of an ``event``
 EVENT_KINDS = ("error", "budget_exceeded", "stage_restarted", "stage_failed",

@@ -78,8 +78,6 @@ class WorkerHandle:
     kind: str = ""
     #: forks workers with the engines preloaded (None, or gone: a fresh interpreter each)
     launcher: Any = None
-    #: spec options whose valid values its engine listed when ready (``Engine.accepts``)
-    accepts: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:

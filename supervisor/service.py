@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from giris.runtime.config import Config
 from giris.runtime.errors import GirisError
@@ -28,7 +28,9 @@ class SystemdHooks:
         self.next_watchdog = 0.0
         self.next_status = 0.0
         self.reload_requested = False
+        #: ``reloader(sup, done)`` rereads the config; it calls ``done()`` when it has ended
         self.reloader: Any = None
+        self.reloading = False
 
     def ready(self) -> None:
         self.n.ready()
@@ -48,13 +50,21 @@ class SystemdHooks:
             workers = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
             self.n.status(f"{len(sup.registry)} session(s); workers: {workers}; "
                           f"{sup.delivery.frames_out} frames out")
-        if self.reload_requested and self.reloader is not None:
-            self.reload_requested = False
+        if self.reload_requested and self.reloader is not None and not self.reloading:
+            self.reload_requested = False  # (another SIGHUP meanwhile: reloaded after this one)
+            self.reloading = True
             self.n.reloading()
             try:
-                self.reloader(sup)
-            finally:
-                self.n.ready()
+                self.reloader(sup, self._reloaded)
+            except BaseException:
+                self._reloaded()
+                raise
+
+    def _reloaded(self) -> None:
+        """The reload ended, applied or not: systemd hears READY=1 again."""
+        if self.reloading:
+            self.reloading = False
+            self.n.ready()
 
 
 class ServiceHooks:
@@ -89,34 +99,52 @@ class ServiceHooks:
         if self.notifier is not None:
             self.notifier.reload_requested = True
 
-    def reload(self, sup: "Supervisor") -> None:
+    def reload(self, sup: "Supervisor", done: Callable[[], None]) -> None:
         """Reload what can change without restarting stages: limits, budgets, timeouts,
-        restart policy and session defaults. Stage and server settings need a restart."""
+        restart policy and session defaults. Stage and server settings need a restart.
+        New defaults are applied once every stage's engine has judged them (``done()``
+        then): one refusing them, or not there to judge, keeps the running config."""
         if self.reload_from is None:
-            return
+            return done()
         args, make = self.reload_from
         try:
             new = make(args)
         except Exception as e:  # noqa: BLE001 - a bad file keeps the old config
             log.error("reload failed, keeping the running config", extra={"error": str(e)})
-            return
-        refused = sup.defaults_refused(new.defaults)
-        if refused:
-            log.error("reload failed, keeping the running config", extra={"error": refused})
-            return
-        cfg = sup.config
-        cfg.limits, cfg.timeouts, cfg.restart, cfg.defaults = new.limits, new.timeouts, new.restart, new.defaults
-        cfg.budgets = new.budgets
-        sup.registry.budgets = dict(new.budgets)
-        for w in sup.workers:
-            p = w.policy
-            p.backoff_initial, p.backoff_max = new.restart.backoff_initial, new.restart.backoff_max
-            p.max_restarts, p.window = new.restart.max_restarts, new.restart.window
-            if w.state == "failed":  # a retry already scheduled follows the new failed_retry
-                sup.schedule_retry(w)
-        log.warning("reloaded limits, budgets, timeouts, restart policy and defaults",
-                    extra={"at": time.time()})
+            return done()
+
+        def judged(refused: str | None, unjudged: list[str]) -> None:
+            try:
+                if refused or unjudged:
+                    why = refused or (f"stage(s) {', '.join(unjudged)} could not judge the new "
+                                      "[defaults] (not ready, or no answer): reload again later")
+                    log.error("reload failed, keeping the running config", extra={"error": why})
+                else:
+                    _apply(sup, new)
+            finally:
+                done()
+
+        if new.defaults == sup.config.defaults:
+            judged(None, [])  # nothing new for the engines to judge
+        else:
+            sup.check_defaults(new.defaults, judged)
 
     def close(self) -> None:
         if self._stop_metrics is not None:
             self._stop_metrics()
+
+
+def _apply(sup: "Supervisor", new: Config) -> None:
+    """Take a reloaded config's limits, budgets, timeouts, restart policy and defaults."""
+    cfg = sup.config
+    cfg.limits, cfg.timeouts, cfg.restart, cfg.defaults = new.limits, new.timeouts, new.restart, new.defaults
+    cfg.budgets = new.budgets
+    sup.registry.budgets = dict(new.budgets)
+    for w in sup.workers:
+        p = w.policy
+        p.backoff_initial, p.backoff_max = new.restart.backoff_initial, new.restart.backoff_max
+        p.max_restarts, p.window = new.restart.max_restarts, new.restart.window
+        if w.state == "failed":  # a retry already scheduled follows the new failed_retry
+            sup.schedule_retry(w)
+    log.warning("reloaded limits, budgets, timeouts, restart policy and defaults",
+                extra={"at": time.time()})

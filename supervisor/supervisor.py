@@ -92,6 +92,8 @@ class Supervisor:
         self.announced_ready = False
         #: why the server stopped itself (a config only the ready stages could judge)
         self.fatal: GirisError | None = None
+        #: the stages' engines are judging ``[defaults]`` at start (see ``_judge_defaults``)
+        self._judging = False
         self._poller: zmq.Poller | None = None
 
     # ------------------------------------------------------------------ start-up
@@ -200,13 +202,16 @@ class Supervisor:
             w.launcher = new
 
     def wait_ready(self, timeout: float) -> bool:
-        """Run the loop until every stage is ready or failed (so start-up is observable)."""
+        """Run the loop until the server is ready (every stage, and its engine took the
+        ``[defaults]``) or a stage failed (so start-up is observable)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.fatal is not None:
                 raise self.fatal
-            if all(w.state in (READY, FAILED) for w in self.workers):
-                return all(w.state == READY for w in self.workers)
+            if self.announced_ready:
+                return True
+            if all(w.state in (READY, FAILED) for w in self.workers) and self.failed_stages():
+                return False
             self.step(0.05)
         raise GirisError(f"stages not ready after {timeout:g} s: " + ", ".join(
             w.stage for w in self.workers if w.state != READY), code="start_timeout")
@@ -260,6 +265,7 @@ class Supervisor:
         self.loop_beat = now
         self.check_launcher(now)
         self.check_workers(now)
+        self._judge_defaults()
         self.gateway.tick(now)
         self.gateway.outbox.flush()  # what waits for a client goes before anything newer
         self.delivery.tick(now)
@@ -318,32 +324,55 @@ class Supervisor:
         self.control.send_multipart([w.identity, *P.encode(reply)])
         w.state = READY
         w.kind = str(msg.meta.get("kind") or "")
-        accepts = msg.meta.get("accepts")
-        w.accepts = accepts if isinstance(accepts, dict) else {}
         log.info("stage ready", extra={"stage": w.stage, "pid": w.pid,
                                         "load_s": round(msg.meta.get("load_s", 0), 3)})
         if restarted:
             self.delivery.stage_restarted(w)
-        if not self.announced_ready and all(x.state == READY for x in self.workers):
-            refused = self.defaults_refused(self.config.defaults)
+
+    def _judge_defaults(self) -> None:
+        """Once every stage is ready at start: the server is ready when their engines take
+        its ``[defaults]``; a refusal stops it (every session open would have failed)."""
+        if self.announced_ready or self._judging or self.fatal is not None or \
+                not all(w.state == READY for w in self.workers):
+            return
+        self._judging = True
+
+        def judged(refused: str | None, unjudged: list[str]) -> None:
+            self._judging = False
             if refused:  # every session open would fail: stop now, saying why
                 self.fatal = GirisError(refused, code="bad_config")
                 log.error("bad session defaults, stopping", extra={"error": refused})
                 self.request_stop()
-                return
-            self.announced_ready = True
-            if self.notifier is not None:
-                self.notifier.ready()
+            elif unjudged:  # a stage died (or hung) meanwhile: again once all are ready
+                log.warning("[defaults] not judged yet", extra={"stages": ",".join(unjudged)})
+            else:
+                self.announced_ready = True
+                if self.notifier is not None:
+                    self.notifier.ready()
 
-    def defaults_refused(self, defaults: dict[str, Any]) -> str | None:
-        """Why ``defaults`` would make every session fail (a value a stage's engine does
-        not know, by its ``accepts``), or None."""
-        for w in self.workers:
-            for key, values in w.accepts.items():
-                if key in defaults and defaults[key] is not None and str(defaults[key]) not in values:
-                    return (f"[defaults] {key} = {defaults[key]!r} is not one the {w.stage} stage's "
-                            f"engine ({w.spec.get('engine')}) knows: {', '.join(values)}")
-        return None
+        self.check_defaults(self.config.defaults, judged)
+
+    def check_defaults(self, defaults: dict[str, Any],
+                       on_done: Callable[[str | None, list[str]], None]) -> None:
+        """Ask every ready stage's engine whether sessions with ``defaults`` would open
+        (``Engine.check``); ``on_done(refused, unjudged)``: why not, in a line naming the
+        stages that refused (None: none did), and the stages that did not judge them (not
+        ready, or they died or did not answer in time)."""
+        asked = [w for w in self.workers if w.state == READY]
+        unready = [w.stage for w in self.workers if w.state != READY]
+
+        def answered(replies: dict[str, dict]) -> None:
+            why, unjudged = [], list(unready)
+            for w in asked:
+                r = replies.get(w.stage) or {}
+                if "refused" not in r:
+                    unjudged.append(w.stage)
+                elif r["refused"]:
+                    why.append(f"the {w.stage} stage's engine ({w.spec.get('engine')}) refuses it: "
+                               f"{r['refused'].get('message')}")
+            on_done(f"[defaults] {'; '.join(why)}" if why else None, unjudged)
+
+        self.fan_out(P.Message(P.CHECK, meta={"spec": dict(defaults)}), answered)
 
     def check_workers(self, now: float) -> None:
         for w in self.workers:

@@ -182,8 +182,9 @@ def test_config_shapes_and_ranges_are_named_at_load(data, said):
 
 def test_a_default_no_stage_knows_stops_the_server_at_start(tmp_path: Path):
     """``[defaults] emotion = "furious"``: every session open failed on a server that said
-    it was serving. What only an engine can judge is judged once the stages are ready:
-    the server stops with exit 2 and says which value and which are known."""
+    it was serving. What only an engine can judge is judged by the engines themselves
+    (``Engine.check``, the validators their ``open_session`` uses) once the stages are
+    ready: the server stops with exit 2 and says which stage refused and why."""
     from tests.conftest import small_stages, write_toml
 
     cfg = write_toml(tmp_path / "g.toml", {
@@ -200,31 +201,70 @@ def test_a_default_no_stage_knows_stops_the_server_at_start(tmp_path: Path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 2 and "Traceback" not in err, err
-    assert ("[bad_config]: [defaults] emotion = 'furious' is not one the motion stage's engine "
-            "(prosody) knows: neutral, happy, sad, surprised, angry") in err
+    assert ("[bad_config]: [defaults] the motion stage's engine (prosody) refuses it: unknown emotion "
+            "'furious'; known: neutral, happy, sad, surprised, angry") in err
     assert shm_segments(proc.pid) == []  # stopped as on SIGTERM, its pools unlinked
 
-    def serve(name: str, defaults: dict, *flags: str, **stages: dict) -> subprocess.CompletedProcess:
+    def serve(name: str, defaults: dict, *flags: str, limits: dict | None = None,
+              **stages: dict) -> subprocess.CompletedProcess:
         cfg = write_toml(tmp_path / f"{name}.toml", {
             "server": {"endpoint": f"ipc://{tmp_path}/{name}.sock"}, "defaults": {"size": 64, **defaults},
-            "limits": {"min_size": 32}, "stages": small_stages(**stages)})
+            "limits": {"min_size": 32, **(limits or {})}, "stages": small_stages(**stages)})
         return subprocess.run([sys.executable, "-m", "giris.supervisor.cli", *flags, "serve", "--config", str(cfg)],
                               capture_output=True, text=True, timeout=180)
 
-    # so does a voice the voice does not know (the real Piper engine)
-    piper = {"tts": {"engine": "piper", "options": {}}}
-    r = serve("v", {"voice": "nobody"}, **piper)
-    assert r.returncode == 2 and "[defaults] voice = 'nobody' is not one the tts stage's engine (piper) knows: joe" \
-        in r.stderr, r.stderr
-    # under --log-json, the failing start's last line is JSON too
-    r = serve("v", {"voice": "nobody"}, "--log-json", **piper)
+    # so does a voice the engine does not know; under --log-json the last line is JSON too
+    r = serve("t", {"voice": "nobody"}, "--log-json")
     last = json.loads(r.stderr.strip().splitlines()[-1])
-    assert r.returncode == 2 and last["code"] == "bad_config" and "voice = 'nobody'" in last["event"]
-    # and an avatar name none of the bundled ones (the warp renderer): every session open
-    # failed with "unknown avatar" on a server that said it was serving
-    r = serve("a", {"avatar_name": "nobody"}, render={"engine": "warp", "options": {}})
-    assert r.returncode == 2 and "[defaults] avatar_name = 'nobody' is not one the render stage's engine (warp) knows: " \
-        "astronaut" in r.stderr, r.stderr
+    assert r.returncode == 2 and last["code"] == "bad_config", r.stderr
+    assert last["event"] == "[defaults] the tts stage's engine (test-source) refuses it: unknown voice 'nobody'"
+    # the real engines judge what no list of names could: Piper a voice file that is not
+    # there (sessions may name files), the warp renderer a size past its own limits (the
+    # server's allowed it); both stages are named
+    r = serve("pw", {"voice": str(tmp_path / "gone.onnx"), "size": 1100}, limits={"max_size": 2048},
+              tts={"engine": "piper", "options": {"voice_paths": True}},
+              render={"engine": "warp", "options": {"preload_landmarks": False}})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (f"[defaults] the tts stage's engine (piper) refuses it: voice '{tmp_path}/gone.onnx': the file "
+            f"{tmp_path}/gone.onnx does not exist; the render stage's engine (warp) refuses it: size must be "
+            "128..1024, not 1100") in r.stderr, r.stderr
+    # and an avatar name none of the bundled ones (at a size it renders: 64 it refused too)
+    r = serve("a", {"avatar_name": "nobody", "size": 128},
+              render={"engine": "warp", "options": {"preload_landmarks": False}})
+    assert r.returncode == 2 and "[defaults] the render stage's engine (warp) refuses it: unknown avatar " \
+        "'nobody'; bundled: astronaut" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("emotion", ["Happy", ""])
+def test_defaults_a_session_could_open_with_serve(tmp_path: Path, emotion: str):
+    """``[defaults] emotion = "Happy"`` (the engine folds case) or ``""`` (neutral): a
+    session opens with either, yet the server refused to start with them, judging by a
+    list of names. The engine judges them as it judges a session's."""
+    from giris.runtime.client import Client
+    from tests.conftest import collect, small_stages, write_toml
+
+    endpoint = f"ipc://{tmp_path}/gw.sock"
+    cfg = write_toml(tmp_path / "g.toml", {
+        "server": {"endpoint": endpoint}, "defaults": {"size": 64, "emotion": emotion},
+        "limits": {"min_size": 32}, "stages": small_stages(motion={"engine": "prosody"},
+                                                           coeffs={"options": {"load_s": 1.0}})})
+    proc = subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "--log-json", "serve", "--config",
+                             str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            said = json.loads(line)
+            if said["event"] == "serving on":
+                assert said["url"] == endpoint
+                break
+        with Client(endpoint, timeout=20) as c:
+            deadline = time.monotonic() + 30
+            while c.status()["state"] != "serving" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(collect(c.open_session(), "one two")["frames"]) == 10
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
 
 
 def test_a_metrics_port_in_use_is_named(tmp_path: Path):

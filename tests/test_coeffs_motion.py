@@ -446,6 +446,32 @@ def test_unknown_emotion_is_an_error(motion_engine):
     assert e.value.code == "unknown_emotion"
 
 
+def test_check_judges_a_spec_as_a_session_open_does(motion_engine):
+    """``check`` (asked of the server's ``[defaults]``) takes what a session takes: any
+    case of an emotion, ``""`` for neutral; and refuses what it refuses."""
+    from giris.workers.engine import Engine
+
+    for spec in ({"emotion": "Happy"}, {"emotion": ""}, {"intensity": 7}, {}):
+        motion_engine.check(spec)
+        motion_engine.open_session(spec)
+    for spec, code in (({"emotion": "bored"}, "unknown_emotion"), ({"seed": -1}, "bad_input"),
+                       ({"intensity": "lots"}, "bad_input")):
+        for judge in (motion_engine.check, motion_engine.open_session):
+            with pytest.raises(EngineError) as e:
+                judge(spec)
+            assert e.value.code == code
+
+    class Listed(Engine):  # a third-party engine that lists its values: still judged
+        def accepts(self) -> dict[str, list[str]]:
+            return {"emotion": ["calm"]}
+
+    listed = Listed({}, EngineContext(stage="motion"))
+    listed.check({"emotion": "calm"})
+    with pytest.raises(EngineError) as e:
+        listed.check({"emotion": "wild"})
+    assert str(e.value) == "emotion 'wild' is not one this engine knows: calm"
+
+
 def test_per_utterance_emotion_via_process(motion_engine):
     state = motion_engine.open_session({"seed": 2, "emotion": "neutral"})
     sm = INDEX["mouthSmileLeft"]

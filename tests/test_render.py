@@ -660,6 +660,17 @@ def test_bad_specs(engine, spec, code):
     assert err.value.code == code
 
 
+def test_check_judges_a_spec_as_open_would_without_decoding(engine):
+    """``check`` (asked of the server's ``[defaults]``) refuses a size or an avatar name as
+    ``open_session`` does; bytes it leaves to the open (no decode)."""
+    for spec in ({"size": 64}, {"size": 4096}, {"avatar_name": "nobody"}, {"avatar_name": "../assets/astronaut"}):
+        with pytest.raises(EngineError) as err:
+            engine.check(spec)
+        assert err.value.code == "bad_input"
+    engine.check({"avatar": b"not an image at all, really", "size": 128})
+    engine.check({"avatar_name": "", "size": 1024})  # "": the bundled astronaut
+
+
 def test_faceless_images(engine):
     flat = np.full((200, 200, 3), 128, np.uint8)
     noise = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
@@ -945,7 +956,8 @@ def test_refused_avatars_give_the_render_workers_memory_back(make_server):
     from giris.runtime.errors import GirisError
     from tests.conftest import small_stages
 
-    srv = make_server({"limits": {"max_image_pixels": 6000 * 6000}, "stages": small_stages(render={
+    srv = make_server({"limits": {"max_image_pixels": 6000 * 6000}, "defaults": {"size": 128},
+                       "stages": small_stages(render={
         "engine": "warp", "pool_slots": 4, "pool_slot_bytes": 128 * 128 * 3,
         "options": {"preload_landmarks": False}})})
     pid = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "render")

@@ -337,7 +337,7 @@ def test_giris_say_writes_a_talking_mp4(tmp_path):
 
 
 def test_giris_say_through_a_running_server(make_server, tmp_path):
-    srv = make_server({"stages": {
+    srv = make_server({"defaults": {"size": 128}, "stages": {  # (the tests' 64: too small for warp)
         "tts": {"engine": "piper", "cpus": []}, "coeffs": {"engine": "visemes"},
         "motion": {"engine": "prosody"},
         "render": {"engine": "warp", "pool_slots": 16, "pool_slot_bytes": 256 * 256 * 3}}})

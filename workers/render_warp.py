@@ -299,7 +299,9 @@ class WarpRenderEngine(RenderEngine):
         return size
 
     @staticmethod
-    def _avatar_bytes(spec: Mapping[str, Any]) -> bytes:
+    def _avatar(spec: Mapping[str, Any]) -> bytes | Path:
+        """The portrait's bytes as sent, or the bundled one's file; raises for neither
+        (cheap: nothing is read or decoded)."""
         data = spec.get("avatar")
         if data is not None and not (isinstance(data, str) and data == ""):
             if isinstance(data, str):
@@ -310,7 +312,7 @@ class WarpRenderEngine(RenderEngine):
         if not isinstance(name, str) or not _NAME.match(name) or not (ASSETS / f"{name}.png").is_file():
             raise EngineError(f"unknown avatar {name!r}; bundled: {', '.join(bundled_avatars())}",
                               code="bad_input")
-        return (ASSETS / f"{name}.png").read_bytes()
+        return ASSETS / f"{name}.png"
 
     def prepare(self, data: bytes, size: int, max_pixels: int = images.MAX_PIXELS) -> Prepared:
         """Decode, frame, resize and rig an avatar (cached by content and size)."""
@@ -330,10 +332,6 @@ class WarpRenderEngine(RenderEngine):
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return prepared
-
-    def accepts(self) -> dict[str, list[str]]:
-        # a portrait sent as bytes is open-ended; a name is one of those shipped
-        return {"avatar_name": bundled_avatars()}
 
     def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
         s = self._size(spec)
@@ -362,10 +360,16 @@ class WarpRenderEngine(RenderEngine):
             return "cpu"
         return f"cuda:{self.device.index if self.device.index is not None else 0}"
 
+    def check(self, spec: Mapping[str, Any]) -> None:
+        # whether a face is found in a portrait sent as bytes waits for the open
+        self._size(spec)
+        self._avatar(spec)
+
     def open_session(self, spec: Mapping[str, Any]) -> WarpSession:
         size = self._size(spec)
-        prepared = self.prepare(self._avatar_bytes(spec), size,
-                                int(spec.get("max_image_pixels") or images.MAX_PIXELS))
+        avatar = self._avatar(spec)
+        data = avatar.read_bytes() if isinstance(avatar, Path) else avatar
+        prepared = self.prepare(data, size, int(spec.get("max_image_pixels") or images.MAX_PIXELS))
         return self._session(dict(spec, size=size), prepared)
 
     def _session(self, spec: dict, prep: Prepared) -> WarpSession:

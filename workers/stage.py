@@ -149,14 +149,8 @@ class StageWorker:
         else:
             self.output = socket(self.ctx, zmq.PUSH, linger=2000, sndhwm=0)
             self.output.connect(sp["output"])
-        try:
-            accepts = {str(k): [str(v) for v in vs] for k, vs in (self.engine.accepts() or {}).items()}
-        except Exception:  # noqa: BLE001 - a third-party engine's bug: nothing is checked
-            log.exception("accepts() failed", extra={"stage": self.stage})
-            accepts = {}
         send(self.control, P.Message(P.READY, meta={"pid": os.getpid(), "load_s": load_s,
-                                                    "kind": str(getattr(self.engine, "stage", "")),
-                                                    "accepts": accepts}))
+                                                    "kind": str(getattr(self.engine, "stage", ""))}))
         # The supervisor answers with the open sessions to restore before any work is read.
         if not self.control.poll(int(sp.get("ready_timeout", 60) * 1000)):
             raise SystemExit("supervisor did not answer READY")
@@ -216,6 +210,14 @@ class StageWorker:
                 self.reply(req, ok=True, estimate=est)
             except Exception as e:  # noqa: BLE001 - reported to the supervisor
                 self.reply(req, ok=False, error=_wire(e))
+        elif msg.type == P.CHECK:
+            try:
+                self.engine.check(_spec(msg.meta["spec"], avatar))
+                refused = None
+            except Exception as e:  # noqa: BLE001 - what open_session would have failed with
+                self._forget_frames(e)
+                refused = _wire(e)
+            self.reply(req, ok=True, refused=refused)
         elif msg.type == P.OPEN_SESSION:
             self.open_async(msg.session, int(msg.meta["tag"]), _spec(msg.meta["spec"], avatar), req)
         elif msg.type == P.CLOSE_SESSION:

@@ -65,9 +65,12 @@ class SourceTestEngine(_Misbehaving, TTSEngine):
         self.slow_s = float(options.get("slow_s", 0.05))
 
     def open_tts_session(self, spec: Mapping[str, Any]) -> Any:
+        self.check(spec)
+        return None
+
+    def check(self, spec: Mapping[str, Any]) -> None:
         if spec.get("voice") not in (None, "", "test"):
             raise EngineError(f"unknown voice {spec.get('voice')!r}", code="unknown_voice")
-        return None
 
     def synthesize(self, text: str, session: TTSSession, meta: Mapping[str, Any]) -> Iterator[SpeechChunk]:
         words = text.split()

@@ -100,6 +100,9 @@ class CoquiEngine(TTSEngine):
     def estimate(self, spec: Mapping[str, Any]) -> dict[str, int]:
         return {"cpu": 256 * 1024}
 
+    def check(self, spec: Mapping[str, Any]) -> None:
+        self.open_tts_session(spec)  # cheap: it only picks one of the model's speakers
+
     def open_tts_session(self, spec: Mapping[str, Any]) -> Any:
         voice = spec.get("voice")
         if not voice:

@@ -209,20 +209,25 @@ class PiperEngine(TTSEngine):
     def known(self) -> list[str]:
         return sorted({BUNDLED, *self.voice_table})
 
-    def accepts(self) -> dict[str, list[str]]:
-        # with voice_paths, a session may name any .onnx file: nothing to list
-        return {} if self.voice_paths else {"voice": self.known()}
+    def _locate(self, name: str, trusted: bool = False) -> tuple[str, Path, Path]:
+        """The voice's key, model and config: an unknown name, or files that are not there
+        (unless it is loaded already), raise. Cheap, nothing is loaded: ``check`` judges a
+        voice by it, ``_load`` finds one."""
+        key, model, config = self._resolve(name, trusted)
+        config = config or Path(f"{model}.json")
+        if key in self.voices:
+            return key, model, config
+        if not model.is_file():  # a path named, or configured, that is not there
+            raise EngineError(f"voice {name!r}: the file {model} does not exist", code="unknown_voice")
+        if not config.is_file():
+            raise EngineError(f"voice {name!r}: its config {config} is missing", code="unknown_voice")
+        return key, model, config
 
     def _load(self, name: str, trusted: bool = False) -> _Voice:
-        key, model, config = self._resolve(name, trusted)
+        key, model, config = self._locate(name, trusted)
         if key in self.voices:
             self.voices.move_to_end(key)
             return self.voices[key]
-        if not model.is_file():  # a path named, or configured, that is not there
-            raise EngineError(f"voice {name!r}: the file {model} does not exist", code="unknown_voice")
-        config = config or Path(f"{model}.json")
-        if not config.is_file():
-            raise EngineError(f"voice {name!r}: its config {config} is missing", code="unknown_voice")
         try:
             from piper import PiperVoice
             from piper.config import PiperConfig
@@ -329,8 +334,13 @@ class PiperEngine(TTSEngine):
         # A session only holds its text queue; voices are shared and loaded at start.
         return {"cpu": 256 * 1024}
 
+    def check(self, spec: Mapping[str, Any]) -> None:
+        # the voice's sample rate is known only once it is loaded: that much waits for an open
+        self._locate(_voice(spec, self.default))
+        check_rate(spec.get("rate"))
+
     def open_tts_session(self, spec: Mapping[str, Any]) -> Any:
-        voice = self._load(str(spec.get("voice") or self.default))
+        voice = self._load(_voice(spec, self.default))
         check_rate(spec.get("rate"))
         if voice.sample_rate != self.sample_rate:
             raise EngineError(f"voice {voice.name!r} runs at {voice.sample_rate} Hz; this "
@@ -446,6 +456,11 @@ class PiperEngine(TTSEngine):
             own, ahead = window_marks(marks, a * v.hop, b * v.hop, int(AHEAD_S * v.sample_rate))
             yield SpeechChunk(pcm=gain.apply(audio), sample_rate=v.sample_rate, phonemes=own,
                               ahead=ahead, last=b == total)
+
+
+def _voice(spec: Mapping[str, Any], default: str) -> str:
+    """The voice a session names (none, or "": the server's default)."""
+    return str(spec.get("voice") or default)
 
 
 def _reader(name: str, cfg: Any) -> Reader | None:
