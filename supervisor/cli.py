@@ -317,11 +317,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # show that a hung loop stops the systemd watchdog pings.
         signal.signal(signal.SIGUSR2, lambda *_: time.sleep(3.0))
     hooks.reload_from = (args, serve_config)
-    try:
-        sup.start(wait=False)
+
+    def ready() -> None:  # not before: a bad [defaults] stops a server that said it served
         _announce(args, "serving on", sup.endpoint)
         if hooks.metrics is not None and hooks.metrics_port:
             _announce(args, "metrics on", f"http://{cfg.server.metrics_host}:{hooks.metrics_port}/metrics")
+
+    hooks.notifier.on_ready = ready  # type: ignore[union-attr] - create() made it
+    try:
+        sup.start(wait=False)
         sup.serve_forever()
     finally:
         sup.shutdown()

@@ -31,9 +31,14 @@ class SystemdHooks:
         #: ``reloader(sup, done)`` rereads the config; it calls ``done()`` when it has ended
         self.reloader: Any = None
         self.reloading = False
+        #: called once the server is ready (``giris serve`` says where it serves then)
+        self.on_ready: Callable[[], None] | None = None
 
     def ready(self) -> None:
+        """Every stage is ready and took the ``[defaults]``: the server serves now."""
         self.n.ready()
+        if self.on_ready is not None:
+            self.on_ready()
 
     def stopping(self) -> None:
         self.n.stopping()
