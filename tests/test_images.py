@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -144,3 +145,39 @@ def test_a_black_and_white_portrait_speaks_with_a_gray_mouth():
     _, coloured = spoken(rgb)  # a colour portrait keeps its red mouth
     moved = np.abs(coloured.astype(int) - spoken(rgb)[0]).max(2) > 30
     assert (coloured[..., 0].astype(int) - coloured[..., 2])[moved].mean() > 15
+
+
+def webp(rgb: np.ndarray) -> bytes:
+    return still(rgb, "libwebp", "yuv420p")
+
+def png_with_exif(rgb: np.ndarray, orientation: int) -> bytes:
+    """A PNG whose ``eXIf`` chunk (after the header) holds an orientation."""
+    tiff = with_exif(b"\xff\xd8", orientation)[4 + 6 + 2:]  # the TIFF block alone
+    body = b"eXIf" + tiff
+    chunk = struct.pack(">I", len(tiff)) + body + struct.pack(">I", zlib.crc32(body))
+    data = IM.encode_png(rgb)
+    return data[:33] + chunk + data[33:]
+
+
+def webp_with_exif(rgb: np.ndarray, orientation: int) -> bytes:
+    """A WebP (extended: ``VP8X``, its EXIF flag set) with an ``EXIF`` chunk."""
+    h, w = rgb.shape[:2]
+    simple = webp(rgb)
+    tiff = with_exif(b"\xff\xd8", orientation)[4 + 6 + 2:]
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x08, 0, 0, 0]) + (w - 1).to_bytes(3, "little") \
+        + (h - 1).to_bytes(3, "little")
+    exif = b"EXIF" + struct.pack("<I", len(tiff)) + tiff + b"\0" * (len(tiff) & 1)
+    body = b"WEBP" + vp8x + simple[12:] + exif
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("make", [png_with_exif, webp_with_exif], ids=["png", "webp"])
+def test_exif_orientation_outside_jpeg_is_applied(make, orientation):
+    """A PNG's ``eXIf`` chunk and a WebP's ``EXIF`` chunk say how to turn the picture as a
+    JPEG's APP1 does: only the JPEG's was read."""
+    img = quadrants()
+    data = make(np.ascontiguousarray(STORED[orientation](img)), orientation)
+    assert IM.exif_orientation(data) == orientation
+    got = IM.decode_image(data)
+    assert got.shape == img.shape and np.abs(got.astype(int) - img).mean() < 8

@@ -3,9 +3,10 @@ PIL or OpenCV), upright and flat, and a tiny PNG writer.
 
 * Anything undecodable is ``bad_image``; a picture of more than the allowed pixels is
   ``too_large``, refused from its header before anything is decoded (:func:`decode_image`).
-* A JPEG's EXIF orientation is applied: phones store a portrait photo sideways and say
-  so in its EXIF, and FFmpeg hands over the stored pixels (a sideways face is no face to
-  the detector).
+* The EXIF orientation of a JPEG (APP1), PNG (``eXIf``) or WebP (``EXIF``) is applied:
+  phones store a portrait photo sideways and say so in its EXIF, and FFmpeg hands over the
+  stored pixels (a sideways face is no face to the detector). Other formats' (a TIFF's own
+  orientation tag, HEIF's rotation) are not.
 * Transparent pixels are laid over white, as an image viewer shows them: a cut-out
   portrait's background is often stored as transparent black.
 """
@@ -101,31 +102,69 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _tiff_short(tiff: bytes, tag: int) -> int | None:
+    """The value of a SHORT ``tag`` in the first IFD of a TIFF structure (a TIFF file, or
+    the EXIF block of a JPEG, PNG or WebP); ``None`` when it is not there or unreadable."""
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return None
+    try:
+        ifd = struct.unpack(order + "I", tiff[4:8])[0]
+        (count,) = struct.unpack(order + "H", tiff[ifd:ifd + 2])
+        for k in range(count):
+            e = ifd + 2 + 12 * k
+            key, kind = struct.unpack(order + "HH", tiff[e:e + 4])
+            if key == tag and kind == 3:  # SHORT, in the entry's first two value bytes
+                return struct.unpack(order + "H", tiff[e + 8:e + 10])[0]
+    except struct.error:
+        return None
+    return None
+
+
+def _exif_block(data: bytes) -> bytes:
+    """The EXIF (TIFF) block of a JPEG (APP1 ``Exif``), PNG (``eXIf`` chunk) or WebP
+    (``EXIF`` chunk, after the pixels); ``b""`` when there is none."""
+    if data[:2] == b"\xff\xd8":
+        for marker, at, length in _jpeg_segments(data):
+            if marker == 0xE1 and data[at:at + 6] == b"Exif\0\0":
+                return data[at + 6:at + length]
+        return b""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        chunks = _png_chunks(data)
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        chunks = _riff_chunks(data)
+    else:
+        return b""
+    for tag, at, length in chunks:
+        if tag in (b"eXIf", b"EXIF"):
+            body = data[at:at + length]
+            return body[6:] if body[:6] == b"Exif\0\0" else body  # some writers keep it
+    return b""
+
+
+def _png_chunks(data: bytes):
+    """``(tag, start, length)`` of a PNG's chunks (CRC not checked: FFmpeg does)."""
+    i = 8
+    while i + 8 <= len(data):
+        length = struct.unpack(">I", data[i:i + 4])[0]
+        yield data[i + 4:i + 8], i + 8, length
+        i += 12 + length
+
+
+def _riff_chunks(data: bytes):
+    """``(tag, start, length)`` of a WebP's RIFF chunks (padded to even lengths)."""
+    i = 12
+    while i + 8 <= len(data):
+        length = struct.unpack("<I", data[i + 4:i + 8])[0]
+        yield data[i:i + 4], i + 8, length
+        i += 8 + length + (length & 1)
+
+
 def exif_orientation(data: bytes) -> int:
-    """A JPEG's EXIF orientation (1-8; 1, upright, when there is none or it is unreadable):
-    tag 0x0112 of the first IFD in its APP1 ``Exif`` segment."""
-    if data[:2] != b"\xff\xd8":
-        return 1
-    for marker, at, length in _jpeg_segments(data):
-        if marker != 0xE1 or data[at:at + 6] != b"Exif\0\0":
-            continue
-        tiff = data[at + 6:at + length]
-        order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
-        if order is None or len(tiff) < 8:
-            return 1
-        try:
-            ifd = struct.unpack(order + "I", tiff[4:8])[0]
-            (count,) = struct.unpack(order + "H", tiff[ifd:ifd + 2])
-            for k in range(count):
-                e = ifd + 2 + 12 * k
-                tag, kind = struct.unpack(order + "HH", tiff[e:e + 4])
-                if tag == 0x0112 and kind == 3:  # SHORT, in the entry's first two value bytes
-                    value = struct.unpack(order + "H", tiff[e + 8:e + 10])[0]
-                    return value if 1 <= value <= 8 else 1
-        except struct.error:
-            return 1
-        return 1
-    return 1
+    """The EXIF orientation (1-8; 1, upright, when there is none or it is unreadable) of a
+    JPEG, PNG or WebP: tag 0x0112 of the first IFD of its EXIF block."""
+    value = _tiff_short(_exif_block(data), 0x0112)
+    return value if value is not None and 1 <= value <= 8 else 1
 
 
 def upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
