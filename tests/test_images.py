@@ -11,16 +11,18 @@ import pytest
 
 from giris.workers import images as IM
 from giris.workers import landmarks as LM
+from giris.workers.engine import EngineError
 from giris.workers.render_warp import ASSETS
 
 
-def still(image: np.ndarray, codec: str, pix: str, source: str = "rgb24", **options: str) -> bytes:
+def still(image: np.ndarray, codec: str, pix: str, source: str = "rgb24", container: str = "image2pipe",
+          **options: str) -> bytes:
     """``image`` encoded as one picture by FFmpeg's ``codec`` in ``pix``."""
     import av
 
     h, w = image.shape[:2]
     buf = io.BytesIO()
-    with av.open(buf, "w", format="image2pipe") as c:
+    with av.open(buf, "w", format=container) as c:
         s = c.add_stream(codec, rate=1)
         s.width, s.height, s.pix_fmt, s.options = w, h, pix, options
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=source).reformat(format=pix)
@@ -147,8 +149,25 @@ def test_a_black_and_white_portrait_speaks_with_a_gray_mouth():
     assert (coloured[..., 0].astype(int) - coloured[..., 2])[moved].mean() > 15
 
 
+def gif(rgb: np.ndarray) -> bytes:
+    return still(rgb, "gif", "rgb8", container="gif")
+
+
 def webp(rgb: np.ndarray) -> bytes:
     return still(rgb, "libwebp", "yuv420p")
+
+
+@pytest.mark.parametrize("encode", [jpeg, IM.encode_png, webp, gif], ids=["jpeg", "png", "webp", "gif"])
+def test_a_cut_image_is_refused(encode):
+    """FFmpeg decodes the first half of a JPEG or GIF and fills in the rest (a solid green
+    or blank lower half, said only in a log line): the avatar was animated like that."""
+    data = encode(np.ascontiguousarray(np.broadcast_to(quadrants(96, 128), (96, 128, 3))))
+    assert IM.decode_image(data).shape == (96, 128, 3)
+    for cut in (len(data) // 2, len(data) * 9 // 10):
+        with pytest.raises(EngineError) as e:
+            IM.decode_image(data[:cut])
+        assert e.value.code == "bad_image" and IM.CORRUPT in str(e.value)
+
 
 def png_with_exif(rgb: np.ndarray, orientation: int) -> bytes:
     """A PNG whose ``eXIf`` chunk (after the header) holds an orientation."""

@@ -7,6 +7,8 @@ PIL or OpenCV), upright and flat, and a tiny PNG writer.
   phones store a portrait photo sideways and say so in its EXIF, and FFmpeg hands over the
   stored pixels (a sideways face is no face to the detector). Other formats' (a TIFF's own
   orientation tag, HEIF's rotation) are not.
+* A picture FFmpeg cannot decode to its end is ``bad_image`` (:data:`CORRUPT`), not a
+  picture with its missing part filled in.
 * Transparent pixels are laid over white, as an image viewer shows them: a cut-out
   portrait's background is often stored as transparent black.
 """
@@ -28,6 +30,13 @@ BACKDROP = 255
 
 #: FFmpeg's ``max_pixels`` is an ``int`` option
 _AV_MAX_PIXELS = 2**31 - 1
+#: decoder options that make a decoder refuse a cut or damaged picture, where it would
+#: otherwise fill in what is missing and say so only in a log line (a JPEG cut in half
+#: decoded with its lower half solid green); not for all decoders: with ``explode`` the TIFF
+#: decoder refuses valid files for a tag it does not know
+_STRICT = {"mjpeg": {"err_detect": "explode"}}
+#: what a picture FFmpeg cannot decode to the end is
+CORRUPT = "the image is truncated or corrupt"
 #: JPEG start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC)
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -223,17 +232,21 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     # at most): twice the limit refuses no picture of our MIN_SIDE or more that is within
     # ours, and still nothing near a bomb's size
     limit = {"max_pixels": str(min(max(2 * int(max_pixels), 0), _AV_MAX_PIXELS))}
+    if data[:6] in (b"GIF87a", b"GIF89a") and not _gif_complete(data):
+        raise EngineError(f"cannot decode the avatar image: {CORRUPT}", code="bad_image")
+    opened = False
     try:
         import av  # noqa: PLC0415
 
         with av.open(io.BytesIO(data), mode="r", options=limit) as container:
+            opened = True
             if not container.streams.video:
                 raise EngineError("the avatar has no image in it", code="bad_image")
             stream = container.streams.video[0]
             cc = stream.codec_context
             if cc.width * cc.height > max_pixels:
                 raise _too_large(cc.width, cc.height, max_pixels)
-            cc.options = dict(cc.options, **limit)
+            cc.options = dict(cc.options, **limit, **_STRICT.get(cc.name, {}))
             for frame in container.decode(stream):
                 if frame.width * frame.height > max_pixels:
                     raise _too_large(frame.width, frame.height, max_pixels)
@@ -242,11 +255,38 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except EngineError:
         raise
     except Exception as exc:  # av.error.*, ValueError...: corrupt or unsupported
-        hint = ""
-        if size is None and type(exc).__name__ == "ArgumentError":  # FFmpeg's EINVAL
-            hint = f" (more than the {max_pixels} pixels allowed?)"
-        raise EngineError(f"cannot decode the avatar image{hint}: {exc}", code="bad_image") from exc
+        hint = f": {exc}"
+        if opened and type(exc).__name__ == "InvalidDataError":  # the header read, not the rest
+            hint = f": {CORRUPT}"
+        elif size is None and type(exc).__name__ == "ArgumentError":  # FFmpeg's EINVAL
+            hint = f" (more than the {max_pixels} pixels allowed?): {exc}"
+        raise EngineError(f"cannot decode the avatar image{hint}", code="bad_image") from exc
     raise EngineError("cannot decode the avatar image: no frame", code="bad_image")
+
+
+def _gif_complete(data: bytes) -> bool:
+    """Whether a GIF's blocks run whole up to its trailer: FFmpeg decodes a cut one, the
+    rest of the picture left blank, with nothing but a log line ("LZW decode failed")."""
+    if len(data) < 13:
+        return False
+    i = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # global colour table
+    while i < len(data):
+        kind = data[i]
+        if kind == 0x3B:  # trailer
+            return True
+        if kind == 0x21:  # extension: label, then sub-blocks
+            i += 2
+        elif kind == 0x2C:  # image: descriptor, local colour table, LZW code size, sub-blocks
+            if i + 10 > len(data):
+                return False
+            flags = data[i + 9]
+            i += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1
+        else:
+            return False
+        while i < len(data) and data[i]:  # sub-blocks, up to an empty one
+            i += 1 + data[i]
+        i += 1
+    return False
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
