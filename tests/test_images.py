@@ -169,6 +169,16 @@ def test_a_cut_image_is_refused(encode):
         assert e.value.code == "bad_image" and IM.CORRUPT in str(e.value)
 
 
+def test_a_format_ffmpeg_cannot_decode_is_named():
+    """FFmpeg reads an SVG's header but has no decoder for it: the message was a Python
+    internal, "'NoneType' object has no attribute 'width'"."""
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><circle r="40"/></svg>'
+    with pytest.raises(EngineError) as e:
+        IM.decode_image(svg)
+    assert e.value.code == "bad_image" and "SVG is not supported" in str(e.value)
+    assert "NoneType" not in str(e.value)
+
+
 def png_with_exif(rgb: np.ndarray, orientation: int) -> bytes:
     """A PNG whose ``eXIf`` chunk (after the header) holds an orientation."""
     tiff = with_exif(b"\xff\xd8", orientation)[4 + 6 + 2:]  # the TIFF block alone

@@ -8,7 +8,8 @@ PIL or OpenCV), upright and flat, and a tiny PNG writer.
   stored pixels (a sideways face is no face to the detector). Other formats' (a TIFF's own
   orientation tag, HEIF's rotation) are not.
 * A picture FFmpeg cannot decode to its end is ``bad_image`` (:data:`CORRUPT`), not a
-  picture with its missing part filled in.
+  picture with its missing part filled in; a format FFmpeg recognises but cannot decode
+  (SVG) is named in the message.
 * Transparent pixels are laid over white, as an image viewer shows them: a cut-out
   portrait's background is often stored as transparent black.
 """
@@ -244,6 +245,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 raise EngineError("the avatar has no image in it", code="bad_image")
             stream = container.streams.video[0]
             cc = stream.codec_context
+            if cc is None:  # FFmpeg knows the format (SVG...) but has no decoder for it
+                kind = container.format.name.removesuffix("_pipe").upper()
+                raise EngineError(f"cannot decode the avatar image: {kind} is not supported; "
+                                  "send a PNG, JPEG or WebP", code="bad_image")
             if cc.width * cc.height > max_pixels:
                 raise _too_large(cc.width, cc.height, max_pixels)
             cc.options = dict(cc.options, **limit, **_STRICT.get(cc.name, {}))
