@@ -179,6 +179,35 @@ def test_a_format_ffmpeg_cannot_decode_is_named():
     assert "NoneType" not in str(e.value)
 
 
+def tiff_cmyk16(cmyk: np.ndarray) -> bytes:
+    """An uncompressed 16-bit CMYK TIFF (as ImageMagick writes one), little-endian."""
+    h, w, _ = cmyk.shape
+    pixels = np.ascontiguousarray(cmyk, "<u2").tobytes()
+    n = 10
+    bits_at = 8 + 2 + 12 * n + 4
+    data_at = bits_at + 8
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 4, bits_at), (259, 3, 1, 1),
+               (262, 3, 1, 5), (273, 4, 1, data_at), (277, 3, 1, 4), (278, 3, 1, h),
+               (279, 4, 1, len(pixels)), (284, 3, 1, 1)]
+    ifd = struct.pack("<H", n) + b"".join(
+        struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 and count == 1
+                                                 else struct.pack("<I", value))
+        for tag, kind, count, value in entries) + struct.pack("<I", 0)
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<4H", 16, 16, 16, 16) + pixels
+
+
+def test_a_16_bit_cmyk_tiff_has_its_colours():
+    """FFmpeg hands a 16-bit CMYK TIFF over raw, labelled RGBA64: read as RGB + alpha, the
+    picture came out inverted and blue-tinted."""
+    rgb = quadrants()
+    f = rgb.astype(np.float64) / 255
+    k = 1 - f.max(2, keepdims=True)
+    cmy = (1 - f - k) / np.maximum(1 - k, 1e-9)
+    cmyk = np.round(np.concatenate([cmy, k], 2) * 65535).astype(np.uint16)
+    got = IM.decode_image(tiff_cmyk16(cmyk))
+    assert np.abs(got.astype(int) - rgb).max() <= 1
+
+
 def png_with_exif(rgb: np.ndarray, orientation: int) -> bytes:
     """A PNG whose ``eXIf`` chunk (after the header) holds an orientation."""
     tiff = with_exif(b"\xff\xd8", orientation)[4 + 6 + 2:]  # the TIFF block alone

@@ -9,7 +9,7 @@ PIL or OpenCV), upright and flat, and a tiny PNG writer.
   orientation tag, HEIF's rotation) are not.
 * A picture FFmpeg cannot decode to its end is ``bad_image`` (:data:`CORRUPT`), not a
   picture with its missing part filled in; a format FFmpeg recognises but cannot decode
-  (SVG) is named in the message.
+  (SVG) is named in the message. A 16-bit CMYK TIFF is converted to RGB here.
 * Transparent pixels are laid over white, as an image viewer shows them: a cut-out
   portrait's background is often stored as transparent black.
 """
@@ -188,24 +188,39 @@ def upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
     return rgb if f is None else np.ascontiguousarray(f(rgb))
 
 
-def _flat_rgb(frame) -> np.ndarray:
-    """A decoded picture as RGB ``uint8``, what is transparent in it laid over white."""
+def _flat_rgb(frame, cmyk: bool = False) -> np.ndarray:
+    """A decoded picture as RGB ``uint8``, what is transparent in it laid over white;
+    ``cmyk``: a 16-bit CMYK TIFF, which FFmpeg hands over raw, labelled RGBA64 (its 8-bit
+    CMYK it converts itself), the K read as alpha gave inverted, blue-tinted colours."""
     fmt = frame.format
+    if cmyk and fmt.name.startswith("rgba64"):
+        return _by_rows(frame.to_ndarray(), _cmyk_to_rgb)
     if not (fmt.has_palette or any(c.is_alpha for c in fmt.components)):
         return frame.to_ndarray(format="rgb24")
-    return _over_backdrop(frame.to_ndarray(format="rgba"))
+    return _by_rows(frame.to_ndarray(format="rgba"), _over_backdrop)
+
+
+def _by_rows(src: np.ndarray, f) -> np.ndarray:
+    """``f`` (rows of ``src`` → RGB ``uint8``) a few rows at a time: a 40 Mpx picture in
+    wider arithmetic at once would cost ~0.5 GB more."""
+    out = np.empty(src.shape[:2] + (3,), np.uint8)
+    step = max(1, (1 << 20) // max(1, src.shape[1]))
+    for y in range(0, src.shape[0], step):
+        out[y:y + step] = f(src[y:y + step])
+    return out
 
 
 def _over_backdrop(rgba: np.ndarray) -> np.ndarray:
-    """RGBA ``uint8`` → RGB, laid over the backdrop; a few rows at a time (a 40 Mpx
-    picture in 16-bit arithmetic at once would cost ~0.5 GB more)."""
-    out = np.empty(rgba.shape[:2] + (3,), np.uint8)
-    step = max(1, (1 << 20) // max(1, rgba.shape[1]))
-    for y in range(0, rgba.shape[0], step):
-        part = rgba[y:y + step]
-        a = part[:, :, 3:4].astype(np.uint16)
-        out[y:y + step] = (part[:, :, :3] * a + BACKDROP * (255 - a) + 127) // 255
-    return out
+    """RGBA ``uint8`` → RGB, laid over the backdrop."""
+    a = rgba[:, :, 3:4].astype(np.uint16)
+    return (rgba[:, :, :3] * a + BACKDROP * (255 - a) + 127) // 255
+
+
+def _cmyk_to_rgb(cmyk: np.ndarray) -> np.ndarray:
+    """16-bit CMYK → RGB ``uint8``: each of R, G, B is (1 − C, M or Y)(1 − K), as FFmpeg
+    converts an 8-bit CMYK TIFF."""
+    ink = 65535 - cmyk.astype(np.uint32)  # 65535² fits in 32 bits
+    return (ink[:, :, :3] * ink[:, :, 3:4] // (65535 * 257)).astype(np.uint8)
 
 
 def _too_large(w: int, h: int, max_pixels: int) -> EngineError:
@@ -255,7 +270,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             for frame in container.decode(stream):
                 if frame.width * frame.height > max_pixels:
                     raise _too_large(frame.width, frame.height, max_pixels)
-                rgb = upright(_flat_rgb(frame), exif_orientation(data))
+                cmyk = _tiff_short(data, 262) == 5  # a TIFF's photometric: separated (CMYK)
+                rgb = upright(_flat_rgb(frame, cmyk), exif_orientation(data))
                 return np.ascontiguousarray(rgb, dtype=np.uint8)
     except EngineError:
         raise
@@ -302,7 +318,7 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     if a.ndim != 3 or a.shape[2] not in (3, 4):
         raise EngineError(f"the avatar must be an RGB image, not shape {a.shape}", code="bad_image")
     if a.shape[2] == 4 and a.dtype == np.uint8:
-        a = _over_backdrop(a)  # as when decoded
+        a = _by_rows(a, _over_backdrop)  # as when decoded
     a = a[:, :, :3]
     if a.dtype != np.uint8:
         if np.issubdtype(a.dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
