@@ -239,3 +239,15 @@ def test_exif_orientation_outside_jpeg_is_applied(make, orientation):
     assert IM.exif_orientation(data) == orientation
     got = IM.decode_image(data)
     assert got.shape == img.shape and np.abs(got.astype(int) - img).mean() < 8
+
+
+def test_a_face_of_90_px_in_a_4000_px_photo_is_found():
+    """On the 800 px detection copy of a 4000x3000 photo, even upsampled, a face had to be
+    ~130 px (jaw to jaw): one of ~90 px was no_face. The photo is then searched at full
+    size, in tiles: this face lies across a tile's edge."""
+    face = IM.decode_image((ASSETS / "astronaut.png").read_bytes())
+    want = LM.find_face(face)  # ~93 px jaw to jaw
+    photo = np.full((3000, 4000, 3), 128, np.uint8)
+    photo[1880:2200, 1900:2220] = face
+    got = LM.find_face(photo)
+    assert np.abs(got - (want + (1900, 1880))).max() < 6.0
