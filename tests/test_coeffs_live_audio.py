@@ -196,3 +196,22 @@ def test_a_live_tone_leaves_the_mouth_shut_and_speech_opens_it_through_a_server(
     spoken = frames[15 + 50 + 10:-15]   # the speech
     assert held.max() < 0.02, held.round(2)
     assert spoken.max() > 0.4 and np.mean(spoken > 0.1) > 0.4
+
+
+def test_sliding_windows_do_not_depend_on_chunking():
+    """The floor's and the gate's history (``workers/sliding_history.py``): each frame's
+    window is the same whether the frames come one at a time or many, silence before."""
+    from giris.workers.sliding_history import slide
+
+    x = np.random.default_rng(0).normal(size=(2, 40))
+    silence = np.array([[-70.0], [0.0]])
+    whole = np.concatenate([np.broadcast_to(silence, (2, 6)), x], axis=1)
+    expected = np.stack([whole[:, k:k + 7] for k in range(40)], axis=1)
+    kept, got, a = np.zeros((2, 0)), [], 0
+    for size in (1, 0, 5, 1, 13, 20):
+        windows, kept = slide(kept, x[:, a:a + size], 7, silence)
+        got.append(windows.copy())
+        a += size
+    assert np.array_equal(np.concatenate(got, axis=1), expected)
+    windows, kept = slide(np.zeros(0), np.arange(3.0), 1, -70.0)  # a window of one frame
+    assert np.array_equal(windows, [[0.0], [1.0], [2.0]]) and kept.shape == (0,)

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from giris.workers.sliding_history import slide
+
 _SILENT_DB = -70.0  # a level below this counts as silence
 
 
@@ -52,13 +54,9 @@ class NoiseFloor:
         n = db.shape[0]
         if n == 0:
             return db
-        keep = max(1, int(round(self.window_s * fps))) - 1
-        h = np.empty(keep + n)
-        h[:keep] = state.levels if state.levels.shape[0] == keep else _SILENT_DB
-        h[keep:] = np.maximum(db, _SILENT_DB)
-        state.levels = h[n:].copy()
-        s = h.strides[0]
-        return np.lib.stride_tricks.as_strided(h, (n, keep + 1), (s, s), writeable=False).min(axis=1)
+        span = max(1, int(round(self.window_s * fps)))
+        windows, state.levels = slide(state.levels, np.maximum(db, _SILENT_DB), span, _SILENT_DB)
+        return windows.min(axis=1)
 
     def clean(self, db: np.ndarray, floor: np.ndarray) -> np.ndarray:
         """``db`` less ``subtract`` times ``floor``, in power; ``keep_db`` less at most."""

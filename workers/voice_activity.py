@@ -50,6 +50,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from giris.workers.sliding_history import slide
+
 _SILENT_DB = -70.0          # levels below this count as silence
 _QUIET_S = 0.2              # an onset rises above everything this long before it
 _GLIDE = (0.003, 0.15)      # |Δ ln f0| between voiced frames that counts as a glide
@@ -58,6 +60,7 @@ _F0 = (70.0, 500.0)         # pitch range searched (Hz)
 _VOICE_BAND = (150.0, 4000.0)  # autocorrelation band: not a fan's or a hum's low rumble
 _SPEECH_BAND = (80.0, 4000.0)
 _LEVEL, _BAND, _GLIDED = 0, 1, 2   # rows of GateState.hist
+_SILENCE = np.array([[_SILENT_DB], [_SILENT_DB], [0.0]])  # those rows before a session began
 
 Ramp = tuple[float, float]
 
@@ -107,9 +110,9 @@ class SpeechGate:
         step = np.abs(np.log((f0 + 1e-3) / (prev + 1e-3)))
         glided = (f0 * prev > 0) & (step >= _GLIDE[0]) & (step <= _GLIDE[1])
 
-        h = _history(state, m - 1, np.stack([db, band, glided]))
-        s = h.strides
-        w = np.lib.stride_tricks.as_strided(h, (3, n, m), (s[0], s[1], s[1]), writeable=False)
+        new = np.stack([db, band, glided])
+        np.maximum(new[:_GLIDED], _SILENT_DB, out=new[:_GLIDED])
+        w, state.hist = slide(state.hist, new, m, _SILENCE)
         depth = np.ptp(w[_BAND], axis=1)
         before = w[_LEVEL, :, m - 1 - q:m - 1].max(axis=1)
         share = w[_GLIDED].mean(axis=1)
@@ -126,20 +129,6 @@ class SpeechGate:
         g *= 1.0 - _ramp(peak, self.tone)
         g[g < 1e-4] = 0.0
         return g
-
-
-def _history(state: GateState, keep: int, new: np.ndarray) -> np.ndarray:
-    """The last ``keep`` frames' rows then the new ones; the state keeps the last ``keep``."""
-    n = new.shape[1]
-    h = np.empty((3, keep + n))
-    if state.hist.shape[1] == keep:
-        h[:, :keep] = state.hist
-    else:  # a new session (or a new window length): silence so far
-        h[:, :keep] = np.array([[_SILENT_DB], [_SILENT_DB], [0.0]])
-    h[:, keep:] = new
-    np.maximum(h[:_GLIDED, keep:], _SILENT_DB, out=h[:_GLIDED, keep:])
-    state.hist = h[:, n:].copy()
-    return h
 
 
 def _spectral(buf: np.ndarray, centers: np.ndarray, nfft: int, sr: int
