@@ -215,3 +215,19 @@ def test_sliding_windows_do_not_depend_on_chunking():
     assert np.array_equal(np.concatenate(got, axis=1), expected)
     windows, kept = slide(np.zeros(0), np.arange(3.0), 1, -70.0)  # a window of one frame
     assert np.array_equal(windows, [[0.0], [1.0], [2.0]]) and kept.shape == (0,)
+
+
+def test_live_audio_keeps_no_state_that_nothing_reads(speech):
+    """The background's floor is tracked only where it is subtracted (``floor_subtract``
+    above 0), and the quiet track (where a stop before a pause falls silent) only on the
+    phoneme path: both ran on every live frame for nothing."""
+    voice, sr = speech
+    pcm = voice[:2 * sr]
+    engine = VisemeEngine({"floor_subtract": 0}, EngineContext(stage="coeffs"))
+    state = engine.open_session({})
+    step = sr // 50
+    for a in range(0, len(pcm), step):
+        meta = {"utterance": 1, "sample_rate": sr, "start_sample": a, "phonemes": None, "final": False}
+        list(engine.process(StageInput("audio", a // step, a / sr, meta, [pcm[a:a + step]]), state))
+    assert state.floor.levels.size == 0 and state.quiet.size == 0
+    assert state.voice.hist.shape[1] > 0  # the gate is in use and keeps its history

@@ -84,6 +84,7 @@ _QUIET_RUN_S = 0.03      # a quiet stretch this long inside a stop is its silent
 Segment = tuple[float, float, int, float, float, float, float, float, float]
 _STOP, _PAUSE = 7, 8
 _PP = V.VISEME_INDEX["PP"]
+_NO_HOPS = np.zeros(0, bool)
 
 
 @dataclass
@@ -105,7 +106,8 @@ class VisemeSession:
     weights: np.ndarray = field(default_factory=lambda: _ONEHOT[V.SIL].copy())
     slow_energy: float = 0.0
     #: recent ``_HOP_S`` hops of audio, True where quiet (``stop_quiet_db`` under the running
-    #: peak); hop ``quiet_first + i`` is session samples ``[(quiet_first + i) * hop, +hop)``
+    #: peak); hop ``quiet_first + i`` is session samples ``[(quiet_first + i) * hop, +hop)``.
+    #: Phoneme path only (its stops read it from their own chunks on): live audio empties it
     quiet: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     quiet_first: int = 0
     #: audio-only path: recent frames of the background's floor and of the speech gate
@@ -194,16 +196,18 @@ class VisemeEngine(CoeffsEngine):
         nfft = 1 << max(6, (period - 1).bit_length())
         centers = np.rint(k * sr / fps).astype(np.int64) - origin
 
-        prior_peak = state.peak_db
+        end = start_sample + x.shape[0]
         db = self._level(buf, centers, period)
         if phonemes is not None:
+            prior_peak = state.peak_db
             energy, peak = self._loudness(db, fps, state)
+            self._track_quiet(buf, origin, end, hop, t, peak, prior_peak, state)
         else:  # live audio: loudness above the steady background (a hum, a fan), not silence,
-            floor = self.floor.floor(db, fps, state.floor)
-            energy, peak = self._loudness(self.floor.clean(db, floor), fps, state)
+            energy, _ = self._loudness(self.floor.clean(db, fps, state.floor), fps, state)
             if self.voice is not None:  # and only speech moves the mouth
                 energy = energy * self.voice.weights(buf, centers, nfft, sr, db, fps, state.voice)
-        self._track_quiet(buf, origin, start_sample + x.shape[0], hop, t, peak, prior_peak, state)
+            # no stops to settle: the quiet track starts again with the next phoneme chunk
+            state.quiet, state.quiet_first = _NO_HOPS, end // hop
         # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
         # whose phonemes are known: only None means "no phonemes, read the sound"
         if phonemes is not None:
@@ -226,7 +230,7 @@ class VisemeEngine(CoeffsEngine):
 
         keep = nfft  # the gate's windows end at the last sample: a whole one behind it
         state.tail = buf[-keep:].copy()
-        state.next_sample = start_sample + x.shape[0]
+        state.next_sample = end
         if final:  # the next utterance starts from a closed mouth and no coarticulation
             self._forget_utterance(state)
         return coeffs.astype(np.float32), prosody

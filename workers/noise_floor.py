@@ -48,19 +48,18 @@ class NoiseFloor:
         self.subtract = float(o.get("floor_subtract", 2.0))
         self.keep_db = float(o.get("floor_keep_db", 25.0))
 
-    def floor(self, db: np.ndarray, fps: float, state: FloorState) -> np.ndarray:
-        """The lowest of ``db`` (each frame's level, dBFS) over the last ``window_s``, this
-        frame's included."""
-        n = db.shape[0]
-        if n == 0:
+    def clean(self, db: np.ndarray, fps: float, state: FloorState) -> np.ndarray:
+        """``db`` (each frame's level, dBFS) less ``subtract`` times the floor, in power;
+        ``keep_db`` less at most. With ``subtract`` 0 it is ``db`` as it is, and the floor
+        is not tracked (nothing would read it)."""
+        if self.subtract <= 0 or db.shape[0] == 0:
             return db
+        floor = self._floor(db, fps, state)
+        power = 10.0 ** (db / 10.0) - self.subtract * 10.0 ** (floor / 10.0)
+        return np.maximum(10.0 * np.log10(np.maximum(power, 1e-12)), db - self.keep_db)
+
+    def _floor(self, db: np.ndarray, fps: float, state: FloorState) -> np.ndarray:
+        """The lowest of ``db`` over the last ``window_s``, this frame's included."""
         span = max(1, int(round(self.window_s * fps)))
         windows, state.levels = slide(state.levels, np.maximum(db, _SILENT_DB), span, _SILENT_DB)
         return windows.min(axis=1)
-
-    def clean(self, db: np.ndarray, floor: np.ndarray) -> np.ndarray:
-        """``db`` less ``subtract`` times ``floor``, in power; ``keep_db`` less at most."""
-        if self.subtract <= 0:
-            return db
-        power = 10.0 ** (db / 10.0) - self.subtract * 10.0 ** (floor / 10.0)
-        return np.maximum(10.0 * np.log10(np.maximum(power, 1e-12)), db - self.keep_db)
