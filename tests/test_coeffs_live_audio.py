@@ -231,3 +231,33 @@ def test_live_audio_keeps_no_state_that_nothing_reads(speech):
         list(engine.process(StageInput("audio", a // step, a / sr, meta, [pcm[a:a + step]]), state))
     assert state.floor.levels.size == 0 and state.quiet.size == 0
     assert state.voice.hist.shape[1] > 0  # the gate is in use and keeps its history
+
+
+def test_each_window_of_live_audio_is_transformed_once(speech, monkeypatch):
+    """The viseme shape and the speech gate read the same window wherever a frame's window
+    is whole: one FFT serves both (each took its own, so every frame had two). Only the
+    windows cut at a chunk's end (``workers/frame_spectra.py``) take a second one."""
+    from giris.workers.frame_spectra import frame_spectra, hann
+
+    voice, sr = speech
+    rows, rfft = [], np.fft.rfft
+
+    def counted(a, *args, **kwargs):
+        if np.ndim(a) == 2:  # frames (not the gate's one-off analysis of its window)
+            rows.append(np.shape(a)[0])
+        return rfft(a, *args, **kwargs)
+
+    monkeypatch.setattr(np.fft, "rfft", counted)
+    frames = live(voice[:3 * sr], sr, chunk_s=0.5)
+    assert len(rows) == 6 and sum(rows) < 1.3 * len(frames), (rows, len(frames))  # was 12, 2 × frames
+    monkeypatch.undo()
+
+    buf = np.random.default_rng(3).normal(size=3000).astype(np.float32)
+    centers = np.array([100, 1500, 2700, 2990])
+    centred, ending = frame_spectra(buf, centers, 1024)
+    z = np.concatenate([np.zeros(1024), buf, np.zeros(2048)])
+    for i, c in enumerate(centers):
+        a = c - 512
+        assert np.allclose(centred[i], np.abs(np.fft.rfft(z[1024 + a:2048 + a] * hann(1024))) ** 2)
+        a = min(a, len(buf) - 1024)  # the gate's window ends at the last sample at most
+        assert np.allclose(ending[i], np.abs(np.fft.rfft(z[1024 + a:2048 + a] * hann(1024))) ** 2)

@@ -67,6 +67,7 @@ from giris.workers import visemes as V
 from giris.workers.bases import CoeffsEngine
 from giris.workers.coefficients import N_BLENDSHAPES, N_VISEMES, VISEME_SLICE, VISEMES, zeros
 from giris.workers.engine import EngineContext
+from giris.workers.frame_spectra import frame_spectra
 from giris.workers.noise_floor import FloorState, NoiseFloor
 from giris.workers.voice_activity import GateState, SpeechGate
 
@@ -204,8 +205,9 @@ class VisemeEngine(CoeffsEngine):
             self._track_quiet(buf, origin, end, hop, t, peak, prior_peak, state)
         else:  # live audio: loudness above the steady background (a hum, a fan), not silence,
             energy, _ = self._loudness(self.floor.clean(db, fps, state.floor), fps, state)
+            centred, ending = frame_spectra(buf, centers, nfft, ending=self.voice is not None)
             if self.voice is not None:  # and only speech moves the mouth
-                energy = energy * self.voice.weights(buf, centers, nfft, sr, db, fps, state.voice)
+                energy = energy * self.voice.weights(ending, nfft, sr, db, fps, state.voice)
             # no stops to settle: the quiet track starts again with the next phoneme chunk
             state.quiet, state.quiet_first = _NO_HOPS, end // hop
         # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
@@ -214,7 +216,7 @@ class VisemeEngine(CoeffsEngine):
             weights, voicing, emphasis = self._from_phonemes(phonemes, sr, start_sample, x.shape[0],
                                                              t, fps, energy, state, ahead)
         else:
-            weights, voicing, emphasis = self._from_audio(buf, centers, nfft, sr, energy, state)
+            weights, voicing, emphasis = self._from_audio(centred, nfft, sr, energy, state)
 
         gain = self.gain_floor + (self.gain_ceiling - self.gain_floor) * energy
         blend = weights @ V.POSE_MATRIX
@@ -446,19 +448,14 @@ class VisemeEngine(CoeffsEngine):
         return W, voicing, emphasis
 
     # ------------------------------------------------------------- audio path
-    def _from_audio(self, buf: np.ndarray, centers: np.ndarray, nfft: int, sr: int,
-                    energy: np.ndarray, state: VisemeSession
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Acoustic features → viseme weights (no phonemes: live audio)."""
-        n = centers.shape[0]
+    def _from_audio(self, power: np.ndarray, nfft: int, sr: int, energy: np.ndarray,
+                    state: VisemeSession) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Acoustic features (``power``: each frame's spectrum, centred on its instant) →
+        viseme weights (no phonemes: live audio)."""
+        n = power.shape[0]
         if n == 0:
             return np.zeros((0, N_VISEMES)), np.zeros(0), np.zeros(0)
-        window, bands, freqs = _analysis(nfft, sr)
-        idx = centers[:, None] + np.arange(-(nfft // 2), nfft - nfft // 2)[None, :]
-        padded = np.concatenate([buf, np.zeros(1, np.float32)]).astype(np.float64)  # [-1] is 0
-        idx[(idx < 0) | (idx >= buf.shape[0])] = -1
-        spec = np.fft.rfft(padded[idx] * window, axis=1)
-        power = spec.real ** 2 + spec.imag ** 2
+        bands, freqs = _analysis(nfft, sr)
         b = power @ bands                                          # (n, 4) band energies
         total = b[:, 0] + 1e-12
         low, high = b[:, 1] / total, b[:, 2] / total
@@ -505,12 +502,12 @@ def _clip01(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def _analysis(nfft: int, sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hann window, band-sum matrix (total, <900 Hz, >3 kHz, 80 Hz-4 kHz) and centroid weights."""
+def _analysis(nfft: int, sr: int) -> tuple[np.ndarray, np.ndarray]:
+    """Band-sum matrix (total, <900 Hz, >3 kHz, 80 Hz-4 kHz) and centroid weights."""
     f = np.fft.rfftfreq(nfft, 1.0 / sr)
     bands = np.stack([(f >= 80) & (f < 8000), (f >= 80) & (f < 900), (f >= 3000) & (f < 8000),
                       (f >= 80) & (f < 4000)], axis=1).astype(np.float64)
-    return np.hanning(nfft), bands, f * bands[:, 3]  # float64: numpy FFTs float32 slower
+    return bands, f * bands[:, 3]
 
 
 @lru_cache(maxsize=64)

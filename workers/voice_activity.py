@@ -5,7 +5,8 @@ The acoustic path opens the mouth by loudness, so any sound used to move it: a s
 open. This gate gives each frame a weight in [0, 1] (how much it sounds like speech) that
 scales the frame's loudness, and nothing else: where it is 1 the mouth moves exactly as
 before. It uses only the samples the frame's own analysis already has (no look-ahead
-beyond it, so no added latency) and costs one FFT and one inverse FFT per frame.
+beyond it, so no added latency) and costs an inverse FFT per frame, and a second FFT
+where the frame's own window is cut at the chunk's end (:mod:`giris.workers.frame_spectra`).
 
 Why these cues (each answers a sound that held the mouth open; all measured on real Piper
 speech, reverberant and noisy speech, tones, hum, fan noise, noise and music-like sound):
@@ -50,6 +51,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from giris.workers.frame_spectra import hann
 from giris.workers.sliding_history import slide
 
 _SILENT_DB = -70.0          # levels below this count as silence
@@ -94,16 +96,17 @@ class SpeechGate:
         self.tone = _ramp_option(o, "vad_tone_peak", (0.99, 0.997))
         self.release_s = max(float(o.get("vad_release_s", 0.11)), 1e-3)
 
-    def weights(self, buf: np.ndarray, centers: np.ndarray, nfft: int, sr: int, db: np.ndarray,
+    def weights(self, power: np.ndarray, nfft: int, sr: int, db: np.ndarray,
                 fps: float, state: GateState) -> np.ndarray:
-        """Weight in [0, 1] per frame; ``db`` is each frame's level (dBFS) over its display
-        interval, ``centers`` its instant in ``buf``; windows end at ``buf``'s last sample."""
+        """Weight in [0, 1] per frame; ``power`` is each frame's spectrum as the gate reads
+        it (:func:`giris.workers.frame_spectra.frame_spectra`: no look-ahead), ``db`` its
+        level (dBFS) over its display interval."""
         n = db.shape[0]
         if n == 0:
             return np.zeros(0)
         m = max(2, int(round(self.window_s * fps)))
         q = min(m - 1, max(1, int(round(_QUIET_S * fps))))
-        peak, f0, band = _spectral(buf, centers, nfft, sr)
+        peak, f0, band = _spectral(power, nfft, sr)
 
         prev = np.concatenate(([state.f0], f0[:-1]))
         state.f0 = float(f0[-1])
@@ -131,18 +134,10 @@ class SpeechGate:
         return g
 
 
-def _spectral(buf: np.ndarray, centers: np.ndarray, nfft: int, sr: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per frame: the share of the speech band's energy in its strongest 4 bins, the pitch
-    (Hz, 0 if unvoiced) and the speech-band level (dBFS), over ``nfft`` samples ending at
-    the frame's window end or at the last sample received, whichever is first (the frame's
-    own window is cut there in live chunks: a full one here, so a tone stays one line)."""
-    window, offsets, band, voice, wac, lo, hi, scale = _analysis(nfft, sr)
-    x = np.zeros(nfft + buf.shape[0])
-    x[nfft:] = buf
-    end = np.minimum(centers + (nfft - nfft // 2), buf.shape[0])
-    spec = np.fft.rfft(x[end[:, None] + offsets] * window, axis=1)
-    power = spec.real ** 2 + spec.imag ** 2
+def _spectral(power: np.ndarray, nfft: int, sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per frame, from its power spectrum: the share of the speech band's energy in its
+    strongest 4 bins, the pitch (Hz, 0 if unvoiced) and the speech-band level (dBFS)."""
+    band, voice, wac, lo, hi, scale = _analysis(nfft, sr)
     p = power[:, band]
     total = p.sum(axis=1)
     peak = (p[:, :-3] + p[:, 1:-2] + p[:, 2:-1] + p[:, 3:]).max(axis=1) / (total + 1e-20)
@@ -161,17 +156,17 @@ def _spectral(buf: np.ndarray, centers: np.ndarray, nfft: int, sr: int
 
 @lru_cache(maxsize=16)
 def _analysis(nfft: int, sr: int) -> tuple:
-    """Hann window, gather offsets, speech-band slice, voicing band, the window's own
-    autocorrelation over the lags searched, those lags' bounds, and the level scale."""
+    """Speech-band slice, voicing band, the window's own autocorrelation over the lags
+    searched, those lags' bounds, and the level scale."""
     f = np.fft.rfftfreq(nfft, 1.0 / sr)
-    w = np.hanning(nfft)
+    w = hann(nfft)
     lo, hi = int(sr / _F0[1]), min(int(np.ceil(sr / _F0[0])), nfft // 2 - 2)
     wac = np.fft.irfft(np.abs(np.fft.rfft(w)) ** 2, nfft)
     wac = np.maximum(wac / wac[0], 1e-3)[lo - 1:hi + 1]
     band = slice(int(np.searchsorted(f, _SPEECH_BAND[0])), int(np.searchsorted(f, _SPEECH_BAND[1])))
     voice = ((f >= _VOICE_BAND[0]) & (f < _VOICE_BAND[1])).astype(np.float64)
     scale = 2.0 / (nfft * np.sum(w ** 2))  # Parseval: mean square of the windowed samples
-    return w, np.arange(nfft), band, voice, wac, lo, hi, scale
+    return band, voice, wac, lo, hi, scale
 
 
 def _ramp(x: np.ndarray, lohi: Ramp) -> np.ndarray:
