@@ -261,3 +261,19 @@ def test_each_window_of_live_audio_is_transformed_once(speech, monkeypatch):
         assert np.allclose(centred[i], np.abs(np.fft.rfft(z[1024 + a:2048 + a] * hann(1024))) ** 2)
         a = min(a, len(buf) - 1024)  # the gate's window ends at the last sample at most
         assert np.allclose(ending[i], np.abs(np.fft.rfft(z[1024 + a:2048 + a] * hann(1024))) ** 2)
+
+
+def test_a_live_chunk_that_covers_no_frame_is_not_analysed(speech, monkeypatch):
+    """In 20 ms chunks at 25 FPS every other chunk covers no frame: it ran the whole
+    acoustic path on empty arrays, whose results nothing read; now it only keeps its
+    samples."""
+    voice, sr = speech
+    levels, level = [], VisemeEngine._level
+
+    def counted(buf, centers, period):
+        levels.append(centers.shape[0])
+        return level(buf, centers, period)
+
+    monkeypatch.setattr(VisemeEngine, "_level", staticmethod(counted))
+    frames = live(voice[:sr], sr)
+    assert len(frames) == 25 and levels == [1] * 25, levels  # was 50 calls, every other one empty

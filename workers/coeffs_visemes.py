@@ -153,6 +153,8 @@ class VisemeEngine(CoeffsEngine):
         self.stop_quiet_db = float(o.get("stop_quiet_db", 30.0))
         self.voice = SpeechGate(o) if o.get("vad", True) else None
         self.floor = NoiseFloor(o)
+        # audio-only path's EMA rates: the viseme weights, then the slow loudness average
+        self._ema_rates = (self.smoothing,) * N_VISEMES + (0.05,)
 
     # ---------------------------------------------------------------- sessions
     def open_session(self, spec: Mapping[str, Any]) -> VisemeSession:
@@ -198,6 +200,11 @@ class VisemeEngine(CoeffsEngine):
         centers = np.rint(k * sr / fps).astype(np.int64) - origin
 
         end = start_sample + x.shape[0]
+        if phonemes is None:  # live audio has no stops to settle: the quiet track starts
+            state.quiet, state.quiet_first = _NO_HOPS, end // hop  # again at a phoneme chunk
+            if n == 0:  # a chunk that covers no frame (every other one in 20 ms chunks at
+                self._carry(buf, nfft, end, final, state)  # 25 FPS): its samples are kept
+                return zeros(0), np.zeros((0, 3), np.float32)
         db = self._level(buf, centers, period)
         if phonemes is not None:
             prior_peak = state.peak_db
@@ -208,8 +215,6 @@ class VisemeEngine(CoeffsEngine):
             centred, ending = frame_spectra(buf, centers, nfft, ending=self.voice is not None)
             if self.voice is not None:  # and only speech moves the mouth
                 energy = energy * self.voice.weights(ending, nfft, sr, db, fps, state.voice)
-            # no stops to settle: the quiet track starts again with the next phoneme chunk
-            state.quiet, state.quiet_first = _NO_HOPS, end // hop
         # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
         # whose phonemes are known: only None means "no phonemes, read the sound"
         if phonemes is not None:
@@ -229,13 +234,17 @@ class VisemeEngine(CoeffsEngine):
             r = (np.arange(1, m + 1) / m)[:, None]  # ..., 2/3, 1: last frame fully closed
             coeffs[n - m:] = (1.0 - r) * coeffs[n - m:] + r * zeros(1)
         prosody = np.stack([energy, voicing, emphasis], axis=1).astype(np.float32)
+        self._carry(buf, nfft, end, final, state)
+        return coeffs, prosody
 
-        keep = nfft  # the gate's windows end at the last sample: a whole one behind it
-        state.tail = buf[-keep:].copy()
+    def _carry(self, buf: np.ndarray, nfft: int, end: int, final: bool, state: VisemeSession) -> None:
+        """What the next chunk needs: the last samples (the gate's windows end at the last
+        sample: a whole one behind it), where this chunk ended, and, after an utterance's
+        final chunk, a closed mouth and no coarticulation."""
+        state.tail = buf[-nfft:].copy()
         state.next_sample = end
-        if final:  # the next utterance starts from a closed mouth and no coarticulation
+        if final:
             self._forget_utterance(state)
-        return coeffs.astype(np.float32), prosody
 
     @staticmethod
     def _forget_utterance(state: VisemeSession) -> None:
@@ -483,10 +492,8 @@ class VisemeEngine(CoeffsEngine):
 
         # light temporal smoothing (spectral features jitter) carried across chunks; the
         # last column is a slow loudness average (for emphasis = loudness above it)
-        a = np.full(N_VISEMES + 1, self.smoothing)
-        a[-1] = 0.05
         y0 = np.concatenate([state.weights, [state.slow_energy]])
-        smooth = _ema(raw, a, y0)
+        smooth = _ema(raw, self._ema_rates, y0)
         W, slow = smooth[:, :N_VISEMES], smooth[:, N_VISEMES]
         state.weights, state.slow_energy = W[-1].copy(), float(slow[-1])
         voicing = voiced * act
@@ -519,14 +526,13 @@ def _ema_matrix(n: int, a: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     return L, (1.0 - av) ** (np.arange(n)[:, None] + 1)
 
 
-def _ema(x: np.ndarray, a: np.ndarray, y0: np.ndarray, block: int = 64) -> np.ndarray:
+def _ema(x: np.ndarray, a: tuple[float, ...], y0: np.ndarray, block: int = 64) -> np.ndarray:
     """Exponential moving average y_i = a x_i + (1 - a) y_{i-1} over rows, without a
     Python loop per frame (closed form per block of rows; per-column ``a``)."""
     out = np.empty_like(x)
-    key = tuple(float(v) for v in a)
     for s in range(0, x.shape[0], block):
         xb = x[s:s + block]
-        L, decay = _ema_matrix(xb.shape[0], key)
+        L, decay = _ema_matrix(xb.shape[0], a)
         out[s:s + block] = np.einsum("ijc,jc->ic", L, xb) + decay * y0
         y0 = out[s + xb.shape[0] - 1]
     return out
