@@ -28,9 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from giris.workers.sliding_history import slide
-
-_SILENT_DB = -70.0  # a level below this counts as silence
+from giris.workers.sliding_history import SILENT_DB, slide
 
 
 @dataclass
@@ -61,5 +59,5 @@ class NoiseFloor:
     def _floor(self, db: np.ndarray, fps: float, state: FloorState) -> np.ndarray:
         """The lowest of ``db`` over the last ``window_s``, this frame's included."""
         span = max(1, int(round(self.window_s * fps)))
-        windows, state.levels = slide(state.levels, np.maximum(db, _SILENT_DB), span, _SILENT_DB)
+        windows, state.levels = slide(state.levels, np.maximum(db, SILENT_DB), span, SILENT_DB)
         return windows.min(axis=1)

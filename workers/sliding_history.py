@@ -5,11 +5,15 @@ of the last fraction of a second (the noise floor: the lowest level of the last 
 the speech gate: the dips, glides and onsets of the last 0.6 s). A chunk brings a few
 frames; the session keeps the ``span - 1`` frames before them, so each new frame's window
 is whole and the result does not depend on how the audio is chunked. Before a session
-has heard that much, the missing frames are ``silence``.
+has heard that much, the missing frames are silence (``SILENT_DB`` for a level).
 """
 from __future__ import annotations
 
 import numpy as np
+
+#: a level (dBFS) at or below this is silence: what a session's windows hold before it has
+#: heard anything, and where the levels read through them are floored
+SILENT_DB = -70.0
 
 
 def slide(kept: np.ndarray, new: np.ndarray, span: int,

@@ -52,9 +52,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from giris.workers.frame_spectra import hann
-from giris.workers.sliding_history import slide
+from giris.workers.sliding_history import SILENT_DB, slide
 
-_SILENT_DB = -70.0          # levels below this count as silence
 _QUIET_S = 0.2              # an onset rises above everything this long before it
 _GLIDE = (0.003, 0.15)      # |Δ ln f0| between voiced frames that counts as a glide
 _CLARITY = 0.5              # normalised autocorrelation peak that makes a frame voiced
@@ -62,7 +61,7 @@ _F0 = (70.0, 500.0)         # pitch range searched (Hz)
 _VOICE_BAND = (150.0, 4000.0)  # autocorrelation band: not a fan's or a hum's low rumble
 _SPEECH_BAND = (80.0, 4000.0)
 _LEVEL, _BAND, _GLIDED = 0, 1, 2   # rows of GateState.hist
-_SILENCE = np.array([[_SILENT_DB], [_SILENT_DB], [0.0]])  # those rows before a session began
+_SILENCE = np.array([[SILENT_DB], [SILENT_DB], [0.0]])  # those rows before a session began
 
 Ramp = tuple[float, float]
 
@@ -114,7 +113,7 @@ class SpeechGate:
         glided = (f0 * prev > 0) & (step >= _GLIDE[0]) & (step <= _GLIDE[1])
 
         new = np.stack([db, band, glided])
-        np.maximum(new[:_GLIDED], _SILENT_DB, out=new[:_GLIDED])
+        np.maximum(new[:_GLIDED], SILENT_DB, out=new[:_GLIDED])
         w, state.hist = slide(state.hist, new, m, _SILENCE)
         depth = np.ptp(w[_BAND], axis=1)
         before = w[_LEVEL, :, m - 1 - q:m - 1].max(axis=1)
