@@ -34,6 +34,17 @@ def test_text_is_cleaned_of_symbols_and_cut_for_an_early_first_chunk():
     assert pieces("One two three four five six seven.", 0) == [("One two three four five six seven.", True)]
 
 
+def test_controls_part_words_and_terminal_escapes_go_whole():
+    """A control character was dropped, gluing the words either side ("word\x0bword" was
+    one word), and a colour code's "[31m" was read "thirty one m"."""
+    for sep in "\x0b\x0c\x85\x1e\x1f\x00\x07\x7f\u2028\u2029\t\r\n":
+        assert clean_text(f"word{sep}word") == "word word", repr(sep)
+    # format characters are not spaces: a zero-width joiner or a soft hyphen is inside a word
+    assert clean_text("He\u200bllo soft\xadware zero\u200dwidth") == "Hello software zerowidth"
+    assert clean_text("\x1b[1;31mError:\x1b[0m disk \x1b]0;title\x07full") == "Error: disk full"
+    assert pieces("Hello\x07\x1b[31m world\x08\x7f again", 0) == [("Hello world again", True)]
+
+
 def test_a_clause_too_long_for_one_run_is_cut_in_even_runs():
     """Piper's prior over one clause of 400 words took 12 s in one ONNX call (the worker was
     killed as hung): a long clause is cut at spaces into even runs, a long "word" by

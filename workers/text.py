@@ -38,8 +38,16 @@ _ABBREV = re.compile(r"(?:^|\s)(?:mr|mrs|ms|dr|prof|st|sr|jr|vs|etc|e\.g|i\.e|ap
                      r"(?:[^\W\d_]\.)+[^\W\d_])\.$",  # and dotted initials: a.m., U.S., J.R.R.
                      re.IGNORECASE)
 #: Unicode categories we drop before phonemizing: emoji and other symbols (espeak would
-#: read "🙂" out as "slightly smiling face"), controls, private use, surrogates, unassigned
-_DROP = {"So", "Sk", "Co", "Cs", "Cn", "Cc", "Cf"}
+#: read "🙂" out as "slightly smiling face"), format characters (zero-width joiners, soft
+#: hyphens), private use, surrogates, unassigned
+_DROP = {"So", "Sk", "Co", "Cs", "Cn", "Cf"}
+#: categories read as a space: controls (tab, vertical tab, form feed, NEL, the separators
+#: \x1c-\x1f, NUL; dropped, they glued words: "word\x0bword" was one) and line and
+#: paragraph separators
+_SPACE = {"Cc", "Zl", "Zp"}
+#: a terminal escape sequence (CSI "\x1b[31m", OSC "\x1b]...\x07", or ESC and one
+#: character): dropped whole, or "[31m" was read "thirty one m"
+_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 #: the longest clause one voice run takes: Piper's prior over 400 words took 12 s in one
 #: ONNX call (and the worker was killed as hung), over 30 words ~0.1 s
 MAX_CLAUSE_WORDS = 30
@@ -153,12 +161,13 @@ def drop_foreign(text: str, scripts: frozenset[str]) -> tuple[str, list[str]]:
 
 
 def clean_text(text: str) -> str:
-    """What the voice should read: NFC, symbols and controls dropped, spaces collapsed."""
-    text = unicodedata.normalize("NFC", text)
+    """What the voice should read: NFC, terminal escapes and symbols dropped, controls
+    and separators a space (they part words), spaces collapsed."""
+    text = unicodedata.normalize("NFC", _ESCAPE.sub("", text))
     kept = []
     for ch in text:
         cat = unicodedata.category(ch)
-        if ch in "\t\n\r":
+        if cat in _SPACE:
             kept.append(" ")
         elif cat not in _DROP:
             kept.append(ch)
