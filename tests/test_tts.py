@@ -45,6 +45,21 @@ def test_controls_part_words_and_terminal_escapes_go_whole():
     assert pieces("Hello\x07\x1b[31m world\x08\x7f again", 0) == [("Hello world again", True)]
 
 
+def test_markup_is_read_as_its_text():
+    """LLM output is Markdown and some clients send SSML or HTML: espeak read their marks
+    ("asterisk asterisk bold", "speak hello break time equals three s slash", "and amp")."""
+    said = lambda text: " ".join(p for p, _ in pieces(text, 0))  # noqa: E731
+    assert said('<speak>Hello <break time="3s"/> <prosody rate="slow">world</prosody></speak>') == "Hello world"
+    assert said('<?xml version="1.0"?><!-- note --><p>One</p><p>Two</p>') == "One Two"
+    assert said("# Title\n\n**Bold** and _italic_ and `code` and [a link](http://x.y).\n\n"
+                "- item one\n- item two") == "Title. Bold and italic and code and a link. item one. item two"
+    assert said("Tom &amp; Jerry &lt;3 &quot;ok&quot;") == 'Tom & Jerry <3 "ok"'
+    assert said("> quoted *here*\n\n***\n\n```python\nprint(1)\n```\n~~old~~ new") == "quoted here. print(1) old new"
+    # what only looks like markup stays
+    for text in ("a < b and c > d", "x<y and y>z", "2*3*4 and 2**3", "snake_case_name", "AT&T and R&D"):
+        assert said(text) == text
+
+
 def test_a_clause_too_long_for_one_run_is_cut_in_even_runs():
     """Piper's prior over one clause of 400 words took 12 s in one ONNX call (the worker was
     killed as hung): a long clause is cut at spaces into even runs, a long "word" by

@@ -19,6 +19,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from giris.workers.engine import EngineError
+from giris.workers.markup import strip_markup
 
 #: closing quotes and brackets that may follow a sentence's last mark
 _CLOSE = "\"')\\]”’»›」』）】〕〗〙〛》〉］｝"
@@ -287,9 +288,10 @@ def pieces(text: str, first_words: int, reader: Reader | None = None) -> list[tu
     pauses there anyway): a chunk is the unit a ``cancel`` waits for, so chunks stay short;
     only the very first clause is also cut after ``first_words`` words. Letters of a script
     ``reader`` does not read are dropped like symbols; text with nothing readable left is
-    the caller's error (``bad_input``), and so are pieces of punctuation alone skipped."""
+    the caller's error (``bad_input``), and so are pieces of punctuation alone skipped.
+    Markup is read as its text (:mod:`giris.workers.markup`)."""
     # a paragraph that ends without punctuation (a heading, a list item) still ends there
-    clean = clean_text(_PARAGRAPH_END.sub(r"\1.\n", text))
+    clean = clean_text(_PARAGRAPH_END.sub(r"\1.\n", strip_markup(text)))
     if reader is None or reader.language.lower().startswith("en"):
         clean = spell_money(clean)
     foreign: list[str] = []
