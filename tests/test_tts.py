@@ -747,3 +747,36 @@ def test_a_first_clause_cut_mid_phrase_joins_without_a_pause(piper):
     j = texts.index("more.")
     tail = np.concatenate(pcm[texts.index("And then,"):j])
     assert (len(tail) - 1 - np.flatnonzero(tail > 400)[-1] + np.flatnonzero(pcm[j] > 400)[0]) / sr > 0.1
+
+
+def test_no_call_of_the_voice_takes_more_than_a_run_of_phonemes(piper, monkeypatch):
+    """``"1%" * 100`` is one clause of 200 characters but ~1,300 phonemes: one call of the
+    prior blocked the worker 8.3 s (the hang watchdog kills it at 10). Each part espeak
+    makes is run in runs of at most ``MAX_RUN_PHONEMES``, cut between words."""
+    import time
+
+    from giris.workers.tts_piper import MAX_RUN_PHONEMES, phoneme_runs
+
+    assert phoneme_runs(list("ab cd ef"), 3) == [list("ab"), list("cd"), list("ef")]
+    assert phoneme_runs(list("abcdefgh ij"), 3) == [list("abc"), list("def"), list("gh"), list("ij")]
+    sizes: list[int] = []
+    real = piper._speech
+
+    def counted(voice, phonemes, *args, **kw):
+        sizes.append(len(phonemes))
+        return real(voice, phonemes, *args, **kw)
+
+    monkeypatch.setattr(piper, "_speech", counted)
+    state = piper.open_session({})
+    item = StageInput(type="say", seq=0, pts=0.0, meta={"utterance": 1, "text": "1%" * 100})
+    waits, samples, last = [], 0, time.monotonic()
+    for o in piper.process(item, state):
+        waits.append(time.monotonic() - last)
+        last = time.monotonic()
+        samples += 0 if o is None else len(o.tensors[0])
+    assert max(sizes) <= MAX_RUN_PHONEMES and sum(sizes) > 1200, sizes
+    assert max(waits) < 3.0, max(waits)
+    assert samples / piper.sample_rate > 50  # every "one percent" said
+    sizes.clear()
+    run(piper, "Good morning everyone and welcome to our quarterly review of the project.")
+    assert len(sizes) == 2  # prose: one call a clause, as before

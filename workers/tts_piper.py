@@ -9,8 +9,8 @@ guessing them from the sound.
 Streaming: the text is cleaned (with the letters of scripts the voice's language is not
 written in, which espeak would spell out by name) and cut into sentences and clauses (the
 very first clause, when long, after a few words, and any too long for one run in even
-runs; see :mod:`giris.workers.text`); each clause runs the voice's
-front once and its decoder window by window (:mod:`giris.workers.piper_net`): the first
+runs; see :mod:`giris.workers.text`); each clause (or, where espeak makes more than
+``MAX_RUN_PHONEMES`` phonemes of it, each even run of them) runs the voice's front once and its decoder window by window (:mod:`giris.workers.piper_net`): the first
 window of an utterance is ~0.05 s of speech (the first video frame or two: the smaller
 it is, the sooner the first frame; ~0.19 s when the worker's other sessions are speaking
 too), the next ones twice as long each time up to ~0.75 s. Each window
@@ -49,6 +49,7 @@ the voices' cut and optimized graphs are kept, so the worker starts ~2 s sooner
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -74,6 +75,11 @@ JOINT_LEAD_S = 0.02
 TARGET_RMS = 0.08
 CALIBRATION = "The quick brown fox jumps over the lazy dog, and then it rests."
 WARM = "Hello there."
+#: the most phonemes one run of the voice takes: the prior's cost grows faster than its
+#: input, and espeak may make many phonemes of few characters ("1%" * 100: ~1,300, one
+#: 8.3 s call, and the worker was nearly killed as hung); a 200-character clause of prose
+#: is ~210, ~0.1-0.3 s
+MAX_RUN_PHONEMES = 256
 #: how far past a chunk's end its ``ahead`` phonemes reach (the longest anticipatory
 #: coarticulation reach is 0.09 s; at three times that its weight is below 1 %)
 AHEAD_S = 0.3
@@ -362,11 +368,13 @@ class PiperEngine(TTSEngine):
         batch = bool(meta.get("batch"))
         joint = False  # the previous run ended where the text was cut mid-phrase
         for i, (piece, sentence_end) in enumerate(plan):
-            parts = [p for p in voice.piper.phonemize(piece) if p]  # espeak may split further
+            # espeak may split a piece further; each part in runs the voice takes at once
+            parts = [(run, j < len(runs) - 1) for p in voice.piper.phonemize(piece) if p
+                     for runs in [phoneme_runs(p)] for j, run in enumerate(runs)]
             # cut mid-phrase (the first clause after a few words, a long one in runs): the
             # two runs meet without the pause each one's edge would make
             cut = not sentence_end and piece[-1:].isalnum() and i < len(plan) - 1
-            for k, phonemes in enumerate(parts):
+            for k, (phonemes, mid) in enumerate(parts):
                 last_part = i == len(plan) - 1 and k == len(parts) - 1
                 n = 0
                 for chunk in self._speech(voice, phonemes, syn, gain, first=i == k == 0, batch=batch):
@@ -377,7 +385,7 @@ class PiperEngine(TTSEngine):
                     if joint and n == 0:
                         trim_edge(chunk, end=False, keep_s=JOINT_LEAD_S)
                         joint = False
-                    if chunk.last and cut and k == len(parts) - 1:
+                    if chunk.last and (mid or cut and k == len(parts) - 1):
                         trim_edge(chunk, end=True, keep_s=JOINT_TAIL_S)
                         joint = True
                     if chunk.last and sentence_end and k == len(parts) - 1:
@@ -461,6 +469,37 @@ class PiperEngine(TTSEngine):
 def _voice(spec: Mapping[str, Any], default: str) -> str:
     """The voice a session names (none, or "": the server's default)."""
     return str(spec.get("voice") or default)
+
+
+def phoneme_runs(phonemes: list[str], limit: int = MAX_RUN_PHONEMES) -> list[list[str]]:
+    """``phonemes`` (one sentence of Piper's) in runs of at most ``limit``, as even as can
+    be, cut between words (at Piper's spaces), a word longer than ``limit`` at the limit:
+    no call of the voice blocks its worker (and its other sessions) for seconds."""
+    if len(phonemes) <= limit:
+        return [phonemes]
+    size = len(phonemes) / math.ceil(len(phonemes) / limit)  # the even run
+    words: list[list[str]] = [[]]  # each with the space after it
+    for ph in phonemes:
+        words[-1].append(ph)
+        if ph == " ":
+            words.append([])
+    runs: list[list[str]] = [[]]
+    done = 0
+    for word in (w[i:i + limit] for w in words for i in range(0, len(w), limit)):
+        # a new run at the word boundary nearest the even cut, or where this one is full
+        if runs[-1] and (len(runs[-1]) + len(word) > limit or done + len(word) / 2 > size * len(runs)):
+            runs.append([])
+        runs[-1] += word
+        done += len(word)
+    out = []
+    for run in runs:
+        while run and run[-1] == " ":
+            run = run[:-1]
+        while run and run[0] == " ":
+            run = run[1:]
+        if run:
+            out.append(run)
+    return out
 
 
 def _reader(name: str, cfg: Any) -> Reader | None:
