@@ -71,16 +71,55 @@ def test_a_clause_too_long_for_one_run_is_cut_in_even_runs():
     assert sum(runs) == 395 and max(runs) <= 40 and max(runs) - min(runs) <= 1
     assert all(len(p) <= 200 for p, _ in plan)
     plan = pieces("a" * 1990, 4)
-    assert "".join(p for p, _ in plan) == "a" * 1990 and len(plan) == 10
-    assert all(len(p) <= 200 for p, _ in plan)
+    assert "".join(p for p, _ in plan).replace(" ", "") == "a" * 1990
+    assert all(len(p) <= 200 for p, _ in plan) and len(plan) == 13
     plan = pieces("Say " + "x" * 450 + " and more words here, fine.", 0)
-    assert [p for p, _ in plan] == ["Say", *["x" * 150] * 3, "and more words here,", "fine."]
+    assert [p for p, _ in plan][-2:] == ["xxxxxxxxxx and more words here,", "fine."]
+    assert " ".join(p for p, _ in plan[:-2]).split() == ["Say", *["x" * 40] * 11]
     # a long word's cut does not part a letter from its combining marks
     word = "q\u0301" * 101 + "q"  # (no letter q-acute: NFC leaves the mark apart)
-    plan = [p for p, _ in pieces(word, 0)]
-    assert "".join(plan) == word and len(plan) == 2
-    assert not any(p.startswith("\u0301") for p in plan)
+    parts = " ".join(p for p, _ in pieces(word, 0)).split()
+    assert "".join(parts) == word and max(map(len, parts)) <= 40
+    assert not any(p.startswith("\u0301") for p in parts)
     assert pieces("Short one, and done.", 4) == [("Short one,", False), ("and done.", True)]
+
+
+def test_no_word_espeak_is_given_overruns_its_buffers():
+    """espeak-ng joins dotted initials ("U.S.A.") into one word in an 80-byte buffer, unchecked:
+    ``"W." * 97`` killed the tts worker (SIGSEGV; end to end in the next test).
+    A run of them is read in groups, still spelled, and no "word" is longer than 40."""
+    from giris.workers.text import MAX_INITIALS, MAX_WORD_CHARS, espeak_words
+
+    assert espeak_words("U.S.A. and J.R.R.T. Tolkien") == ["U.S.A.", "and", "J.R.R.T.", "Tolkien"]
+    assert espeak_words("A.B.C.D.E.F.G.H.I.") == ["A.B.C.D", "E.F.G.H.I."]  # even groups
+    for text in ("W." * 100, "é." * 100, "W.X." * 50, "Hello " + "W." * 97 + "'s", "w." * 99 + "w"):
+        words = espeak_words(text)
+        assert "".join(words).replace(".", "") == text.replace(".", "").replace(" ", "")
+        assert all(w.count(".") <= MAX_INITIALS and len(w) <= MAX_WORD_CHARS for w in words), words
+        assert pieces(text, 4) and all(len(w) <= MAX_WORD_CHARS for p, _ in pieces(text, 4) for w in p.split())
+    # a long address is cut after its punctuation where it can be
+    assert espeak_words("https://www.example.com/path/to/some/very/long/page.html?q=1") == [
+        "https://www.example.com/path/to/some/", "very/long/page.html?q=1"]
+    assert espeak_words("s'" * 220) == ["s'" * 20] * 11  # espeak's suffix buffer overran too
+
+
+def test_a_voice_service_survives_runs_of_dotted_initials(make_server):
+    """``say("W." * 100)`` segfaulted espeak-ng in the tts worker, every time: a client
+    sending six marked the stage failed for every session. Through a real server (a voice
+    service: Piper alone), each is said, spelled, and the worker never restarts."""
+    from tests.conftest import collect
+
+    srv = make_server({"stages": {"tts": {"engine": "piper", "cpus": []}},
+                       "timeouts": {"worker_timeout": 10.0}})
+    s = srv.client(timeout=60).open_session(want=["audio"])
+    pid = next(w["pid"] for w in srv.status()["workers"] if w["stage"] == "tts")
+    for text in ("W." * 100, "é." * 60, "w." * 99 + "w", "W.X." * 50):
+        out = collect(s, text, timeout=60)
+        done = out["events"][-1]
+        assert done.kind == "utterance_done" and done.meta["complete"], (text, out["events"])
+        assert sum(len(a.pcm) for a in out["audio"]) > 10 * 22050  # a hundred letters, spelled
+    w = next(w for w in srv.status()["workers"] if w["stage"] == "tts")
+    assert w["pid"] == pid and w["restarts"] == 0
 
 
 def test_sentences_and_clauses_end_at_the_punctuation_of_every_script():

@@ -53,6 +53,14 @@ _ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|
 #: ONNX call (and the worker was killed as hung), over 30 words ~0.1 s
 MAX_CLAUSE_WORDS = 30
 MAX_CLAUSE_CHARS = 200
+#: the longest run without a space espeak-ng is given: it copies a word's parts into
+#: fixed buffers unchecked (1.52, in Piper 1.8): ``"W." * 97`` overran its 80-byte buffer of
+#: dotted initials and killed the worker (SIGSEGV), and ``"s'" * 220`` its 200-byte one of
+#: suffixes. No dictionary word is longer; 40 characters of 4 bytes fill its 160-byte word
+MAX_WORD_CHARS = 40
+#: dotted initials read as one abbreviation ("U.S.A."): more are read in groups of this many
+MAX_INITIALS = 8
+_INITIALS = re.compile(rf"(?:[^\W\d_]\.){{{MAX_INITIALS + 1},}}")
 
 #: script (as named here) → languages (espeak-ng voice names, before any "-") written in
 #: it; Latin is read by every voice (espeak-ng reads a Latin word in any language, the
@@ -239,20 +247,27 @@ def split_clauses(sentence: str, first_words: int) -> list[str]:
 def cut_long(clause: str) -> list[str]:
     """``clause`` in runs of at most ``MAX_CLAUSE_WORDS`` words and ``MAX_CLAUSE_CHARS``
     characters, as even as can be: a voice's run over one long clause costs more than
-    linearly (and blocks its worker meanwhile). A "word" longer than that alone (no spaces:
-    a script written without them, or junk) is cut by characters."""
-    words = clause.split()
-    if len(words) <= MAX_CLAUSE_WORDS and len(clause) <= MAX_CLAUSE_CHARS:
-        return [clause]
-    out: list[str] = []
-    run: list[str] = []
-    for word in words:
-        if len(word) <= MAX_CLAUSE_CHARS:
-            run.append(word)
-            continue
-        out += _even_runs(run) + _cut_word(word, math.ceil(len(word) / MAX_CLAUSE_CHARS))
-        run = []
-    return out + _even_runs(run)
+    linearly (and blocks its worker meanwhile). Its words are first made ones espeak can
+    take (:func:`espeak_words`)."""
+    words = espeak_words(clause)
+    if len(words) <= MAX_CLAUSE_WORDS and len(" ".join(words)) <= MAX_CLAUSE_CHARS:
+        return [" ".join(words)]
+    return _even_runs(words)
+
+
+def espeak_words(text: str) -> list[str]:
+    """The words of ``text``, none that espeak-ng would overrun a buffer with: dotted
+    initials in even groups of at most ``MAX_INITIALS`` (each but the last without its final dot:
+    "W.W.W" is still spelled, and a dot before a space would end a sentence), then a "word"
+    longer than ``MAX_WORD_CHARS`` (junk, a long address, a script written without spaces)
+    cut into several (:func:`_cut_word`)."""
+    def grouped(m: re.Match) -> str:
+        letters = len(m.group()) // 2
+        n = math.ceil(letters / MAX_INITIALS)
+        groups = [m.group()[2 * (i * letters // n):2 * ((i + 1) * letters // n)] for i in range(n)]
+        return " ".join([g[:-1] for g in groups[:-1]] + groups[-1:])
+
+    return [part for word in _INITIALS.sub(grouped, text).split() for part in _cut_word(word)]
 
 
 def _even_runs(words: list[str]) -> list[str]:
@@ -269,17 +284,27 @@ def _even_runs(words: list[str]) -> list[str]:
         n += 1
 
 
-def _cut_word(word: str, n: int) -> list[str]:
-    """``word`` in ``n`` nearly equal runs of characters, no run starting with a combining
-    mark (it stays with its letter)."""
-    cuts = [0]
-    for i in range(1, n):
-        j = max(i * len(word) // n, cuts[-1])
-        while j < len(word) and unicodedata.category(word[j]).startswith("M"):
-            j += 1
-        cuts.append(j)
-    cuts.append(len(word))
-    return [word[a:b] for a, b in zip(cuts, cuts[1:]) if a < b]
+def _cut_word(word: str) -> list[str]:
+    """``word`` in parts of at most ``MAX_WORD_CHARS`` characters: each cut after a mark
+    or symbol in the part's second half where there is one ("example.com/" "path/to"),
+    else at the limit; no part starts with a combining mark (it stays with its letter)
+    but in a flood of them, which is cut like the rest."""
+    parts: list[str] = []
+    while len(word) > MAX_WORD_CHARS:
+        cut = next((j for j in range(MAX_WORD_CHARS, MAX_WORD_CHARS // 2, -1)
+                    if unicodedata.category(word[j - 1])[0] in "PS" and not _mark(word[j])), 0)
+        if not cut:
+            cut = MAX_WORD_CHARS
+            while cut > 0 and _mark(word[cut]):
+                cut -= 1
+            cut = cut or MAX_WORD_CHARS
+        parts.append(word[:cut])
+        word = word[cut:]
+    return parts + [word] if word else parts
+
+
+def _mark(ch: str) -> bool:
+    return unicodedata.category(ch).startswith("M")
 
 
 def pieces(text: str, first_words: int, reader: Reader | None = None) -> list[tuple[str, bool]]:
