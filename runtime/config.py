@@ -6,6 +6,7 @@ motion → warp renderer) on the CPU over a private ``ipc://`` socket.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import sys
@@ -29,11 +30,25 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, 
 def parse_bytes(value: Any) -> int:
     """``8GiB``, ``512 MB``, ``1e9`` or an int -> bytes."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(value))
+        try:
+            n = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else math.nan
+        except (ValueError, KeyError):
+            n = math.nan
+    if not math.isfinite(n):  # (int(inf) raised OverflowError from deep in the load)
         raise ValueError(f"not a size: {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return int(value) if isinstance(value, int) else int(n)
+
+
+def _size(table: Mapping[str, Any], key: str, where: str) -> int:
+    """``parse_bytes`` of ``table[key]``, a refusal naming the key ("not a size: 'lots'"
+    did not say which)."""
+    try:
+        return parse_bytes(table[key])
+    except ValueError as e:
+        raise ValueError(f"[{where}] {key}: {e} (e.g. \"512MiB\", \"8GiB\" or a byte count)") from None
 
 
 @dataclass
@@ -186,9 +201,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             section = dict(_table(data[name], name))
             for key in sizes.get(name, ()):
                 if key in section:
-                    section[key] = parse_bytes(section[key])
+                    section[key] = _size(section, key, name)
             setattr(cfg, name, _fill(type(getattr(cfg, name)), section, name))
-    cfg.budgets = {str(k): parse_bytes(v) for k, v in _table(data.get("budgets", {}), "budgets").items()}
+    budgets = _table(data.get("budgets", {}), "budgets")
+    cfg.budgets = {str(k): _size(budgets, k, "budgets") for k in budgets}
     if "defaults" in data:
         cfg.defaults.update(_table(data["defaults"], "defaults"))
     stages = _table(data.get("stages", {}), "stages")
@@ -197,7 +213,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         for name, sc in stages.items():
             sc = dict(_table(sc, f"stages.{name}"))  # a copy: sizes are parsed in it
             if "pool_slot_bytes" in sc:
-                sc["pool_slot_bytes"] = parse_bytes(sc["pool_slot_bytes"])
+                sc["pool_slot_bytes"] = _size(sc, "pool_slot_bytes", f"stages.{name}")
             cfg.stages[name] = _fill(StageConfig, sc, f"stages.{name}")
     else:
         cfg.stages = default_stages(cfg.limits.max_size)
@@ -216,9 +232,15 @@ _SCALARS: dict[str, tuple[Any, str]] = {"int": (int, "an integer"), "float": ((i
                                         "bool": (bool, "true or false"), "str": (str, "a string")}
 
 
+#: the smallest ``max_message_bytes``: a ``say`` of ``max_text_chars`` with its header
+#: fits many times over (0 or a negative size failed every request, status included)
+MIN_MESSAGE_BYTES = 64 * 1024
+
+
 def _check_ranges(cfg: "Config") -> None:
     """Numbers out of their range, in one place (a negative idle timeout closed every
     session as it opened, after a SIGHUP reload took it live)."""
+    _check_finite(cfg)
     for section in ("timeouts", "limits", "restart"):
         for f in fields(getattr(cfg, section)):
             v = getattr(getattr(cfg, section), f.name)
@@ -232,6 +254,10 @@ def _check_ranges(cfg: "Config") -> None:
     if not 0 <= cfg.server.metrics_port <= 65535:
         raise ValueError(f"[server] metrics_port must be 0 (off) or a port in 1..65535, "
                          f"not {cfg.server.metrics_port}")
+    if cfg.server.max_message_bytes < MIN_MESSAGE_BYTES:
+        raise ValueError(f"[server] max_message_bytes must be at least {MIN_MESSAGE_BYTES} "
+                         f"(64 KiB; an avatar image travels in one message), not {cfg.server.max_message_bytes}")
+    _check_ipc_mode(cfg.server.ipc_mode)
     for device, n in cfg.budgets.items():
         if n < 0:
             raise ValueError(f"[budgets] {device} must be ≥ 0 bytes, not {n}")
@@ -250,6 +276,35 @@ def _check_ranges(cfg: "Config") -> None:
                 raise ValueError(f"[stages.{name}] {key} must be ≥ 0")
         if sc.block_timeout <= 0:
             raise ValueError(f"[stages.{name}] block_timeout must be > 0")
+
+
+def _check_finite(cfg: "Config") -> None:
+    """``inf`` and ``nan`` are valid TOML but no setting's value (``worker_start = inf``
+    was taken, then crashed the server with an OverflowError): one rule for every number
+    of every section (a stage's ``options`` are its engine's to judge)."""
+    tables = to_mapping(cfg)
+    for name, stage in tables.pop("stages").items():
+        stage.pop("options", None)
+        tables[f"stages.{name}"] = stage
+    for where, table in tables.items():
+        for key, v in table.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"[{where}] {key} must be a finite number, not {v!r}")
+
+
+def _check_ipc_mode(mode: int) -> None:
+    """The ipc socket's permission bits: 0..0o777, and the owner (the server's user) may
+    connect. A decimal ``600`` (0o1130) or ``-1`` (0o7777 once masked: anyone) was
+    chmod'ed as is; a value past 0o777 written in octal digits gets the octal spelling."""
+    if not 0 <= mode <= 0o777:
+        digits = str(mode)
+        hint = (f"; write it in octal: ipc_mode = 0o{digits}" if mode > 0o777 and set(digits) <= set("01234567")
+                and int(digits, 8) <= 0o777 else "")
+        raise ValueError(f"[server] ipc_mode must be permission bits in 0o000..0o777 "
+                         f"(e.g. 0o600, 0o660), not {mode}{hint}")
+    if mode & 0o600 != 0o600:
+        raise ValueError(f"[server] ipc_mode {mode:#o} leaves the server's own user unable to "
+                         "connect (it needs 0o600: read and write)")
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:

@@ -58,6 +58,10 @@ class Gateway:
                 log.warning("serving tcp WITHOUT encryption or authentication",
                             extra={"endpoint": endpoint})
         path = ipc_path(endpoint)
+        if path and cfg.ipc_mode & 0o007 and not cfg.insecure:
+            raise GirisError(f"server.ipc_mode {cfg.ipc_mode:#o} lets every local user connect, with no "
+                             "authentication: use 0o660 (the socket's group) or an explicit --insecure",
+                             code="insecure_endpoint")
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             _claim(path, endpoint)
@@ -71,6 +75,10 @@ class Gateway:
             os.umask(old)
         if path:
             os.chmod(path, cfg.ipc_mode)  # owner only unless configured, whatever the dir allows
+            if cfg.ipc_mode & 0o077:
+                log.warning("the ipc socket admits more than its owner", extra={
+                    "path": path, "mode": f"{cfg.ipc_mode:#o}",
+                    "who": "every local user" if cfg.ipc_mode & 0o007 else "its group"})
             self._socket_file = (path, os.stat(path).st_ino)
 
     def close(self) -> None:

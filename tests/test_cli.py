@@ -151,6 +151,8 @@ def test_a_config_value_of_the_wrong_type_is_named():
         with pytest.raises(ValueError, match=f"\\[{section}\\] {key} must be"):  # out of range
             from_mapping({section: {key: value}})
     assert from_mapping({"limits": {"live_capacity": 0}}).limits.live_capacity == 0  # no limit
+    server = from_mapping({"server": {"ipc_mode": 0o660, "max_message_bytes": "1MiB"}}).server
+    assert (server.ipc_mode, server.max_message_bytes) == (0o660, 1 << 20)
 
 
 @pytest.mark.parametrize("data, said", [
@@ -168,6 +170,23 @@ def test_a_config_value_of_the_wrong_type_is_named():
     ({"defaults": {"emotions": "happy"}}, "[defaults] unknown session option(s): emotions"),
     ({"defaults": {"emotion": 3}}, "[defaults] emotion must be a string"),
     ({"defaults": {"want": ["video"]}}, "[defaults] want must be a list drawn from"),
+    # inf and nan are valid TOML: worker_start = inf crashed the server with OverflowError
+    ({"timeouts": {"worker_start": float("inf")}}, "[timeouts] worker_start must be a finite number, not inf"),
+    ({"stages": {"render": {"engine": "warp", "block_timeout": float("nan")}}},
+     "[stages.render] block_timeout must be a finite number, not nan"),
+    ({"defaults": {"intensity": float("inf")}}, "[defaults] intensity must be a finite number"),
+    ({"budgets": {"cpu": float("inf")}}, "[budgets] cpu: not a size: inf"),
+    ({"budgets": {"cpu": "lots"}}, "[budgets] cpu: not a size: 'lots'"),  # (no key was named)
+    ({"stages": {"render": {"engine": "warp", "pool_slot_bytes": "big"}}},
+     "[stages.render] pool_slot_bytes: not a size: 'big'"),
+    # the socket was chmod'ed with these as is: -1 made it 7777, a decimal 600 made it 1130
+    ({"server": {"ipc_mode": -1}}, "[server] ipc_mode must be permission bits in 0o000..0o777"),
+    ({"server": {"ipc_mode": 600}}, "write it in octal: ipc_mode = 0o600"),
+    ({"server": {"ipc_mode": 0o1600}}, "[server] ipc_mode must be permission bits"),
+    ({"server": {"ipc_mode": 0o060}}, "leaves the server's own user unable to connect"),
+    # every request failed
+    ({"server": {"max_message_bytes": 0}}, "[server] max_message_bytes must be at least 65536"),
+    ({"server": {"max_message_bytes": -5}}, "[server] max_message_bytes must be at least 65536"),
 ])
 def test_config_shapes_and_ranges_are_named_at_load(data, said):
     """These went through as a TypeError traceback, a bind() OverflowError, a worker crash

@@ -2,6 +2,7 @@
 other's sessions. Loopback only."""
 from __future__ import annotations
 
+import os
 import socket as pysocket
 import time
 from pathlib import Path
@@ -104,3 +105,17 @@ def test_tcp_without_curve_needs_insecure(make_server, tmp_path):
     frames = collect(s, "one two")["frames"]
     assert frames and srv2.status()["pools"] and all(
         p["in_use"] == 0 for p in srv2.status()["pools"].values())
+
+
+def test_an_ipc_socket_open_to_every_user_needs_insecure(make_server):
+    """``ipc_mode`` with bits for others (anyone on the host may connect, unauthenticated)
+    is refused without --insecure, as tcp without CURVE is; a group mode is taken, and
+    logged (the mode was chmod'ed as given, -1 as 7777)."""
+    srv = make_server({"server": {"ipc_mode": 0o666}}, wait=False)
+    assert srv.proc.wait(60) == 2
+    assert "server.ipc_mode 0o666 lets every local user connect" in srv.logs()
+    srv = make_server({"server": {"ipc_mode": 0o660}})
+    path = srv.endpoint[len("ipc://"):]
+    assert os.stat(path).st_mode & 0o777 == 0o660
+    assert "the ipc socket admits more than its owner" in srv.logs() and "its group" in srv.logs()
+
