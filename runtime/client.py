@@ -1148,23 +1148,49 @@ def _read_avatar(path: str | os.PathLike) -> bytes:
         raise BadInput(f"avatar file {str(path)!r} cannot be read: {e.strerror or e}") from None
 
 
+#: ZeroMQ's Z85 alphabet: a CURVE key written out is 40 of these characters
+_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+
+
+def _is_z85_key(key: str | bytes) -> bool:
+    text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+    return len(text) == 40 and set(text) <= _Z85
+
+
+def _keypair(path: str | os.PathLike, what: str) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from a key file ``giris keys`` wrote; ``bad_key`` naming it."""
+    from zmq.auth import load_certificate
+
+    try:
+        return load_certificate(path)
+    except (OSError, ValueError) as e:
+        why = "does not exist" if not os.path.exists(path) else f"cannot be read as a key: {e}"
+        raise GirisError(f"{what} file {str(path)!r} {why}", code="bad_key") from None
+
+
 def _curve_keys(server_key: Any, client_keys: Any) -> tuple[bytes, bytes, bytes] | None:
+    """(server public, client public, client secret) for CURVE; None without a server key.
+    ``server_key`` is the key itself (40 Z85 characters) or its file: anything else is a
+    file that is not there (it was taken as a key: "cannot connect: Invalid argument")."""
     if server_key is None:
+        if client_keys is not None:  # (it was ignored: the connection went out in the clear)
+            raise GirisError("a client key needs the server's public key too (server_key, "
+                             "--server-key): CURVE takes both", code="bad_key")
         return None
-    from zmq.auth import load_certificate as load_keypair
-
-    if isinstance(server_key, (str, os.PathLike)) and os.path.exists(server_key):
-        server_key = load_keypair(server_key)[0]
-    if isinstance(server_key, str):
-        server_key = server_key.encode()
+    if isinstance(server_key, bytes) and not (_is_z85_key(server_key) or len(server_key) == 32):
+        raise GirisError("server_key must be a 40-character Z85 key (or 32 raw bytes) or a key file",
+                         code="bad_key")
+    if not isinstance(server_key, bytes):
+        if isinstance(server_key, str) and _is_z85_key(server_key) and not os.path.exists(server_key):
+            server_key = server_key.encode()
+        else:
+            server_key = _keypair(server_key, "server key")[0]
     if client_keys is None:
-        import zmq as _z
-
-        public, secret = _z.curve_keypair()
+        public, secret = zmq.curve_keypair()
     elif isinstance(client_keys, tuple):
         public, secret = client_keys
     else:
-        public, secret = load_keypair(client_keys)
+        public, secret = _keypair(client_keys, "client key")
     if secret is None:
-        raise GirisError("client key file has no secret key", code="bad_key")
+        raise GirisError("client key file has no secret key (use the .key_secret file)", code="bad_key")
     return server_key, public, secret

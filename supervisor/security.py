@@ -30,9 +30,12 @@ def enable_curve(ctx: zmq.Context, sock: zmq.Socket, secret_key_file: str,
     if not secret:
         raise GirisError(f"{secret_key_file!r} holds no secret key (use the .key_secret file)",
                          code="bad_key")
-    if not client_keys or not os.path.exists(client_keys):
+    if not client_keys:
         raise GirisError("CURVE needs an allow-list of client public keys "
                          "(server.curve_client_keys: a directory of .key files)", code="bad_key")
+    if not os.path.exists(client_keys):  # (it read as if none was set)
+        raise GirisError(f"server.curve_client_keys {client_keys!r} does not exist (a directory "
+                         "of .key files, or one file)", code="bad_key")
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("giris.zap"))
     auth.start()
     if os.path.isdir(client_keys):

@@ -119,3 +119,28 @@ def test_an_ipc_socket_open_to_every_user_needs_insecure(make_server):
     assert os.stat(path).st_mode & 0o777 == 0o660
     assert "the ipc socket admits more than its owner" in srv.logs() and "its group" in srv.logs()
 
+
+def test_key_files_that_are_not_there_are_named(make_server, keys, tmp_path):
+    """A missing --server-key file was taken as a key ("cannot connect: Invalid argument"),
+    a client key without a server key was ignored (the connection went out in the clear),
+    and a curve_client_keys path that is not there read as if none was set."""
+    missing = tmp_path / "nowhere" / "server.key"
+    with pytest.raises(GirisError, match=f"server key file '{missing}' does not exist") as e:
+        Client("tcp://127.0.0.1:1", server_key=str(missing))
+    assert e.value.code == "bad_key"
+    with pytest.raises(GirisError, match="client key file '.*mallory.key_secretT' does not exist"):
+        Client("tcp://127.0.0.1:1", server_key=str(keys["server_public"]),
+               client_keys=str(keys["mallory"]) + "T")
+    with pytest.raises(GirisError, match="a client key needs the server's public key") as e:
+        Client("tcp://127.0.0.1:1", client_keys=str(keys["alice"]))
+    assert e.value.code == "bad_key"
+    with pytest.raises(GirisError, match="40-character Z85 key"):
+        Client("tcp://127.0.0.1:1", server_key=b"short")
+    z85 = zmq.auth.load_certificate(keys["server_public"])[0]
+    Client("tcp://127.0.0.1:1", server_key=z85.decode(), timeout=1).close()  # the key itself
+    gone = tmp_path / "no-clients"
+    srv = make_server({"server": {"endpoint": f"tcp://127.0.0.1:{_free_port()}",
+                                  "curve_secret_key": str(keys["server_secret"]),
+                                  "curve_client_keys": str(gone)}}, wait=False)
+    assert srv.proc.wait(60) == 2
+    assert f"server.curve_client_keys '{gone}' does not exist" in srv.logs()
