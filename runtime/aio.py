@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, TypeVar
 import numpy as np
 
 from giris.runtime import protocol as P
-from giris.runtime.client import Client, Coefficients, Frame, Item, Session
+from giris.runtime.client import Client, Coefficients, Frame, Item, Session, _seconds
 from giris.runtime.errors import BadInput, GirisError, ServerGone, Timeout
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class AsyncStream(_ClosedWhenDropped):
     def __init__(self, session: AsyncSession, utterance: int, timeout: float | None,
                  cancel_on_exit: bool) -> None:
         self.session, self.utterance = session, utterance
-        self._limit = timeout or session.sync.client.timeout
+        self._limit = session.sync.client.timeout if timeout is None else _seconds(timeout, "timeout")
         self._cancel_on_exit = cancel_on_exit
         #: nothing more is read through this object (its utterance_done or an error came,
         #: or it was closed): nothing to cancel

@@ -109,8 +109,8 @@ class Client:
                  context: zmq.Context | None = None, timeout: float = 30.0,
                  heartbeat: float = 2.0) -> None:
         self.endpoint = endpoint
-        self.timeout = timeout
-        self.heartbeat = heartbeat
+        self.timeout = _seconds(timeout, "timeout")
+        self.heartbeat = _seconds(heartbeat, "heartbeat")
         self._ctx = context or zmq.Context.instance()
         self._reqs = itertools.count(1)
         self._waiters: dict[int, list] = {}
@@ -242,7 +242,7 @@ class Client:
         except BadInput:
             self._waiters.pop(req, None)
             raise
-        limit = self.timeout if timeout is None else timeout
+        limit = self.timeout if timeout is None else _seconds(timeout, "timeout")
         sent = time.monotonic()
         # a long request (opening a session may take minutes) still gives up on a server
         # that says nothing, not even to heartbeats, for the client's own timeout: one that
@@ -257,11 +257,12 @@ class Client:
             if not self._give_up(req, msg):
                 waiter[0].wait(5)  # the reply came as it gave up: take it
                 break
+            waited = now - sent  # (it said the limit, 120 s, of a wait given up at 30)
             if not waiter[2] or self._is_silent(now, limit):
                 self._gone = True
                 why = "nothing took the request" if not waiter[2] else f"silent for {silent:.3g} s"
-                raise ServerGone(f"no answer from {self.endpoint} in {limit:g} s ({why})")
-            raise Timeout(f"{msg.type} got no reply in {limit:g} s")
+                raise ServerGone(f"no answer from {self.endpoint} in {waited:.3g} s ({why})")
+            raise Timeout(f"{msg.type} got no reply in {waited:.3g} s")
         reply: P.Message | None = waiter[1]
         if reply is None:  # woken by close()
             self._waiters.pop(req, None)
@@ -841,7 +842,7 @@ class Session:
         (what ``say`` does: its caller has no id to come back with) cancels the utterance
         without waiting for the server and drops what is still to come of it; otherwise a
         later ``stream(utterance)`` goes on where this one stopped."""
-        limit = timeout or self.client.timeout
+        limit = self.client.timeout if timeout is None else _seconds(timeout, "timeout")
         done = False
         try:
             while not done:
@@ -1122,6 +1123,14 @@ class Speech(Iterator[Item]):
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
             pass
+
+
+def _seconds(value: Any, name: str) -> float:
+    """A wait in seconds, > 0 and finite (``status --timeout -1`` was taken, and failed at
+    once as a server that did not answer)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+        raise BadInput(f"{name} must be a number of seconds > 0, not {value!r}")
+    return float(value)
 
 
 def _only_coefficients(items: "Speech") -> Iterator[Coefficients]:

@@ -4,6 +4,7 @@ the client, and live audio is taken as it is or refused (never silently converte
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -300,3 +301,26 @@ def test_clients_and_sessions_let_go_without_close_are_closed(make_server):
     assert srv.status()["sessions"] == 0
     held = keeper.open_session()
     assert srv.status()["sessions"] == 1 and not held.closed
+
+
+def test_a_request_given_up_early_says_how_long_it_waited(tmp_path):
+    """Opening a session may wait 120 s, but a server silent for the client's own timeout
+    is given up sooner: the error said "in 120 s" of a wait of 30. Waits that are not a
+    positive number of seconds are refused (``status --timeout -1`` failed as if no
+    server answered)."""
+    c = Client(f"ipc://{tmp_path}/nobody.sock", timeout=1, heartbeat=0.2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises((ServerGone, Timeout)) as e:
+            c.open_session()  # its limit: 120 s
+        took = time.monotonic() - t0
+        assert took < 5 and "120" not in str(e.value), e.value
+        said = float(re.search(r"in ([0-9.]+) s", str(e.value)).group(1))
+        assert abs(said - took) < 0.6, (said, took)
+        for bad in (-1, 0, float("nan"), float("inf")):
+            with pytest.raises(BadInput, match="timeout must be a number of seconds > 0"):
+                c.status(timeout=bad)
+    finally:
+        c.close()
+    with pytest.raises(BadInput, match="timeout must be a number of seconds > 0"):
+        Client("ipc:///nowhere.sock", timeout=-1)
