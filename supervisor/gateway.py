@@ -174,6 +174,9 @@ class Gateway:
         sup, limits = self.sup, self.sup.config.limits
         req = msg.meta.get("req")
         self._check_stages()
+        if not sup.announced_ready:  # (it said "a stage is restarting" while the models loaded)
+            raise GirisError("the server is starting (its stages are loading); try again shortly",
+                             code="stage_unavailable")
         if any(w.state != "ready" for w in sup.workers):
             raise GirisError("a stage is restarting; try again shortly", code="stage_unavailable")
         self.check_session_limits(client)  # and again below, when it is added

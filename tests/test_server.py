@@ -291,7 +291,8 @@ def test_a_preload_that_initialises_cuda_ends_forking(make_server):
 def test_the_server_answers_while_the_launcher_preloads_an_engine(make_server):
     """An engine is preloaded before its first fork (seconds, for torch and dlib); the
     supervisor's loop does not wait for it: status answers meanwhile, the stage starting
-    and not yet forked, then the server serves."""
+    and not yet forked, a session open is told the server is starting, then the server
+    serves."""
     srv = make_server({"stages": small_stages(render={"options": {"preload_s": 3.0}})}, wait=False)
     c = srv.client(timeout=2.0)
     st = None
@@ -303,6 +304,9 @@ def test_the_server_answers_while_the_launcher_preloads_an_engine(make_server):
             time.sleep(0.05)
     render = next(w for w in st["workers"] if w["stage"] == "render")
     assert st["state"] == "starting" and render["state"] == "starting" and render["pid"] is None
+    with pytest.raises(GirisError, match="the server is starting") as e:  # not "a stage is restarting"
+        c.open_session()
+    assert e.value.code == "stage_unavailable"
     assert srv.wait_serving()["state"] == "serving"
 
 
