@@ -142,6 +142,8 @@ class ServiceHooks:
 def _apply(sup: "Supervisor", new: Config) -> None:
     """Take a reloaded config's limits, budgets, timeouts, restart policy and defaults."""
     cfg = sup.config
+    if new.timeouts.worker_heartbeat != cfg.timeouts.worker_heartbeat:
+        sup.set_heartbeat(new.timeouts.worker_heartbeat)
     cfg.limits, cfg.timeouts, cfg.restart, cfg.defaults = new.limits, new.timeouts, new.restart, new.defaults
     cfg.budgets = new.budgets
     sup.registry.budgets = dict(new.budgets)

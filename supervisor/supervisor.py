@@ -312,7 +312,8 @@ class Supervisor:
 
     def on_worker_ready(self, w: WorkerHandle, msg: P.Message) -> None:
         restarted = w.restarts > 0 and w.state == STARTING
-        reply = P.Message(P.REPLY, meta={"sessions": []})
+        # (its spec's heartbeat may predate a reload that changed it)
+        reply = P.Message(P.REPLY, meta={"sessions": [], "heartbeat": w.spec["heartbeat"]})
         for rec in self.registry:
             entry = {"token": rec.token, "tag": rec.tag,
                      "spec": dict(rec.spec, resume_sample=rec.audio_end,
@@ -380,7 +381,7 @@ class Supervisor:
                 code = w.poll()
                 if code is not None:
                     self.on_worker_exit(w, code, now)
-                elif w.state == READY and now - w.last_beat > self.config.timeouts.worker_timeout:
+                elif w.state == READY and now - w.last_beat > self._hang_limit(w):
                     log.warning("stage hung, killing", extra={"stage": w.stage, "pid": w.pid})
                     w.kill()
                     self.on_worker_exit(w, w.poll(), now, hung=True)
@@ -397,6 +398,22 @@ class Supervisor:
                 if self.metrics is not None:  # (status counts it: so does the metric)
                     self.metrics.on_restart(w.stage)
                 w.spawn()
+
+    def _hang_limit(self, w: WorkerHandle) -> float:
+        """How long ``w`` may be silent: ``worker_timeout``, plus the interval it beats at
+        while that is no shorter (a reload lowered both, and the new interval is on its
+        way to it: every stage was killed as hung, in a loop)."""
+        timeout = self.config.timeouts.worker_timeout
+        every = float(w.beat.get("every") or w.spec["heartbeat"])
+        return timeout if every < timeout else every + timeout
+
+    def set_heartbeat(self, every: float) -> None:
+        """Workers beat every ``every`` s from now on: those running are told (a
+        ``heartbeat`` control message), those starting hear it with their READY's answer,
+        those started later have it in their spec."""
+        for w in self.workers:
+            w.spec["heartbeat"] = every
+        self.tell_workers(P.Message(P.HEARTBEAT, meta={"every": every}))
 
     def schedule_retry(self, w: WorkerHandle) -> None:
         """When a failed stage is tried again, by ``restart.failed_retry`` (again after a

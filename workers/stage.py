@@ -155,6 +155,7 @@ class StageWorker:
         if not self.control.poll(int(sp.get("ready_timeout", 60) * 1000)):
             raise SystemExit("supervisor did not answer READY")
         reply = recv(self.control)
+        self._beat_every(reply.meta.get("heartbeat"))
         for entry, avatar in _with_avatars(reply):
             self.open(entry["token"], int(entry["tag"]), _spec(entry["spec"], avatar), None)
         log.info("ready", extra={"stage": self.stage, "load_s": round(load_s, 3),
@@ -223,6 +224,8 @@ class StageWorker:
         elif msg.type == P.CLOSE_SESSION:
             self.close(msg.session)
             self.reply(req, ok=True)
+        elif msg.type == P.HEARTBEAT:  # a reload changed the interval
+            self._beat_every(msg.meta.get("every"))
         elif msg.type == P.STOP:
             self.running = False
 
@@ -653,6 +656,14 @@ class StageWorker:
         return sum(1 for s in list(self.sessions.values())
                    if s is not self.current and (s.gen is not None or s.queue))
 
+    def _beat_every(self, every: Any) -> None:
+        """Beat every ``every`` s from now (the supervisor's current interval; None: keep
+        it), the first at once: the beat says the interval, and the supervisor judges
+        this worker hung by it until then."""
+        if isinstance(every, (int, float)) and every > 0 and every != self.beat_every:
+            self.beat_every = float(every)
+            self.next_beat = time.monotonic()
+
     def _beat_if_due(self, now: float) -> None:
         if now >= self.next_beat:
             self.heartbeat()
@@ -722,7 +733,7 @@ class StageWorker:
                 held[dev] = held.get(dev, 0) + int(n)
         lat, self.latencies = self.latencies[-256:], []
         send(self.control, P.Message(P.HEARTBEAT, meta={
-            "pid": os.getpid(), "sessions": len(self.sessions),
+            "pid": os.getpid(), "every": self.beat_every, "sessions": len(self.sessions),
             "queued": sum(len(s.queue) for s in self.sessions.values()),
             "held": held, "latencies": lat, **self.stats}))
 
