@@ -1140,3 +1140,18 @@ def test_a_reload_that_lowers_the_heartbeat_reaches_the_running_workers(make_ser
     time.sleep(3)  # the restarted stage beats at the new interval: not killed again
     assert srv.logs().count("stage hung") == 1, srv.logs()
     assert len(collect(s, "still here")["frames"]) == 10
+
+
+def test_a_stage_option_its_engine_never_reads_is_logged(make_server):
+    """Every config key is checked but a stage's ``options``, which are its engine's own:
+    ``smoothng = 0.5`` ran as if unset, without a word. The worker logs the keys its
+    engine did not look up while it loaded (with those it did: the spelling it knows),
+    and serves on (an engine may read an option later: it declares those)."""
+    srv = make_server({"stages": small_stages(
+        coeffs={"engine": "visemes", "options": {"smoothng": 0.5, "smoothing": 0.4}},
+        motion={"options": {"client_late_s": 0.0}})})
+    line = next(ln for ln in srv.logs().splitlines() if "never read" in ln)
+    assert "stage=coeffs" in line and "engine=visemes" in line and "unread=smoothng " in line
+    assert "smoothing" in line.split("read=", 2)[-1] and "warn" in line.lower()
+    assert srv.logs().count("never read") == 1  # word_s, render_s, client_late_s: all read
+    assert len(collect(srv.client().open_session(), "one two")["frames"]) == 10

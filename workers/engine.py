@@ -80,13 +80,49 @@ class EngineContext:
     busy: Callable[[], int] = lambda: 0
 
 
+class Options(Mapping[str, Any]):
+    """A stage's ``options`` (a copy), remembering which keys its engine looked up: one
+    never looked up once the engine has loaded is most likely a typo (``smoothng``), and
+    the worker says so (every other config key is checked, but options are each engine's
+    own: ``options = { smoothng = 0.5 }`` ran as if unset, without a word). Iterating
+    counts as reading every key (an engine that passes the whole table on)."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+        #: every key looked up, there or not (the option names the engine knows)
+        self.looked_up: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.looked_up.add(key)
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        self.looked_up.update(self._values)
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Options({self._values!r})"
+
+    def unread(self) -> list[str]:
+        """The keys given that nothing looked up."""
+        return sorted(set(self._values) - self.looked_up)
+
+
 class Engine:
     """One model behind one stage. Load once in ``__init__``; sessions are cheap."""
 
     stage: ClassVar[str] = ""
+    #: options this engine reads only elsewhere than ``__init__`` and ``warmup`` (in
+    #: ``preload``, or per session): the others are looked up by then, and one given that
+    #: was not is logged as a likely typo
+    late_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Mapping[str, Any], context: EngineContext) -> None:
-        self.options = dict(options)
+        #: (the worker's own ``Options``, so reads of the mapping it passed count too)
+        self.options = options if isinstance(options, Options) else Options(options)
         self.ctx = context
 
     @classmethod

@@ -37,7 +37,7 @@ from giris.runtime.logs import setup_logging
 from giris.runtime.shm_pool import PoolFull, Slot, SlotPool, session_tag
 from giris.runtime.transport import PoolSet, recv, send, socket
 from giris.workers.bases import RenderEngine
-from giris.workers.engine import EngineContext, Output, StageInput
+from giris.workers.engine import EngineContext, Options, Output, StageInput
 from giris.workers.registry import engine_class
 
 log = logging.getLogger("giris.worker")
@@ -136,8 +136,14 @@ class StageWorker:
                                 alloc=self.alloc, log=logging.getLogger(f"giris.engine.{self.stage}"),
                                 busy=self.busy)
         t0 = time.monotonic()
-        self.engine = engine_class(sp["engine"])(sp.get("options") or {}, context)
+        options = Options(sp.get("options") or {})
+        self.engine = engine_class(sp["engine"])(options, context)
         self.engine.warmup()
+        unread = [k for k in options.unread() if k not in type(self.engine).late_options]
+        if unread:  # a typo in the config runs as if unset: say so (a warning: see Options)
+            log.warning("stage option(s) its engine never read: a typo?", extra={
+                "stage": self.stage, "engine": sp["engine"], "unread": ",".join(unread),
+                "read": ",".join(sorted(options.looked_up)) or "none"})
         self.batching = isinstance(self.engine, RenderEngine)
         load_s = time.monotonic() - t0
         self.input = socket(self.ctx, zmq.PULL, rcvhwm=0)

@@ -25,6 +25,9 @@ from giris.workers.engine import EngineContext, EngineError, Output, StageInput
 
 
 class _Misbehaving:
+    #: read by the launcher's preload, and per utterance (the relay's)
+    late_options = frozenset({"preload_s", "preload_claims_cuda", "client_late_s"})
+
     @classmethod
     def preload(cls, options: Mapping[str, Any]) -> None:
         time.sleep(float(options.get("preload_s", 0.0)))  # heavy imports, in the launcher
