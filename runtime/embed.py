@@ -7,8 +7,11 @@ Leaving the block closes the sessions, stops the workers and unlinks every segme
 """
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -17,72 +20,124 @@ from giris.runtime.client import Client, Session
 from giris.runtime.config import Config, default_config
 from giris.runtime.errors import GirisError, StageFailed
 
+log = logging.getLogger("giris.embed")
+
+#: how often the start-up wait looks whether ``stop()`` was called
+_SLICE = 0.1
+
 
 class Runtime:
+    """The runtime in this process. ``start()`` on a running runtime returns it as it is
+    (so ``with Runtime().start() as rt:`` works); a stopped one may be started again.
+    The config is copied: the caller's keeps its endpoint."""
+
     def __init__(self, config: Config | None = None, *, start_timeout: float | None = None,
-                 log_level: str = "WARNING") -> None:
-        self.config = config or default_config()
+                 log_level: str = "WARNING", log_json: bool = False) -> None:
+        self.config = copy.deepcopy(config) if config is not None else default_config()
         self.config.server.endpoint = f"inproc://giris-{os.getpid()}-{id(self)}"
         self.start_timeout = start_timeout or self.config.timeouts.worker_start
-        self.log_level = log_level
-        self.ctx = zmq.Context()
+        self.log_level, self.log_json = log_level, log_json
+        self.ctx: zmq.Context | None = None
         self.supervisor: Any = None
         self.client: Client | None = None
         self._thread: threading.Thread | None = None
-        self._started = threading.Event()
+        self._stop = threading.Event()
         self._error: BaseException | None = None
 
     def start(self) -> "Runtime":
+        """Start the supervisor and its workers and wait until every stage is ready.
+        Whatever ends the wait (a failure, the timeout, Ctrl-C) stops what was started:
+        no worker, segment or socket folder outlives a failed start."""
+        if self._thread is not None:
+            return self
         from giris.supervisor.supervisor import Supervisor
 
-        self.supervisor = Supervisor(self.config, context=self.ctx, log_level=self.log_level)
-
-        def run() -> None:
-            try:
-                self.supervisor.start(wait=True)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                self._error = e
-                self._started.set()
-                self.supervisor.shutdown()
-                return
-            self._started.set()
-            self.supervisor.serve_forever()
-
-        self._thread = threading.Thread(target=run, name="giris-supervisor", daemon=True)
-        self._thread.start()
-        if not self._started.wait(self.start_timeout + 5):
+        self.ctx = zmq.Context()
+        self._error = None
+        self._stop = stop = threading.Event()
+        started = threading.Event()
+        try:
+            self.supervisor = sup = Supervisor(self.config, context=self.ctx, log_level=self.log_level,
+                                               log_json=self.log_json)
+            self._thread = threading.Thread(target=self._run, args=(sup, started, stop),
+                                            name="giris-supervisor", daemon=True)
+            self._thread.start()
+            if not started.wait(self.start_timeout + 5):  # the thread keeps its own deadline
+                raise GirisError("runtime did not start in time", code="start_timeout")
+            if self._error is not None:
+                raise self._error
+            if stop.is_set():  # stop() from another thread while this one waited
+                raise GirisError("the runtime was stopped while it started", code="not_started")
+            failed = sup.failed_stages()
+            if failed:  # a product embedding the runtime wants to know now, not at its first say
+                raise StageFailed(f"stage(s) {', '.join(failed)} could not start (see the log "
+                                  "above for the engine's reason)", stages=failed)
+            self.client = Client(self.config.server.endpoint, context=self.ctx)
+        except BaseException:
             self.stop()
-            raise GirisError("runtime did not start in time", code="start_timeout")
-        if self._error is not None:
-            self.stop()
-            raise self._error
-        failed = self.supervisor.failed_stages()
-        if failed:  # a product embedding the runtime wants to know now, not at its first say
-            self.stop()
-            raise StageFailed(f"stage(s) {', '.join(failed)} could not start (see the log above "
-                              "for the engine's reason)", stages=failed)
-        self.client = Client(self.config.server.endpoint, context=self.ctx)
+            raise
         return self
 
-    def open_session(self, avatar: Any = None, **kw: Any) -> Session:
+    def _run(self, sup: Any, started: threading.Event, stop: threading.Event) -> None:
+        try:
+            sup.start(wait=False)
+            self._wait_ready(sup, stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            self._error = e
+            started.set()
+            sup.shutdown()
+            return
+        started.set()
+        sup.serve_forever()  # returns at once (and shuts down) where stop() was called
+
+    def _wait_ready(self, sup: Any, stop: threading.Event) -> None:
+        """The supervisor's wait for its stages, in slices so that ``stop()`` ends it: a
+        timed-out or interrupted start returned only once the workers had loaded."""
+        deadline = time.monotonic() + self.start_timeout
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            try:
+                sup.wait_ready(max(0.001, min(_SLICE, left)))
+                return
+            except GirisError as e:
+                if e.code != "start_timeout":
+                    raise
+                if left <= _SLICE:
+                    waiting = [w["stage"] for w in sup.status()["workers"] if w["state"] != "ready"]
+                    raise GirisError(f"runtime did not start in {self.start_timeout:g} s (not ready: "
+                                     f"{', '.join(waiting)})", code="start_timeout") from None
+
+    def _client(self) -> Client:
         if self.client is None:
-            raise GirisError("runtime is not started", code="not_started")
-        return self.client.open_session(avatar, **kw)
+            raise GirisError("the runtime is not started (or was stopped): call start()",
+                             code="not_started")
+        return self.client
+
+    def open_session(self, avatar: Any = None, **kw: Any) -> Session:
+        return self._client().open_session(avatar, **kw)
 
     def status(self) -> dict:
-        assert self.client is not None
-        return self.client.status()
+        return self._client().status()
 
     def stop(self) -> None:
+        """Close the sessions, stop the workers, unlink the segments. Safe to call again,
+        also after a stop that was itself interrupted."""
         if self.client is not None:
             self.client.close()
             self.client = None
+        self._stop.set()
         if self.supervisor is not None:
             self.supervisor.request_stop()
         if self._thread is not None:
             self._thread.join(self.config.timeouts.shutdown + 10)
+            if self._thread.is_alive():  # its sockets are open: term() would hang
+                log.warning("the supervisor thread did not stop in time")
+                return
             self._thread = None
-        self.ctx.term()
+        self.supervisor = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
 
     def __enter__(self) -> "Runtime":
         return self.start()

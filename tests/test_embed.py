@@ -80,3 +80,58 @@ def test_config_loading(tmp_path):
     with pytest.raises(ValueError):
         from_mapping({"bogus": {}})
     assert parse_bytes("1.5 KiB") == 1536
+
+
+def _run_ids(pid: int) -> set[str]:
+    """The supervisors whose segments are out: ``giris-PID-RUNID-stage``."""
+    return {name.split("-")[2] for name in shm_segments(pid)}
+
+
+def test_a_runtime_starts_once_starts_again_after_stop_and_keeps_the_callers_config():
+    """``start()`` on a running runtime returns it (a second call started a second
+    supervisor that nothing stopped); a stopped runtime starts again (it raised a raw
+    ZMQError), ``status()`` when stopped is a clear error (a bare AssertionError), and the
+    caller's config keeps its endpoint (it became ``inproc://…``)."""
+    from giris.runtime.errors import GirisError
+
+    cfg = from_mapping({"stages": small_stages(), "defaults": {"size": 64}, "limits": {"min_size": 32},
+                        "server": {"endpoint": "ipc:///tmp/mine.sock"}})
+    rt = Runtime(cfg)
+    assert cfg.server.endpoint == "ipc:///tmp/mine.sock"
+    with pytest.raises(GirisError, match="not started") as e:
+        rt.status()
+    assert e.value.code == "not_started"
+    with rt.start() as same:  # `with Runtime().start() as rt:`, as with open()
+        assert same is rt and rt.start() is rt
+        assert len(_run_ids(os.getpid())) == 1
+        children = [p.pid for p in psutil.Process().children(recursive=True)]
+    assert shm_segments(os.getpid()) == []
+    assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    with pytest.raises(GirisError, match="not started") as e:
+        rt.status()
+    assert e.value.code == "not_started"
+    rt.stop()  # again: nothing to do
+    with rt:  # a stopped runtime starts again
+        assert rt.status()["state"] == "serving"
+        s = rt.open_session(want=["frames"])
+        assert collect(s, "once more")["frames"]
+        s.close()
+    assert shm_segments(os.getpid()) == []
+
+
+def test_a_start_that_runs_out_of_time_says_so_in_time_and_leaves_nothing():
+    """``start_timeout`` is the wait: a stage still loading after it is stopped at once
+    (it was said after the timeout + 5 s + the stop's join, 26 s for 1 s)."""
+    import time
+
+    from giris.runtime.errors import GirisError
+
+    cfg = from_mapping({"stages": {"src": {"engine": "test-source", "options": {"load_s": 60}}}})
+    rt = Runtime(cfg, start_timeout=1)
+    t0 = time.monotonic()
+    with pytest.raises(GirisError, match="did not start in 1 s") as e:
+        rt.start()
+    assert e.value.code == "start_timeout" and "src" in str(e.value)
+    assert time.monotonic() - t0 < 6
+    assert shm_segments(os.getpid()) == []
+    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
