@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     k = sub.add_parser("keys", help="generate a CURVE key pair")
     k.add_argument("--dir", default=".")
     k.add_argument("--name", default="giris")
+    k.add_argument("--force", action="store_true", help="replace existing files")
 
     b = sub.add_parser("bench", help="run a benchmark from perf/ (from the repo root)")
     b.add_argument("name")
@@ -289,6 +290,9 @@ def serve_config(args: argparse.Namespace) -> Config:
     if args.insecure:
         cfg.server.insecure = True
     if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:  # applied after the config's own checks
+            raise GirisError(f"--metrics-port must be 0 (off) or a port in 1..65535, not "
+                             f"{args.metrics_port}", code="bad_input")
         cfg.server.metrics_port = args.metrics_port
     if not cfg.server.endpoint:
         cfg.server.endpoint = default_endpoint()
@@ -414,9 +418,14 @@ def _size(n: Any) -> str:
 
 # ---------------------------------------------------------------------- keys, bench
 def cmd_keys(args: argparse.Namespace) -> int:
-    from giris.runtime.keys import main as keys_main
+    """``giris keys``: its errors as every command's (``giris: error …``, exit 2, JSON
+    under ``--log-json``)."""
+    from giris.runtime.keys import generate_keypair
 
-    return keys_main(["--dir", args.dir, "--name", args.name])
+    public, secret = generate_keypair(args.dir, args.name, overwrite=args.force)
+    print(f"public key: {public}  (give to peers; servers list client keys in curve_client_keys)")
+    print(f"secret key: {secret}  (keep private, mode 0600)")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

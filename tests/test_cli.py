@@ -458,3 +458,26 @@ def serve_on(srv, tmp_path, endpoint: str):
     path.write_text(srv.config_path.read_text().replace(srv.endpoint, endpoint))
     return subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "serve", "--config",
                              str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_keys_errors_are_said_as_every_commands_and_force_replaces(tmp_path: Path):
+    """``giris keys`` fails as the other commands do (exit 2, ``giris: error [code]``, JSON
+    under ``--log-json``; it said ``giris keys: …``, exit 1), and ``--force`` replaces a
+    pair (argparse refused it)."""
+    r = giris("keys", "--dir", str(tmp_path), "--name", "bob")
+    assert r.returncode == 0, r.stderr
+    old = (tmp_path / "bob.key").read_text()
+    r = giris("keys", "--dir", str(tmp_path), "--name", "bob")
+    assert r.returncode == 2 and r.stderr.startswith("giris: error [bad_input]: ") and "already exists" in r.stderr
+    r = giris("--log-json", "keys", "--dir", str(tmp_path), "--name", "bob")
+    line = json.loads(r.stderr)
+    assert r.returncode == 2 and line["level"] == "error" and line["code"] == "bad_input"
+    r = giris("keys", "--dir", str(tmp_path), "--name", "bob", "--force")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "bob.key").read_text() != old
+
+
+def test_a_metrics_port_out_of_range_is_one_line(tmp_path: Path):
+    r = giris("serve", "--endpoint", f"ipc://{tmp_path}/gw.sock", "--metrics-port", "70000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == "giris: error [bad_input]: --metrics-port must be 0 (off) or a port in 1..65535, not 70000\n"
