@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Interrupted as e:
+        return 128 + e.signum
     except BrokenPipeError:  # `giris status | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
@@ -116,7 +119,51 @@ def _said(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------- say
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP during ``giris say``: it unwinds as Ctrl-C's KeyboardInterrupt
+    does, so the same cleanup runs (a BaseException: no ``except Exception`` stops it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Interruptible:
+    """SIGINT, SIGTERM and SIGHUP end the work once, as Ctrl-C does (the temporary files
+    go, an embedded runtime stops its workers and unlinks its segments: SIGTERM killed
+    the process and left them); a signal during that cleanup is ignored, not let cut it
+    short. Only in the main thread, where Python runs signal handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self) -> "_Interruptible":
+        self.fired = False
+        self._old: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+
+    def cleaning(self) -> None:
+        """From here on the cleanup runs whole: signals are ignored."""
+        self.fired = True
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 def cmd_say(args: argparse.Namespace) -> int:
+    with _Interruptible() as signals:
+        return _say(args, signals)
+
+
+def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
     from giris.runtime.client import AudioChunk, Client, Coefficients, Event, Frame
     from giris.runtime.media import Mp4Writer, write_coefficients
 
@@ -155,7 +202,10 @@ def cmd_say(args: argparse.Namespace) -> int:
                 render = list(cfg.stages.values())[-1]
                 if render.engine == "warp":
                     render.options = {**render.options, "preload_landmarks": False}
-            runtime = Runtime(cfg).start()
+            # the global flags reach the embedded workers as they reach `giris serve`'s;
+            # assigned before start(): the `finally` stops whatever an interrupted start left
+            runtime = Runtime(cfg, log_level=args.log_level, log_json=args.log_json)
+            runtime.start()
             client = runtime.client
         assert client is not None
         session = client.open_session(args.avatar, **opts)
@@ -218,6 +268,7 @@ def cmd_say(args: argparse.Namespace) -> int:
         print(json.dumps(summary, ensure_ascii=False))
         return 0
     finally:
+        signals.cleaning()
         if not done:
             if writer is not None:
                 try:

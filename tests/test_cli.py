@@ -460,6 +460,84 @@ def serve_on(srv, tmp_path, endpoint: str):
                              str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+# ---------------------------------------------------------------------- giris say, embedded
+WORDS = " ".join(["word"] * 40)  # 8 s of test speech
+
+
+def embedded_config(tmp_path: Path, **stages: dict) -> Path:
+    """A config for ``giris say``'s embedded runtime: the small test pipeline."""
+    from tests.conftest import small_stages, write_toml
+
+    return write_toml(tmp_path / "embedded.toml", {
+        "defaults": {"size": 64}, "limits": {"min_size": 32, "max_fps": 200},
+        "stages": small_stages(**stages)})
+
+
+def _wait_for(what, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("phase", ["loading", "writing"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_during_say_leaves_nothing_behind(tmp_path: Path, phase: str, sig: str):
+    """SIGTERM and SIGHUP get the cleanup Ctrl-C gets: the temporary MP4 goes, the old
+    file stays, the workers stop, the segments and the socket folder go; exit 128 + the
+    signal. (SIGTERM killed the process: a ``.out.PID.partial.mp4`` or a 151 MB segment
+    stayed; Ctrl-C while the models loaded left the segments and the socket folder.)"""
+    import os
+    import signal
+
+    import psutil
+
+    from tests.conftest import shm_segments
+
+    signum = getattr(signal, sig)
+    run = tmp_path / "run"
+    run.mkdir()
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"the previous take")
+    # loading: a stage that loads for a minute; writing: frames that take a while to draw
+    over = {"tts": {"options": {"word_s": 0.2, "load_s": 60}}} if phase == "loading" else \
+        {"render": {"options": {"render_s": 0.05}}}
+    cfg = embedded_config(tmp_path, **over)
+    p = subprocess.Popen([sys.executable, "-m", "giris.supervisor.cli", "say", WORDS, "-o", str(out),
+                          "--quiet", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "XDG_RUNTIME_DIR": str(run)})
+    try:
+        if phase == "loading":
+            _wait_for(lambda: shm_segments(p.pid) and len(psutil.Process(p.pid).children(recursive=True)) >= 5)
+        else:
+            _wait_for(lambda: any(f.name.startswith(".out.") for f in tmp_path.iterdir()))
+        assert p.poll() is None
+        kids = psutil.Process(p.pid).children(recursive=True)
+        p.send_signal(signum)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signum, err
+    assert "Traceback" not in err, err
+    assert out.read_bytes() == b"the previous take"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["embedded.toml", "out.mp4", "run"]
+    assert shm_segments(p.pid) == [] and list(run.iterdir()) == []
+    _wait_for(lambda: not [k for k in kids if k.is_running() and k.status() != "zombie"], 10)
+
+
+def test_the_global_log_flags_reach_the_embedded_workers(tmp_path: Path):
+    """``giris --log-level INFO --log-json say``: the workers log at INFO, in JSON (they
+    logged at WARNING, as plain text, whatever the flags)."""
+    cfg = embedded_config(tmp_path)
+    r = giris("--log-level", "INFO", "--log-json", "say", "hi", "--quiet", "-o", str(tmp_path / "x.mp4"),
+              "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stderr.splitlines()]  # every line JSON
+    ready = {line["stage"] for line in lines if line["logger"] == "giris.worker" and line["event"] == "ready"}
+    assert ready == {"tts", "coeffs", "motion", "render"}
+
+
 def test_keys_errors_are_said_as_every_commands_and_force_replaces(tmp_path: Path):
     """``giris keys`` fails as the other commands do (exit 2, ``giris: error [code]``, JSON
     under ``--log-json``; it said ``giris keys: …``, exit 1), and ``--force`` replaces a
