@@ -15,6 +15,7 @@ import math
 import os
 from collections import deque
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import av
@@ -201,6 +202,29 @@ class Mp4Writer:
             # 1024-sample frames, carrying the timestamps over
             self._container.mux(self._audio.encode(frame))
             self._audio_samples += chunk.size
+
+
+# ---------------------------------------------------------------------- files
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name (bytes) the file system of ``folder`` takes."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where ``path`` is written until it is whole, then renamed over it: beside it (one
+    file system, so the rename is atomic), hidden, named by this process. The stem is
+    shortened where the name would not fit: a valid output name near the 255-byte limit
+    failed after all the work, its temporary name being 20 bytes longer."""
+    path = Path(path)
+    tag = f".{os.getpid()}.partial{path.suffix}"
+    stem = path.stem
+    limit = name_max(path.parent if str(path.parent) else ".")
+    while stem and len(os.fsencode(f".{stem}{tag}")) > limit:
+        stem = stem[:-1]
+    return path.with_name(f".{stem}{tag}")
 
 
 # ---------------------------------------------------------------------- coefficients

@@ -10,8 +10,9 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import zmq
 
@@ -158,6 +159,16 @@ class _Interruptible:
             signal.signal(s, handler)
 
 
+@contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """An OS error while a file is written under its temporary name, said with the name
+    the user gave (a failed CSV write said only "File too large")."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(target)) from None
+
+
 def cmd_say(args: argparse.Namespace) -> int:
     with _Interruptible() as signals:
         return _say(args, signals)
@@ -165,11 +176,13 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
     from giris.runtime.client import AudioChunk, Client, Coefficients, Event, Frame
-    from giris.runtime.media import Mp4Writer, write_coefficients
+    from giris.runtime.media import Mp4Writer, partial_path, write_coefficients
 
     output = _output_path(args.output, ".mp4")
     coeffs_path = _output_path(args.coeffs, ".csv") if args.coeffs else None
-    partial = output.with_name(f".{output.stem}.{os.getpid()}.partial.mp4")
+    # both files are written under temporary names beside their targets and renamed only
+    # when both are whole: a failed or interrupted run leaves the previous ones as they were
+    partials = [partial_path(output)] + ([partial_path(coeffs_path)] if coeffs_path else [])
     want = ["audio", "frames"] + (["coeffs"] if args.coeffs else [])
     # zero-copy (where the server is on this host; over tcp it sends bytes): a frame read
     # but not yet encoded holds its pool slot, so the renderer waits for the encoder
@@ -220,42 +233,45 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
         first_trace: list | None = None
         ready_s = time.monotonic() - t0  # models loaded (embedded) and the session open
         t_say = time.monotonic()
-        for item in session.say(args.text, timeout=120, trace=args.trace):
-            if isinstance(item, AudioChunk):
-                if writer is None:
-                    sample_rate = item.sample_rate
-                    writer = Mp4Writer(partial, fps=fps, width=size, height=size,
-                                       sample_rate=sample_rate)
-                writer.add_audio(item.pcm, item.start_sample)
-                audio_end = max(audio_end, item.start_sample + len(item.pcm))
-            elif isinstance(item, Frame):
-                if first_frame_s is None:
-                    first_frame_s = time.monotonic() - t_say
-                    first_trace = item.trace
-                writer.add_frame(item.image, item.index)  # type: ignore[union-attr]
-                item.release()
-                frames += 1
-            elif isinstance(item, Coefficients):
-                coeff_rows.append(item)
-            elif isinstance(item, Event):
-                if item.kind == "stage_restarted":
-                    restarted.append(str(item.meta.get("stage")))
-                elif item.kind == "utterance_done":
-                    ended = item.meta
-            expected = math.ceil(audio_end * fps / sample_rate) if sample_rate else 0
-            progress.update(frames, expected, audio_end / sample_rate if sample_rate else 0.0)
-        if not ended.get("complete"):  # a stage crashed mid-way: the video would lack a part
-            why = f" (stage {', '.join(restarted)} restarted)" if restarted else ""
-            raise GirisError(f"the utterance was cut short{why}: {frames} frames made; nothing "
-                             "written, try again", code="incomplete")
-        if writer is None:
-            raise GirisError("nothing was synthesized", code="internal")
-        writer.close()
-        writer = None
-        os.replace(partial, output)  # a finished file, or the one that was there before
-        done = True
+        with _writing(output):
+            for item in session.say(args.text, timeout=120, trace=args.trace):
+                if isinstance(item, AudioChunk):
+                    if writer is None:
+                        sample_rate = item.sample_rate
+                        writer = Mp4Writer(partials[0], fps=fps, width=size, height=size,
+                                           sample_rate=sample_rate)
+                    writer.add_audio(item.pcm, item.start_sample)
+                    audio_end = max(audio_end, item.start_sample + len(item.pcm))
+                elif isinstance(item, Frame):
+                    if first_frame_s is None:
+                        first_frame_s = time.monotonic() - t_say
+                        first_trace = item.trace
+                    writer.add_frame(item.image, item.index)  # type: ignore[union-attr]
+                    item.release()
+                    frames += 1
+                elif isinstance(item, Coefficients):
+                    coeff_rows.append(item)
+                elif isinstance(item, Event):
+                    if item.kind == "stage_restarted":
+                        restarted.append(str(item.meta.get("stage")))
+                    elif item.kind == "utterance_done":
+                        ended = item.meta
+                expected = math.ceil(audio_end * fps / sample_rate) if sample_rate else 0
+                progress.update(frames, expected, audio_end / sample_rate if sample_rate else 0.0)
+            if not ended.get("complete"):  # a stage crashed mid-way: the video would lack a part
+                why = f" (stage {', '.join(restarted)} restarted)" if restarted else ""
+                raise GirisError(f"the utterance was cut short{why}: {frames} frames made; nothing "
+                                 "written, try again", code="incomplete")
+            if writer is None:
+                raise GirisError("nothing was synthesized", code="internal")
+            writer.close()
+            writer = None
         if coeffs_path is not None:
-            write_coefficients(coeffs_path, coeff_rows)
+            with _writing(coeffs_path):
+                write_coefficients(partials[1], coeff_rows)
+        for partial, target in zip(partials, [output, coeffs_path]):
+            os.replace(partial, target)  # type: ignore[arg-type] - a finished file, or the old one
+        done = True
         progress.done()
         summary = {"output": args.output, "frames": frames, "fps": fps,
                    "audio_s": round(audio_end / sample_rate, 3),
@@ -275,7 +291,8 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
                     writer.abort()
                 except Exception:  # noqa: BLE001 - the file goes anyway
                     pass
-            partial.unlink(missing_ok=True)
+            for partial in partials:
+                partial.unlink(missing_ok=True)
         if session is not None and not session.closed:
             try:
                 session.close()
@@ -289,7 +306,9 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
 
 def _output_path(name: str, suffix: str) -> Path:
     """Where a result goes, checked before any work: the folder must exist and the name
-    say what it will hold."""
+    say what it will hold, and fit the file system."""
+    from giris.runtime.media import name_max
+
     path = Path(name).expanduser()
     if path.suffix.lower() != suffix:
         raise GirisError(f"{name}: the output is {suffix[1:].upper()}; name it *{suffix}",
@@ -299,6 +318,9 @@ def _output_path(name: str, suffix: str) -> Path:
         raise GirisError(f"{name}: no folder {folder}", code="bad_input")
     if not os.access(folder, os.W_OK):
         raise GirisError(f"{name}: the folder {folder} is not writable", code="bad_input")
+    if len(os.fsencode(path.name)) > name_max(folder):
+        raise GirisError(f"{name}: the file name is longer than the {name_max(folder)} bytes "
+                         "the file system allows", code="bad_input")
     if path.is_dir():
         raise GirisError(f"{name} is a folder", code="bad_input")
     return path

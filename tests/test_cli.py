@@ -526,6 +526,46 @@ def test_a_signal_during_say_leaves_nothing_behind(tmp_path: Path, phase: str, s
     _wait_for(lambda: not [k for k in kids if k.is_running() and k.status() != "zombie"], 10)
 
 
+def test_a_coefficient_file_that_cannot_be_written_leaves_both_old_files(make_server, tmp_path: Path):
+    """The MP4 and the CSV are both written under temporary names and renamed when both
+    are whole: a CSV that cannot be written (here: past the process's file size limit)
+    leaves the old video and the old CSV as they were (the MP4 was replaced, then the old
+    CSV truncated), and the error names the file (it said only "File too large")."""
+    import resource
+
+    srv = make_server({"limits": {"max_fps": 200}})
+    out, csv = tmp_path / "out.mp4", tmp_path / "out.csv"
+    out.write_bytes(b"the previous take")
+    csv.write_text("frame,pts\n")
+    cmd = [sys.executable, "-m", "giris.supervisor.cli", "say", "one two three four five six seven eight",
+           "--connect", srv.endpoint, "--fps", "200", "--quiet", "-o", str(out), "--coeffs", str(csv)]
+
+    def small_files() -> None:  # the MP4 takes ~26 kB, the CSV ~54 kB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, preexec_fn=small_files)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"giris: error: {csv}: File too large" in r.stderr, r.stderr
+    assert out.read_bytes() == b"the previous take" and csv.read_text() == "frame,pts\n"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out.csv", "out.mp4", "srv0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert len(csv.read_text().splitlines()) == json.loads(r.stdout)["frames"] + 1
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out.csv", "out.mp4", "srv0"]
+
+
+def test_an_output_name_at_the_file_systems_limit_is_written(make_server, tmp_path: Path):
+    """A 255-byte name is written (its temporary name is shortened to fit; it failed after
+    all the work), one longer is refused before anything loads."""
+    srv = make_server()
+    out = tmp_path / ("a" * 251 + ".mp4")
+    r = giris("say", "one two", "--connect", srv.endpoint, "--quiet", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 0 and sorted(f.name for f in tmp_path.iterdir()) == [out.name, "srv0"]
+    r = giris("say", "one two", "--quiet", "-o", str(tmp_path / ("b" * 252 + ".mp4")))
+    assert r.returncode == 2 and "longer than the 255 bytes" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_the_global_log_flags_reach_the_embedded_workers(tmp_path: Path):
     """``giris --log-level INFO --log-json say``: the workers log at INFO, in JSON (they
     logged at WARNING, as plain text, whatever the flags)."""

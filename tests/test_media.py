@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from giris.runtime.media import Mp4Writer, write_coefficients
+from giris.runtime.media import Mp4Writer, partial_path, write_coefficients
 
 AAC_FRAME = 1024
 
@@ -195,3 +195,16 @@ def test_coefficients_from_chunks(tmp_path: Path) -> None:
     assert rows[0] == ["frame", "pts", "a", "b"]
     assert [r[0] for r in rows[1:]] == ["0", "1", "2", "3"]
     assert rows[3] == ["2", "0.080000", "1", "1"]
+
+
+def test_a_temporary_name_fits_where_its_target_does(tmp_path: Path) -> None:
+    """The hidden name a file is written under until it is whole is shortened to the
+    file system's limit (a 255-byte output name failed after all the work)."""
+    import os
+
+    for target in (tmp_path / "take.mp4", tmp_path / ("é" * 125 + "a.csv")):  # 255 bytes
+        p = partial_path(target)
+        assert p.parent == tmp_path and p.suffix == target.suffix and p.name.startswith(f".{target.name[:1]}")
+        assert str(os.getpid()) in p.name and len(os.fsencode(p.name)) <= 255
+        p.write_bytes(b"x")
+    assert partial_path(tmp_path / "take.mp4").name == f".take.{os.getpid()}.partial.mp4"
