@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import zmq
 
 from giris.runtime.config import Config, default_endpoint, load
-from giris.runtime.errors import GirisError
+from giris.runtime.errors import BadInput, GirisError
 from giris.runtime.logs import setup_logging
 
 log = logging.getLogger("giris.cli")
@@ -193,7 +193,7 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
     runtime = client = session = writer = None
     done = False
     t0 = time.monotonic()
-    progress = Progress(enabled=not args.quiet and sys.stderr.isatty() or bool(os.environ.get("GIRIS_PROGRESS")))
+    progress = Progress(enabled=not args.quiet and (sys.stderr.isatty() or bool(os.environ.get("GIRIS_PROGRESS"))))
     try:
         if args.connect:
             _server_socket(args.connect)
@@ -201,8 +201,9 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
         else:
             from giris.runtime.embed import Runtime
 
-            progress.note("loading models")
             cfg = load(args.config) if args.config else load()
+            _precheck(args.text, opts, cfg)
+            progress.note("loading models")
             if args.voice and (args.voice.endswith(".onnx") or os.sep in args.voice):
                 # a voice file named on the command line: this user owns the embedded
                 # server, so the file becomes a configured voice (sessions name voices only)
@@ -226,6 +227,7 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
         coeff_rows: list = []
         ended: dict = {}
         restarted: list[str] = []
+        early: list[tuple[Any, int]] = []  # frames before the first audio (the writer needs its rate)
         audio_end = frames = 0
         sample_rate = 0
         size = int(session.spec.get("size", 512))
@@ -240,13 +242,19 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
                         sample_rate = item.sample_rate
                         writer = Mp4Writer(partials[0], fps=fps, width=size, height=size,
                                            sample_rate=sample_rate)
+                        for image, index in early:
+                            writer.add_frame(image, index)
+                        early.clear()
                     writer.add_audio(item.pcm, item.start_sample)
                     audio_end = max(audio_end, item.start_sample + len(item.pcm))
                 elif isinstance(item, Frame):
                     if first_frame_s is None:
                         first_frame_s = time.monotonic() - t_say
                         first_trace = item.trace
-                    writer.add_frame(item.image, item.index)  # type: ignore[union-attr]
+                    if writer is None:
+                        early.append((item.image.copy(), item.index))
+                    else:
+                        writer.add_frame(item.image, item.index)
                     item.release()
                     frames += 1
                 elif isinstance(item, Coefficients):
@@ -285,6 +293,7 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
         return 0
     finally:
         signals.cleaning()
+        progress.done()  # an error goes on a line of its own
         if not done:
             if writer is not None:
                 try:
@@ -302,6 +311,16 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
             runtime.stop()
         elif client is not None:
             client.close()
+
+
+def _precheck(text: str, opts: dict[str, Any], cfg: Config) -> None:
+    """What the embedded server would refuse without its models (an empty text, an odd
+    size), refused before they load (3–8 s): the same checks on the same limits."""
+    from giris.runtime.spec import check_values
+
+    if not text.strip():
+        raise BadInput("text must be a non-empty string")
+    check_values({**cfg.defaults, **{k: v for k, v in opts.items() if v is not None}}, cfg.limits)
 
 
 def _output_path(name: str, suffix: str) -> Path:
@@ -327,16 +346,22 @@ def _output_path(name: str, suffix: str) -> Path:
 
 
 class Progress:
-    """A one-line progress bar on stderr (only on a terminal)."""
+    """A one-line progress bar on stderr (on a terminal, or where ``GIRIS_PROGRESS`` is
+    set); :meth:`done` ends the line, so what follows starts on a line of its own."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.last = 0.0
+        self.open = False  # a progress line is on the screen
+
+    def _show(self, text: str) -> None:
+        sys.stderr.write(f"\r\033[K{text}")
+        sys.stderr.flush()
+        self.open = True
 
     def note(self, text: str) -> None:
         if self.enabled:
-            sys.stderr.write(f"\r\033[K{text}…")
-            sys.stderr.flush()
+            self._show(f"{text}…")
 
     def update(self, frames: int, expected: int, audio_s: float) -> None:
         now = time.monotonic()
@@ -345,14 +370,15 @@ class Progress:
         self.last = now
         width = 30
         done = int(width * frames / expected) if expected else 0
-        sys.stderr.write(f"\r\033[K[{'#' * done}{'.' * (width - done)}] frames {frames}/{expected} "
-                         f"audio {audio_s:.1f} s")
-        sys.stderr.flush()
+        self._show(f"[{'#' * done}{'.' * (width - done)}] frames {frames}/{expected} "
+                   f"audio {audio_s:.1f} s")
 
     def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
+        """Clear the line on a terminal; elsewhere (a log file) end it."""
+        if self.open:
+            sys.stderr.write("\r\033[K" if sys.stderr.isatty() else "\n")
             sys.stderr.flush()
+            self.open = False
 
 
 # ---------------------------------------------------------------------- serve

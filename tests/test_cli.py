@@ -566,6 +566,36 @@ def test_an_output_name_at_the_file_systems_limit_is_written(make_server, tmp_pa
     assert r.returncode == 2 and "longer than the 255 bytes" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_what_needs_no_model_is_refused_before_the_models_load(tmp_path: Path):
+    """An odd size or an empty text is refused at once, by the server's own checks
+    (after the models' 3–8 s load, it was; here a stage that loads for a minute)."""
+    cfg = embedded_config(tmp_path, tts={"options": {"load_s": 60}})
+    out = str(tmp_path / "x.mp4")
+    for args, said in [(["hi", "--size", "65"], "size must be an even integer"),
+                       (["  "], "text must be a non-empty string"),
+                       (["hi", "--fps", "0"], "fps must be a number")]:
+        t0 = time.monotonic()
+        r = giris("say", *args, "--quiet", "-o", out, "--config", str(cfg))
+        assert r.returncode == 2 and f"giris: error [bad_input]: {said}" in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 20
+
+
+def test_errors_start_a_line_of_their_own_and_quiet_is_quiet(tmp_path: Path):
+    """The progress line ends before an error (``loading models…giris: error …`` was one
+    line), and ``--quiet`` wins over ``GIRIS_PROGRESS`` (it was ignored)."""
+    import os
+
+    cfg = embedded_config(tmp_path)
+    env = {**os.environ, "GIRIS_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "giris.supervisor.cli", "say", "hi", "--avatar", str(tmp_path / "no.png"),
+           "-o", str(tmp_path / "x.mp4"), "--config", str(cfg)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2
+    assert "loading models…\n" in r.stderr and r.stderr.splitlines()[-1].startswith("giris: error"), r.stderr
+    r = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("giris: error"), r.stderr
+
+
 def test_the_global_log_flags_reach_the_embedded_workers(tmp_path: Path):
     """``giris --log-level INFO --log-json say``: the workers log at INFO, in JSON (they
     logged at WARNING, as plain text, whatever the flags)."""
