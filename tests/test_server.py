@@ -293,7 +293,7 @@ def test_the_server_answers_while_the_launcher_preloads_an_engine(make_server):
     supervisor's loop does not wait for it: status answers meanwhile, the stage starting
     and not yet forked, a session open is told the server is starting, then the server
     serves."""
-    srv = make_server({"stages": small_stages(render={"options": {"preload_s": 3.0}})}, wait=False)
+    srv = make_server({"stages": small_stages(render={"options": {"preload_s": 5.0}})}, wait=False)
     c = srv.client(timeout=2.0)
     st = None
     deadline = time.monotonic() + 30
