@@ -8,13 +8,10 @@ readable by others, not even for the moment between ``open`` and ``chmod``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
 
 import zmq.auth
 
@@ -85,24 +82,3 @@ def load_public_keys(source: str | os.PathLike) -> set[bytes]:
         except (OSError, ValueError) as e:
             raise GirisError(f"cannot load the key {str(f)!r}: {e}", code="bad_key") from None
     return keys
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``giris keys [--dir DIR] [--name NAME] [--force]``: generate a pair, print the paths."""
-    p = argparse.ArgumentParser(prog="giris keys", description="Generate a ZeroMQ CURVE key pair.")
-    p.add_argument("--dir", default=".", help="where to write the files (default: here)")
-    p.add_argument("--name", default="giris", help="file name stem (default: giris)")
-    p.add_argument("--force", action="store_true", help="replace existing files")
-    args = p.parse_args(argv)
-    try:
-        public, secret = generate_keypair(args.dir, args.name, overwrite=args.force)
-    except (GirisError, OSError) as e:
-        print(f"giris keys: {e}", file=sys.stderr)
-        return 1
-    print(f"public key: {public}  (give to peers; servers list client keys in curve_client_keys)")
-    print(f"secret key: {secret}  (keep private, mode 0600)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

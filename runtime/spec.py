@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from giris.runtime import protocol as P
-from giris.runtime.errors import BadInput
+from giris.runtime.errors import BadInput, LimitExceeded
 
 SPEC_KEYS = frozenset({"avatar_name", "voice", "emotion", "intensity", "fps", "size", "rate",
                        "realtime", "zero_copy", "want", "seed", "playout_delay"})
@@ -55,3 +55,22 @@ def check_values(spec: dict[str, Any], limits: Any) -> dict[str, Any]:
     if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
         raise BadInput(f"seed must be an integer in 0..2^63-1, got {seed!r}")
     return spec
+
+
+def session_spec(defaults: dict[str, Any], raw: Any, limits: Any) -> dict[str, Any]:
+    """A session's spec: the server's ``defaults`` under the client's options (``raw``,
+    its unset ones ignored), keys and numbers checked (:func:`check_values`)."""
+    check_keys(raw)
+    spec = dict(defaults)
+    spec.update({k: v for k, v in raw.items() if v is not None})
+    return check_values(spec, limits)
+
+
+def check_text(text: Any, limits: Any) -> str:
+    """An utterance's text: a non-blank string within ``limits.max_text_chars``."""
+    if not isinstance(text, str) or not text.strip():
+        raise BadInput("text must be a non-empty string")
+    if len(text) > limits.max_text_chars:
+        raise LimitExceeded(f"text of {len(text)} characters exceeds {limits.max_text_chars}",
+                            code="too_large", limit=limits.max_text_chars, size=len(text))
+    return text

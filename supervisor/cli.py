@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import zmq
 
 from giris.runtime.config import Config, default_endpoint, load
-from giris.runtime.errors import BadInput, GirisError
+from giris.runtime.errors import GirisError
 from giris.runtime.logs import setup_logging
 
 log = logging.getLogger("giris.cli")
@@ -316,11 +316,10 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
 def _precheck(text: str, opts: dict[str, Any], cfg: Config) -> None:
     """What the embedded server would refuse without its models (an empty text, an odd
     size), refused before they load (3–8 s): the same checks on the same limits."""
-    from giris.runtime.spec import check_values
+    from giris.runtime.spec import check_text, session_spec
 
-    if not text.strip():
-        raise BadInput("text must be a non-empty string")
-    check_values({**cfg.defaults, **{k: v for k, v in opts.items() if v is not None}}, cfg.limits)
+    check_text(text, cfg.limits)
+    session_spec(cfg.defaults, opts, cfg.limits)
 
 
 def _output_path(name: str, suffix: str) -> Path:
@@ -383,16 +382,11 @@ class Progress:
 
 # ---------------------------------------------------------------------- serve
 def serve_config(args: argparse.Namespace) -> Config:
-    cfg = load(args.config) if args.config else load()
-    if args.endpoint:
-        cfg.server.endpoint = args.endpoint
-    if args.insecure:
-        cfg.server.insecure = True
-    if args.metrics_port is not None:
-        if not 0 <= args.metrics_port <= 65535:  # applied after the config's own checks
-            raise GirisError(f"--metrics-port must be 0 (off) or a port in 1..65535, not "
-                             f"{args.metrics_port}", code="bad_input")
-        cfg.server.metrics_port = args.metrics_port
+    # the flags go in as the file's values would, so the config's own checks judge them
+    flags = {"endpoint": args.endpoint or None, "metrics_port": args.metrics_port,
+             "insecure": True if args.insecure else None}
+    server = {k: v for k, v in flags.items() if v is not None}
+    cfg = load(args.config or None, overrides={"server": server} if server else None)
     if not cfg.server.endpoint:
         cfg.server.endpoint = default_endpoint()
     return cfg

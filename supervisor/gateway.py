@@ -17,7 +17,7 @@ import zmq
 
 from giris.runtime import protocol as P
 from giris.runtime.errors import BadInput, GirisError, LimitExceeded, ProtocolError, StageFailed
-from giris.runtime.spec import SPEC_KEYS, check_keys, check_values, number
+from giris.runtime.spec import SPEC_KEYS, check_text, number, session_spec
 from giris.runtime.transport import ipc_path, send
 from giris.supervisor.outbox import CLIENT_HWM, Outbox
 from giris.supervisor.sessions import SessionRecord, Utterance
@@ -260,10 +260,7 @@ class Gateway:
                                 limit=limits.max_sessions_per_client)
 
     def validate_spec(self, raw: Any) -> dict[str, Any]:
-        check_keys(raw)
-        spec = dict(self.sup.config.defaults)
-        spec.update({k: v for k, v in raw.items() if v is not None})
-        check_values(spec, self.sup.config.limits)
+        spec = session_spec(self.sup.config.defaults, raw, self.sup.config.limits)
         offers = self.sup.offers()
         want = spec.get("want", ["audio", "frames"] if offers is None or "frames" in offers else offers)
         missing = [w for w in want if offers is not None and w not in offers]
@@ -278,13 +275,7 @@ class Gateway:
 
     def say(self, rec: SessionRecord, msg: P.Message) -> None:
         self._check_stages()
-        text = msg.meta.get("text")
-        limit = self.sup.config.limits.max_text_chars
-        if not isinstance(text, str) or not text.strip():
-            raise BadInput("text must be a non-empty string")
-        if len(text) > limit:
-            raise LimitExceeded(f"text of {len(text)} characters exceeds {limit}",
-                                code="too_large", limit=limit, size=len(text))
+        text = check_text(msg.meta.get("text"), self.sup.config.limits)
         for key in ("batch", "trace"):
             if type(msg.meta.get(key, False)) is not bool and msg.meta.get(key) is not None:
                 raise BadInput(f"{key} must be true or false")

@@ -109,7 +109,10 @@ class Server:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.logs()}")
             try:
                 st = c.status(timeout=1.0)
-                if st["state"] == "serving" or all(w["state"] in ("ready", "failed") for w in st["workers"]):
+                # serving: ready, and its engines took its [defaults] (a moment after the
+                # stages are ready: an open before it is told the server is starting)
+                if st["state"] == "serving" or st["state"] == "degraded" and all(
+                        w["state"] in ("ready", "failed") for w in st["workers"]):
                     return st
             except GirisError:
                 pass

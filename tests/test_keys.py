@@ -11,7 +11,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from giris.runtime.errors import GirisError
-from giris.runtime.keys import generate_keypair, load_keypair, load_public_keys, main
+from giris.runtime.keys import generate_keypair, load_keypair, load_public_keys
 
 
 def mode(p: Path) -> int:
@@ -66,14 +66,6 @@ def test_public_keys_allow_list(tmp_path: Path) -> None:
     assert load_public_keys(d) == keys
     assert load_public_keys(d / "alice.key") == {load_keypair(d / "alice.key")[0]}
     assert load_public_keys(d / "alice.key_secret") == load_public_keys(d / "alice.key")
-
-
-def test_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--dir", str(tmp_path), "--name", "srv"]) == 0
-    out = capsys.readouterr().out
-    assert str(tmp_path / "srv.key") in out and str(tmp_path / "srv.key_secret") in out
-    assert main(["--dir", str(tmp_path), "--name", "srv"]) == 1  # exists
-    assert main(["--dir", str(tmp_path), "--name", "srv", "--force"]) == 0
 
 
 # --------------------------------------------------------------------- CURVE handshake
