@@ -103,6 +103,19 @@ def test_a_steady_sound_leaves_the_mouth_shut(sound, sr):
     assert body[settled:].max() < 0.02, (sound.__name__, body.round(2))
 
 
+@pytest.mark.parametrize("sound", [hum, fan])
+@pytest.mark.parametrize("sr", [16000, 48000])
+@pytest.mark.parametrize("silence_s", [1.0, 1.013])
+def test_a_steady_sound_that_starts_after_silence_closes_the_mouth_soon(sound, sr, silence_s):
+    """A hum or a fan that starts after silence: its onset counts as speech (the first
+    frame of a word must open), and the silence before it counted as its dip until that
+    left the gate's 0.6 s window, so the mouth stood ~0.45 open for 0.6 s. Only the
+    frames since the onset count now: closed from 0.16 s on (the jaw eases shut after)."""
+    jaw = live(np.concatenate([quiet(sr, silence_s), sound(sr, 2.0)]), sr)
+    body = jaw[int(round(silence_s * FPS)):][:15]  # its first 0.6 s
+    assert body.mean() < 0.25 and body[10:].max() < 0.1, (sound.__name__, body.round(2))  # was 0.38-0.45
+
+
 @pytest.mark.parametrize("sr", [16000, 48000])
 def test_beeps_open_the_mouth_for_a_frame_at_most(sr):
     """0.15 s beeps once a second (a phone, a microwave) opened the mouth for 3-4 frames

@@ -28,8 +28,16 @@ speech, reverberant and noisy speech, tones, hum, fan noise, noise and music-lik
   background (Piper speech: median 0.33; the music-like test signal: 0-0.07).
 * **Onsets.** A sound that starts ``vad_onset_db`` (10-16 dB) above everything in the
   last 0.2 s counts as speech at once, so the first frame of a word after a pause opens
-  the mouth as before (the cues above need the window to fill); a steady sound is then
-  closed when its dips leave the window.
+  the mouth as before (the cues above need the window to fill).
+* **A sound's own frames.** The silence before a sound is not the sound's dip: a hum or
+  a fan that starts after silence dipped 40 dB in the window, so it held the mouth open
+  for 0.6 s, until the silence left it. Once the frames since the last onset began span
+  ``_OWN_S`` (0.16 s; the onset's first frame is left out, its window is cut by the
+  onset), a sound whose speech-band level moved under ``vad_own_db`` (6-12 dB) over them
+  and that was not voiced on ``_VOICED_SHARE`` (20-50 %) of them is closed: a hum, a fan,
+  steady noise. A word's first syllable can be as level (Piper's "Hello": 4 dB over its
+  first 0.16 s), but it is voiced; reverberant speech, whose pitch is found less often,
+  dips 8 dB and more by then. Music is voiced, so it still waits for the window.
 * **Pure tones** (a beep, a test tone, a whistle) put nearly all their energy into one
   spectral line: a frame whose 4 strongest adjacent bins (a Hann window's main lobe,
   wherever the tone falls between bins) hold ``vad_tone_peak`` (0.99-0.997) of its
@@ -39,9 +47,9 @@ speech, reverberant and noisy speech, tones, hum, fan noise, noise and music-lik
 
 Options (of the ``visemes`` engine; pairs are the ramp's 0 and 1 points): ``vad`` (true),
 ``vad_window_s``, ``vad_still_db``, ``vad_dip_db``, ``vad_glide``, ``vad_onset_db``,
-``vad_tone_peak``, ``vad_release_s``. All arithmetic is vectorised over the frames of a
-chunk; a session's state is a few past frames' levels and glides, so chunking does not
-change the result.
+``vad_own_db``, ``vad_tone_peak``, ``vad_release_s``. All arithmetic is vectorised over the
+frames of a chunk; a session's state is a few past frames' levels, glides, onsets and
+voicing, so chunking does not change the result. ``python -m perf vad`` measures it.
 """
 from __future__ import annotations
 
@@ -60,8 +68,10 @@ _CLARITY = 0.5              # normalised autocorrelation peak that makes a frame
 _F0 = (70.0, 500.0)         # pitch range searched (Hz)
 _VOICE_BAND = (150.0, 4000.0)  # autocorrelation band: not a fan's or a hum's low rumble
 _SPEECH_BAND = (80.0, 4000.0)
-_LEVEL, _BAND, _GLIDED = 0, 1, 2   # rows of GateState.hist
-_SILENCE = np.array([[SILENT_DB], [SILENT_DB], [0.0]])  # those rows before a session began
+_OWN_S = 0.16               # a sound's own frames since its onset are judged once this many
+_VOICED_SHARE = (0.2, 0.5)  # share of voiced frames since an onset that spares it that check
+_LEVEL, _BAND, _GLIDED, _START, _VOICED = range(5)   # rows of GateState.hist
+_SILENCE = np.array([[SILENT_DB], [SILENT_DB], [0.0], [0.0], [0.0]])  # before a session began
 
 Ramp = tuple[float, float]
 
@@ -69,9 +79,11 @@ Ramp = tuple[float, float]
 @dataclass
 class GateState:
     #: the last frames (oldest first): level and speech-band level (dBFS), whether the
-    #: pitch glided (0/1); empty in a new session, which has heard silence
-    hist: np.ndarray = field(default_factory=lambda: np.zeros((3, 0)))
+    #: pitch glided, whether a run of onsets began there, whether it was voiced (0/1);
+    #: empty in a new session, which has heard silence
+    hist: np.ndarray = field(default_factory=lambda: np.zeros((5, 0)))
     f0: float = 0.0          # the last frame's pitch (0: unvoiced)
+    onset: bool = False      # whether the last frame was an onset (a rise can span two)
     weight: float = 0.0      # the last frame's weight before the tone check (for the hold)
 
 
@@ -92,6 +104,7 @@ class SpeechGate:
         self.dip = _ramp_option(o, "vad_dip_db", (16.0, 24.0))
         self.glide = _ramp_option(o, "vad_glide", (0.07, 0.2))
         self.onset = _ramp_option(o, "vad_onset_db", (10.0, 16.0))
+        self.own = _ramp_option(o, "vad_own_db", (6.0, 12.0))
         self.tone = _ramp_option(o, "vad_tone_peak", (0.99, 0.997))
         self.release_s = max(float(o.get("vad_release_s", 0.11)), 1e-3)
 
@@ -112,15 +125,30 @@ class SpeechGate:
         step = np.abs(np.log((f0 + 1e-3) / (prev + 1e-3)))
         glided = (f0 * prev > 0) & (step >= _GLIDE[0]) & (step <= _GLIDE[1])
 
-        new = np.stack([db, band, glided])
-        np.maximum(new[:_GLIDED], SILENT_DB, out=new[:_GLIDED])
+        level = np.maximum(db, SILENT_DB)
+        rise = db - slide(state.hist[_LEVEL, -q:], level, q + 1, SILENT_DB)[0][:, :q].max(axis=1)
+        onset = rise >= self.onset[0]
+        start = onset & ~np.concatenate(([state.onset], onset[:-1]))
+        state.onset = bool(onset[-1])
+        new = np.stack([level, np.maximum(band, SILENT_DB), glided, start, f0 > 0])
         w, state.hist = slide(state.hist, new, m, _SILENCE)
         depth = np.ptp(w[_BAND], axis=1)
-        before = w[_LEVEL, :, m - 1 - q:m - 1].max(axis=1)
         share = w[_GLIDED].mean(axis=1)
-
         evidence = _ramp(depth, self.still) * np.maximum(_ramp(depth, self.dip), _ramp(share, self.glide))
-        evidence = np.maximum(evidence, _ramp(db - before, self.onset))
+
+        # a sound's own frames (module docstring): those after the first of the last run of
+        # onsets in the window (its own window is cut by the onset), once they span _OWN_S
+        began = (w[_START] * np.arange(1, m + 1)).max(axis=1) - 1  # -1: none in the window
+        count = m - 1 - began
+        judged = (began >= 0) & (count >= max(1, int(round(_OWN_S * fps))))
+        if judged.any():
+            own = np.arange(m) > began[:, None]
+            b = w[_BAND]
+            own_depth = np.where(own, b, SILENT_DB).max(axis=1) - np.where(own, b, -SILENT_DB).min(axis=1)
+            voiced = (w[_VOICED] * own).sum(axis=1) / np.maximum(count, 1)
+            keep = np.maximum(_ramp(own_depth, self.own), _ramp(voiced, _VOICED_SHARE))
+            evidence = np.where(judged, evidence * keep, evidence)
+        evidence = np.maximum(evidence, _ramp(rise, self.onset))
         # instant rise, exponential fall: g_k = max(e_k, r g_{k-1}), in closed form (logs)
         lr = -1.0 / (self.release_s * fps)
         j = np.arange(n)
