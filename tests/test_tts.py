@@ -526,6 +526,12 @@ def test_a_voice_file_that_does_not_exist_is_named_as_missing(tmp_path):
     with pytest.raises(EngineError) as e:
         engine.check({"rate": 9})
     assert e.value.code == "bad_input"
+    # a default voice configured as a path (configs/cpu.toml allows it) is this server's
+    # own: sessions that name no voice open with it, and [defaults] pass (it stopped the
+    # server at start, "this server takes voice names only")
+    by_path = PiperEngine({"voice": str(bundled.model_path())}, EngineContext(stage="tts"))
+    by_path.check({})
+    by_path.close_session(by_path.open_session({}))
 
 
 def test_coqui_engine_says_what_it_needs():

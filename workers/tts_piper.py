@@ -204,7 +204,8 @@ class PiperEngine(TTSEngine):
         if name in self.voice_table:
             return name, Path(self.voice_table[name]), None
         if name.endswith(".onnx") or os.sep in name:
-            if not (trusted or self.voice_paths):
+            # the server's own default may be a path (the operator's choice, loaded at start)
+            if not (trusted or self.voice_paths or name == self.default):
                 raise EngineError(f"unknown voice {name!r}: this server takes voice names only "
                                   f"({', '.join(self.known())})", code="unknown_voice")
             path = Path(name).expanduser()
