@@ -60,16 +60,18 @@ class SystemdHooks:
             self.reloading = True
             self.n.reloading()
             try:
-                self.reloader(sup, self._reloaded)
+                self.reloader(sup, lambda: self._reloaded(sup))
             except BaseException:
-                self._reloaded()
+                self._reloaded(sup)
                 raise
 
-    def _reloaded(self) -> None:
-        """The reload ended, applied or not: systemd hears READY=1 again."""
+    def _reloaded(self, sup: "Supervisor") -> None:
+        """The reload ended, applied or not: systemd hears READY=1 again, if the server
+        was ready (a SIGHUP while it starts must not make it ready early)."""
         if self.reloading:
             self.reloading = False
-            self.n.ready()
+            if sup.announced_ready:
+                self.n.ready()
 
 
 class ServiceHooks:
@@ -108,7 +110,8 @@ class ServiceHooks:
         """Reload what can change without restarting stages: limits, budgets, timeouts,
         restart policy and session defaults. Stage and server settings need a restart.
         New defaults are applied once every stage's engine has judged them (``done()``
-        then): one refusing them, or not there to judge, keeps the running config."""
+        then): one refusing them keeps the running config; a stage not there to judge
+        them (failed, restarting) keeps the running defaults, the rest applies."""
         if self.reload_from is None:
             return done()
         args, make = self.reload_from
@@ -120,12 +123,15 @@ class ServiceHooks:
 
         def judged(refused: str | None, unjudged: list[str]) -> None:
             try:
-                if refused or unjudged:
-                    why = refused or (f"stage(s) {', '.join(unjudged)} could not judge the new "
-                                      "[defaults] (not ready, or no answer): reload again later")
-                    log.error("reload failed, keeping the running config", extra={"error": why})
-                else:
-                    _apply(sup, new)
+                if refused:
+                    log.error("reload failed, keeping the running config", extra={"error": refused})
+                    return
+                if unjudged:  # the rest applies: a degraded server must still take a
+                    # new restart policy (its failed stage is what cannot judge)
+                    log.warning("reload kept the running [defaults]: reload again once every "
+                                "stage is ready", extra={"unjudged": ",".join(unjudged)})
+                    new.defaults = sup.config.defaults
+                _apply(sup, new)
             finally:
                 done()
 

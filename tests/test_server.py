@@ -401,9 +401,14 @@ def test_a_reload_reschedules_a_failed_stages_retry(make_server):
     assert eventually(lambda: srv.status()["state"] == "degraded", timeout=30)
     motion = lambda: next(w for w in srv.status()["workers"] if w["stage"] == "motion")  # noqa: E731
     assert motion()["retry_in_s"] > 200
-    srv.config_path.write_text(srv.config_path.read_text().replace("failed_retry = 300", "failed_retry = 0"))
+    # new [defaults] too, which the failed stage cannot judge: the rest still applies (the
+    # whole reload was refused, so a degraded server could not be told to retry), the
+    # running defaults stay
+    srv.config_path.write_text(srv.config_path.read_text().replace("failed_retry = 300", "failed_retry = 0")
+                               .replace("size = 64", "size = 64\nintensity = 0.3"))
     os.kill(srv.proc.pid, signal.SIGHUP)
     assert eventually(lambda: motion()["retry_in_s"] is None, timeout=10), srv.logs()
+    assert "kept the running [defaults]" in srv.logs()
 
 
 def test_log_json_is_one_object_per_line_even_for_a_worker_crash(tmp_path):

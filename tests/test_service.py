@@ -88,3 +88,27 @@ def test_metrics_endpoint_shows_frames_and_sessions_while_streaming(make_server)
     assert 'giris_budget_limit_bytes{device="cpu"} 1.073741824e+09' in scraped
     assert "giris_stage_latency_seconds_bucket" in scraped
     assert 'giris_workers{stage="render",state="ready"} 1.0' in scraped
+
+
+def test_a_reload_while_the_server_starts_does_not_make_it_ready_early(make_server, tmp_path: Path):
+    """A SIGHUP while the stages load: its reload ended with READY=1, so systemd took the
+    server as ready (and started what waits for it) before any stage could serve."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    load_s = 3.0
+    srv = make_server({"stages": small_stages(render={"options": {"load_s": load_s}})}, wait=False,
+                      env={"NOTIFY_SOCKET": path})
+    deadline = time.monotonic() + 30
+    while "starting" not in srv.logs() and time.monotonic() < deadline:  # its handlers are set
+        time.sleep(0.05)
+    srv.proc.send_signal(signal.SIGHUP)
+    hup_at = time.monotonic()
+    seen: list[tuple[float, str]] = []
+    while not any("READY=1" in m.split("\n") for _, m in seen) and time.monotonic() < deadline:
+        seen += _datagrams(sock, 0.5)
+    assert any("RELOADING=1" in m for _, m in seen), seen
+    ready_at = next(t for t, m in seen if "READY=1" in m.split("\n"))
+    assert srv.client().status()["state"] == "serving"
+    assert ready_at - hup_at > 1.0, seen  # the stages were still loading: not at the reload's end
+    sock.close()
