@@ -194,7 +194,7 @@ class Client:
             msg.add_inline(np.frombuffer(_read_avatar(avatar), np.uint8))
         elif avatar is not None:
             msg.meta["spec"]["avatar_name"] = str(avatar)
-        reply = self.request(msg, timeout=timeout or max(self.timeout, 120.0))
+        reply = self.request(msg, timeout=max(self.timeout, 120.0) if timeout is None else timeout)
         token = reply.session
         self._sessions.setdefault(token, queue.SimpleQueue())
         return Session(self, token, reply.meta.get("spec", {}))
@@ -233,6 +233,9 @@ class Client:
         if msg.session in self._ended:
             raise GirisError(f"session closed by the server ({self._ended[msg.session]})",
                              code="session_closed")
+        # judged before anything is sent: a bad timeout raised after the post left its
+        # request to run on the server unseen (a session opened and never known)
+        limit = self.timeout if timeout is None else _seconds(timeout, "timeout")
         req = next(self._reqs)
         msg.meta["req"] = req
         waiter: list = [threading.Event(), None, False]  # done, the reply, sent
@@ -242,7 +245,6 @@ class Client:
         except BadInput:
             self._waiters.pop(req, None)
             raise
-        limit = self.timeout if timeout is None else _seconds(timeout, "timeout")
         sent = time.monotonic()
         # a long request (opening a session may take minutes) still gives up on a server
         # that says nothing, not even to heartbeats, for the client's own timeout: one that
