@@ -1126,21 +1126,22 @@ def test_a_reload_that_lowers_the_heartbeat_reaches_the_running_workers(make_ser
     the running workers are told the new interval, and judged by the one they beat at
     until they say they took it; a hang is then found by the new timeout, and the stage
     restarted in its place beats at the new interval too."""
-    srv = make_server({"timeouts": {"worker_heartbeat": 2.0, "worker_timeout": 10.0}})
+    # (timeouts with room for a loaded 2-core runner's stalls: 2 s, against beats of 0.2)
+    srv = make_server({"timeouts": {"worker_heartbeat": 4.0, "worker_timeout": 12.0}})
     s = srv.client().open_session()
     pids = {w["stage"]: w["pid"] for w in srv.status()["workers"]}
     text = srv.config_path.read_text()
-    srv.config_path.write_text(text.replace("worker_heartbeat = 2.0", "worker_heartbeat = 0.2")
-                               .replace("worker_timeout = 10.0", "worker_timeout = 1.0"))
+    srv.config_path.write_text(text.replace("worker_heartbeat = 4.0", "worker_heartbeat = 0.2")
+                               .replace("worker_timeout = 12.0", "worker_timeout = 2.0"))
     os.kill(srv.proc.pid, signal.SIGHUP)
     assert eventually(lambda: "reloaded limits" in srv.logs(), timeout=10), srv.logs()
-    time.sleep(4)
+    time.sleep(5)  # past the old heartbeat: the old code had killed every stage by now
     assert "stage hung" not in srv.logs(), srv.logs()
     st = srv.status()
     assert {w["stage"]: w["pid"] for w in st["workers"]} == pids and st["state"] == "serving"
     t0 = time.monotonic()
     items = list(s.stream(s.start_say("hello HANG"), timeout=30))  # the tts stage hangs
-    assert time.monotonic() - t0 < 6  # found within the new timeout, not the old 10 s
+    assert time.monotonic() - t0 < 9  # found within the new timeout, not the old 12 s
     assert any(isinstance(i, Event) and i.kind == "stage_restarted" for i in items)
     time.sleep(3)  # the restarted stage beats at the new interval: not killed again
     assert srv.logs().count("stage hung") == 1, srv.logs()
