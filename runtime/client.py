@@ -953,10 +953,8 @@ class Session:
             copies = [self.client.pools.array(msg, r).copy() for _, r in pooled]
         except GirisError:  # stale: left as it is, its read says so
             return
-        for (i, ref), a in zip(pooled, copies):
-            msg.buffers.append(memoryview(a).cast("B") if a.nbytes else b"")
-            msg.tensors[i] = P.TensorRef(dtype=ref.dtype, shape=ref.shape, nbytes=ref.nbytes,
-                                         frame=len(msg.buffers))
+        for (i, _), a in zip(pooled, copies):
+            msg.tensors[i] = msg.inline_ref(a)
         self.client._release_refs(self.token, [r for _, r in pooled])
 
     def _next(self, utterance: int, timeout: float) -> P.Message | None:
@@ -1160,29 +1158,20 @@ def _read_avatar(path: str | os.PathLike) -> bytes:
 
 
 #: ZeroMQ's Z85 alphabet: a CURVE key written out is 40 of these characters
-_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
-
-
 def _is_z85_key(key: str | bytes) -> bool:
-    text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
-    return len(text) == 40 and set(text) <= _Z85
+    """Whether ``key`` is a CURVE key in Z85 text (40 characters of ZeroMQ's alphabet)."""
+    from zmq.utils.z85 import Z85CHARS
 
-
-def _keypair(path: str | os.PathLike, what: str) -> tuple[bytes, bytes | None]:
-    """(public, secret or None) from a key file ``giris keys`` wrote; ``bad_key`` naming it."""
-    from zmq.auth import load_certificate
-
-    try:
-        return load_certificate(path)
-    except (OSError, ValueError) as e:
-        why = "does not exist" if not os.path.exists(path) else f"cannot be read as a key: {e}"
-        raise GirisError(f"{what} file {str(path)!r} {why}", code="bad_key") from None
+    raw = key.encode("utf-8", "replace") if isinstance(key, str) else key
+    return len(raw) == 40 and set(raw) <= set(Z85CHARS)
 
 
 def _curve_keys(server_key: Any, client_keys: Any) -> tuple[bytes, bytes, bytes] | None:
     """(server public, client public, client secret) for CURVE; None without a server key.
     ``server_key`` is the key itself (40 Z85 characters) or its file: anything else is a
     file that is not there (it was taken as a key: "cannot connect: Invalid argument")."""
+    from giris.runtime.keys import load_keypair
+
     if server_key is None:
         if client_keys is not None:  # (it was ignored: the connection went out in the clear)
             raise GirisError("a client key needs the server's public key too (server_key, "
@@ -1195,13 +1184,13 @@ def _curve_keys(server_key: Any, client_keys: Any) -> tuple[bytes, bytes, bytes]
         if isinstance(server_key, str) and _is_z85_key(server_key) and not os.path.exists(server_key):
             server_key = server_key.encode()
         else:
-            server_key = _keypair(server_key, "server key")[0]
+            server_key = load_keypair(server_key, "server key")[0]
     if client_keys is None:
         public, secret = zmq.curve_keypair()
     elif isinstance(client_keys, tuple):
         public, secret = client_keys
     else:
-        public, secret = _keypair(client_keys, "client key")
+        public, secret = load_keypair(client_keys, "client key")
     if secret is None:
         raise GirisError("client key file has no secret key (use the .key_secret file)", code="bad_key")
     return server_key, public, secret

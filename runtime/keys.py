@@ -47,10 +47,11 @@ def generate_keypair(directory: str | os.PathLike, name: str = "giris",
     return public, secret
 
 
-def load_keypair(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
+def load_keypair(path: str | os.PathLike, what: str = "key") -> tuple[bytes, bytes | None]:
     """``(public, secret)`` from ``NAME.key_secret`` or ``NAME.key``. Given the public
     file, the secret comes from the ``.key_secret`` beside it when there is one, else None
-    (enough for a client to name the server it trusts)."""
+    (enough for a client to name the server it trusts). ``what``: the key's role, for
+    the error (``bad_key``, naming the file)."""
     p = Path(path)
     try:
         public, secret = zmq.auth.load_certificate(p)
@@ -61,7 +62,8 @@ def load_keypair(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
                 if pub2 != public:
                     raise GirisError(f"{p} and {sibling} hold different public keys", code="bad_key")
     except (OSError, ValueError) as e:
-        raise GirisError(f"cannot load the key {str(p)!r}: {e}", code="bad_key") from None
+        why = "does not exist" if not p.exists() else f"cannot be read as a key: {e}"
+        raise GirisError(f"{what} file {str(p)!r} {why}", code="bad_key") from None
     return public, secret
 
 

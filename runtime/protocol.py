@@ -161,12 +161,17 @@ class Message:
 
     def add_inline(self, array: np.ndarray) -> TensorRef:
         """Attach ``array`` as an inline buffer (small tensors, or remote clients)."""
-        a = np.ascontiguousarray(array)
-        self.buffers.append(memoryview(a).cast("B") if a.nbytes else b"")
-        ref = TensorRef(dtype=dtype_name(a.dtype), shape=tuple(a.shape), nbytes=a.nbytes,
-                        frame=len(self.buffers))
+        ref = self.inline_ref(array)
         self.tensors.append(ref)
         return ref
+
+    def inline_ref(self, array: np.ndarray) -> TensorRef:
+        """Attach ``array`` as an inline buffer; its reference, for the caller to place
+        (``add_inline`` appends it; a client swaps it for a pool reference it copied)."""
+        a = np.ascontiguousarray(array)
+        self.buffers.append(memoryview(a).cast("B") if a.nbytes else b"")
+        return TensorRef(dtype=dtype_name(a.dtype), shape=tuple(a.shape), nbytes=a.nbytes,
+                         frame=len(self.buffers))
 
     def inline_array(self, ref: TensorRef) -> np.ndarray:
         """The array behind an inline reference (a view on the received buffer)."""
