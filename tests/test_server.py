@@ -1161,3 +1161,13 @@ def test_a_stage_option_its_engine_never_reads_is_logged(make_server):
     assert "smoothing" in line.split("read=", 2)[-1] and "warn" in line.lower()
     assert srv.logs().count("never read") == 1  # word_s, render_s, client_late_s: all read
     assert len(collect(srv.client().open_session(), "one two")["frames"]) == 10
+
+
+def test_a_bug_in_an_engines_check_does_not_stop_the_server(make_server):
+    """An engine's ``check`` that raises something other than an error of its verdict (a
+    third-party engine's bug) is logged and the server serves: it stopped the server at
+    start as if the defaults were refused (a failing ``accepts()`` was only logged)."""
+    srv = make_server({"defaults": {"voice": "BUG"}})
+    assert srv.status()["state"] == "serving"
+    assert "engine check failed" in srv.logs() and "a bug in check()" in srv.logs()
+

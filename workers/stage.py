@@ -218,12 +218,15 @@ class StageWorker:
             except Exception as e:  # noqa: BLE001 - reported to the supervisor
                 self.reply(req, ok=False, error=_wire(e))
         elif msg.type == P.CHECK:
+            refused = None
             try:
                 self.engine.check(_spec(msg.meta["spec"], avatar))
-                refused = None
-            except Exception as e:  # noqa: BLE001 - what open_session would have failed with
-                self._forget_frames(e)
+            except GirisError as e:  # what open_session would have failed with
                 refused = _wire(e)
+            except Exception as e:  # noqa: BLE001 - a bug of the engine's check, not a
+                # verdict: logged, and the server serves on
+                log.exception("engine check failed, [defaults] not judged", extra={"stage": self.stage})
+                self._forget_frames(e)
             self.reply(req, ok=True, refused=refused)
         elif msg.type == P.OPEN_SESSION:
             self.open_async(msg.session, int(msg.meta["tag"]), _spec(msg.meta["spec"], avatar), req)

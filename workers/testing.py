@@ -72,6 +72,8 @@ class SourceTestEngine(_Misbehaving, TTSEngine):
         return None
 
     def check(self, spec: Mapping[str, Any]) -> None:
+        if spec.get("voice") == "BUG":  # a bug of the check itself, not a verdict
+            raise RuntimeError("a bug in check()")
         if spec.get("voice") not in (None, "", "test"):
             raise EngineError(f"unknown voice {spec.get('voice')!r}", code="unknown_voice")
 
