@@ -104,8 +104,10 @@ class Runtime:
                     raise
                 if left <= _SLICE:
                     waiting = [w["stage"] for w in sup.status()["workers"] if w["state"] != "ready"]
-                    raise GirisError(f"runtime did not start in {self.start_timeout:g} s (not ready: "
-                                     f"{', '.join(waiting)})", code="start_timeout") from None
+                    what = (f"not ready: {', '.join(waiting)}" if waiting else
+                            "its stages are ready, their engines still judging its [defaults]")
+                    raise GirisError(f"runtime did not start in {self.start_timeout:g} s ({what})",
+                                     code="start_timeout") from None
 
     def _client(self) -> Client:
         if self.client is None:
