@@ -31,11 +31,6 @@ BACKDROP = 255
 
 #: FFmpeg's ``max_pixels`` is an ``int`` option
 _AV_MAX_PIXELS = 2**31 - 1
-#: decoder options that make a decoder refuse a cut or damaged picture, where it would
-#: otherwise fill in what is missing and say so only in a log line (a JPEG cut in half
-#: decoded with its lower half solid green); not for all decoders: with ``explode`` the TIFF
-#: decoder refuses valid files for a tag it does not know
-_STRICT = {"mjpeg": {"err_detect": "explode"}}
 #: what a picture FFmpeg cannot decode to the end is
 CORRUPT = "the image is truncated or corrupt"
 #: JPEG start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC)
@@ -248,7 +243,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     # at most): twice the limit refuses no picture of our MIN_SIDE or more that is within
     # ours, and still nothing near a bomb's size
     limit = {"max_pixels": str(min(max(2 * int(max_pixels), 0), _AV_MAX_PIXELS))}
-    if data[:6] in (b"GIF87a", b"GIF89a") and not _gif_complete(data):
+    # FFmpeg fills in what a cut picture lacks, saying so only in a log line (a JPEG cut in
+    # half decoded with its lower half solid green): a cut one is found by its structure
+    if (data[:6] in (b"GIF87a", b"GIF89a") and not _gif_complete(data)
+            or data[:2] == b"\xff\xd8" and not _jpeg_complete(data)):
         raise EngineError(f"cannot decode the avatar image: {CORRUPT}", code="bad_image")
     opened = False
     try:
@@ -266,7 +264,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                                   "send a PNG, JPEG or WebP", code="bad_image")
             if cc.width * cc.height > max_pixels:
                 raise _too_large(cc.width, cc.height, max_pixels)
-            cc.options = dict(cc.options, **limit, **_STRICT.get(cc.name, {}))
+            cc.options = dict(cc.options, **limit)
             for frame in container.decode(stream):
                 if frame.width * frame.height > max_pixels:
                     raise _too_large(frame.width, frame.height, max_pixels)
@@ -283,6 +281,16 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             hint = f" (more than the {max_pixels} pixels allowed?): {exc}"
         raise EngineError(f"cannot decode the avatar image{hint}", code="bad_image") from exc
     raise EngineError("cannot decode the avatar image: no frame", code="bad_image")
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG's last scan ends with its end-of-image marker. Scan data stuffs every
+    0xFF byte, so no marker can hide in it: a file cut mid-scan has no EOI after its last
+    start-of-scan (data a camera appends after the EOI does not matter). FFmpeg's strict
+    mode (``err_detect=explode``) refused the cut ones too, and would refuse real photos
+    for a warning of no consequence (an APP segment it cannot read)."""
+    sos = data.rfind(b"\xff\xda")
+    return sos > 0 and data.find(b"\xff\xd9", sos) > 0
 
 
 def _gif_complete(data: bytes) -> bool:
