@@ -262,9 +262,9 @@ class Client:
             waited = now - sent  # (it said the limit, 120 s, of a wait given up at 30)
             if not waiter[2] or self._is_silent(now, limit):
                 self._gone = True
-                why = "nothing took the request" if not waiter[2] else f"silent for {silent:.3g} s"
-                raise ServerGone(f"no answer from {self.endpoint} in {waited:.3g} s ({why})")
-            raise Timeout(f"{msg.type} got no reply in {waited:.3g} s")
+                why = "nothing took the request" if not waiter[2] else f"silent for {silent:.1f} s"
+                raise ServerGone(f"no answer from {self.endpoint} in {waited:.1f} s ({why})")
+            raise Timeout(f"{msg.type} got no reply in {waited:.1f} s")
         reply: P.Message | None = waiter[1]
         if reply is None:  # woken by close()
             self._waiters.pop(req, None)
