@@ -144,14 +144,22 @@ class WorkerHandle:
             except subprocess.TimeoutExpired:
                 pass
 
-    def terminate(self, timeout: float) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
+    def ask_to_end(self) -> None:
+        """SIGTERM; SIGKILL while it is still loading: it serves nothing yet and holds
+        nothing a kill loses (the graph cache is written atomically), and a model's load
+        does not stop for a signal (an interrupted `giris say` waited seconds for it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            (self.proc.kill if self.state == STARTING else self.proc.terminate)()
+
+    def reap(self, timeout: float, then_kill: bool = True) -> None:
+        """Wait ``timeout`` s for it to end (:meth:`ask_to_end`), then kill it (or not:
+        its launcher's end will, see ``Supervisor.shutdown``)."""
+        if self.proc is not None and self.proc.poll() is None:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                if not then_kill:
+                    return
                 self.kill()
         self.state = STOPPED
 

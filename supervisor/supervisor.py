@@ -565,8 +565,21 @@ class Supervisor:
                 except zmq.ZMQError:
                     pass
         deadline = time.monotonic() + self.config.timeouts.shutdown
+        loading = [w for w in self.workers if w.state == STARTING]
+        for w in self.workers:  # all at once: each one's wait overlaps the others'
+            w.ask_to_end()
+        if loading and self.launcher is not None:
+            # a start cut short: the launcher, busy preloading an engine (torch: seconds),
+            # neither passes a signal on nor reports an exit meanwhile (an interrupted
+            # `giris say` waited for it); the ready ones have had STOP: a moment to take
+            # it, then the launcher goes, and its forks with it
+            deadline = min(deadline, time.monotonic() + 0.5)
+            for w in self.workers:
+                if w not in loading:
+                    w.reap(max(0.05, deadline - time.monotonic()), then_kill=False)
+            self.launcher.close(timeout=0.2)
         for w in self.workers:
-            w.terminate(max(0.1, deadline - time.monotonic()))
+            w.reap(max(0.1, deadline - time.monotonic()))
         for w in self.workers:
             w.kill()
         if self.launcher is not None:
