@@ -18,6 +18,8 @@
 # past what one call carries; `perf render --upstream test` measures the renderer alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1  # what a step printed survives its being cut at the call's limit
+STEP_S=${STEP_S:-140}      # each step's own limit: one that hangs leaves time to the others
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda:0}
 OUT=${OUT:-out/gpu}
@@ -29,7 +31,7 @@ fetch() {
     pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_26_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$WHEELS" pyzmq av && ls -la "$WHEELS"
+        -d "$WHEELS" pyzmq==27.3.0 av==18.1.0 && ls -la "$WHEELS"  # the versions tested here
 }
 
 setup() {
@@ -45,6 +47,8 @@ setup() {
     "$PY" - <<'EOF' | tee "$OUT/device.txt"
 import torch
 from giris.runtime.cuda_pool import cuda_available
+import shutil
+print("/dev/shm free MiB", shutil.disk_usage("/dev/shm").free >> 20, "(pools need ~192)")
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "| cupy ok:", cuda_available())
 EOF
@@ -53,17 +57,17 @@ EOF
 
 step_tests() {
     # the files with gpu tests only: the others need what the image lacks (Piper, dlib)
-    "$PY" -m pytest -m gpu -q -p no:cacheprovider $(grep -l "pytest.mark.gpu" tests/*.py) 2>&1 \
+    timeout "$STEP_S" "$PY" -m pytest -m gpu -q -p no:cacheprovider $(grep -l "pytest.mark.gpu" tests/*.py) 2>&1 \
         | tee "$OUT/gpu-tests.txt"
 }
 
 step_transport() {
-    "$PY" -m perf transport --cuda --json 2>&1 | tee "$OUT/transport.txt"
+    timeout "$STEP_S" "$PY" -m perf transport --cuda --json 2>&1 | tee "$OUT/transport.txt"
 }
 
 step_render() {
-    "$PY" -m perf render --upstream test --device "$DEVICE" --json 2>&1 | tee "$OUT/render.txt"
-    "$PY" -m perf render --upstream test --device "$DEVICE" --capacity --sizes 512 --json 2>&1 \
+    timeout "$STEP_S" "$PY" -m perf render --upstream test --device "$DEVICE" --json 2>&1 | tee "$OUT/render.txt"
+    timeout "$STEP_S" "$PY" -m perf render --upstream test --device "$DEVICE" --capacity --sizes 512 --json 2>&1 \
         | tee "$OUT/render-capacity.txt"
 }
 

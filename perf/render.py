@@ -23,6 +23,7 @@ import argparse
 import threading
 import time
 
+from giris.runtime.errors import GirisError
 from perf.common import emit_json, machine, pct, table
 from perf.server import BenchServer
 
@@ -129,7 +130,12 @@ def capacity(args: argparse.Namespace) -> int:
             tried: dict[int, bool] = {}
 
             def trial(n: int) -> bool:
-                stamps, _ = run_sessions(srv.client, n, size, True, SHORT, not args.inline)
+                try:
+                    stamps, _ = run_sessions(srv.client, n, size, True, SHORT, not args.inline)
+                except GirisError as e:  # a limit of the server's, or its memory: not held
+                    rows.append((f"{size}²", str(n), f"no ({e.code})", "-", "-"))
+                    tried[n] = False
+                    return False
                 ok, fps, p99 = holds(stamps)
                 rows.append((f"{size}²", str(n), "yes" if ok else "no", fps, p99))
                 tried[n] = ok
@@ -161,7 +167,11 @@ def render_only_config(device: str) -> str:
 
     fd, path = tempfile.mkstemp(prefix="giris-render-only-", suffix=".toml")
     with os.fdopen(fd, "w") as f:
-        f.write(f"""[stages.tts]
+        f.write(f"""[limits]
+max_sessions = 128
+max_sessions_per_client = 128
+
+[stages.tts]
 engine = "test-source"
 options = {{ word_s = 0.2 }}
 
