@@ -101,6 +101,9 @@ Item = AudioChunk | Coefficients | Frame | Event
 
 
 # ---------------------------------------------------------------------- the client
+_CLIENT_IDS = itertools.count(1)
+
+
 class Client:
     """A connection to a Giris server (``ipc://``, ``tcp://`` with CURVE, or ``inproc://``)."""
 
@@ -148,7 +151,10 @@ class Client:
         self._gone = False
         self.pools = PoolSet()
         self._keys = _curve_keys(server_key, client_keys)
-        name = f"inproc://giris-client-{id(self)}-{os.getpid()}"
+        # a number of its own: id(self) comes back for the next client as soon as one is
+        # collected, while the I/O thread may not have let its address go yet ("Address
+        # already in use" from the constructor, 290 of 300 clients made in a row)
+        name = f"inproc://giris-client-{os.getpid()}-{next(_CLIENT_IDS)}"
         self._wake_addr = name
         self._wake_recv = self._ctx.socket(zmq.PULL)
         self._wake_recv.bind(name)

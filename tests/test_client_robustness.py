@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from giris.runtime.client import Frame
+from giris.runtime.client import Client, Frame
 from giris.runtime.errors import GirisError, ServerGone, StageFailed, Timeout
 from tests.conftest import collect, small_stages
 
@@ -310,3 +310,11 @@ def test_reading_a_later_utterance_first_does_not_starve_it_of_slots(make_server
     assert all(f._release is None for f in parked)  # copies: they hold no slot
     assert all((f.image == img).all() for f, (_, img, _) in zip(parked, in_order))
     assert _wait(lambda: _pools_idle(srv)), srv.status()["pools"]
+
+
+def test_clients_made_and_let_go_one_after_another_each_start(tmp_path):
+    """A client's wake-up address was named by ``id(self)``, which Python gives the next
+    client as soon as one is collected, while the old one's I/O thread may still hold
+    the address: the constructor failed with "Address already in use" (290 of 300)."""
+    for _ in range(100):
+        Client(f"ipc://{tmp_path}/nobody.sock", timeout=1.0)  # let go at once
