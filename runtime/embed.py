@@ -8,6 +8,7 @@ Leaving the block closes the sessions, stops the workers and unlinks every segme
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ log = logging.getLogger("giris.embed")
 
 #: how often the start-up wait looks whether ``stop()`` was called
 _SLICE = 0.1
+_RUNTIME_IDS = itertools.count(1)
 
 
 class Runtime:
@@ -34,7 +36,8 @@ class Runtime:
     def __init__(self, config: Config | None = None, *, start_timeout: float | None = None,
                  log_level: str = "WARNING", log_json: bool = False) -> None:
         self.config = copy.deepcopy(config) if config is not None else default_config()
-        self.config.server.endpoint = f"inproc://giris-{os.getpid()}-{id(self)}"
+        # numbered, not by id(self): a collected runtime's id is the next one's
+        self.config.server.endpoint = f"inproc://giris-{os.getpid()}-{next(_RUNTIME_IDS)}"
         self.start_timeout = start_timeout or self.config.timeouts.worker_start
         self.log_level, self.log_json = log_level, log_json
         self.ctx: zmq.Context | None = None
