@@ -140,7 +140,10 @@ class CudaSlotPool:
         bus = rt.deviceGetPCIBusId(device).encode("ascii")
         card = CARD.pack(MAGIC, generation, self.slot_bytes, table.n_slots, bus) + mem_handle + ev_handles
         tmp = SHM_DIR / f"{self.name}.card.tmp{os.getpid()}"
-        tmp.write_bytes(card)
+        # owner-only, as the pools' segments: the handles open the producer's device memory
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(card)
         os.replace(tmp, SHM_DIR / f"{self.name}.card")  # atomic: readers never see half a card
 
     @classmethod

@@ -38,6 +38,8 @@ def test_references_offsets_bounds_cache_and_teardown(cupy):
     table = SlotPool.create(name, 64, 4)
     try:
         pool = CudaSlotPool(table, 100 * 100 * 3)
+        card = SHM_DIR / f"{name}.card"
+        assert card.stat().st_mode & 0o777 == 0o600  # its handles open the device memory
         slot, arr = pool.alloc((100, 100, 3), "uint8")
         slot2, arr2 = pool.alloc((100, 100, 3), "uint8")
         arr[...] = 3
