@@ -229,8 +229,10 @@ class CudaPoolCache:
                                     slot_bytes)
         return self.opened[name]
 
-    def array(self, ref: TensorRef) -> Any:
-        """A CuPy view of the referenced slot, ordered after the producer's writes."""
+    def array(self, ref: TensorRef, stream: Any = None) -> Any:
+        """A CuPy view of the referenced slot, ordered after the producer's writes on the
+        stream that will read it (``stream``: a torch or CuPy stream, a raw handle; CuPy's
+        current one by default: a reader on another stream was not ordered)."""
         cupy = _cupy()
         table = self.tables.get(ref.pool) or self.tables.setdefault(ref.pool, SlotPool.attach(ref.pool))  # type: ignore[arg-type]
         # Stale references are refused first, before any handle is opened: the card may
@@ -248,21 +250,21 @@ class CudaPoolCache:
         # inside its own slot (the one whose lease was checked), as the CPU pools check
         if not start <= ref.offset + lo <= ref.offset + hi <= min(start + pool.slot_bytes, pool.nbytes):
             raise StaleReference("reference out of the slot's bounds")
-        with cupy.cuda.Device(pool.device):  # that GPU's current stream waits, and reads
-            stream = cupy.cuda.get_current_stream()
-            cupy.cuda.runtime.streamWaitEvent(stream.ptr, pool.events[ref.slot], 0)
+        with cupy.cuda.Device(pool.device):  # the reading stream (on that GPU) waits
+            cupy.cuda.runtime.streamWaitEvent(_stream_ptr(stream, cupy), pool.events[ref.slot], 0)
             return cupy.ndarray(ref.shape, dtype, memptr=pool.base + ref.offset, strides=ref.strides)
 
-    def release(self, ref: TensorRef) -> bool:
-        """Give the slot back once the reads queued on this stream are done: the producer
-        writes into a slot the moment it is free, and its stream does not wait for ours."""
+    def release(self, ref: TensorRef, stream: Any = None) -> bool:
+        """Give the slot back once the reads queued on ``stream`` (as for :meth:`array`)
+        are done: the producer writes into a slot the moment it is free, and its stream
+        does not wait for ours."""
         table = self.tables.get(ref.pool or "")
         if table is None:
             return False
         cupy = _cupy()
         opened = self.opened.get(ref.pool or "")
         with cupy.cuda.Device(opened.device if opened is not None else cupy.cuda.runtime.getDevice()):
-            cupy.cuda.get_current_stream().synchronize()
+            cupy.cuda.runtime.streamSynchronize(_stream_ptr(stream, cupy))
         return table.release(ref.slot, ref.lease)
 
     def close(self) -> None:

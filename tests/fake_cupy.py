@@ -110,6 +110,7 @@ runtime = SimpleNamespace(
     deviceSynchronize=lambda: calls.append(("devsync",)),
     eventRecord=lambda e, s: calls.append(("record", e, s)),
     streamWaitEvent=lambda s, e, f=0: calls.append(("wait", s, e)),
+    streamSynchronize=lambda s: calls.append(("sync", s)),
 )
 cuda = SimpleNamespace(Memory=Memory, UnownedMemory=UnownedMemory, MemoryPointer=MemoryPointer,
                        Device=Device, get_current_stream=lambda: _Stream(), runtime=runtime)

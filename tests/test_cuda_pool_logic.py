@@ -67,6 +67,12 @@ def test_references_offsets_bounds_cache_and_teardown(cupy):
                 cache.array(TensorRef(**{**ref.__dict__, **forged}))
         assert cache.release(ref) and not cache.release(ref)
         assert sum(c[0] == "open" for c in cupy.calls) == 1  # opened once, then cached
+        # a reader on a stream of its own (torch's): that stream waits, and is waited for
+        torch_stream = type("TorchStream", (), {"cuda_stream": 5151})()
+        cache.array(pool.publish(slot2, arr2), stream=torch_stream)
+        assert cupy.calls[-1] == ("wait", 5151, cache.opened[name].events[slot2.index])
+        cache.release(pool.publish(slot2, arr2), stream=torch_stream)
+        assert ("sync", 5151) in cupy.calls
 
         # the producer restarts: an old reference is refused before anything is opened,
         # a new one reopens, after the old mapping was let go with the device idle
