@@ -479,6 +479,54 @@ def test_wide_eyes_lift_the_lash_band_whole(engine):
         engine.close_session(s)
 
 
+def test_raised_brows_keep_the_lash_band_whole(engine):
+    """A brow raise without eyeWide (speech's emphasis, sad's inner brows) stretched the
+    lash band too (1.3-1.4× as thick at a raise of 0.5-1.0, at 512²): the band points
+    come in with raised brows as with eyeWide. The brows stay lines, a blink still closes
+    under raised brows, the points ease in without a jump as the raise sets in, and
+    frames with the brows at rest (happy's 0.05 hint included) get no band points."""
+    from giris.workers.face_rig import BROW_FLOOR
+    s = engine.open_session({"size": 512})
+    try:
+        lm, iod = s.rig.landmarks, s.rig.iod
+        luma = np.array([0.299, 0.587, 0.114], np.float32)
+
+        def render(r: np.ndarray) -> np.ndarray:
+            out = np.zeros((512, 512, 3), np.uint8)
+            engine.render(s, r, out)
+            return out
+
+        def lines(r: np.ndarray) -> list[tuple[float, float, float]]:
+            y = render(r).astype(np.float32) @ luma
+            t = s.rig.targets(r)[:68]
+            return [(*_lash_band(y, lm, t, iod, up), _brow_line(y, lm, t, iod, brow))
+                    for up, brow in (([37, 38], [18, 19, 20]), ([43, 44], [23, 24, 25]))]
+
+        def raised(v: float, **more: float) -> np.ndarray:
+            return row(browInnerUp=v, browOuterUpLeft=v, browOuterUpRight=v, **more)
+        rest = lines(row())
+        for v in (0.5, 1.0):
+            for now, then in zip(lines(raised(v)), rest):
+                assert now[0] < 1.2 * then[0], (v, now, then)  # the band: was 1.26-1.37×
+                assert now[2] < 1.25 * then[2], (v, now, then)  # the brow: was 1.37-1.43×
+        y_shut = render(raised(1.0, eyeBlinkLeft=1.0, eyeBlinkRight=1.0)).astype(np.float32) @ luma
+        for eye in ([37, 38, 40, 41], [43, 44, 46, 47]):
+            x, y = lm[eye].mean(0).round().astype(int)
+            assert y_shut[y - 1:y + 2, x - 1:x + 2].mean() > 125  # the lid's skin, not the iris
+        # no jump as the raise passes BROW_FLOOR, under a half-closed lid (where the band
+        # carried with the lid is furthest from where the warp without it puts it)
+        lo = np.floor(lm[17:48].min(0)).astype(int) - 10
+        hi = np.ceil(lm[17:48].max(0)).astype(int) + 10
+        half = {"eyeBlinkLeft": 0.5, "eyeBlinkRight": 0.5}
+        a, b = (render(row(browInnerUp=v, **half))[lo[1]:hi[1], lo[0]:hi[0]].astype(np.int16)
+                for v in (BROW_FLOOR, BROW_FLOOR + 0.0025))
+        assert np.abs(a - b).max() <= 2, np.abs(a - b).max()
+        for r in (row(jawOpen=0.4), _emotion_row("happy", 1.0), _emotion_row("angry", 1.0)):
+            assert s.rig.frame_targets(r)[1] is None  # the flow as before, byte for byte
+    finally:
+        engine.close_session(s)
+
+
 def test_head_yaw_moves_the_face(engine, session, neutral):
     lm = session.rig.landmarks
     right = frame(engine, session, headYaw=0.3)

@@ -18,8 +18,9 @@
 * **Extra points.** Besides the 68 landmarks the rig moves a skull arc (forehead, top and
   sides of the head, rigid with the head) and three neck points (a fraction
   ``NECK_FOLLOW`` of the head motion), so hair and neck follow the head smoothly. While
-  ``eyeWide`` is on, ``frame_targets`` adds band points just above the upper lids and
-  below the brows, carried with them (``LASH_BAND``): the lash band rises whole.
+  ``eyeWide`` is on or the brows are raised, ``frame_targets`` adds band points just above
+  the upper lids and below the brows, carried with them (``LASH_BAND``): the lash band
+  rises whole, or stays whole under a raised brow.
 * **Head pose.** Right-handed, y up, z towards the viewer (as in ``motion_prosody``):
   positive ``headYaw`` turns the nose towards the image's right, positive ``headPitch`` is
   chin down, positive ``headRoll`` turns the face counter-clockwise on screen. Rotation is
@@ -308,20 +309,30 @@ def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
 #: eased (1 - (1 - w)²): most of the lift by the default 0.6, little more beyond
 EYE_WIDE = 0.28
 _EYE_WIDE = [INDEX["eyeWideLeft"], INDEX["eyeWideRight"]]
-#: eyeWide's bands: a control point LASH_BAND (IOD) above each upper-lid landmark and its
+#: the band points: a control point LASH_BAND (IOD) above each upper-lid landmark and its
 #: outer corner, carried with the lid, so the lash band (lashes, liner, the lid's margin:
 #: ~0.07 IOD of the photo) moves as one piece; and one BROW_BAND below each brow landmark,
 #: carried with the brow, so the brow stays a line. The skin between them (crease to brow)
 #: takes the stretch of the lifted lid and brows: the smooth warp had spread the brows'
-#: lift over the lash band (1.5-1.7× as thick at surprised 1.0), and with the lid's points
-#: alone over the brow's lower half (1.3-1.7×). Only while eyeWide is on (other frames keep
-#: their flow byte for byte); fully carried from an eased weight of LASH_GATE, blended in
-#: below it from where the warp without them puts them (no jump when surprise sets in)
+#: lift over the lash band (1.5-1.7× as thick at surprised 1.0, 1.37× at a full brow raise
+#: without eyeWide), and with the lid's points alone over the brow's lower half (1.3-1.7×).
+#: Only while eyeWide is on or the brows are raised past BROW_FLOOR (other frames keep
+#: their flow byte for byte); fully carried from an eased eyeWide of LASH_GATE or a raise
+#: of BROW_FLOOR + BROW_GATE, blended in below that from where the warp without them puts
+#: them (no jump when surprise or a brow raise sets in)
 LASH_BAND = 0.1
 LASH_LIDS = [36] + R_EYE_UP + L_EYE_UP + [45]
 BROW_BAND = 0.07
 BROW_LINE = list(range(17, 27))
 LASH_GATE = 0.15
+#: brow raises (browInnerUp, browOuterUp*: the largest weight) carry the band points from
+#: past BROW_FLOOR (happy's 0.05 hint stretches nothing: its frames keep their flow), fully
+#: from BROW_FLOOR + BROW_GATE; a ramp that long keeps a raise setting in over a closed lid
+#: smooth (0.1: 11 levels in a 0.005 step, 4 without the points), so speech's emphasis
+#: raise (peaking at ~0.175) blends them in part way
+BROW_FLOOR = 0.06
+BROW_GATE = 0.2
+_BROW_UP = [INDEX["browInnerUp"], INDEX["browOuterUpLeft"], INDEX["browOuterUpRight"]]
 
 
 def _eyelid_moves(gap_l: float, gap_r: float) -> dict[str, dict[int, tuple]]:
@@ -378,24 +389,29 @@ class FaceRig:
 
     @property
     def band_rest_px(self) -> np.ndarray:
-        """Rest positions of eyeWide's band points (``band_points``), image pixels (16, 2)."""
+        """Rest positions of the band points (``band_points``), image pixels (16, 2)."""
         return self.to_image(self.band_points(self.rest)[:, :2])
 
     @staticmethod
     def band_points(pts: np.ndarray) -> np.ndarray:
-        """eyeWide's band points (16, 3) for face-frame points: LASH_BAND above the upper
+        """The band points (16, 3) for face-frame points: LASH_BAND above the upper
         lids' landmarks and BROW_BAND below the brows', each moved as its landmark is."""
         return np.concatenate([pts[LASH_LIDS] + np.array([0.0, LASH_BAND, 0.0], np.float32),
                                pts[BROW_LINE] - np.array([0.0, BROW_BAND, 0.0], np.float32)])
 
     @staticmethod
     def band_weight(coeffs: np.ndarray) -> float:
-        """How far the band points are carried with their landmarks: 0 with eyeWide off (no
-        band points at all), 1 from an eased eyeWide of ``LASH_GATE``, smooth between."""
+        """How far the band points are carried with their landmarks: 0 with eyeWide off and
+        the brows under ``BROW_FLOOR`` (no band points at all), 1 from an eased eyeWide of
+        ``LASH_GATE`` or a brow raise of ``BROW_FLOOR + BROW_GATE``, smooth between."""
         w = float(np.clip(np.asarray(coeffs[_EYE_WIDE], np.float32), 0.0, 1.0).max())
-        if w <= 0.0:
+        up = float(np.asarray(coeffs[_BROW_UP], np.float32).max())
+        t = (1.0 - (1.0 - w) ** 2) / LASH_GATE if w > 0.0 else 0.0
+        if up > BROW_FLOOR:
+            t = max(t, (up - BROW_FLOOR) / BROW_GATE)
+        if t <= 0.0:
             return 0.0
-        t = min(1.0, (1.0 - (1.0 - w) ** 2) / LASH_GATE)
+        t = min(1.0, t)
         return t * t * (3.0 - 2.0 * t)
 
     def shape(self, coeffs: np.ndarray) -> np.ndarray:
@@ -444,8 +460,8 @@ class FaceRig:
         return self.project(self.shape(coeffs), coeffs)
 
     def frame_targets(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
-        """``targets``; and while eyeWide is on, its band points' image positions (16, 2) and
-        their weight (``band_weight``), else ``None, 0.0``."""
+        """``targets``; and while eyeWide is on or the brows are raised, the band points'
+        image positions (16, 2) and their weight (``band_weight``), else ``None, 0.0``."""
         g = self.band_weight(coeffs)
         pts = self.shape(coeffs)
         if g <= 0.0:

@@ -14,8 +14,9 @@ the mouth's rest opening.
 Per frame (``render``):
 
 1. The rig turns the 73-vector into image positions of 68 landmarks + 12 skull/neck
-   points (blendshape displacements, then head pose, projected); with ``eyeWide`` on,
-   16 more that carry the lash band with the lid and the brows as lines (``face_rig.LASH_BAND``).
+   points (blendshape displacements, then head pose, projected); with ``eyeWide`` on or
+   the brows raised, 16 more that carry the lash band with the lid and the brows as lines
+   (``face_rig.LASH_BAND``).
 2. A thin-plate spline is fitted *in the output frame*: centres at those targets and at the
    anchors, values the backward displacement (rest − target, 0 on anchors). Working in
    the output frame means a mouth opening is smooth there (in the source the inner lips
@@ -243,7 +244,7 @@ class WarpSession:
     k_ga: np.ndarray                     # (G, A) kernel grid-anchors (float32)
     grid_sq: np.ndarray                  # (G, 1) squared norms of grid_n
     system: np.ndarray                   # (P+A+3)² spline system with the anchor blocks filled
-    band_system: np.ndarray              # the same with eyeWide's 16 band points after the P
+    band_system: np.ndarray              # the same with the 16 band points after the P
     band_rest_px: np.ndarray             # (16, 2) their rest positions (face_rig.LASH_BAND)
     anchors64: np.ndarray                # (A, 2) the anchors in float64, for the solve's kernel
     p_g: np.ndarray                      # (G, 3) [1, u, v] on the grid
@@ -551,10 +552,10 @@ class WarpRenderEngine(RenderEngine):
                 band_w: float = 1.0) -> np.ndarray | None:
         """Coarse sampling grid (2, gh, gw), normalised for grid_sample; None when still.
 
-        ``band``: eyeWide's band points (``face_rig.LASH_BAND``) at their targets, each
-        sampling the source ``band_w`` of the way from where the flow without them samples
-        there (0: the same picture) to its rest point (1: the lash band rigid with the lid,
-        the brow with its landmarks)."""
+        ``band``: the band points (``face_rig.LASH_BAND``; eyeWide or raised brows) at their
+        targets, each sampling the source ``band_w`` of the way from where the flow without
+        them samples there (0: the same picture) to its rest point (1: the lash band rigid
+        with the lid, the brow with its landmarks)."""
         disp = state.rest_px - targets                       # backward displacement, px
         if float(np.abs(disp).max()) < 0.02:
             return None
