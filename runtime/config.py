@@ -130,7 +130,8 @@ class Limits:
     max_text_chars: int = 2000
     max_image_bytes: int = 12 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
-    #: requests (say, audio_in, cancel) per second per session, averaged over a second
+    #: ``say`` requests per session in any one second (``audio_in`` has a budget of its
+    #: own in seconds of audio; ``cancel`` is not limited)
     max_requests_per_second: float = 20.0
     min_size: int = 128
     max_size: int = 1024

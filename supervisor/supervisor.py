@@ -501,10 +501,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ status
     def state(self) -> str:
-        """``starting`` until every stage was ready once, then ``serving``; ``recovering``
-        while a stage is being restarted (new sessions get ``stage_unavailable``: retry
-        shortly; it read ``serving`` while they were refused); ``degraded`` while a stage is
-        marked failed (its sessions cannot be served); ``stopping``."""
+        """``starting`` until every stage was ready once and took the ``[defaults]``, then
+        ``serving``; ``recovering`` while a stage is being restarted (new sessions get
+        ``stage_unavailable``: retry shortly; it read ``serving`` while they were refused);
+        ``degraded`` while a stage is marked failed (its sessions cannot be served);
+        ``stopping``."""
         if self.stopping:
             return "stopping"
         if any(w.state == FAILED for w in self.workers):
