@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from giris.runtime.client import Client, Session
+from giris.runtime.client import Client, Session, _seconds
 from giris.runtime.config import Config, default_config
 from giris.runtime.errors import GirisError, StageFailed
 
@@ -38,7 +38,9 @@ class Runtime:
         self.config = copy.deepcopy(config) if config is not None else default_config()
         # numbered, not by id(self): a collected runtime's id is the next one's
         self.config.server.endpoint = f"inproc://giris-{os.getpid()}-{next(_RUNTIME_IDS)}"
-        self.start_timeout = start_timeout or self.config.timeouts.worker_start
+        # (0 was taken as the default, a negative one as given)
+        self.start_timeout = (self.config.timeouts.worker_start if start_timeout is None
+                              else _seconds(start_timeout, "start_timeout"))
         self.log_level, self.log_json = log_level, log_json
         self.ctx: zmq.Context | None = None
         self.supervisor: Any = None

@@ -34,7 +34,7 @@ def generate_keypair(directory: str | os.PathLike, name: str = "giris",
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     public, secret = d / (name + PUBLIC_SUFFIX), d / (name + SECRET_SUFFIX)
     if not overwrite and (public.exists() or secret.exists()):
-        raise GirisError(f"{public} or {secret} already exists (remove it first)", code="bad_input")
+        raise GirisError(f"{public} or {secret} already exists (remove it first, or replace it: giris keys --force)", code="bad_input")
     scratch = tempfile.mkdtemp(prefix=".giris-keys-", dir=d)  # mode 0700
     try:
         pub_tmp, sec_tmp = zmq.auth.create_certificates(scratch, name)

@@ -63,8 +63,7 @@ CLIENT_TYPES = frozenset({OPEN_SESSION, CLOSE_SESSION, SAY, AUDIO_IN, CANCEL, RE
 TYPES = CLIENT_TYPES | {REPLY, AUDIO, COEFFS, FRAME, EVENT, MARK, READY, STOP, CHECK}
 
 #: event kinds carried in ``meta["kind"]`` of an ``event``
-EVENT_KINDS = ("error", "budget_exceeded", "stage_restarted", "stage_failed",
-               "session_closed", "utterance_done")
+EVENT_KINDS = ("error", "stage_restarted", "session_closed", "utterance_done")
 
 #: ranges of session / say options every component agrees on
 RATE_RANGE = (0.25, 4.0)          # speaking rate, 1.0 = the voice's own
@@ -254,6 +253,8 @@ def request_id(frames: Sequence[Any]) -> int | str | None:
 
 
 def event(kind: str, session: str = "", **meta: Any) -> Message:
+    if kind not in EVENT_KINDS:  # (a failed stage or a refused budget is an error's code)
+        raise ValueError(f"not an event kind: {kind!r}")
     return Message(type=EVENT, session=session, meta={"kind": kind, **meta})
 
 

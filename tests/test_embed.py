@@ -135,3 +135,13 @@ def test_a_start_that_runs_out_of_time_says_so_in_time_and_leaves_nothing():
     assert time.monotonic() - t0 < 12  # (a loaded runner; it was 26 s)
     assert shm_segments(os.getpid()) == []
     assert not [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
+
+
+def test_a_start_timeout_that_is_no_wait_is_refused():
+    """``start_timeout=0`` was taken as the default and a negative one as given (a start
+    that timed out at once); they are refused as the client's waits are."""
+    from giris.runtime.errors import BadInput
+
+    for bad in (0, -1, float("inf")):
+        with pytest.raises(BadInput, match="start_timeout must be a number of seconds > 0"):
+            Runtime(start_timeout=bad)
