@@ -55,7 +55,11 @@ class SystemdHooks:
             workers = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
             self.n.status(f"{len(sup.registry)} session(s); workers: {workers}; "
                           f"{sup.delivery.frames_out} frames out")
-        if self.reload_requested and self.reloader is not None and not self.reloading:
+        # a SIGHUP while the stages load waits for them (RELOADING=1 before READY=1 is no
+        # state systemd knows), unless the server is degraded from its start: never ready,
+        # it must still take, say, a new failed_retry
+        starting = not sup.announced_ready and not sup.failed_stages()
+        if self.reload_requested and self.reloader is not None and not self.reloading and not starting:
             self.reload_requested = False  # (another SIGHUP meanwhile: reloaded after this one)
             self.reloading = True
             self.n.reloading()

@@ -92,7 +92,8 @@ def test_metrics_endpoint_shows_frames_and_sessions_while_streaming(make_server)
 
 def test_a_reload_while_the_server_starts_does_not_make_it_ready_early(make_server, tmp_path: Path):
     """A SIGHUP while the stages load: its reload ended with READY=1, so systemd took the
-    server as ready (and started what waits for it) before any stage could serve."""
+    server as ready (and started what waits for it) before any stage could serve. The
+    reload now waits for the server to be ready, then runs."""
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
@@ -107,8 +108,13 @@ def test_a_reload_while_the_server_starts_does_not_make_it_ready_early(make_serv
     seen: list[tuple[float, str]] = []
     while not any("READY=1" in m.split("\n") for _, m in seen) and time.monotonic() < deadline:
         seen += _datagrams(sock, 0.5)
-    assert any("RELOADING=1" in m for _, m in seen), seen
     ready_at = next(t for t, m in seen if "READY=1" in m.split("\n"))
     assert srv.client().status()["state"] == "serving"
     assert ready_at - hup_at > 1.0, seen  # the stages were still loading: not at the reload's end
+    # the reload waited for the server to be ready (no RELOADING=1 before it), then ran
+    said = [m for _, m in seen + _datagrams(sock, 2.0)]
+    first_ready = next(i for i, m in enumerate(said) if "READY=1" in m.split("\n"))
+    reloading = [i for i, m in enumerate(said) if "RELOADING=1" in m]
+    assert reloading and reloading[0] > first_ready, said
+    assert any("READY=1" in m.split("\n") for m in said[reloading[0] + 1:]), said
     sock.close()
