@@ -421,6 +421,26 @@ def _brow_line(y: np.ndarray, lm: np.ndarray, targets: np.ndarray, iod: float, b
     return float(rows[k] - rows[j])
 
 
+def _eye_probes(engine, s):
+    """``render(row)`` → a 512² frame of session ``s``, and ``lines(row)`` → per eye (lash
+    band thickness, lid margin, brow line thickness), for the lash-band tests."""
+    lm, iod = s.rig.landmarks, s.rig.iod
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+
+    def render(r: np.ndarray) -> np.ndarray:
+        out = np.zeros((512, 512, 3), np.uint8)
+        engine.render(s, r, out)
+        return out
+
+    def lines(r: np.ndarray) -> list[tuple[float, float, float]]:
+        y = render(r).astype(np.float32) @ luma
+        t = s.rig.targets(r)[:68]
+        return [(*_lash_band(y, lm, t, iod, up), _brow_line(y, lm, t, iod, brow))
+                for up, brow in (([37, 38], [18, 19, 20]), ([43, 44], [23, 24, 25]))]
+
+    return render, lines
+
+
 def test_wide_eyes_lift_the_lash_band_whole(engine):
     """Surprise (eyeWide and raised brows) stretched the upper lid's lash band (the warp
     spread the brows' lift over it: 1.5-1.7× as thick at surprised 1.0, 1.4-1.5× at the
@@ -430,19 +450,9 @@ def test_wide_eyes_lift_the_lash_band_whole(engine):
     same, and the band comes in without a jump as eyeWide leaves 0."""
     s = engine.open_session({"size": 512})
     try:
-        lm, iod = s.rig.landmarks, s.rig.iod
+        lm = s.rig.landmarks
         luma = np.array([0.299, 0.587, 0.114], np.float32)
-
-        def render(r: np.ndarray) -> np.ndarray:
-            out = np.zeros((512, 512, 3), np.uint8)
-            engine.render(s, r, out)
-            return out
-
-        def lines(r: np.ndarray) -> list[tuple[float, float, float]]:
-            y = render(r).astype(np.float32) @ luma
-            t = s.rig.targets(r)[:68]
-            return [(*_lash_band(y, lm, t, iod, up), _brow_line(y, lm, t, iod, brow))
-                    for up, brow in (([37, 38], [18, 19, 20]), ([43, 44], [23, 24, 25]))]
+        render, lines = _eye_probes(engine, s)
         rest = lines(row())
         for intensity in (0.6, 1.0):
             for now, then in zip(lines(_emotion_row("surprised", intensity)), rest):
@@ -488,19 +498,9 @@ def test_raised_brows_keep_the_lash_band_whole(engine):
     from giris.workers.face_rig import BROW_FLOOR
     s = engine.open_session({"size": 512})
     try:
-        lm, iod = s.rig.landmarks, s.rig.iod
+        lm = s.rig.landmarks
         luma = np.array([0.299, 0.587, 0.114], np.float32)
-
-        def render(r: np.ndarray) -> np.ndarray:
-            out = np.zeros((512, 512, 3), np.uint8)
-            engine.render(s, r, out)
-            return out
-
-        def lines(r: np.ndarray) -> list[tuple[float, float, float]]:
-            y = render(r).astype(np.float32) @ luma
-            t = s.rig.targets(r)[:68]
-            return [(*_lash_band(y, lm, t, iod, up), _brow_line(y, lm, t, iod, brow))
-                    for up, brow in (([37, 38], [18, 19, 20]), ([43, 44], [23, 24, 25]))]
+        render, lines = _eye_probes(engine, s)
 
         def raised(v: float, **more: float) -> np.ndarray:
             return row(browInnerUp=v, browOuterUpLeft=v, browOuterUpRight=v, **more)
