@@ -200,27 +200,26 @@ class VisemeEngine(CoeffsEngine):
         centers = np.rint(k * sr / fps).astype(np.int64) - origin
 
         end = start_sample + x.shape[0]
-        if phonemes is None:  # live audio has no stops to settle: the quiet track starts
-            state.quiet, state.quiet_first = _NO_HOPS, end // hop  # again at a phoneme chunk
-            if n == 0:  # a chunk that covers no frame (every other one in 20 ms chunks at
-                self._carry(buf, nfft, end, final, state)  # 25 FPS): its samples are kept
-                return zeros(0), np.zeros((0, 3), np.float32)
-        db = self._level(buf, centers, period)
-        if phonemes is not None:
-            prior_peak = state.peak_db
-            energy, peak = self._loudness(db, fps, state)
-            self._track_quiet(buf, origin, end, hop, t, peak, prior_peak, state)
-        else:  # live audio: loudness above the steady background (a hum, a fan), not silence,
-            energy, _ = self._loudness(self.floor.clean(db, fps, state.floor), fps, state)
-            centred, ending = frame_spectra(buf, centers, nfft, ending=self.voice is not None)
-            if self.voice is not None:  # and only speech moves the mouth
-                energy = energy * self.voice.weights(ending, nfft, sr, db, fps, state.voice)
         # a chunk may start no phoneme (a long vowel or pause fills it) and still be speech
         # whose phonemes are known: only None means "no phonemes, read the sound"
         if phonemes is not None:
+            db = self._level(buf, centers, period)
+            prior_peak = state.peak_db
+            energy, peak = self._loudness(db, fps, state)
+            self._track_quiet(buf, origin, end, hop, t, peak, prior_peak, state)
             weights, voicing, emphasis = self._from_phonemes(phonemes, sr, start_sample, x.shape[0],
                                                              t, fps, energy, state, ahead)
-        else:
+        else:  # live audio has no stops to settle: the quiet track starts again at a
+            state.quiet, state.quiet_first = _NO_HOPS, end // hop  # phoneme chunk
+            if n == 0:  # a chunk that covers no frame (every other one in 20 ms chunks at
+                self._carry(buf, nfft, end, final, state)  # 25 FPS): its samples are kept
+                return zeros(0), np.zeros((0, 3), np.float32)
+            db = self._level(buf, centers, period)
+            # loudness above the steady background (a hum, a fan), not silence, ...
+            energy, _ = self._loudness(self.floor.clean(db, fps, state.floor), fps, state)
+            centred, ending = frame_spectra(buf, centers, nfft, ending=self.voice is not None)
+            if self.voice is not None:  # ... and only speech moves the mouth
+                energy = energy * self.voice.weights(ending, nfft, sr, db, fps, state.voice)
             weights, voicing, emphasis = self._from_audio(centred, nfft, sr, energy, state)
 
         gain = self.gain_floor + (self.gain_ceiling - self.gain_floor) * energy
@@ -460,10 +459,8 @@ class VisemeEngine(CoeffsEngine):
     def _from_audio(self, power: np.ndarray, nfft: int, sr: int, energy: np.ndarray,
                     state: VisemeSession) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Acoustic features (``power``: each frame's spectrum, centred on its instant) →
-        viseme weights (no phonemes: live audio)."""
+        viseme weights (no phonemes: live audio; never a chunk without frames)."""
         n = power.shape[0]
-        if n == 0:
-            return np.zeros((0, N_VISEMES)), np.zeros(0), np.zeros(0)
         bands, freqs = _analysis(nfft, sr)
         b = power @ bands                                          # (n, 4) band energies
         total = b[:, 0] + 1e-12
