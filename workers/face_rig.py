@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -309,6 +310,11 @@ def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
 #: eased (1 - (1 - w)²): most of the lift by the default 0.6, little more beyond
 EYE_WIDE = 0.28
 _EYE_WIDE = [INDEX["eyeWideLeft"], INDEX["eyeWideRight"]]
+
+
+def _eased(w: Any) -> Any:
+    """eyeWide's easing (see ``EYE_WIDE``): the lid's lift and the band's gate share it."""
+    return 1.0 - (1.0 - w) ** 2
 #: the band points: a control point LASH_BAND (IOD) above each upper-lid landmark and its
 #: outer corner, carried with the lid, so the lash band (lashes, liner, the lid's margin:
 #: ~0.07 IOD of the photo) moves as one piece; and one BROW_BAND below each brow landmark,
@@ -406,7 +412,7 @@ class FaceRig:
         ``LASH_GATE`` or a brow raise of ``BROW_FLOOR + BROW_GATE``, smooth between."""
         w = float(np.clip(np.asarray(coeffs[_EYE_WIDE], np.float32), 0.0, 1.0).max())
         up = float(np.asarray(coeffs[_BROW_UP], np.float32).max())
-        t = (1.0 - (1.0 - w) ** 2) / LASH_GATE if w > 0.0 else 0.0
+        t = _eased(w) / LASH_GATE if w > 0.0 else 0.0
         if up > BROW_FLOOR:
             t = max(t, (up - BROW_FLOOR) / BROW_GATE)
         if t <= 0.0:
@@ -419,7 +425,7 @@ class FaceRig:
         w = np.clip(np.asarray(coeffs[:N_BLENDSHAPES], np.float32), 0.0, 1.0)
         if w[_EYE_WIDE].any():
             w = w.copy()
-            w[_EYE_WIDE] = 1.0 - (1.0 - w[_EYE_WIDE]) ** 2
+            w[_EYE_WIDE] = _eased(w[_EYE_WIDE])
         pts = self.rest.copy()
         pts[:68] += (w @ self.basis).reshape(68, 3)
         jaw, close = w[INDEX["jawOpen"]], w[INDEX["mouthClose"]]

@@ -432,7 +432,8 @@ class WarpRenderEngine(RenderEngine):
         k_ga = _tps(_sqdist(grid_n, anchors_n)).astype(np.float32)
         a64 = anchors_n.astype(np.float64)
         system = _anchor_system(a64, len(rig.rest), self.lam)
-        band_system = _anchor_system(a64, len(rig.rest) + len(rig.band_rest_px), self.lam)
+        band_rest_px = rig.band_rest_px  # (a property: computed on each read)
+        band_system = _anchor_system(a64, len(rig.rest) + len(band_rest_px), self.lam)
         p_g = np.concatenate([np.ones((len(grid_n), 1), np.float32), grid_n], 1)
         # taper: 1 inside, smoothly 0 at the box edges that are not the frame's edges (and
         # outside them, where the whole frame is resampled)
@@ -488,7 +489,7 @@ class WarpRenderEngine(RenderEngine):
                            roi=(rx0, ry0, rx1, ry1), gh=gh, gw=gw, grid_px=grid_px, grid_n=grid_n,
                            anchors_n=anchors_n, k_ga=k_ga, p_g=p_g, taper=taper, out_taper=out_taper,
                            grid_sq=(grid_n * grid_n).sum(1)[:, None], system=system,
-                           band_system=band_system, band_rest_px=rig.band_rest_px,
+                           band_system=band_system, band_rest_px=band_rest_px,
                            anchors64=a64,
                            collar_px=collar_px,
                            rest_px=rest_px, lip_rgb=lip_rgb, mouth_rest_gap=gap, teeth=teeth,

@@ -184,7 +184,7 @@ def clean_text(text: str) -> str:
 
 
 #: a line of text without closing punctuation before a blank line
-_PARAGRAPH_END = re.compile(r"(\w)[ \t]*\r?\n[ \t]*\r?\n")
+_PARAGRAPH_END = re.compile(r"(\w)[ \t]*\n[ \t]*\n")  # (strip_markup made \r\n a \n)
 #: an amount of money as English text writes it: "$5", "€1.2 million", "£3.50"
 _MONEY = re.compile(r"(?<![\w$€£])([$€£])\s?(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?"
                     r"(\s+(?:thousand|million|billion|trillion)\b)?")
@@ -250,8 +250,9 @@ def cut_long(clause: str) -> list[str]:
     linearly (and blocks its worker meanwhile). Its words are first made ones espeak can
     take (:func:`espeak_words`)."""
     words = espeak_words(clause)
-    if len(words) <= MAX_CLAUSE_WORDS and len(" ".join(words)) <= MAX_CLAUSE_CHARS:
-        return [" ".join(words)]
+    joined = " ".join(words)
+    if len(words) <= MAX_CLAUSE_WORDS and len(joined) <= MAX_CLAUSE_CHARS:
+        return [joined]
     return _even_runs(words)
 
 
