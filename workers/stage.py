@@ -696,8 +696,12 @@ class StageWorker:
                 self.scratch.discard(addr)
                 self.stats["dropped"] += 1
                 self.pools.release_all(msg)  # slots of the tensors before it, never sent
-                if self.last and out.meta.get("final"):
-                    self._end_without(s, msg)
+                if msg.meta.get("end"):
+                    # its final frame dropped, the utterance never ended (no
+                    # ``utterance_done``, its client waiting out its timeout): a ``mark``
+                    # carries the end, as for an utterance with no frames
+                    send(self.output, P.Message(P.MARK, session=s.token, seq=msg.seq, pts=msg.pts,
+                                                meta=msg.meta))
                 return
             slot = s.allocs.pop(addr, None)
             if slot is not None:
@@ -715,14 +719,6 @@ class StageWorker:
                 for t in out.tensors:
                     client_copy.add_inline(t)
             send(self.sink, client_copy or msg)
-
-    def _end_without(self, s: WorkerSession, msg: P.Message) -> None:
-        """The pipeline's end of an utterance whose final frame was dropped (backpressure
-        "drop"): a ``mark`` carries it, as for an utterance with no frames. The end went
-        with the frame, and the utterance never ended: no ``utterance_done``, its client
-        waiting out its timeout."""
-        send(self.output, P.Message(P.MARK, session=s.token, seq=msg.seq, pts=msg.pts,
-                                    meta=msg.meta))
 
     def error_to_client(self, s: WorkerSession, exc: BaseException) -> None:
         msg = P.error(_error(exc), session=s.token)
