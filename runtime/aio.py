@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, TypeVar
 import numpy as np
 
 from giris.runtime import protocol as P
-from giris.runtime.client import Client, Coefficients, Frame, Item, Session, _seconds
-from giris.runtime.errors import BadInput, GirisError, ServerGone, Timeout
+from giris.runtime.client import Client, Coefficients, Frame, Item, Session
+from giris.runtime.errors import GirisError, ServerGone, Timeout
 
 if TYPE_CHECKING:
     from giris.runtime.idle import Idle
@@ -62,9 +62,7 @@ class AsyncSession:
     def coefficients(self, text: str, **kw: Any) -> "AsyncSpeech":
         """Only the coefficient stream (see :meth:`Session.coefficients`); frames that come
         with it are released."""
-        if "coeffs" not in self.spec.get("want", ()):
-            raise BadInput("this session was opened without want=[..., 'coeffs']: it gets no "
-                           "coefficients; open one that asks for them")
+        self.sync._need_coeffs()
         timeout = kw.pop("timeout", None)
         return AsyncSpeech(self, functools.partial(self.sync.start_say, text, **kw), timeout,
                            only=Coefficients)
@@ -130,7 +128,7 @@ class AsyncStream(_ClosedWhenDropped):
     def __init__(self, session: AsyncSession, utterance: int, timeout: float | None,
                  cancel_on_exit: bool) -> None:
         self.session, self.utterance = session, utterance
-        self._limit = session.sync.client.timeout if timeout is None else _seconds(timeout, "timeout")
+        self._limit = session.sync.client._limit(timeout)
         self._cancel_on_exit = cancel_on_exit
         #: nothing more is read through this object (its utterance_done or an error came,
         #: or it was closed): nothing to cancel
@@ -321,10 +319,11 @@ def _answered(ref: "weakref.ref[AsyncSpeech]", fut: "concurrent.futures.Future[i
     go unread is collected, and its utterance cancelled, at once)."""
     speech = ref()
     if speech is not None and not fut.cancelled() and fut.exception() is None:
-        speech.answer, speech.utterance = fut.result(), speech._id_of(fut.result())
+        answer = fut.result()
+        speech.answer, speech.utterance = answer, speech._id_of(answer)
 
 
-class _SpeechLoop:
+class _SpeechLoop(_ClosedWhenDropped):
     """One ``async for`` over an :class:`AsyncSpeech`: when the loop lets go of it (CPython
     frees it as the loop is left), the speech is closed."""
 
@@ -337,11 +336,8 @@ class _SpeechLoop:
     async def __anext__(self) -> Item:
         return await self._speech.__anext__()
 
-    def __del__(self) -> None:
-        try:
-            self._speech.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown, a closed client
-            pass
+    def close(self) -> None:
+        self._speech.close()
 
 
 def _submit(executor: concurrent.futures.Executor, fn: Callable[..., T], *args: Any,

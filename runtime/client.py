@@ -241,7 +241,7 @@ class Client:
                              code="session_closed")
         # judged before anything is sent: a bad timeout raised after the post left its
         # request to run on the server unseen (a session opened and never known)
-        limit = self.timeout if timeout is None else _seconds(timeout, "timeout")
+        limit = self._limit(timeout)
         req = next(self._reqs)
         msg.meta["req"] = req
         waiter: list = [threading.Event(), None, False]  # done, the reply, sent
@@ -278,6 +278,10 @@ class Client:
         if reply.type == P.EVENT and reply.meta.get("kind") == "error":
             raise from_wire(reply.meta)
         return reply
+
+    def _limit(self, timeout: float | None) -> float:
+        """A wait: ``timeout`` (checked: seconds > 0), or the client's own when None."""
+        return self.timeout if timeout is None else _seconds(timeout, "timeout")
 
     def _give_up(self, req: int, msg: P.Message) -> bool:
         """Stop waiting for ``req``'s reply: remembered first, so a reply that comes later
@@ -396,7 +400,7 @@ class Client:
 
     def _full(self, token: str) -> bool:
         q = self._sessions.get(token)
-        return q is not None and q.qsize() >= SESSION_QUEUE
+        return q is not None and _crowded(q)
 
     def _hold_back(self) -> bool:
         """Whether the I/O thread stops reading the socket: a session's queue holds
@@ -407,7 +411,7 @@ class Client:
         ~102 MiB at 256²). A reply or another session's messages may lie behind the
         held ones on the one socket, so anyone waiting for something resumes reading
         (that session's queue then grows past its bound, as before)."""
-        return self._may_hold() and any(q.qsize() >= SESSION_QUEUE for q in list(self._sessions.values()))
+        return self._may_hold() and any(map(_crowded, list(self._sessions.values())))
 
     def _may_hold(self) -> bool:
         """Nobody waits for something that may lie behind held messages (see ``_hold_back``)."""
@@ -661,6 +665,11 @@ def _sent(client: Client, req: int | None) -> None:
         waiter[2] = True
 
 
+def _crowded(q: "queue.SimpleQueue[Any]") -> bool:
+    """A session's queue holds its bound (``SESSION_QUEUE``): its reader is behind."""
+    return q.qsize() >= SESSION_QUEUE
+
+
 def _trim(d: dict, keep: int) -> None:
     """Forget the oldest entries of ``d`` past ``keep``; another thread may pop from it
     meanwhile (then this stops: the next call trims)."""
@@ -749,11 +758,14 @@ class Session:
         as ``say`` does: leaving a loop over it cancels the utterance even while a
         variable holds it (a plain generator kept in one ran on, its zero-copy frames
         holding the pool share, and the next say failed ``pool_full``)."""
+        self._need_coeffs()
+        items = self.say(text, **kw)
+        return Speech(self, items.utterance, _only_coefficients(items))
+
+    def _need_coeffs(self) -> None:
         if "coeffs" not in self.spec.get("want", ()):
             raise BadInput("this session was opened without want=[..., 'coeffs']: it gets no "
                            "coefficients; open one that asks for them")
-        items = self.say(text, **kw)
-        return Speech(self, items.utterance, _only_coefficients(items))
 
     def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
                    final: bool = False, idle: bool = False) -> int:
@@ -850,7 +862,7 @@ class Session:
         (what ``say`` does: its caller has no id to come back with) cancels the utterance
         without waiting for the server and drops what is still to come of it; otherwise a
         later ``stream(utterance)`` goes on where this one stopped."""
-        limit = self.client.timeout if timeout is None else _seconds(timeout, "timeout")
+        limit = self.client._limit(timeout)
         done = False
         try:
             while not done:
