@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 import threading
-import time
 from typing import Any
 
 import zmq
@@ -23,8 +22,6 @@ from giris.runtime.errors import GirisError, StageFailed
 
 log = logging.getLogger("giris.embed")
 
-#: how often the start-up wait looks whether ``stop()`` was called
-_SLICE = 0.1
 _RUNTIME_IDS = itertools.count(1)
 
 
@@ -47,6 +44,7 @@ class Runtime:
         self.client: Client | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._stopping = threading.Lock()
         self._error: BaseException | None = None
 
     def start(self) -> "Runtime":
@@ -64,7 +62,7 @@ class Runtime:
         try:
             self.supervisor = sup = Supervisor(self.config, context=self.ctx, log_level=self.log_level,
                                                log_json=self.log_json)
-            self._thread = threading.Thread(target=self._run, args=(sup, started, stop),
+            self._thread = threading.Thread(target=self._run, args=(sup, started),
                                             name="giris-supervisor", daemon=True)
             self._thread.start()
             if not started.wait(self.start_timeout + 5):  # the thread keeps its own deadline
@@ -83,10 +81,10 @@ class Runtime:
             raise
         return self
 
-    def _run(self, sup: Any, started: threading.Event, stop: threading.Event) -> None:
+    def _run(self, sup: Any, started: threading.Event) -> None:
         try:
             sup.start(wait=False)
-            self._wait_ready(sup, stop)
+            sup.wait_ready(self.start_timeout)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             self._error = e
             started.set()
@@ -94,25 +92,6 @@ class Runtime:
             return
         started.set()
         sup.serve_forever()  # returns at once (and shuts down) where stop() was called
-
-    def _wait_ready(self, sup: Any, stop: threading.Event) -> None:
-        """The supervisor's wait for its stages, in slices so that ``stop()`` ends it: a
-        timed-out or interrupted start returned only once the workers had loaded."""
-        deadline = time.monotonic() + self.start_timeout
-        while not stop.is_set():
-            left = deadline - time.monotonic()
-            try:
-                sup.wait_ready(max(0.001, min(_SLICE, left)))
-                return
-            except GirisError as e:
-                if e.code != "start_timeout":
-                    raise
-                if left <= _SLICE:
-                    waiting = [w["stage"] for w in sup.status()["workers"] if w["state"] != "ready"]
-                    what = (f"not ready: {', '.join(waiting)}" if waiting else
-                            "its stages are ready, their engines still judging its [defaults]")
-                    raise GirisError(f"runtime did not start in {self.start_timeout:g} s ({what})",
-                                     code="start_timeout") from None
 
     def _client(self) -> Client:
         if self.client is None:
@@ -128,23 +107,25 @@ class Runtime:
 
     def stop(self) -> None:
         """Close the sessions, stop the workers, unlink the segments. Safe to call again,
-        also after a stop that was itself interrupted."""
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        also after a stop that was itself interrupted, and from another thread while
+        ``start()`` waits (the two stops take turns)."""
         self._stop.set()
         if self.supervisor is not None:
             self.supervisor.request_stop()
-        if self._thread is not None:
-            self._thread.join(self.config.timeouts.shutdown + 10)
-            if self._thread.is_alive():  # its sockets are open: term() would hang
-                log.warning("the supervisor thread did not stop in time")
-                return
-            self._thread = None
-        self.supervisor = None
-        if self.ctx is not None:
-            self.ctx.term()
-            self.ctx = None
+        with self._stopping:
+            if self.client is not None:
+                self.client.close()
+                self.client = None
+            if self._thread is not None:
+                self._thread.join(self.config.timeouts.shutdown + 10)
+                if self._thread.is_alive():  # its sockets are open: term() would hang
+                    log.warning("the supervisor thread did not stop in time")
+                    return
+                self._thread = None
+            self.supervisor = None
+            if self.ctx is not None:
+                self.ctx.term()
+                self.ctx = None
 
     def __enter__(self) -> "Runtime":
         return self.start()

@@ -203,18 +203,24 @@ class Supervisor:
 
     def wait_ready(self, timeout: float) -> bool:
         """Run the loop until the server is ready (every stage, and its engine took the
-        ``[defaults]``) or a stage failed (so start-up is observable)."""
+        ``[defaults]``) or a stage failed (so start-up is observable). ``request_stop()``
+        from another thread ends the wait at once (``not_started``): an interrupted start
+        does not wait for the models to load."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.fatal is not None:
                 raise self.fatal
+            if self._stop.is_set():
+                raise GirisError("the server was stopped while it started", code="not_started")
             if self.announced_ready:
                 return True
             if all(w.state in (READY, FAILED) for w in self.workers) and self.failed_stages():
                 return False
             self.step(0.05)
-        raise GirisError(f"stages not ready after {timeout:g} s: " + ", ".join(
-            w.stage for w in self.workers if w.state != READY), code="start_timeout")
+        waiting = [w.stage for w in self.workers if w.state != READY]
+        what = (f"not ready: {', '.join(waiting)}" if waiting else
+                "its stages are ready, their engines still judging its [defaults]")
+        raise GirisError(f"the server did not start in {timeout:g} s ({what})", code="start_timeout")
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self) -> None:

@@ -137,6 +137,27 @@ def test_a_start_that_runs_out_of_time_says_so_in_time_and_leaves_nothing():
     assert not [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
 
 
+def test_stop_from_another_thread_ends_a_start_at_once():
+    """A product that gives up on a start (its own shutdown) calls ``stop()`` from
+    another thread: ``start()`` says so within a second and nothing is left; the wait
+    itself notices, not a poll of it in slices."""
+    import threading
+    import time
+
+    from giris.runtime.errors import GirisError
+
+    cfg = from_mapping({"stages": {"src": {"engine": "test-source", "options": {"load_s": 60}}}})
+    rt = Runtime(cfg, start_timeout=60)
+    threading.Timer(1.5, rt.stop).start()
+    t0 = time.monotonic()
+    with pytest.raises(GirisError, match="stopped while it started") as e:
+        rt.start()
+    assert e.value.code == "not_started"
+    assert time.monotonic() - t0 < 8
+    assert shm_segments(os.getpid()) == []
+    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
+
+
 def test_a_start_timeout_that_is_no_wait_is_refused():
     """``start_timeout=0`` was taken as the default and a negative one as given (a start
     that timed out at once); they are refused as the client's waits are."""
