@@ -289,9 +289,7 @@ class Delivery:
         lost_after = self.sup.config.timeouts.lost_after
         for rec in self.sup.registry:
             oldest = True
-            for utt in list(rec.utterances.values()):
-                if utt.id not in rec.utterances:
-                    continue
+            for utt in rec.live_utterances():
                 if utt.ended_at is not None:
                     self.maybe_done(rec, utt, now)
                     continue
@@ -411,7 +409,7 @@ class Delivery:
                                    interrupted=sorted(rec.utterances)))
             if not source:
                 continue
-            for utt in list(rec.utterances.values()):
+            for utt in rec.live_utterances():
                 # The text of a say whose audio had not ended died with the first stage:
                 # nothing more of it can come, so it ends now, not after ``lost_after``
                 # (its client waited 5 s for nothing). The stages behind drop what they
@@ -430,9 +428,7 @@ class Delivery:
         err = StageFailed(f"stage {w.stage} crashed {w.restarts + 1} times: failed, {w.retry_note()}",
                           stage=w.stage)
         for rec in self.sup.registry:
-            for utt in list(rec.utterances.values()):
-                if utt.id not in rec.utterances:  # ended with one before it (an idle stream)
-                    continue
+            for utt in rec.live_utterances():
                 self.count_error("stage_failed")
                 self.sup.gateway.end_utterance(rec, utt, err)
 

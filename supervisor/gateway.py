@@ -371,8 +371,8 @@ class Gateway:
         stopped and never ended: no ``utterance_done``, a reader waiting on them for
         good, and the session's oldest utterance kept so that none behind it could be
         declared lost after a restart."""
-        for u in list(rec.utterances.values()):
-            if u.yields and not u.stopped and not u.cancelled and u.id in rec.utterances:
+        for u in rec.live_utterances():
+            if u.yields and not u.stopped and not u.cancelled:
                 u.stopped = True
                 self.stop_stages(rec, u.id)
                 if not rec.realtime:

@@ -87,6 +87,14 @@ class SessionRecord:
     def __post_init__(self) -> None:
         self.tag = session_tag(self.token)
 
+    def live_utterances(self) -> Iterator[Utterance]:
+        """The session's utterances, oldest first, each only while it still is one:
+        ending one may end others (an idle stream with the one before it), and a loop
+        that ends them must skip those."""
+        for utt in list(self.utterances.values()):
+            if utt.id in self.utterances:
+                yield utt
+
     @property
     def client_tag(self) -> int:
         """A stable tag for the connection (and CURVE key) that owns the session: stages
