@@ -224,6 +224,34 @@ def test_malformed_requests_get_the_documented_errors(make_server):
     c.close()
 
 
+def test_release_takes_every_reference_it_lists(make_server):
+    """More than 256 references in one ``release``: the ones past the 256th were ignored,
+    so the slot listed last stayed held for as long as the session lived."""
+    srv = make_server()
+    c = RawClient(srv.endpoint)
+    token = c.ask("open_session", spec={"size": 64, "zero_copy": True})["session"]
+    utt = c.ask("say", token, text="alpha")["meta"]["utterance"]
+    h, _ = c.recv()
+    while h["type"] != "frame":
+        h, _ = c.recv()
+    ref = h["tensors"][0]
+    bogus = [{"pool": ref["pool"], "slot": ref["slot"], "lease": ref["lease"] + 1}] * 300
+    c.send("release", token, refs=bogus + [{k: ref[k] for k in ("pool", "slot", "lease")}])
+    c.ask("cancel", token, utterance=utt)
+    while True:
+        h, _ = c.recv()
+        if h["type"] == "event" and h["meta"]["kind"] == "utterance_done":
+            break
+        if h["type"] == "frame":
+            r = h["tensors"][0]
+            c.send("release", token, refs=[{k: r[k] for k in ("pool", "slot", "lease")}])
+    deadline = time.monotonic() + 3
+    while _in_use(c) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _in_use(c) == 0
+    c.close()
+
+
 def test_a_session_kept_alive_by_any_message_and_closed_idle_without(make_server):
     """Any message from its connection keeps a session alive (a heartbeat is the least);
     after ``client_idle`` of silence it is closed with ``session_closed`` (``idle``)."""
