@@ -6,7 +6,8 @@ import sys
 from typing import Sequence
 
 BENCHMARKS = {"transport": "perf.transport", "ttff": "perf.ttff", "render": "perf.render",
-              "restart": "perf.restart", "vad": "perf.vad"}
+              "restart": "perf.restart", "vad": "perf.vad",
+              "lipsync": "perf.lipsync"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

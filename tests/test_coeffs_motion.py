@@ -12,6 +12,7 @@ from giris.workers.coeffs_visemes import VisemeEngine
 from giris.workers.engine import EngineContext, EngineError, StageInput
 from giris.workers.motion_prosody import EMOTIONS, ProsodyMotionEngine, blink_shape
 from giris.workers.one_euro import OneEuroFilter, smoothing_factor
+from perf.lipsync import animate, piper_chunks, piper_voice, settles, stops_before_pauses
 
 SR = 22050
 FPS = 25.0
@@ -629,68 +630,7 @@ def test_emphasis_brows_keep_their_size_in_pixels(motion_engine, monkeypatch):
 @pytest.fixture(scope="module")
 def piper_tts():
     pytest.importorskip("piper")
-    from giris.workers.tts_piper import PiperEngine
-
-    return PiperEngine({"noise_scale": 0, "noise_w_scale": 0}, EngineContext(stage="tts"))
-
-
-def piper_say(tts, text: str) -> list[StageInput]:
-    """Piper's chunks for ``text`` (its windows, phonemes and ``phonemes_ahead``) as the
-    coeffs stage receives them."""
-    state = tts.open_session({})
-    msg = StageInput(type="say", seq=0, pts=0.0, meta={"text": text, "utterance": 1}, tensors=[])
-    return [StageInput(type="audio", seq=i, pts=0.0, meta=o.meta, tensors=o.tensors)
-            for i, o in enumerate(o for o in tts.process(msg, state) if o is not None)]
-
-
-def animate(chunks: list[StageInput]) -> tuple[np.ndarray, np.ndarray]:
-    """``chunks`` through a fresh coeffs stage and motion stage: (coefficients, motion)."""
-    c_engine = VisemeEngine({}, EngineContext(stage="coeffs"))
-    m_engine = ProsodyMotionEngine({}, EngineContext(stage="motion"))
-    cs, ms = c_engine.open_session({}), m_engine.open_session({"seed": 1})
-    coeffs, motion = [], []
-    for chunk in chunks:
-        for out in c_engine.process(chunk, cs):
-            coeffs.append(out.tensors[0])
-            msg = StageInput(type="coeffs", seq=out.seq, pts=out.pts, meta=out.meta, tensors=out.tensors)
-            motion.extend(o.tensors[0] for o in m_engine.process(msg, ms))
-    return np.concatenate(coeffs), np.concatenate(motion)
-
-
-def stops_before_pauses(chunks: list[StageInput]) -> list[tuple[str, float, float, float]]:
-    """(stops, sound end, pause token start, pause end) for each run of stops just before a
-    pause token: the sound end is where the audio last reaches -40 dBFS (5 ms hops), the
-    pause one of 150 ms or more in the audio."""
-    sr = chunks[0].meta["sample_rate"]
-    pcm = np.concatenate([np.asarray(c.tensors[0]) for c in chunks]).astype(np.float64) / 32768
-    hop = int(0.005 * sr)
-    level = 20 * np.log10(np.sqrt((pcm[:len(pcm) // hop * hop].reshape(-1, hop) ** 2).mean(1)) + 1e-9)
-    phon = [(p, (c.meta["start_sample"] + s) / sr) for c in chunks for p, s, _ in c.meta["phonemes"] or []]
-    found = []
-    for i in range(1, len(phon)):
-        if V.viseme_of(phon[i][0]) == "sil" and phon[i][0] != " " and phon[i - 1][0] in "ptkbdɡ":
-            j = i - 1
-            while phon[j - 1][0] in "ptkbdɡ":
-                j -= 1
-            h = int(phon[i][1] * sr / hop)
-            while h > 0 and level[h - 1] < -40:
-                h -= 1
-            quiet = h
-            while quiet < len(level) and level[quiet] < -40:
-                quiet += 1
-            if (quiet - h) * hop / sr >= 0.15:
-                found.append(("".join(p for p, _ in phon[j:i]), h * hop / sr, phon[i][1], quiet * hop / sr))
-    return found
-
-
-def settles(jaw: np.ndarray, end: float, below: float = 0.05) -> float:
-    """Seconds after ``end`` at which the jaw, each frame's from its pts on and linear
-    between them, falls under ``below`` (as the lip-sync audits measure it)."""
-    k = int(np.ceil((end - 0.12) * FPS))
-    assert jaw[k] >= below, "the jaw is not open before the sound's end"
-    while jaw[k + 1] >= below:
-        k += 1
-    return k / FPS + (jaw[k] - below) / (jaw[k] - jaw[k + 1]) / FPS - end
+    return piper_voice()
 
 
 def test_a_silent_stop_before_a_pause_lets_the_mouth_settle(piper_tts):
@@ -705,7 +645,7 @@ def test_a_silent_stop_before_a_pause_lets_the_mouth_settle(piper_tts):
     settled: list[float] = []
     sealed = 0
     for text in texts:
-        chunks = piper_say(piper_tts, text)
+        chunks = piper_chunks(piper_tts, text)
         _, motion = animate(chunks)
         jaw = motion[:, JAW]
         shown = np.arange(len(jaw)) / FPS
