@@ -185,6 +185,29 @@ def test_bilabials_close_the_lips(coeffs_engine, consonant):
     assert c[vowel, INDEX["viseme_aa"]] > 0.6
 
 
+@pytest.mark.parametrize("early", [0.0, 0.025])
+def test_a_voiced_stops_murmur_before_a_pause_is_its_closure(coeffs_engine, early):
+    """A voiced stop before a pause (/d/ in "good,") murmurs through its closure, ~25-30 dB
+    under the vowel (the voice bar): that murmur was taken for sound, 30 dB under the
+    peak being silence, so the /d/ pose held the jaw ~0.09 open through it and the jaw
+    settled +27-37 ms after the sound on Piper's speech. It is the closure: the mouth
+    settles as the vowel stops, as after a silent /t/, also where the murmur starts
+    ``early`` in the vowel's token (Piper's alignment often has it so)."""
+    toks = [("^", 0.05), ("ɡ", 0.05), ("ʌ", 0.15), ("d", 0.12), (",", 0.3), ("$", 0.02)]
+    pcm, phon = utterance(toks)
+    a, n = phon[3][1] - int(early * SR), phon[3][2] + int(early * SR)
+    bar = 0.3 * 32767 * 0.6 * 10 ** (-27 / 20) * np.sin(2 * np.pi * 140 * np.arange(n) / SR)
+    pcm[a:a + n] = bar.astype(np.int16)  # the voice bar: 140 Hz, 27 dB under the vowel
+    c, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(pcm, phon)])
+    vowel, closure = frame_at(0.15), int((a / SR + 0.04) * FPS)  # sampled ~50 ms into the murmur
+    assert c[vowel, JAW] > 0.3
+    assert c[closure, JAW] < 0.05, np.round(c[vowel:closure + 3, JAW], 3)
+    # the same stop voiceless (silent closure) settled as it does now
+    pcm[a:a + n] = 0
+    c2, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(pcm, phon)])
+    assert abs(c2[closure, JAW] - c[closure, JAW]) < 0.02
+
+
 def test_chunked_equals_unchunked(coeffs_engine):
     pcm, phon = utterance(HELLO_WORLD)
     whole, pw, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(pcm, phon)])
@@ -638,8 +661,9 @@ def test_a_silent_stop_before_a_pause_lets_the_mouth_settle(piper_tts):
     its whole closure, 60-160 ms after the sound has died; the stop's pose held the jaw
     ~0.1 open through it, and through the coeffs and motion stages it fell under 0.05
     27-126 ms after the sound's end (median 57 ms on these texts). Now the mouth settles
-    as the sound dies, within 40 ms (and not ahead of it), the frames before the end
-    still speak, and /p/ before a pause keeps the lips sealed to its end."""
+    as the sound dies, within 40 ms (and not ahead of it; within 25 ms after a voiced /d/,
+    whose murmur held it 27-32 ms), the frames before the end still speak, and /p/ before a
+    pause keeps the lips sealed to its end."""
     texts = ["I think that's it. That's what I like.", "Look at that cat. We cooked, we ate, we slept.",
              "It was good, and that was bad. We said it."]
     settled: list[float] = []
@@ -658,6 +682,7 @@ def test_a_silent_stop_before_a_pause_lets_the_mouth_settle(piper_tts):
                 sealed += 1
                 continue
             settled.append(settles(jaw, end))
-            assert -0.02 <= settled[-1] <= 0.04, (text, stops, f"sound ends {end:.3f} s, pause "
-                                                  f"token {token:.3f} s: settles {settled[-1]:+.3f} s after")
+            voiced = stops[-1] in "dɡ"  # its closure murmurs: it settled 27-32 ms after the sound
+            assert -0.02 <= settled[-1] <= (0.025 if voiced else 0.04), (
+                text, stops, f"sound ends {end:.3f} s, pause token {token:.3f} s: settles {settled[-1]:+.3f} s after")
     assert len(settled) >= 7 and sealed >= 1

@@ -36,10 +36,13 @@ Why this design:
   heard; the stop's pose held the jaw ~0.1 open through it and closed only at the pause.
   Where such stops and the sound before them fall ``stop_quiet_db`` under the running
   peak for ``_QUIET_RUN_S`` (or to the pause), they end there and the pause starts: the
-  mouth settles as the sound dies. Not where the lips close (/p b m/ among or before
-  the stops): the portrait's rest may part them, so they stay sealed to the pause; an
-  /f v/ before the stops keeps its whole time. The quiet is read from the audio in 5 ms
-  hops, kept as long as the segments.
+  mouth settles as the sound dies. A voiced stop (/d/ in "good,") murmurs through its
+  closure ~25-30 dB under the vowel (the voice bar): from ``_MURMUR_LEAD_S`` before its
+  token on (Piper's alignment often gives the vowel the closure's start), ``stop_voiced_db``
+  under the peak is quiet enough (the murmur held /d/'s pose: the jaw settled ~27 ms late). Not where the lips close (/p b m/ among or before the stops): the portrait's
+  rest may part them, so they stay sealed to the pause; an /f v/ before the stops keeps
+  its whole time. The quiet is read from the audio in 5 ms hops, kept as long as the
+  segments.
 * **Audio-only path** (``phonemes is None``, live ``audio_in``): RMS → openness; spectral
   shape (low-band ratio → voicing, high-band ratio → fricative /s/, spectral centroid →
   rounded vs spread lips) → viseme weights, lightly smoothed. numpy FFT only. Loudness
@@ -80,12 +83,13 @@ _KEEP_S = 0.4            # how much past-segment history a session keeps across 
 _DB_FLOOR = -90.0
 _HOP_S = 0.005           # resolution of the "has the sound stopped" track (stops before pauses)
 _QUIET_RUN_S = 0.03      # a quiet stretch this long inside a stop is its silent closure
+_MURMUR_LEAD_S = 0.03    # a voiced closure's murmur may start this far ahead of its token
 
 # segment columns: start_s, end_s, viseme, dominance, voiced, vowel, stress, stop, pause
 Segment = tuple[float, float, int, float, float, float, float, float, float]
-_STOP, _PAUSE = 7, 8
+_VOICED, _STOP, _PAUSE = 4, 7, 8
 _PP = V.VISEME_INDEX["PP"]
-_NO_HOPS = np.zeros(0, bool)
+_NO_HOPS = np.zeros(0, np.float32)
 
 
 @dataclass
@@ -106,10 +110,10 @@ class VisemeSession:
     #: audio-only path: smoothed viseme weights and slow loudness average
     weights: np.ndarray = field(default_factory=lambda: _ONEHOT[V.SIL].copy())
     slow_energy: float = 0.0
-    #: recent ``_HOP_S`` hops of audio, True where quiet (``stop_quiet_db`` under the running
-    #: peak); hop ``quiet_first + i`` is session samples ``[(quiet_first + i) * hop, +hop)``.
+    #: recent ``_HOP_S`` hops of audio, how far (dB) each is under the running peak;
+    #: hop ``quiet_first + i`` is session samples ``[(quiet_first + i) * hop, +hop)``.
     #: Phoneme path only (its stops read it from their own chunks on): live audio empties it
-    quiet: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    quiet: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     quiet_first: int = 0
     #: audio-only path: recent frames of the background's floor and of the speech gate
     floor: FloorState = field(default_factory=FloorState)
@@ -129,7 +133,8 @@ class VisemeEngine(CoeffsEngine):
     ``smoothing`` (0.5: audio-only weight EMA), ``frame_phase`` (0.5: where in its display
     interval ``[k, k + 1) / fps`` frame ``k`` is sampled), ``stop_quiet_db`` (30: how far
     under the running peak a stop before a pause counts as silent, its pose then given
-    up to the pause). Audio-only path:
+    up to the pause), ``stop_voiced_db`` (22: the same within a voiced stop, whose closure
+    murmurs). Audio-only path:
     ``floor_window_s`` / ``floor_subtract`` / ``floor_keep_db`` (1.5 / 2 / 25: the steady
     background taken out of its loudness, :mod:`giris.workers.noise_floor`; 0 subtracts
     nothing), ``vad`` (true: its speech gate; the ``vad_*`` options are in
@@ -151,6 +156,7 @@ class VisemeEngine(CoeffsEngine):
         self.smoothing = float(o.get("smoothing", 0.5))
         self.frame_phase = min(max(float(o.get("frame_phase", 0.5)), 0.0), 1.0)
         self.stop_quiet_db = float(o.get("stop_quiet_db", 30.0))
+        self.stop_voiced_db = float(o.get("stop_voiced_db", 22.0))
         self.voice = SpeechGate(o) if o.get("vad", True) else None
         self.floor = NoiseFloor(o)
         # audio-only path's EMA rates: the viseme weights, then the slow loudness average
@@ -188,7 +194,7 @@ class VisemeEngine(CoeffsEngine):
         if state.next_sample != start_sample or state.sample_rate != sr:
             state.tail = np.zeros(0, np.float32)  # a gap or a restart: nothing to carry over
             self._forget_utterance(state)
-            state.quiet, state.quiet_first = np.zeros(0, bool), -(-start_sample // hop)
+            state.quiet, state.quiet_first = _NO_HOPS, -(-start_sample // hop)
         state.sample_rate = sr
         n = len(frames)
         k = np.arange(frames.start, frames.stop, dtype=np.float64) + self.frame_phase
@@ -297,10 +303,10 @@ class VisemeEngine(CoeffsEngine):
 
     def _track_quiet(self, buf: np.ndarray, origin: int, end: int, hop: int, t: np.ndarray,
                      peak: np.ndarray, prior_peak: float, state: VisemeSession) -> None:
-        """Append the hops completed by this chunk to ``state.quiet`` (a hop is quiet when
-        its RMS is ``stop_quiet_db`` under the running peak of the last frame sampled
-        before it), kept as far back as the session's segments: where a stop before a pause
-        falls silent is read from it (:meth:`_settle_stops`)."""
+        """Append the hops completed by this chunk to ``state.quiet`` (how far each hop's RMS
+        is under the running peak of the last frame sampled before it), kept as far back as
+        the session's segments: where a stop before a pause falls silent is read from it
+        (:meth:`_settle_stops`)."""
         sr = state.sample_rate
         # what no kept segment can reach is let go (a stop's chain starts at one of them)
         since = min([s[0] for s in state.segments] + [origin / sr])
@@ -308,7 +314,7 @@ class VisemeEngine(CoeffsEngine):
         state.quiet, state.quiet_first = state.quiet[drop:], state.quiet_first + drop
         nxt = state.quiet_first + state.quiet.shape[0]
         if nxt * hop < origin:  # its samples are gone (cannot happen while the tail is kept)
-            state.quiet, nxt = np.zeros(0, bool), -(-origin // hop)
+            state.quiet, nxt = _NO_HOPS, -(-origin // hop)
             state.quiet_first = nxt
         last = end // hop  # hops [nxt, last) are complete now
         if last > nxt:
@@ -319,21 +325,25 @@ class VisemeEngine(CoeffsEngine):
             mid = (np.arange(nxt, last) + 0.5) * hop / sr
             i = np.searchsorted(t, mid, side="right") - 1
             ref = np.where(i >= 0, peak[np.maximum(i, 0)] if peak.size else prior_peak, prior_peak)
-            state.quiet = np.concatenate([state.quiet, db < ref - self.stop_quiet_db])
+            state.quiet = np.concatenate([state.quiet, (ref - db).astype(np.float32)])
 
-    def _sound_end(self, lo: float, hi: float, heard: bool, state: VisemeSession) -> float | None:
+    def _sound_end(self, lo: float, hi: float, heard: bool, state: VisemeSession,
+                   voiced_from: float = np.inf) -> float | None:
         """Where the sound falls silent in ``[lo, hi)`` seconds: the start of the first quiet
         run that lasts ``_QUIET_RUN_S`` (a faint release burst after the closure does not
         undo it) or, when the audio up to ``hi`` is all ``heard``, reaches ``hi`` (a chunk
         cut just after a dip would close the mouth mid-sound); None if it sounds on, or
-        the hops are not known."""
+        the hops are not known. Quiet is ``stop_quiet_db`` under the running peak, and
+        ``stop_voiced_db`` from ``voiced_from`` on: a voiced stop's closure murmurs."""
         sr = state.sample_rate
         hop = max(1, int(round(sr * _HOP_S)))
         h0 = max(int(np.ceil(lo * sr / hop)), state.quiet_first)
         h1 = min(int(np.floor(hi * sr / hop)), state.quiet_first + state.quiet.shape[0])
         if h1 <= h0:
             return None
-        q = state.quiet[h0 - state.quiet_first:h1 - state.quiet_first]
+        murmur = np.arange(h0, h1) * hop >= voiced_from * sr
+        q = state.quiet[h0 - state.quiet_first:h1 - state.quiet_first] >= np.where(
+            murmur, self.stop_voiced_db, self.stop_quiet_db)
         need = max(1, int(round(_QUIET_RUN_S * sr / hop)))
         run = 0
         for i, quiet in enumerate(q):
@@ -361,7 +371,9 @@ class VisemeEngine(CoeffsEngine):
                 continue  # lips shut (/p b m/) stay so to the pause: the portrait's rest may part them
             if j > 0 and int(out[j - 1][2]) != V.SIL and not _MUST_SHOW[int(out[j - 1][2])]:
                 j -= 1  # the sound before the stops may fade out before its token ends
-            end = self._sound_end(out[j][0], min(out[i][0], avail), out[i][0] <= avail, state)
+            voiced = [out[k][0] for k in range(j, i) if out[k][_STOP] and out[k][_VOICED]]
+            end = self._sound_end(out[j][0], min(out[i][0], avail), out[i][0] <= avail, state,
+                                  voiced[0] - _MURMUR_LEAD_S if voiced else np.inf)
             if end is None:
                 continue
             for k in range(j, i):
