@@ -208,6 +208,38 @@ def test_a_voiced_stops_murmur_before_a_pause_is_its_closure(coeffs_engine, earl
     assert abs(c2[closure, JAW] - c[closure, JAW]) < 0.02
 
 
+def test_lips_shut_before_a_pause_close_hold_then_let_go(coeffs_engine):
+    """A /p/ before a pause ("stop.") closes the lips as the sound stops and holds them for
+    a closure (``stop_hold_s``, 80 ms), then lets them go to rest: they stayed pressed
+    shut to the pause token, which Piper puts up to 150 ms after the sound (a frozen
+    pose, then a late release)."""
+    toks = [("^", 0.05), ("ɑ", 0.15), ("p", 0.25), (".", 0.3), ("$", 0.02)]
+    pcm, phon = utterance(toks)
+    c, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(pcm, phon)])
+    close = c[:, INDEX["mouthClose"]]
+    onset = phon[2][1] / SR  # 0.2 s: the sound stops, the closure starts
+    shut = [k for k in range(len(c)) if onset + 0.01 <= (k + 0.5) / FPS <= onset + 0.06]
+    assert close[shut].min() > 0.4, np.round(close, 2)
+    let_go = [k for k in range(len(c)) if onset + 0.16 <= (k + 0.5) / FPS < (phon[3][1]) / SR]
+    assert let_go and close[let_go].max() < 0.1, np.round(close, 2)
+
+
+def test_a_stop_whose_closure_is_heard_lets_go_after_its_hold(coeffs_engine):
+    """A stop before a pause whose closure is not quiet enough to read (a loud voice bar,
+    noise) held its pose to the pause token; the closure is shown for ``stop_hold_s``
+    (80 ms), then the mouth settles."""
+    toks = [("^", 0.05), ("ɑ", 0.15), ("d", 0.25), (".", 0.3), ("$", 0.02)]
+    pcm, phon = utterance(toks)
+    a, n = phon[2][1], phon[2][2]
+    bar = 0.3 * 32767 * 0.6 * 10 ** (-12 / 20) * np.sin(2 * np.pi * 140 * np.arange(n) / SR)
+    pcm[a:a + n] = bar.astype(np.int16)  # a murmur only 12 dB under the vowel
+    c, _, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(pcm, phon)])
+    onset = a / SR
+    let_go = [k for k in range(len(c)) if onset + 0.14 <= (k + 0.5) / FPS < phon[3][1] / SR]
+    assert let_go and c[let_go, JAW].max() < 0.05, np.round(c[:, JAW], 3)
+    assert c[let_go, INDEX["viseme_DD"]].max() < 0.2
+
+
 def test_chunked_equals_unchunked(coeffs_engine):
     pcm, phon = utterance(HELLO_WORLD)
     whole, pw, _ = run_coeffs(coeffs_engine, coeffs_engine.open_session({}), [(pcm, phon)])
@@ -663,7 +695,7 @@ def test_a_silent_stop_before_a_pause_lets_the_mouth_settle(piper_tts):
     27-126 ms after the sound's end (median 57 ms on these texts). Now the mouth settles
     as the sound dies, within 40 ms (and not ahead of it; within 25 ms after a voiced /d/,
     whose murmur held it 27-32 ms), the frames before the end still speak, and /p/ before a
-    pause keeps the lips sealed to its end."""
+    pause shuts the lips for its closure (80 ms: "slept." is as long)."""
     texts = ["I think that's it. That's what I like.", "Look at that cat. We cooked, we ate, we slept.",
              "It was good, and that was bad. We said it."]
     settled: list[float] = []
@@ -676,7 +708,7 @@ def test_a_silent_stop_before_a_pause_lets_the_mouth_settle(piper_tts):
         for stops, end, token, _ in stops_before_pauses(chunks):
             speaking = (shown >= end - 0.12) & (shown + 1 / FPS <= end - 0.04)
             assert jaw[speaking].min() > 0.1, (text, stops, np.round(jaw[speaking], 3))
-            if "p" in stops:  # "slept.": the lips close for /p/ and stay sealed through it
+            if "p" in stops:  # "slept.": the lips close for /p/ and stay sealed through its closure
                 k = int(token * FPS) - 1  # the frame on screen just before the pause token
                 assert motion[k, INDEX["mouthClose"]] > 0.25, (text, stops, motion[k, INDEX["mouthClose"]])
                 sealed += 1

@@ -39,10 +39,13 @@ Why this design:
   mouth settles as the sound dies. A voiced stop (/d/ in "good,") murmurs through its
   closure ~25-30 dB under the vowel (the voice bar): from ``_MURMUR_LEAD_S`` before its
   token on (Piper's alignment often gives the vowel the closure's start), ``stop_voiced_db``
-  under the peak is quiet enough (the murmur held /d/'s pose: the jaw settled ~27 ms late). Not where the lips close (/p b m/ among or before the stops): the portrait's
-  rest may part them, so they stay sealed to the pause; an /f v/ before the stops keeps
-  its whole time. The quiet is read from the audio in 5 ms hops, kept as long as the
-  segments.
+  under the peak is quiet enough (the murmur held /d/'s pose: the jaw settled ~27 ms late).
+  Where the audio does not tell in time (a loud murmur, noise), the stops let go
+  ``stop_hold_s`` after their token starts. Lips (/p b m/ among or before the stops) shut as the sound
+  stops (or at their token), stay shut for a closure, ``stop_hold_s``, and are let go to
+  rest, the release: they were held pressed to the pause token (up to 150 ms after the
+  sound), a frozen pose. An /f v/ before the stops keeps its whole time. The quiet is
+  read from the audio in 5 ms hops, kept as long as the segments.
 * **Audio-only path** (``phonemes is None``, live ``audio_in``): RMS → openness; spectral
   shape (low-band ratio → voicing, high-band ratio → fricative /s/, spectral centroid →
   rounded vs spread lips) → viseme weights, lightly smoothed. numpy FFT only. Loudness
@@ -134,7 +137,8 @@ class VisemeEngine(CoeffsEngine):
     interval ``[k, k + 1) / fps`` frame ``k`` is sampled), ``stop_quiet_db`` (30: how far
     under the running peak a stop before a pause counts as silent, its pose then given
     up to the pause), ``stop_voiced_db`` (22: the same within a voiced stop, whose closure
-    murmurs). Audio-only path:
+    murmurs), ``stop_hold_s`` (0.08: how long lips shut by a stop before a pause stay so,
+    a typical closure, and the longest a stop's pose is held there). Audio-only path:
     ``floor_window_s`` / ``floor_subtract`` / ``floor_keep_db`` (1.5 / 2 / 25: the steady
     background taken out of its loudness, :mod:`giris.workers.noise_floor`; 0 subtracts
     nothing), ``vad`` (true: its speech gate; the ``vad_*`` options are in
@@ -157,6 +161,7 @@ class VisemeEngine(CoeffsEngine):
         self.frame_phase = min(max(float(o.get("frame_phase", 0.5)), 0.0), 1.0)
         self.stop_quiet_db = float(o.get("stop_quiet_db", 30.0))
         self.stop_voiced_db = float(o.get("stop_voiced_db", 22.0))
+        self.stop_hold_s = float(o.get("stop_hold_s", 0.08))
         self.voice = SpeechGate(o) if o.get("vad", True) else None
         self.floor = NoiseFloor(o)
         # audio-only path's EMA rates: the viseme weights, then the slow loudness average
@@ -355,10 +360,11 @@ class VisemeEngine(CoeffsEngine):
     def _settle_stops(self, segs: list[Segment], avail: float, state: VisemeSession) -> list[Segment]:
         """Stops just before a pause end where their sound does (module docstring): the
         stops, and the sound before them (whose token often outlasts its fading voice),
-        are cut where the audio falls silent, and the pause starts there. Lips shut among
-        or before them (/p b m/) stay shut to the pause; an /f v/ before them is kept
-        whole. ``segs``: this chunk's and its neighbours' segments; ``avail``: the session
-        time (s) the audio is heard up to."""
+        are cut where the audio falls silent (``stop_hold_s`` into the stops at the
+        latest), and the pause starts there. Lips shut among or before them (/p b m/)
+        stay shut ``stop_hold_s`` from where the sound stops, then the pause starts; an
+        /f v/ before them is kept whole. ``segs``: this chunk's and its neighbours'
+        segments; ``avail``: the session time (s) the audio is heard up to."""
         out: list[Segment] = list(segs)
         gone: set[int] = set()
         for i in range(1, len(out)):
@@ -367,14 +373,20 @@ class VisemeEngine(CoeffsEngine):
             j = i - 1
             while j > 0 and out[j - 1][_STOP]:
                 j -= 1
-            if any(int(out[k][2]) == _PP for k in range(max(j - 1, 0), i)):
-                continue  # lips shut (/p b m/) stay so to the pause: the portrait's rest may part them
+            first = j
+            lips = any(int(out[k][2]) == _PP for k in range(max(j - 1, 0), i))
             if j > 0 and int(out[j - 1][2]) != V.SIL and not _MUST_SHOW[int(out[j - 1][2])]:
                 j -= 1  # the sound before the stops may fade out before its token ends
             voiced = [out[k][0] for k in range(j, i) if out[k][_STOP] and out[k][_VOICED]]
-            end = self._sound_end(out[j][0], min(out[i][0], avail), out[i][0] <= avail, state,
-                                  voiced[0] - _MURMUR_LEAD_S if voiced else np.inf)
-            if end is None:
+            heard = self._sound_end(out[j][0], min(out[i][0], avail), out[i][0] <= avail, state,
+                                    voiced[0] - _MURMUR_LEAD_S if voiced else np.inf)
+            heard = np.inf if heard is None else heard
+            if lips:  # shut as the sound stops (or at their token), held for the closure, let go
+                j = first
+                end = min(out[first][0], heard) + self.stop_hold_s
+            else:  # the closure is not seen: settle as the sound stops, or after a closure
+                end = min(out[first][0] + self.stop_hold_s, heard)
+            if end >= out[i][0]:
                 continue
             for k in range(j, i):
                 if out[k][0] < end:
