@@ -22,12 +22,13 @@ from giris.runtime.logs import setup_logging
 
 log = logging.getLogger("giris.cli")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="giris", description="Real-time talking-avatar runtime.")
-    p.add_argument("--log-level", default=os.environ.get("GIRIS_LOG_LEVEL", "WARNING").upper(),
-                   type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                   help="default: $GIRIS_LOG_LEVEL or WARNING")
+    p.add_argument("--log-level", default=os.environ.get("GIRIS_LOG_LEVEL") or "WARNING",
+                   type=str.upper, choices=LOG_LEVELS, help="default: $GIRIS_LOG_LEVEL or WARNING")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -74,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = p.parse_args(argv)
+    if args.log_level not in LOG_LEVELS:  # argparse checks a flag's value, not its default
+        p.error(f"GIRIS_LOG_LEVEL: invalid choice: {args.log_level!r} (choose from {', '.join(LOG_LEVELS)})")
     setup_logging(args.log_level, args.log_json)
     try:
         return {"say": cmd_say, "serve": cmd_serve, "status": cmd_status, "keys": cmd_keys,

@@ -316,6 +316,13 @@ def test_a_bad_device_engine_or_log_level_is_one_line(tmp_path: Path):
     r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "--log-level", "bogus", "status"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid choice: 'BOGUS'" in r.stderr and "Traceback" not in r.stderr
+    # the same level from the environment (it was a traceback and exit status 1)
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "giris.supervisor.cli", "status"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "GIRIS_LOG_LEVEL": "verbose"})
+    assert r.returncode == 2 and "GIRIS_LOG_LEVEL: invalid choice: 'VERBOSE'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_closing_after_the_server_died_does_not_wait_again(make_server):
