@@ -181,6 +181,7 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
     from giris.runtime.client import AudioChunk, Client, Coefficients, Event, Frame
     from giris.runtime.media import Mp4Writer, partial_path, write_coefficients
 
+    _one_mode(args)
     output = _output_path(args.output, ".mp4")
     coeffs_path = _output_path(args.coeffs, ".csv") if args.coeffs else None
     # both files are written under temporary names beside their targets and renamed only
@@ -314,6 +315,17 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
             runtime.stop()
         elif client is not None:
             client.close()
+
+
+def _one_mode(args: argparse.Namespace) -> None:
+    """Flags of the other mode are refused, not ignored (``--config`` with ``--connect``
+    ran on the server's own config without a word, the keys without it on no server)."""
+    if args.connect and args.config:
+        raise GirisError("--config configures the embedded runtime; with --connect the server's "
+                         "own config applies", code="bad_input")
+    if not args.connect and (args.server_key or args.client_key):
+        raise GirisError("--server-key and --client-key are for a tcp:// server named with "
+                         "--connect; the embedded runtime needs no keys", code="bad_input")
 
 
 def _precheck(text: str, opts: dict[str, Any], cfg: Config) -> None:

@@ -587,6 +587,21 @@ def test_what_needs_no_model_is_refused_before_the_models_load(tmp_path: Path):
         assert time.monotonic() - t0 < 20
 
 
+def test_flags_of_the_other_mode_are_refused(tmp_path: Path):
+    """``--config`` is the embedded runtime's, the keys a ``--connect`` server's: given in
+    the other mode they are refused at once (they were ignored: the run went on without
+    them, here a stage that loads for a minute)."""
+    cfg = embedded_config(tmp_path, tts={"options": {"load_s": 60}})
+    out = str(tmp_path / "x.mp4")
+    for args, said in [(["--connect", f"ipc://{tmp_path}/gw.sock"], "--config configures the embedded"),
+                       (["--server-key", "server.key"], "--server-key and --client-key are for"),
+                       (["--client-key", "alice.key_secret"], "--server-key and --client-key are for")]:
+        t0 = time.monotonic()
+        r = giris("say", "hi", "--quiet", "-o", out, "--config", str(cfg), *args, timeout=40)
+        assert r.returncode == 2 and f"giris: error [bad_input]: {said}" in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 20 and not Path(out).exists()
+
+
 def test_errors_start_a_line_of_their_own_and_quiet_is_quiet(tmp_path: Path):
     """The progress line ends before an error (``loading models…giris: error …`` was one
     line), and ``--quiet`` wins over ``GIRIS_PROGRESS`` (it was ignored)."""
