@@ -51,6 +51,24 @@ def test_a_stage_whose_engine_refuses_its_config_fails_the_start_at_once():
     assert not [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
 
 
+def test_an_option_value_the_engine_cannot_use_is_a_refused_config():
+    """An option's value the engine cannot convert (a ValueError or TypeError while it
+    loads) is its configuration refused (exit EX_CONFIG, not restarted): it was taken for
+    a bug, a traceback and a restart after each backoff, the same error every time."""
+    import time
+
+    from giris.runtime.errors import StageFailed
+
+    stages = small_stages(tts={"options": {"word_s": "slow"}})
+    cfg = from_mapping({"stages": stages, "defaults": {"size": 64}, "limits": {"min_size": 32},
+                        "restart": {"backoff_initial": 5.0}, "timeouts": {"worker_start": 15.0}})
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed, match="tts"):
+        Runtime(cfg).start()
+    assert time.monotonic() - t0 < 10
+    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
+
+
 def test_a_stage_on_a_gpu_hands_its_frames_over_in_host_memory(monkeypatch):
     """A stage on ``cuda:0`` (the test engine never touches CUDA, so this runs anywhere)
     writes into its shared-memory pool like any other: its references say ``cpu``, where

@@ -91,9 +91,12 @@ class Options(Mapping[str, Any]):
         self._values = dict(values)
         #: every key looked up, there or not (the option names the engine knows)
         self.looked_up: set[str] = set()
+        #: the key looked up last: the likely culprit of a value the engine cannot convert
+        self.last: str | None = None
 
     def __getitem__(self, key: str) -> Any:
         self.looked_up.add(key)
+        self.last = key
         return self._values[key]
 
     def __iter__(self) -> Iterator[str]:

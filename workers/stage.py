@@ -137,7 +137,14 @@ class StageWorker:
                                 busy=self.busy)
         t0 = time.monotonic()
         options = Options(sp.get("options") or {})
-        self.engine = engine_class(sp["engine"])(options, context)
+        try:
+            self.engine = engine_class(sp["engine"])(options, context)
+        except (ValueError, TypeError) as e:
+            # an option's value the engine cannot convert (``threads = "four"``, a ramp
+            # given high to low): its configuration, refused as such, not a bug restarted
+            # in a loop of tracebacks (the same options fail the same way every time)
+            raise GirisError(f"an option it cannot use (the last read: {options.last!r}): "
+                              f"{type(e).__name__}: {e}", code="bad_config") from e
         self.engine.warmup()
         unread = [k for k in options.unread() if k not in type(self.engine).late_options]
         if unread:  # a typo in the config runs as if unset: say so (a warning: see Options)
