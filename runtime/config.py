@@ -163,6 +163,11 @@ class Config:
         return list(self.stages)
 
 
+def frame_bytes(max_size: int) -> int:
+    """A pool slot's default size: the largest frame allowed (``max_size``² RGB)."""
+    return max_size * max_size * 3
+
+
 def default_stages(max_size: int = 1024) -> dict[str, StageConfig]:
     return {
         # unpinned: synthesis comes in bursts and the first one is what a viewer waits
@@ -170,7 +175,7 @@ def default_stages(max_size: int = 1024) -> dict[str, StageConfig]:
         "tts": StageConfig(engine="piper", cpus=[]),
         "coeffs": StageConfig(engine="visemes"),
         "motion": StageConfig(engine="prosody"),
-        "render": StageConfig(engine="warp", pool_slots=48, pool_slot_bytes=max_size * max_size * 3),
+        "render": StageConfig(engine="warp", pool_slots=48, pool_slot_bytes=frame_bytes(max_size)),
     }
 
 
@@ -215,6 +220,8 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             sc = dict(_table(sc, f"stages.{name}"))  # a copy: sizes are parsed in it
             if "pool_slot_bytes" in sc:
                 sc["pool_slot_bytes"] = _size(sc, "pool_slot_bytes", f"stages.{name}")
+            elif sc.get("pool_slots"):  # a pool of empty slots sent every output inline, unsaid
+                sc["pool_slot_bytes"] = frame_bytes(cfg.limits.max_size)
             cfg.stages[name] = _fill(StageConfig, sc, f"stages.{name}")
     else:
         cfg.stages = default_stages(cfg.limits.max_size)

@@ -69,6 +69,26 @@ def test_an_option_value_the_engine_cannot_use_is_a_refused_config():
     assert not [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
 
 
+def test_a_pool_named_without_its_slot_size_holds_whole_frames():
+    """``pool_slots`` without ``pool_slot_bytes`` in a named stage: slots that hold the
+    largest frame allowed, so frames travel in the pool (its slots were 0 bytes: every
+    frame went inline, a zero-copy session got copies, and the pool did nothing)."""
+    stages = small_stages()
+    del stages["render"]["pool_slot_bytes"]
+    cfg = from_mapping({"stages": stages, "defaults": {"size": 64}, "limits": {"min_size": 32, "max_size": 96}})
+    assert cfg.stages["render"].pool_slot_bytes == 96 * 96 * 3
+    assert cfg.stages["coeffs"].pool_slot_bytes == 0  # no pool, no slots
+    with Runtime(cfg) as rt:
+        s = rt.open_session(zero_copy=True)
+        views = []
+        for item in s.say("alpha beta"):
+            if isinstance(item, Frame):
+                views.append(not item.image.flags.owndata)  # a view into the pool
+                item.release()
+        assert views and all(views)
+        s.close()
+
+
 def test_a_stage_on_a_gpu_hands_its_frames_over_in_host_memory(monkeypatch):
     """A stage on ``cuda:0`` (the test engine never touches CUDA, so this runs anywhere)
     writes into its shared-memory pool like any other: its references say ``cpu``, where
