@@ -404,6 +404,9 @@ def serve_config(args: argparse.Namespace) -> Config:
     cfg = load(args.config or None, overrides={"server": server} if server else None)
     if not cfg.server.endpoint:
         cfg.server.endpoint = default_endpoint()
+    if cfg.server.endpoint.startswith("inproc://"):  # it served where no client could reach
+        raise GirisError(f"cannot listen on {cfg.server.endpoint}: inproc:// reaches only its own "
+                         "process (an embedded Runtime); serve on ipc:// or tcp://", code="bad_endpoint")
     return cfg
 
 

@@ -325,6 +325,15 @@ def test_a_bad_device_engine_or_log_level_is_one_line(tmp_path: Path):
     assert "Traceback" not in r.stderr
 
 
+def test_serve_refuses_an_inproc_endpoint(tmp_path: Path):
+    """``inproc://`` is an embedded Runtime's: ``giris serve`` on one said "serving on"
+    and served where no client could ever reach it."""
+    cfg = embedded_config(tmp_path)
+    r = giris("serve", "--config", str(cfg), "--endpoint", "inproc://giris", timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "giris: error [bad_endpoint]: cannot listen on inproc://giris: inproc:// reaches only" in r.stderr
+
+
 def test_closing_after_the_server_died_does_not_wait_again(make_server):
     import signal
     import time
