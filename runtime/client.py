@@ -151,6 +151,10 @@ class Client:
         self._gone = False
         self.pools = PoolSet()
         self._keys = _curve_keys(server_key, client_keys)
+        if self._keys and not endpoint.startswith("tcp://"):
+            # a server uses CURVE on tcp only: keys elsewhere met no answer ("server_gone")
+            raise GirisError(f"CURVE keys are for a tcp:// server, not {endpoint} (an ipc socket "
+                             "is guarded by its file's permissions)", code="bad_key")
         # a number of its own: id(self) comes back for the next client as soon as one is
         # collected, while the I/O thread may not have let its address go yet ("Address
         # already in use" from the constructor, 290 of 300 clients made in a row)

@@ -138,6 +138,11 @@ def test_key_files_that_are_not_there_are_named(make_server, keys, tmp_path):
         Client("tcp://127.0.0.1:1", server_key=b"short")
     z85 = zmq.auth.load_certificate(keys["server_public"])[0]
     Client("tcp://127.0.0.1:1", server_key=z85.decode(), timeout=1).close()  # the key itself
+    # keys for an ipc server, which never uses CURVE: refused (the request met no answer)
+    with pytest.raises(GirisError, match="CURVE keys are for a tcp:// server, not ipc://") as e:
+        Client(f"ipc://{tmp_path}/gw.sock", server_key=str(keys["server_public"]),
+               client_keys=str(keys["alice"]))
+    assert e.value.code == "bad_key"
     gone = tmp_path / "no-clients"
     srv = make_server({"server": {"endpoint": f"tcp://127.0.0.1:{_free_port()}",
                                   "curve_secret_key": str(keys["server_secret"]),
