@@ -81,7 +81,6 @@ _BY_CODE: dict[str, type[GirisError]] = {
     "unknown_voice": BadInput,
     "unknown_emotion": BadInput,
     "unknown_session": SessionNotFound,
-    "foreign_session": SessionNotFound,
     "budget_exceeded": BudgetExceeded,
     "limit_exceeded": LimitExceeded,
     "rate_limited": LimitExceeded,
