@@ -11,10 +11,12 @@
   by the face's roll and scaled to pixels once per session. Eyelid channels are relative to
   the avatar's own eye opening; ``mouthFrown`` to its mouth corners (a portrait smiling at
   rest frowns by first losing that smile: ``rest_smile``). Per frame
-  ``targets = rest + Σ w_c · D_c``, plus two couplings that are not linear: ``mouthClose``
-  closes the lips by the fraction it gives of the gap ``jawOpen`` made, and the upper lid
-  travels only ``BLINK_WARP`` of the way on a blink (the renderer draws the rest of the lid:
-  squashing an eye to nothing with a smooth warp folds the image).
+  ``targets = rest + Σ w_c · D_c``, plus three couplings that are not linear: ``mouthClose``
+  closes the lips by the fraction it gives of the gap ``jawOpen`` made; a frown closes a
+  portrait's parted lips (``lip_seal``, eased in, and out as the jaw opens), the warp
+  ``SEAL_WARP`` of the way; and the upper lid travels only ``BLINK_WARP`` of the way on a
+  blink (the renderer draws the rest of the lid and of the lips: squashing an eye or the
+  teeth to nothing with a smooth warp folds the image or leaves a bright line).
 * **Extra points.** Besides the 68 landmarks the rig moves a skull arc (forehead, top and
   sides of the head, rigid with the head) and three neck points (a fraction
   ``NECK_FOLLOW`` of the head motion), so hair and neck follow the head smoothly. While
@@ -216,6 +218,22 @@ SHRUG_TOUCH = 0.06
 #: the inner lips' facing points, upper → lower, one pair per column
 INNER_PAIRS = ((61, 67), (62, 66), (63, 65))
 _INNER_UP, _INNER_LO = [a for a, _ in INNER_PAIRS], [b for _, b in INNER_PAIRS]
+#: lips closing over a gap meet this share of it down from the upper lip (the rig's frown
+#: closure and the renderer's drawn seal alike)
+LIP_MEET = 0.45
+#: mouthFrown on a portrait parted at rest (a smile showing teeth): the lips relax closed
+#: as the smile goes, fully from this frown weight on (the default intensity's 0.6 takes
+#: the astronaut's smile out); the share of the closure the lower lip's outer edge
+#: follows (its inner edge alone made it puffy); and the jawOpen at which
+#: speech has opened them again (the jaw parts the lips from there: the gap the jaw
+#: makes and the portrait's own, as without a frown)
+FROWN_SEAL = 0.5
+SEAL_OUTER = 0.35
+SEAL_JAW = 0.3
+#: the share of that closing done by the warp (the renderer draws the lips over the rest:
+#: a smooth warp squeezing the lips together squashes the teeth between them to a bright
+#: line, never to nothing; as a blink's lid, see BLINK_WARP)
+SEAL_WARP = 0.5
 
 
 def rest_smile(face_xy: np.ndarray) -> float:
@@ -304,12 +322,33 @@ def _lip_moves(face_xy: np.ndarray | None) -> dict[str, dict[int, tuple]]:
     return out
 
 
+def _seal_moves(face_xy: np.ndarray) -> np.ndarray:
+    """The move (68, 3) that closes a portrait's parted lips: each inner lip column meets
+    ``LIP_MEET`` of its rest gap down from the upper lip (``SEAL_WARP`` of the way: the
+    renderer draws the rest), the lower lip's outer edge following by ``SEAL_OUTER``; the
+    upper lip's top edge stays (the lips as a whole do not sink, see ``FROWN_BEND``); zero
+    where the lips meet at rest."""
+    out = np.zeros((68, 3), np.float32)
+    for (up, lo), outer, g in zip(INNER_PAIRS, (58, 57, 56), _inner_gaps(face_xy)):
+        out[up, 1] = -SEAL_WARP * LIP_MEET * g
+        out[lo, 1] = SEAL_WARP * (1.0 - LIP_MEET) * g
+        out[outer, 1] = SEAL_OUTER * out[lo, 1]
+    return out
+
+
+def smoothstep(t: Any) -> Any:
+    """0 below 0, 1 above 1, smooth (zero slope at both ends) between."""
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
 #: eyeWide: how far a weight of 1 lifts the upper lid, in the eye's own openings. A warp
 #: can only stretch the eye to open it (the iris and the lash line with it): 0.42 at a
 #: linear weight smeared the lashes into a band and the iris upwards at 1. The weight is
 #: eased (1 - (1 - w)²): most of the lift by the default 0.6, little more beyond
 EYE_WIDE = 0.28
 _EYE_WIDE = [INDEX["eyeWideLeft"], INDEX["eyeWideRight"]]
+_FROWN = (INDEX["mouthFrownLeft"], INDEX["mouthFrownRight"])
 
 
 def _eased(w: Any) -> Any:
@@ -384,6 +423,8 @@ class FaceRig:
     basis: np.ndarray       # (52, 68*3) blendshape displacements, face frame
     eye_gap: tuple[float, float]  # (left, right) eye openings, IOD units
     n_extra: int
+    #: (68, 3) the move that closes the portrait's parted lips (``lip_seal``), face frame
+    seal_moves: np.ndarray
 
     @property
     def rest_px(self) -> np.ndarray:
@@ -434,6 +475,9 @@ class FaceRig:
             lower = self.basis[INDEX["jawOpen"]].reshape(68, 3)
             pts[_LOWER_LIP] -= 0.62 * k * lower[_LOWER_LIP]
             pts[_UPPER_LIP] += 0.3 * k * lower[_LOWER_LIP]
+        seal = self.lip_seal(w)
+        if seal > 0.0:  # a frown closes a smile's parted lips (LIP_MEET, SEAL_OUTER)
+            pts[:68] += seal * self.seal_moves
         # the inner lips meet but do not cross (press, shrug and frown on a closed mouth
         # summed past its gap: a zigzag lip line); a portrait's own crossing is its floor
         up, lo = _INNER_UP, _INNER_LO
@@ -443,6 +487,17 @@ class FaceRig:
             pts[up, 1] += half
             pts[lo, 1] -= half
         return pts
+
+    def lip_seal(self, coeffs: np.ndarray) -> float:
+        """How far a frown has closed the portrait's parted lips (0 .. 1): eased in up to a
+        frown of ``FROWN_SEAL``, eased out again as the jaw opens to ``SEAL_JAW``. 0 on a
+        portrait whose lips meet at rest (nothing to close) and without a frown (neutral,
+        happy and speech alone keep the portrait's own mouth)."""
+        frown = 0.5 * float(coeffs[_FROWN[0]] + coeffs[_FROWN[1]])
+        if frown <= 0.0 or not self.seal_moves.any():
+            return 0.0
+        jaw = float(np.clip(coeffs[INDEX["jawOpen"]], 0.0, 1.0))
+        return float(smoothstep(frown / FROWN_SEAL) * (1.0 - smoothstep(jaw / SEAL_JAW)))
 
     def project(self, pts: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
         """Apply the head pose of a 73-vector to face-frame points → image pixels (P, 2).
@@ -515,7 +570,7 @@ def fit_rig(landmarks: np.ndarray) -> FaceRig:
             basis[INDEX[name], k] += np.asarray(v, np.float32)
     return FaceRig(landmarks=lm, iod=iod, origin=origin, axes=axes, rest=rest, follow=follow,
                    basis=basis.reshape(N_BLENDSHAPES, 68 * 3), eye_gap=(gap_l, gap_r),
-                   n_extra=len(extra))
+                   n_extra=len(extra), seal_moves=_seal_moves(face_xy))
 
 
 #: the channels the rig moves (others, e.g. eyeLookIn/Out and tongueOut, it ignores)

@@ -53,7 +53,8 @@ from giris.workers.one_euro import OneEuroFilter
 #: blendshape (and head pose) offsets at intensity 1.0. Sized to read at the default
 #: intensity (0.6) on a 512² portrait: mouth corners and brows move ≥ 8 px (~0.12 IOD)
 #: against neutral. Sad and angry take the portrait's own smile out (the rig's mouthFrown
-#: first undoes a smiling rest pose); happy adds to it; surprised lifts the brows and lids.
+#: first undoes a smiling rest pose and closes lips parted over teeth); angry presses and
+#: rolls the lips thin; happy adds to the smile; surprised lifts the brows and lids.
 EMOTIONS: dict[str, dict[str, float]] = {
     "neutral": {},
     "happy": {"mouthSmileLeft": 1.0, "mouthSmileRight": 1.0, "cheekSquintLeft": 1.0,
@@ -68,9 +69,9 @@ EMOTIONS: dict[str, dict[str, float]] = {
     "surprised": {"browInnerUp": 0.7, "browOuterUpLeft": 0.7, "browOuterUpRight": 0.7,
                   "eyeWideLeft": 1.0, "eyeWideRight": 1.0, "jawOpen": 0.08, "headPitch": -0.03},
     "angry": {"browDownLeft": 1.0, "browDownRight": 1.0, "eyeSquintLeft": 0.3, "eyeSquintRight": 0.3,
-              "noseSneerLeft": 0.3, "noseSneerRight": 0.3, "mouthPressLeft": 0.3,
-              "mouthPressRight": 0.3, "mouthFrownLeft": 1.0, "mouthFrownRight": 1.0,
-              "mouthShrugLower": 0.3,
+              "noseSneerLeft": 0.3, "noseSneerRight": 0.3, "mouthPressLeft": 0.5,
+              "mouthPressRight": 0.5, "mouthRollLower": 0.5, "mouthRollUpper": 0.2,
+              "mouthFrownLeft": 1.0, "mouthFrownRight": 1.0, "mouthShrugLower": 0.3,
               "headPitch": 0.03},
 }
 _EMOTION_VEC: dict[str, np.ndarray] = {}

@@ -33,6 +33,8 @@ Per frame (``render``):
    fills only the gap that opens between them, fading in with the opening (no change at
    rest, no jump in the teeth's brightness when a syllable starts). A closed-mouth portrait
    gets a drawn interior (cavity, a band of upper teeth, a hint of lower teeth and tongue).
+   Parted lips drawn meeting on /p b m/ (``mouthClose``) and under a frown (the rig's
+   ``lip_seal``), from the frame's own lips stretched over the gap.
    Eyelids drawn down over each eye as ``eyeBlink*`` rises, after the rig has warped the
    upper lid part of the way (``face_rig.BLINK_WARP``): the frame's own skin between brow
    and lid resampled down to the lid's edge, the photo's lash band squeezed into a thin
@@ -74,7 +76,9 @@ from giris.workers import landmarks as LM
 from giris.workers.bases import RenderEngine
 from giris.workers.coefficients import INDEX, N_CHANNELS, POSE
 from giris.workers.engine import EngineContext, EngineError
-from giris.workers.face_rig import CAMERA_DISTANCE, INNER_PAIRS, PIVOT, TEMPLATE_Z, FaceRig, fit_rig
+from giris.workers.face_rig import (CAMERA_DISTANCE, INNER_PAIRS, LIP_MEET, PIVOT, TEMPLATE_Z, FaceRig,
+                                   fit_rig)
+from giris.workers.face_rig import smoothstep as _smoothstep
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 128, 1024, 512
@@ -104,6 +108,13 @@ COLLAR_STRAIN = 0.8
 CLOSE_SEAL = 1.8
 UPPER_IN = [60, 61, 62, 63, 64]
 LOWER_IN = [60, 67, 66, 65, 64]
+#: a seal's lips, corner to corner: inner and outer edges of the upper and the lower lip
+SEAL_UP_IN, SEAL_LO_IN = [48] + UPPER_IN + [54], [48] + LOWER_IN + [54]
+SEAL_UP_OUT, SEAL_LO_OUT = [48, 49, 50, 51, 52, 53, 54], [48, 59, 58, 57, 56, 55, 54]
+#: the share of each lip, from its outer edge, a seal stretches over the gap (the rest, by
+#: the inner edge, may be the warp's squashed teeth); how dark the seam where they meet
+SEAL_KEEP = 0.45
+SEAL_SEAM = 0.25
 EYES = {  # ARKit side: (upper chain, lower chain) from outer to inner corner
     "Right": ([36, 37, 38, 39], [36, 41, 40, 39]),
     "Left": ([45, 44, 43, 42], [45, 46, 47, 42]),
@@ -672,9 +683,11 @@ class WarpRenderEngine(RenderEngine):
             pose = _head_affine(state.rig, row)  # the teeth ride on the head, not the jaw
         _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]), state.colour,
                teeth, pose)
-        close = float(row[INDEX["mouthClose"]])
-        if state.lip_rgb is not None and close > 0.02:
-            _seal(out, lm, iod, min(1.0, close * CLOSE_SEAL), state.lip_rgb)
+        if state.lip_rgb is not None:
+            # a /p b m/ closes them, and a frown (the rig's lip_seal) relaxes them shut
+            seal = max(min(1.0, float(row[INDEX["mouthClose"]]) * CLOSE_SEAL), state.rig.lip_seal(row))
+            if seal > 0.02 * CLOSE_SEAL:
+                _seal(out, lm, iod, seal)
         for side, (upper, lower) in EYES.items():
             b = float(row[INDEX[f"eyeBlink{side}"]])
             if b > 0.02:
@@ -745,10 +758,6 @@ def _pixels(box) -> tuple[np.ndarray, np.ndarray]:
     x0, y0, x1, y1 = box
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     return xs, ys
-
-
-def _local(box, p0, ax, nrm):
-    return _local_xy(*_pixels(box), p0, ax, nrm)
 
 
 def _local_xy(xs, ys, p0, ax, nrm):
@@ -1035,12 +1044,6 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
     _blend(out, box, col, alpha)
 
 
-def _smoothstep(t: Any) -> Any:
-    """0 below 0, 1 above 1, smooth (zero slope at both ends) between."""
-    t = np.clip(t, 0.0, 1.0)
-    return t * t * (3 - 2 * t)
-
-
 def _patch(image: np.ndarray, p: np.ndarray, r: int) -> np.ndarray:
     """The pixels (n, 3) of the square of radius ``r`` about ``p``, clipped to the image."""
     cx, cy = int(round(float(p[0]))), int(round(float(p[1])))
@@ -1056,38 +1059,59 @@ def _blend(out: np.ndarray, box: tuple[int, int, int, int], col: np.ndarray, alp
     np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
 
 
-def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float,
-          lips: tuple[np.ndarray, np.ndarray]) -> None:
-    """Draw parted lips meeting (``f`` 0 .. 1 of the way), for /p b m/ on a portrait whose
-    lips are apart at rest: a smooth warp cannot close a gap (the teeth between the lips
-    were only squashed), so the lips are drawn over it, as the eyelids are on a blink."""
-    p0, p1 = lm[60], lm[64]
+def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float) -> None:
+    """Draw parted lips meeting (``f`` 0 .. 1 of the way), for /p b m/ or a frown on a
+    portrait whose lips are apart at rest: a smooth warp cannot close a gap (the teeth
+    between the lips were only squashed, and the spline's lip edges sit a few pixels into
+    them), so the lips are drawn over it, as the eyelids are on a blink, from the frame's
+    own lips: each lip's outer part (``SEAL_KEEP`` of it, clear of the warp's edge) is
+    stretched along the mouth's normal from its outer edge to the meeting line, the
+    identity at ``f`` 0 and at the outer edge (no outline), a soft seam where they meet."""
+    p0, p1 = lm[48], lm[54]
     ax, nrm, length = _frame(p0, p1)
     if length < 2:
         return
-    box = _box(np.concatenate([lm[UPPER_IN], lm[LOWER_IN]]), 1.5, out.shape)
+    box = _box(lm[48:60], 1.5, out.shape)
     if box is None:
         return
-    u, v = _local(box, p0, ax, nrm)
-    uu, vu = _chain(lm[UPPER_IN], p0, ax, nrm)
-    ul, vl = _chain(lm[LOWER_IN], p0, ax, nrm)
-    v_up = np.interp(u, uu, vu).astype(np.float32)
-    v_lo = np.maximum(np.interp(u, ul, vl).astype(np.float32), v_up)
+    xs, ys = _pixels(box)
+    u, v = _local_xy(xs, ys, p0, ax, nrm)
+
+    def line(ids: list[int]) -> np.ndarray:
+        uc, vc = _chain(lm[ids], p0, ax, nrm)
+        return np.interp(u, uc, vc).astype(np.float32)
+    v_up, v_lo = line(SEAL_UP_IN), line(SEAL_LO_IN)
+    v_lo = np.maximum(v_lo, v_up)
+    v_top = np.minimum(line(SEAL_UP_OUT), v_up - 1.0)
+    v_bot = np.maximum(line(SEAL_LO_OUT), v_lo + 1.0)
     f = float(_smoothstep(f))
-    meet = v_up + 0.45 * (v_lo - v_up)
-    # the lips grow from their edges towards the meeting line, all the way at f = 1
+    meet = v_up + LIP_MEET * (v_lo - v_up)
+    # each lip grows from its inner edge towards the meeting line, all the way at f = 1;
+    # its pixels from its outer edge down (up) to there come from its outer part
     reach_up = v_up + f * (meet - v_up) + 0.5
     reach_lo = v_lo - f * (v_lo - meet) - 0.5
-    a_up = np.clip(reach_up - v + 0.5, 0, 1) * np.clip(v - v_up + 1.0, 0, 1)
-    a_lo = np.clip(v - reach_lo + 0.5, 0, 1) * np.clip(v_lo - v + 1.0, 0, 1)
+    src_up = v_up - f * (1.0 - SEAL_KEEP) * (v_up - v_top)
+    src_lo = v_lo + f * (1.0 - SEAL_KEEP) * (v_bot - v_lo)
+    in_up = (v >= v_top - 0.5) & (v < meet)
+    in_lo = (v >= meet) & (v <= v_bot + 0.5)
     side = np.clip(u + 0.5, 0, 1) * np.clip(length - u + 0.5, 0, 1)
-    a = np.maximum(a_up, a_lo) * side * min(1.0, f / 0.2)
-    if not a.any():
+    a = (np.clip(reach_up - v + 0.5, 0, 1) * in_up + np.clip(v - reach_lo + 0.5, 0, 1) * in_lo) * side
+    a *= min(1.0, f / 0.2)
+    yy, xx = np.nonzero(a > 0)
+    if not len(yy):
         return
-    col = np.where((v < meet)[..., None], lips[0][None, None, :], lips[1][None, None, :])
+    v_s, t_s = v[yy, xx], a[yy, xx]
+    up = in_up[yy, xx]
+    top, bot = v_top[yy, xx], v_bot[yy, xx]
+    s_up = top + (v_s - top) * ((src_up[yy, xx] - top) / np.maximum(reach_up[yy, xx] - top, 1e-3))
+    s_lo = bot - (bot - v_s) * ((bot - src_lo[yy, xx]) / np.maximum(bot - reach_lo[yy, xx], 1e-3))
+    dv = np.where(up, s_up, s_lo) - v_s
+    py, px = yy + box[1], xx + box[0]
+    col = _bilinear(out, px + dv * float(nrm[0]), py + dv * float(nrm[1]))
     seam = max(0.8, 0.015 * iod)
-    col = col * (1.0 - 0.35 * f * np.clip(1 - np.abs(v - meet) / seam, 0, 1))[..., None]
-    _blend(out, box, col, a)
+    col *= (1.0 - SEAL_SEAM * f * np.clip(1 - np.abs(v_s - meet[yy, xx]) / seam, 0, 1))[:, None]
+    under = out[py, px].astype(np.float32)
+    out[py, px] = np.clip(under + (col - under) * t_s[:, None] + 0.5, 0, 255).astype(np.uint8)
 
 
 def _eyelid(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, brow: np.ndarray,
