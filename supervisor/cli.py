@@ -25,7 +25,8 @@ log = logging.getLogger("giris.cli")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line, apart from running it: the README's examples are checked against it."""
     p = argparse.ArgumentParser(prog="giris", description="Real-time talking-avatar runtime.")
     p.add_argument("--log-level", default=os.environ.get("GIRIS_LOG_LEVEL") or "WARNING",
                    type=str.upper, choices=LOG_LEVELS, help="default: $GIRIS_LOG_LEVEL or WARNING")
@@ -73,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("bench", help="run a benchmark from perf/ (from the repo root)")
     b.add_argument("name")
     b.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.log_level not in LOG_LEVELS:  # argparse checks a flag's value, not its default
         p.error(f"GIRIS_LOG_LEVEL: invalid choice: {args.log_level!r} (choose from {', '.join(LOG_LEVELS)})")
