@@ -1170,3 +1170,84 @@ def test_the_portraits_own_teeth_stay_as_the_jaw_opens(engine, session, neutral)
     ty, tx = np.nonzero(teeth)
     now = out[ty + dy, tx + dx].astype(np.float32)
     assert np.abs(now - rest).mean() < 10
+
+
+def _viseme(name: str) -> np.ndarray:
+    from giris.workers.visemes import POSES
+
+    return row(**POSES[name])
+
+
+def _mouth_frame(engine, size: int, name: str):
+    """A session at ``size``, its frame for viseme ``name``, the frame's luma and landmarks."""
+    s = engine.open_session({"size": size})
+    r = _viseme(name)
+    out = np.zeros((size, size, 3), np.uint8)
+    engine.render(s, r, out)
+    return s, out, out.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32), s.rig.targets(r)[:68]
+
+
+def test_the_mouth_cavity_is_shaded_dark_into_the_back_and_the_corners(engine):
+    """The open mouth's cavity was one flat colour, lighter towards the corners (a lit
+    patch where the insides of the cheeks are in shadow). Now it is darkest at the back and
+    in the corners and lit towards the lower lip (and the tongue there): in its middle
+    column the luma rises from the back to the lower lip; at mid depth the corners are
+    darker than the middle."""
+    _, _, y, lm = _mouth_frame(engine, SIZE, "aa")
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    up = np.interp(xs, lm[[60, 61, 62, 63, 64], 0], lm[[60, 61, 62, 63, 64], 1])
+    lo = np.interp(xs, lm[[60, 67, 66, 65, 64], 0], lm[[60, 67, 66, 65, 64], 1])
+    t = (ys - up) / np.maximum(lo - up, 1e-3)            # 0 at the upper lip, 1 at the lower
+    across = np.abs((xs - lm[60, 0]) / (lm[64, 0] - lm[60, 0]) * 2 - 1)  # 0 middle, 1 corner
+    band = (t > 0.4) & (t < 0.6)
+    middle, corners = band & (across < 0.3), band & (across > 0.6) & (across < 0.85)
+    assert middle.sum() > 15 and corners.sum() > 5
+    assert y[corners].mean() < y[middle].mean() - 4, (y[corners].mean(), y[middle].mean())
+    # below the photo's teeth (t ~0.35) down to the tongue: not one flat colour, lighter
+    # towards the lower lip
+    column = across < 0.15
+    depth = [float(y[column & (t > a) & (t <= a + 0.1)].mean()) for a in (0.4, 0.5, 0.6)]
+    assert depth[2] > depth[0] + 10, depth
+    assert depth[0] < 40, depth  # the back is dark
+
+
+def test_the_cavity_follows_the_inner_lips_smoothly():
+    """The cavity's edges were straight lines between the inner-lip landmarks (a polygon
+    with corners at 512²). Drawn for lips on an ellipse, its height in each column is the
+    ellipse's within a pixel, where the chords between the points were up to 2.6 px off."""
+    from giris.workers.render_warp import _mouth, _palette
+
+    a, b, cx, cy = 40.0, 16.0, 100.0, 100.0
+    lm = np.zeros((68, 2), np.float32)
+    for upper, lower, deg in ((60, 60, 180), (61, 67, 135), (62, 66, 90), (63, 65, 45), (64, 64, 0)):
+        th = np.radians(deg)
+        lm[upper] = (cx + a * np.cos(th), cy - b * np.sin(th))
+        lm[lower] = (cx + a * np.cos(th), cy + b * np.sin(th))
+
+    def drawn(bg: int) -> np.ndarray:
+        canvas = np.full((200, 200, 3), bg, np.uint8)
+        _mouth(canvas, lm, 100.0, 0.0, 0.0, palette=_palette(np.array([200, 140, 135], np.float32)))
+        return canvas[..., 1].astype(np.float32)
+
+    alpha = 1.0 - (drawn(255) - drawn(0)) / 255.0         # coverage, whatever the colour
+    x = np.arange(200, dtype=np.float32)
+    height = 2 * b * np.sqrt(np.clip(1 - ((x - cx) / a) ** 2, 0, None))
+    inner = np.abs(x - cx) < 0.7 * a                      # between the corner segments
+    err = np.abs(alpha.sum(0) - height)[inner]
+    assert err.max() < 1.0, err.max()
+
+
+def test_the_lower_teeth_show_teeth_at_a_wide_opening(engine):
+    """At a wide opening the lower teeth were a pale strip of even brightness along the
+    lower lip; now a row of teeth, their rounded tips and the seams between them, so the
+    brightest pixel above the lower lip dips from tooth to tooth (512²)."""
+    s, _, y, lm = _mouth_frame(engine, 512, "aa")
+    assert s.teeth is not None and s.teeth.split >= 1.0  # the photo shows no lower row
+    x0, x1 = lm[60, 0], lm[64, 0]
+    cols = np.arange(int(x0 + 0.3 * (x1 - x0)), int(x1 - 0.3 * (x1 - x0)))
+    lo = np.interp(cols, lm[[60, 67, 66, 65, 64], 0], lm[[60, 67, 66, 65, 64], 1])
+    reach = 0.08 * s.rig.iod
+    peak = np.array([y[int(v - reach):int(v) + 1, c].max() for c, v in zip(cols, lo)])
+    trend = np.convolve(np.pad(peak, 3, mode="edge"), np.ones(7) / 7, mode="valid")
+    assert (peak - trend).std() > 8, np.round(peak)
+    assert peak.max() > 140  # and teeth-bright

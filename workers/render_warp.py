@@ -32,7 +32,10 @@ Per frame (``render``):
    shows a row apart from the upper one, go down with the lower lip), and a dark cavity
    fills only the gap that opens between them, fading in with the opening (no change at
    rest, no jump in the teeth's brightness when a syllable starts). A closed-mouth portrait
-   gets a drawn interior (cavity, a band of upper teeth, a hint of lower teeth and tongue).
+   gets a drawn interior (a row of upper teeth). Either way the cavity's edges are smooth
+   curves through the inner lips' landmarks, it is shaded in the portrait's lip tones
+   (dark at the back and in the corners, lit along the lower lip), and at wide openings a
+   tongue and a row of lower teeth show.
    Parted lips drawn meeting on /p b m/ (``mouthClose``) and under a frown (the rig's
    ``lip_seal``), from the frame's own lips stretched over the gap.
    Eyelids drawn down over each eye as ``eyeBlink*`` rises, after the rig has warped the
@@ -264,6 +267,7 @@ class WarpSession:
     #: positive) is kept, fading to 0 at the frame's own edges
     out_taper: tuple[np.ndarray, np.ndarray]
     rest_px: np.ndarray                  # (P, 2) rest positions of the rig's moving points
+    palette: np.ndarray                  # (3, 3) the mouth interior's colours (``_palette``)
     lip_rgb: tuple[np.ndarray, np.ndarray] | None  # upper, lower lip colour (lips parted at rest)
     mouth_rest_gap: float                # portrait's own inner-lip opening, pixels
     teeth: "Teeth | None" = None         # the portrait's own teeth (lips parted at rest)
@@ -474,13 +478,11 @@ class WarpRenderEngine(RenderEngine):
         lm = rest_px[:68]
 
         gap = _chain_gap(lm)
+        lips = (_lip_colour(image, lm, [50, 51, 52], [61, 62, 63], iod),
+                _lip_colour(image, lm, [58, 57, 56], [67, 66, 65], iod))
         lip_rgb = None
         if gap > max(1.5, 0.03 * iod):  # parted at rest (a smile showing teeth): /p b m/ seal it
-            def lip(outer: list[int], inner: list[int]) -> np.ndarray:
-                r = max(1, int(round(0.02 * iod)))
-                px = [_patch(image, q, r) for q in 0.5 * (lm[outer] + lm[inner])]
-                return np.median(np.concatenate(px), 0).astype(np.float32)
-            lip_rgb = (lip([50, 51, 52], [61, 62, 63]), lip([58, 57, 56], [67, 66, 65]))
+            lip_rgb = lips
             teeth = _teeth_plate(image, lm, float(np.mean([c @ _LUMA for c in lip_rgb])))
         else:
             teeth = None
@@ -504,7 +506,7 @@ class WarpRenderEngine(RenderEngine):
                            anchors64=a64,
                            collar_px=collar_px,
                            rest_px=rest_px, lip_rgb=lip_rgb, mouth_rest_gap=gap, teeth=teeth,
-                           colour=colour, nbytes=nbytes,
+                           palette=_palette(lips[0]), colour=colour, nbytes=nbytes,
                            device_nbytes=device_nbytes)
 
     @classmethod
@@ -681,8 +683,8 @@ class WarpRenderEngine(RenderEngine):
         pose = None
         if teeth is not None and any(row[INDEX[n]] for n in POSE):
             pose = _head_affine(state.rig, row)  # the teeth ride on the head, not the jaw
-        _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]), state.colour,
-               teeth, pose)
+        _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]), state.palette,
+               state.colour, teeth, pose)
         if state.lip_rgb is not None:
             # a /p b m/ closes them, and a frown (the rig's lip_seal) relaxes them shut
             seal = max(min(1.0, float(row[INDEX["mouthClose"]]) * CLOSE_SEAL), state.rig.lip_seal(row))
@@ -784,10 +786,23 @@ def _box(pts: np.ndarray, pad: float, shape) -> tuple[int, int, int, int] | None
     return int(x0), int(y0), int(x1), int(y1)
 
 
-_CAVITY = np.array([52, 18, 22], np.float32)
-_CAVITY_EDGE = np.array([92, 38, 40], np.float32)
 _TEETH = np.array([228, 222, 208], np.float32)
-_TONGUE = np.array([168, 70, 78], np.float32)
+#: the mouth interior's colours as shares, per channel, of the portrait's upper lip colour
+#: (``_palette``): the deep cavity (throat, the insides of the cheeks), the lit inner edge
+#: of the lower lip, the tongue. Drawn in the photo's own light and tone: a pale, a dark or
+#: a warm portrait gets a cavity to match (fixed colours were one flat dark red for all)
+CAVITY_TINT = np.array([0.24, 0.105, 0.125], np.float32)
+RIM_TINT = np.array([0.56, 0.3, 0.31], np.float32)
+TONGUE_TINT = np.array([0.84, 0.5, 0.53], np.float32)
+#: the lit rim along the lower lip's inner edge fades over this (inter-ocular units)
+MOUTH_RIM = 0.05
+#: teeth drawn as a row seen from the front: their centres equally spaced in angle round
+#: the arch (narrower towards the corners); one tooth's angle, upper and lower row
+TOOTH_PITCH = (0.3, 0.2)
+#: the warmer light deep in the mouth (on the lower teeth)
+_IN_MOUTH = np.array([1.0, 0.88, 0.8], np.float32)
+#: points per segment of the inner lips' smooth curve (``_smooth_chains``)
+CHAIN_STEPS = 8
 #: a face whose median pixel spans this much between its channels is drawn in full colour
 COLOURFUL_CHROMA = 24.0
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -979,18 +994,97 @@ def _photo_teeth(t: Teeth, xs: np.ndarray, ys: np.ndarray,
     return col, w
 
 
+def _lip_colour(image: np.ndarray, lm: np.ndarray, outer: list[int], inner: list[int],
+                iod: float) -> np.ndarray:
+    """A lip's colour: the median of small patches halfway between its outer and inner
+    landmarks (``outer``, ``inner`` paired)."""
+    r = max(1, int(round(0.02 * iod)))
+    px = [_patch(image, q, r) for q in 0.5 * (lm[outer] + lm[inner])]
+    return np.median(np.concatenate(px), 0).astype(np.float32)
+
+
+def _palette(lip: np.ndarray) -> np.ndarray:
+    """The mouth interior's colours (deep cavity, lit rim, tongue; (3, 3) float32) from the
+    portrait's upper lip colour (see ``CAVITY_TINT``)."""
+    return np.stack([lip * CAVITY_TINT, lip * RIM_TINT, lip * TONGUE_TINT]).astype(np.float32)
+
+
+#: where a segment of the smooth lip curve is sampled (0 .. 1, both ends: a point shared
+#: by two segments is sampled twice, which ``np.interp`` takes), and the bases there: the
+#: segment's u from its start and width (2, CHAIN_STEPS + 1), its v from its ends' values
+#: and (scaled) slopes (cubic Hermite, (4, CHAIN_STEPS + 1))
+_STEPS = np.linspace(0.0, 1.0, CHAIN_STEPS + 1, dtype=np.float32)
+_LINEAR = np.stack([np.ones_like(_STEPS), _STEPS])
+_HERMITE = np.stack([2 * _STEPS ** 3 - 3 * _STEPS ** 2 + 1, _STEPS ** 3 - 2 * _STEPS ** 2 + _STEPS,
+                     3 * _STEPS ** 2 - 2 * _STEPS ** 3, _STEPS ** 3 - _STEPS ** 2])
+
+
+def _smooth_chains(*chains: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Lip chains (``_chain``: (u, v), u ascending) as smooth curves, densely sampled for
+    ``np.interp``: the shape-preserving cubic through each chain's points (PCHIP: slopes
+    from the weighted harmonic mean of the secants, 0 at a peak, so the curve never bulges
+    past its points onto the lip). The warp bends the lips smoothly through their
+    landmarks; straight segments between them showed the cavity as a polygon with corners.
+    (A few points: scalar arithmetic, then one product with each basis for all.)"""
+    rows, starts = [], []
+    for u, v in chains:
+        us, vs = u.tolist(), v.tolist()
+        n = len(us) - 1
+        h = [max(us[i + 1] - us[i], 1e-3) for i in range(n)]
+        d = [(vs[i + 1] - vs[i]) / h[i] for i in range(n)]
+        m = [0.0] * (n + 1)
+        for i in range(1, n):
+            if d[i - 1] * d[i] > 0:
+                w1, w2 = 2 * h[i] + h[i - 1], h[i] + 2 * h[i - 1]
+                m[i] = (w1 + w2) / (w1 / d[i - 1] + w2 / d[i])
+        for k, ha, hb, da, db in ((0, h[0], h[1], d[0], d[1]), (n, h[-1], h[-2], d[-1], d[-2])):
+            e = ((2 * ha + hb) * da - ha * db) / (ha + hb)
+            m[k] = 0.0 if e * da <= 0 else 3 * da if da * db < 0 and abs(e) > 3 * abs(da) else e
+        rows += [[vs[i], h[i] * m[i], vs[i + 1], h[i] * m[i + 1]] for i in range(n)]
+        starts += [[us[i], h[i]] for i in range(n)]
+    k = len(chains)
+    uu = (np.array(starts, np.float32) @ _LINEAR).reshape(k, -1)
+    vv = (np.array(rows, np.float32) @ _HERMITE).reshape(k, -1)
+    return list(zip(uu, vv))
+
+
+def _tooth_row(u: np.ndarray, length: float, pitch: float, show: float) -> tuple[np.ndarray, np.ndarray]:
+    """A row of teeth seen from the front across a mouth ``length`` px wide, their middles
+    equally spaced in angle round the arch (narrower towards the corners), per pixel:
+    ``edge``, 0 in a tooth's middle .. 1 at the seam beside it (squared: each tooth's tip is
+    an arc), and the tooth's shade there (its sides turned away from the light, a faint
+    seam), both × ``show`` (0 where the teeth are too narrow to show them: they would
+    alias into a dotted line)."""
+    c = (u * (1.8 / length) - 0.9).clip(-0.9, 0.9)       # sin of the angle round the arch
+    q = np.arcsin(c)
+    q *= 1.0 / pitch
+    q -= np.floor(q)
+    e = np.abs(q * 2.0 - 1.0)                               # 0 mid-tooth, 1 at a seam
+    e2 = e * e
+    tone = 1.0 - (0.1 * show) * e2 - (0.16 * show) * (e * 5.0 - 4.0).clip(0, 1)
+    e2 *= show
+    return e2, tone
+
+
 def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue: float,
-           colour: float = 1.0, teeth: Teeth | None = None,
+           palette: np.ndarray, colour: float = 1.0, teeth: Teeth | None = None,
            pose: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """Draw the mouth interior between the inner lips, as much as they opened, in colours
-    ``colour`` (0: gray .. 1: full) as saturated as the face's. With ``teeth`` (the
-    portrait's own) those stay where the head puts them and the cavity
-    fills only what opened around them; without, upper teeth are drawn."""
+    """Draw the mouth interior between the inner lips (smooth curves through their
+    landmarks), as much as they opened, in the portrait's own tones (``palette``) as
+    saturated as the face (``colour``: 0 gray .. 1 full): a cavity dark at the back and
+    in the corners, lit along the lower lip's inner edge, a tongue and the lower teeth at
+    wide openings. With ``teeth`` (the portrait's own) those stay where the head puts them
+    and the cavity fills only what opened around them; without, upper teeth are drawn.
+
+    Each part is a weight map over a colour; the maps are laid over each other and turned
+    into colour once (one product), not blended colour by colour; sizes that vary little
+    across the mouth are taken from its widest gap (a few array passes less a frame)."""
     gap = _chain_gap(lm)
     opened = gap - rest_gap
     if opened <= 0.0:
         return
     strength = float(_smoothstep(opened / (CAVITY_RAMP * iod)))
+    tongue = min(max(tongue, 0.0), 1.0)
     up, lo = lm[UPPER_IN], lm[LOWER_IN]
     p0, p1 = lm[60], lm[64]
     ax, nrm, length = _frame(p0, p1)
@@ -1001,38 +1095,72 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
         return
     xs, ys = _pixels(box)
     u, v = _local_xy(xs, ys, p0, ax, nrm)
-    uu, vu = _chain(up, p0, ax, nrm)
-    ul, vl = _chain(lo, p0, ax, nrm)
+    (uu, vu), (ul, vl) = _smooth_chains(_chain(up, p0, ax, nrm), _chain(lo, p0, ax, nrm))
     v_up = np.interp(u, uu, vu).astype(np.float32)
     v_lo = np.interp(u, ul, vl).astype(np.float32)
-    g = np.maximum(v_lo - v_up, 1e-3)
-    inside = np.clip(v - v_up + 0.5, 0, 1) * np.clip(v_lo - v + 0.5, 0, 1)
-    inside *= np.clip(u + 0.5, 0, 1) * np.clip(length - u + 0.5, 0, 1)
+    du = v - v_up                                           # px below the upper lip
+    dl = v_lo - v                                           # px above the lower lip
+    inside = (du + 0.5).clip(0, 1) * (dl + 0.5).clip(0, 1)
+    inside *= (u + 0.5).clip(0, 1) * (length - u + 0.5).clip(0, 1)
     if not inside.any():
         return
-    t = np.clip((v - v_up) / g, 0, 1)                      # 0 at the upper lip, 1 at the lower
-    s = np.abs(u / max(length, 1e-6) * 2 - 1)               # 0 at the centre, 1 at the corners
-    col = _CAVITY + (_CAVITY_EDGE - _CAVITY) * (np.clip(s, 0, 1) ** 2)[..., None]
+    sc = np.abs(u * (2.0 / length) - 1.0)                   # 0 at the centre, 1 at the corners
+    corner = 1.0 - 0.5 * sc * sc
+    # the cavity: lit along the lower lip's inner edge, dark at the back (away from the
+    # lips), in the shadow of the upper lip and teeth over its top half, and darker still
+    # into the corners
+    shade = du.clip(0.0, 0.5 * gap) * (0.6 / gap) + 0.7
+    shade *= corner
+    rim = np.exp(np.maximum(dl, 0.0) * (-1.0 / max(1.0, MOUTH_RIM * iod)))
+    rim *= shade
+    layers, colours = [shade - rim, rim], [palette[0], palette[1]]
+
+    def over(weight: np.ndarray, tone: np.ndarray, rgb: np.ndarray) -> None:
+        """Lay ``rgb`` shaded by ``tone`` over what is there, by ``weight``."""
+        keep = 1.0 - weight
+        for layer in layers:
+            layer *= keep
+        tone *= weight
+        layers.append(tone)
+        colours.append(rgb)
+
+    wide = opened / iod                    # opened past the portrait's own gap, inter-ocular units
+    if wide > 0.1:
+        # the tongue: lying low behind the lower teeth, its back (top) in shadow
+        ct = u * (2.5 / length) - 1.25                      # -1 .. 1 across its width
+        across = 1.0 - ct * ct
+        h_t = (0.42 + 0.2 * tongue) * gap
+        into = across * h_t - dl                            # px below its top edge
+        gate = min(1.0, (wide - 0.1) / 0.1) * (0.75 + 0.25 * tongue)
+        w_t = (into * (gate / 1.5) + 0.5 * gate).clip(0, gate)
+        tone = (into * (0.5 / (0.9 * h_t)) + 0.5).clip(0.5, 1.0) * (across * 0.4 + 0.6)
+        over(w_t, tone, palette[2])
+    tooth_rgb = _TEETH if teeth is None else teeth.rgb
     if teeth is None:
-        # upper teeth: a band under the upper lip over the middle of the mouth
-        th = np.minimum(0.11 * iod, 0.42 * g)
-        tooth = np.clip((th - (v - v_up)) / 1.2, 0, 1) * np.clip((0.8 - s) / 0.15, 0, 1)
-        shade = 1.0 - 0.25 * np.clip((v - v_up) / np.maximum(th, 1e-3), 0, 1) - 0.3 * s
-        teeth_col = _TEETH * shade[..., None]
-        col = col + (teeth_col - col) * tooth[..., None]
-    # lower teeth hint (unless the photo shows a lower row) and tongue when wide open
-    tongue_w = np.clip((t - (0.72 - 0.3 * tongue)) / 0.2, 0, 1) * np.clip((0.85 - s) / 0.2, 0, 1)
-    tongue_w *= 0.55 + 0.45 * tongue
-    col = col + (_TONGUE - col) * tongue_w[..., None]
-    if teeth is None or teeth.split >= 1.0:
-        lth = np.minimum(0.05 * iod, 0.18 * g)
-        ltooth = 0.6 * np.clip((lth - (v_lo - v)) / 1.2, 0, 1) * np.clip((0.6 - s) / 0.15, 0, 1)
-        ltooth *= np.clip((g - 0.25 * iod) / (0.1 * iod), 0, 1)
-        lower_col = _TEETH * 0.8 if teeth is None else teeth.rgb * 0.8
-        col = col + (lower_col - col) * ltooth[..., None]
-    if colour < 1.0:
-        gray = (col @ _LUMA)[..., None]
-        col = gray + (col - gray) * colour
+        # upper teeth: a row under the upper lip over the middle of the mouth, in the lip's
+        # shadow at the top, rounded tips
+        th = min(0.11 * iod, 0.42 * gap)
+        edge, tone = _tooth_row(u, length, TOOTH_PITCH[0], _teeth_show(length, TOOTH_PITCH[0]))
+        w_u = (th + 0.5 - (0.16 * th) * edge - du).clip(0, 1) * ((0.8 - sc) * 4.0).clip(0, 1)
+        tone *= du.clip(0.0, 0.5 * th) * (0.56 / max(th, 1.0)) + 0.72
+        tone *= corner * 0.8 + 0.2
+        over(w_u, tone, tooth_rgb)
+    if (teeth is None or teeth.split >= 1.0) and wide > 0.14:
+        # lower teeth (unless the photo shows a row): their tips above the lower lip, in
+        # the upper teeth's shadow and the mouth's warmer light, darker towards the corners
+        # and where the lip meets them
+        lth = min(0.065 * iod, 0.2 * gap)
+        edge, tone = _tooth_row(u, length, TOOTH_PITCH[1], _teeth_show(length, TOOTH_PITCH[1]))
+        gate = min(1.0, (wide - 0.14) / 0.1)
+        w_l = (lth + 0.5 - (0.28 * lth) * edge - dl).clip(0, 1) * ((0.62 - sc) * (5.0 * gate)).clip(0, gate)
+        tone *= dl.clip(0.0, lth) * (0.24 / max(lth, 1.0)) + 0.58
+        tone *= corner
+        over(w_l, tone, tooth_rgb * _IN_MOUTH)
+    rgb = np.stack(colours)
+    if colour < 1.0:  # as colourful as the face (linear: the colours, not the pixels)
+        gray = (rgb @ _LUMA)[:, None]
+        rgb = gray + (rgb - gray) * colour
+    col = np.stack(layers, -1) @ rgb
     if teeth is None:
         alpha = strength * inside
     else:
@@ -1042,6 +1170,12 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
         # darkens in with the opening
         alpha = inside * (w * float(_smoothstep(opened / (TEETH_RAMP * iod))) + (1 - w) * strength)
     _blend(out, box, col, alpha)
+
+
+def _teeth_show(length: float, pitch: float) -> float:
+    """How much of the teeth's shape (tips, seams) to draw: none for middle teeth under
+    ~2 px wide, all from ~5 px."""
+    return min(1.0, max(0.0, (pitch * 0.5 / 0.9 * length - 2.0) / 3.0))
 
 
 def _patch(image: np.ndarray, p: np.ndarray, r: int) -> np.ndarray:
