@@ -958,7 +958,7 @@ def _teeth_at(t: Teeth, qx: np.ndarray, qy: np.ndarray) -> tuple[np.ndarray, ...
     us, vs = _local_xy(qx, qy, t.p0, t.ax, t.nrm)
     vu0 = np.interp(us, t.uu, t.vu).astype(np.float32)
     g0 = np.maximum(np.interp(us, t.ul, t.vl).astype(np.float32) - vu0, 0)
-    return vs, vu0, g0, np.clip(us + 0.5, 0, 1) * np.clip(t.length - us + 0.5, 0, 1)
+    return vs, vu0, g0, (us + 0.5).clip(0, 1) * (t.length - us + 0.5).clip(0, 1)
 
 
 def _photo_teeth(t: Teeth, xs: np.ndarray, ys: np.ndarray,
@@ -971,7 +971,7 @@ def _photo_teeth(t: Teeth, xs: np.ndarray, ys: np.ndarray,
     v_split = vu0 + t.split * g0
     # an upper lip raised off the teeth (above its rest line) shows their top row
     push = np.maximum(vu0 + 0.5 - vs, 0)
-    w_up = np.clip(v_split - vs + 0.5, 0, 1) * np.clip((t.split * g0 - 0.5) / 1.5, 0, 1) * side
+    w_up = (v_split - vs + 0.5).clip(0, 1) * ((t.split * g0 - 0.5) / 1.5).clip(0, 1) * side
     col = _sample(t, qx + push * t.nrm[0], qy + push * t.nrm[1])
     if t.split >= 1.0:
         return col, w_up
@@ -986,7 +986,7 @@ def _photo_teeth(t: Teeth, xs: np.ndarray, ys: np.ndarray,
     if pose is not None:
         qx, qy = _apply(pose[1], qx, qy)
     vs, vu0, g0, side = _teeth_at(t, qx, qy)
-    w_lo = np.clip(vs - (vu0 + t.split * g0) + 0.5, 0, 1) * np.clip(((1 - t.split) * g0 - 0.5) / 1.5, 0, 1)
+    w_lo = (vs - (vu0 + t.split * g0) + 0.5).clip(0, 1) * (((1 - t.split) * g0 - 0.5) / 1.5).clip(0, 1)
     w_lo *= side * (1 - w_up)
     col_lo = _sample(t, qx, qy)
     w = w_up + w_lo
@@ -1190,7 +1190,8 @@ def _blend(out: np.ndarray, box: tuple[int, int, int, int], col: np.ndarray, alp
     region = out[y0:y1, x0:x1]
     blended = region.astype(np.float32)
     blended += (col - blended) * alpha[..., None]
-    np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    blended += 0.5
+    np.copyto(region, blended.clip(0, 255).astype(np.uint8))
 
 
 def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float) -> None:
