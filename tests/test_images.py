@@ -251,3 +251,13 @@ def test_a_face_of_90_px_in_a_4000_px_photo_is_found():
     photo[1880:2200, 1900:2220] = face
     got = LM.find_face(photo)
     assert np.abs(got - (want + (1900, 1880))).max() < 6.0
+
+
+def test_bytes_that_are_no_image_are_said_to_be_none():
+    """Bytes of no known format (a text file, an HTML error page) were refused with PyAV's
+    wording: "[Errno 1094995529] Invalid data found when processing input: '<none>'"."""
+    for data in (b"this is not an image", b"<html><body>404 Not Found</body></html>"):
+        with pytest.raises(EngineError) as e:
+            IM.decode_image(data)
+        assert e.value.code == "bad_image" and IM.NOT_AN_IMAGE in str(e.value)
+        assert "Errno" not in str(e.value) and "<none>" not in str(e.value)

@@ -33,6 +33,9 @@ BACKDROP = 255
 _AV_MAX_PIXELS = 2**31 - 1
 #: what a picture FFmpeg cannot decode to the end is
 CORRUPT = "the image is truncated or corrupt"
+#: what no format FFmpeg knows matches (text, an HTML error page, random bytes) is said to be
+#: that, not as PyAV's "[Errno 1094995529] Invalid data found …: '<none>'"
+NOT_AN_IMAGE = "not an image in any format FFmpeg reads (send a PNG, JPEG or WebP)"
 #: JPEG start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC)
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -274,11 +277,13 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except EngineError:
         raise
     except Exception as exc:  # av.error.*, ValueError...: corrupt or unsupported
-        hint = f": {exc}"
-        if opened and type(exc).__name__ == "InvalidDataError":  # the header read, not the rest
-            hint = f": {CORRUPT}"
+        # FFmpeg's own words, without PyAV's "[Errno 1094995529] …: '<none>'" around them
+        said = getattr(exc, "strerror", None) or str(exc)
+        hint = f": {said}"
+        if type(exc).__name__ == "InvalidDataError":
+            hint = f": {CORRUPT}" if opened else f": {NOT_AN_IMAGE}"  # the header read, not the rest
         elif size is None and type(exc).__name__ == "ArgumentError":  # FFmpeg's EINVAL
-            hint = f" (more than the {max_pixels} pixels allowed?): {exc}"
+            hint = f" (more than the {max_pixels} pixels allowed?): {said}"
         raise EngineError(f"cannot decode the avatar image{hint}", code="bad_image") from exc
     raise EngineError("cannot decode the avatar image: no frame", code="bad_image")
 
