@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, TypeVar
 import numpy as np
 
 from giris.runtime import protocol as P
-from giris.runtime.client import Client, Coefficients, Frame, Item, Session
+from giris.runtime.client import Client, Coefficients, Frame, Item, Session, forwards_to
 from giris.runtime.errors import GirisError, ServerGone, Timeout
 
 if TYPE_CHECKING:
@@ -45,11 +45,13 @@ class AsyncSession:
     async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await asyncio.wrap_future(_submit(self._executor, fn, *args, **kw))
 
+    @forwards_to(Session.start_say)
     async def start_say(self, text: str, **kw: Any) -> int:
         """Start an utterance; returns its id (see :meth:`Session.start_say`). Cancelled
         while the request is on its way, the utterance it starts anyway is abandoned."""
         return await _call_undo(self._executor, self.sync._abandon, self.sync.start_say, text, **kw)
 
+    @forwards_to(Session.say)
     def say(self, text: str, **kw: Any) -> "AsyncSpeech":
         """Stream ``text``'s items: ``async for item in session.say(text)``. As
         :meth:`Session.say`, the request is sent at once (``await session.say(text)`` waits
@@ -59,6 +61,7 @@ class AsyncSession:
         timeout = kw.pop("timeout", None)
         return AsyncSpeech(self, functools.partial(self.sync.start_say, text, **kw), timeout)
 
+    @forwards_to(Session.coefficients)
     def coefficients(self, text: str, **kw: Any) -> "AsyncSpeech":
         """Only the coefficient stream (see :meth:`Session.coefficients`); frames that come
         with it are released."""
@@ -87,9 +90,11 @@ class AsyncSession:
         return await _call_undo(self._executor, undo, self.sync.send_audio, pcm, sample_rate,
                                 utterance=utterance, final=final)
 
+    @forwards_to(Session.cancel)
     async def cancel(self, utterance: int | None = None) -> list[int]:
         return await self._call(self.sync.cancel, utterance)
 
+    @forwards_to(Session.close)
     async def close(self) -> None:
         await self._call(self.sync.close)
 
@@ -403,6 +408,7 @@ def _keep(_: Any) -> None:
 class AsyncClient:
     """``async with AsyncClient(endpoint) as c: s = await c.open_session(...)``."""
 
+    @forwards_to(Client.__init__)
     def __init__(self, endpoint: str, **kw: Any) -> None:
         self.sync = Client(endpoint, **kw)
         self._executor = concurrent.futures.ThreadPoolExecutor(MAX_WAITERS,
@@ -411,15 +417,17 @@ class AsyncClient:
     async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await asyncio.wrap_future(_submit(self._executor, fn, *args, **kw))
 
+    @forwards_to(Client.open_session)
     async def open_session(self, avatar: Any = None, **kw: Any) -> AsyncSession:
-        """Open a session (see :meth:`Client.open_session`); one that opens after the awaiting
-        task was cancelled is closed."""
+        """Open a session (the parameters: :meth:`Client.open_session`); one that opens
+        after the awaiting task was cancelled is closed."""
         s = await _call_undo(self._executor, functools.partial(_close_later, self._executor),
                              self.sync.open_session, avatar, **kw)
         return AsyncSession(s, self._executor)
 
-    async def status(self) -> dict:
-        return await self._call(self.sync.status)
+    @forwards_to(Client.status)
+    async def status(self, **kw: Any) -> dict:
+        return await self._call(self.sync.status, **kw)
 
     async def close(self) -> None:
         """Close the client: streams still waiting raise ServerGone at once."""

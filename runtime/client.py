@@ -8,6 +8,7 @@ wait is bounded: a silent server raises :class:`ServerGone`, never hangs.
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import numbers
 import os
@@ -17,7 +18,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import zmq
@@ -34,9 +35,37 @@ _WAKE = object()  #: wakes a session's reader to look again (an utterance was ab
 _CLOSED = object()  #: put in a session's queue by Session.close(): its reader raises at once
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def forwards_to(source: Callable[..., Any]) -> Callable[[_F], _F]:
+    """Show a method that passes ``**kw`` on to ``source`` with ``source``'s parameters
+    (``help()``, an IDE, ``inspect.signature``), keeping its own return type; without a
+    docstring of its own it takes ``source``'s. ``Runtime.open_session(avatar, **kw)``
+    said nothing of ``realtime``, ``want`` or ``size``."""
+    def wrap(fn: _F) -> _F:
+        sig = inspect.signature(source)
+        fn.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            return_annotation=inspect.signature(fn).return_annotation)
+        fn.__doc__ = fn.__doc__ or source.__doc__
+        return fn
+    return wrap
+
+
 # ---------------------------------------------------------------------- stream items
 @dataclass
 class AudioChunk:
+    """A piece of the voice: ``pcm`` (mono ``int16``, ``(n,)``) at ``sample_rate`` Hz (the
+    voice's: 22050 for the bundled one; every chunk carries it, so a player needs no
+    other source). ``start_sample`` counts samples from the session's start (one clock
+    per session: a second ``say`` goes on where the first ended) and ``pts`` is the
+    same instant in seconds, ``start_sample / sample_rate``: a frame with that ``pts``
+    is shown as the chunk's first sample plays. ``final``: the utterance's last chunk.
+    ``text``: the clause the chunk begins (empty on a clause's later chunks);
+    ``phonemes``: ``[ipa, start, n]`` for those that start in the chunk, ``start`` and
+    ``n`` in samples, ``start`` from the chunk's first (None for live audio and voices
+    without them)."""
+
     pcm: np.ndarray  # int16 (n,)
     sample_rate: int
     start_sample: int
@@ -53,6 +82,13 @@ class AudioChunk:
 
 @dataclass
 class Coefficients:
+    """A block of animation for a rig of one's own: ``values`` is ``float32`` ``(n, 73)``,
+    row ``k`` being frame ``first_frame + k`` (counted from the session's start, as
+    :attr:`Frame.index`), shown at ``(first_frame + k) / fps`` seconds; ``pts`` is the
+    first row's. ``names`` are the 73 channels' names in column order
+    (``giris.workers.coefficients.CHANNELS``; ``INDEX`` there maps a name to its column).
+    ``final``: the utterance's last block."""
+
     values: np.ndarray  # float32 (n, 73): see giris.workers.coefficients.CHANNELS
     first_frame: int
     fps: float
@@ -70,6 +106,12 @@ class Coefficients:
 
 @dataclass
 class Frame:
+    """A video frame: ``image`` is ``uint8`` RGB ``(H, W, 3)``; ``index`` counts frames from
+    the session's start (one clock per session) and ``pts = index / fps`` seconds, on the
+    same clock as :attr:`AudioChunk.pts`: a player aligns the two by ``pts``, not by
+    arrival. ``final``: the utterance's last frame. In a ``zero_copy`` session ``image`` is
+    a view into the server's pool: :meth:`release` it (or let the Frame go) when done."""
+
     image: np.ndarray  # uint8 (H, W, 3) RGB
     index: int
     pts: float
@@ -93,6 +135,11 @@ class Frame:
 
 @dataclass
 class Event:
+    """Something that is not media: ``kind`` is ``utterance_done`` (a stream's last item;
+    ``meta``: ``utterance``, ``frames`` sent, ``complete``, and when so ``cancelled``,
+    ``lost`` or ``error``: its code), ``stage_restarted`` and the like; ``meta`` is the
+    server's message as it came (see the README's wire format)."""
+
     kind: str
     meta: dict
 
@@ -189,9 +236,18 @@ class Client:
                      zero_copy: bool = False, want: Sequence[str] = ("audio", "frames"),
                      seed: int | None = None, playout_delay: float | None = None,
                      timeout: float | None = None) -> "Session":
-        """Open a session. ``avatar``: image bytes, an image path, or a bundled avatar name.
-        ``playout_delay``: for ``realtime`` sessions, seconds the stream starts behind its
-        first frame so late frames still leave on time (server default 0.12)."""
+        """Open a session (``None`` for a parameter: the server's default).
+
+        ``avatar``: image bytes, an image path, or a bundled avatar name (``"astronaut"``).
+        ``voice``, ``emotion`` (neutral happy sad surprised angry), ``intensity`` (0..1),
+        ``rate`` (speech speed, 0.25..4): the defaults of every ``say``. ``fps``, ``size``
+        (the frame's side in pixels, even). ``realtime``: frames paced to the wall clock
+        for live playback (default: as fast as they are made). ``zero_copy`` (same host):
+        frames are views into the server's pool, see :meth:`Frame.release`. ``want``:
+        the streams sent, of ``"audio"``, ``"frames"``, ``"coeffs"`` (``["coeffs"]``
+        alone renders nothing). ``seed``: the motion's. ``playout_delay``: for
+        ``realtime`` sessions, seconds the stream starts behind its first frame so late
+        frames still leave on time (server default 0.12). Usable as a context manager."""
         spec: dict[str, Any] = {"voice": voice, "emotion": emotion, "intensity": intensity,
                                 "fps": fps, "size": size, "rate": rate, "realtime": realtime,
                                 "zero_copy": zero_copy, "want": list(want), "seed": seed,
@@ -210,6 +266,9 @@ class Client:
         return Session(self, token, reply.meta.get("spec", {}))
 
     def status(self, timeout: float | None = None) -> dict:
+        """The server's state as ``giris status --json`` prints it: ``state`` (``serving``
+        once new sessions open; ``starting`` or ``recovering``: they get
+        ``stage_unavailable``, retry shortly), ``workers``, ``sessions``, budgets, pools."""
         return self.request(P.Message(P.STATUS), timeout=timeout).meta["status"]
 
     def close(self) -> None:
@@ -755,6 +814,7 @@ class Session:
             raise
         return int(reply.meta["utterance"])
 
+    @forwards_to(say)
     def coefficients(self, text: str, **kw: Any) -> "Speech":
         """Only the coefficient stream (for clients that drive their own 3D avatar); the
         session must have been opened with ``want`` including ``"coeffs"`` (the server
@@ -1060,6 +1120,8 @@ class Session:
         return None
 
     def close(self) -> None:
+        """Free all the session held on the server (also by ``with client.open_session(...)
+        as session:``); a reader on another thread raises ``session_closed`` at once."""
         if self.closed:
             self.client._forget(self.token)  # closed by the server: forgotten for good
             return

@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from giris.runtime.client import Client, Session, _seconds
+from giris.runtime.client import Client, Session, _seconds, forwards_to
 from giris.runtime.config import Config, default_config
 from giris.runtime.errors import GirisError, StageFailed
 
@@ -99,11 +99,13 @@ class Runtime:
                              code="not_started")
         return self.client
 
+    @forwards_to(Client.open_session)
     def open_session(self, avatar: Any = None, **kw: Any) -> Session:
         return self._client().open_session(avatar, **kw)
 
-    def status(self) -> dict:
-        return self._client().status()
+    @forwards_to(Client.status)
+    def status(self, **kw: Any) -> dict:
+        return self._client().status(**kw)
 
     def stop(self) -> None:
         """Close the sessions, stop the workers, unlink the segments. Safe to call again,
