@@ -138,10 +138,18 @@ class Event:
     """Something that is not media: ``kind`` is ``utterance_done`` (a stream's last item;
     ``meta``: ``utterance``, ``frames`` sent, ``complete``, and when so ``cancelled``,
     ``lost`` or ``error``: its code), ``stage_restarted`` and the like; ``meta`` is the
-    server's message as it came (see the README's wire format)."""
+    server's message as it came (see the README's wire format).
+
+    ``end_pts``, on ``utterance_done``: where the utterance's picture ends on the session
+    clock, in seconds (after the last frame, or coefficient row, the client got of it;
+    None if it got none). Audio is sent ahead of its frames, so after a ``cancel`` (a
+    barge-in) chunks reaching past it may have come: a player stops the utterance's
+    audio at ``end_pts``, or the avatar goes on speaking, still, over the gap the
+    cancelled rest leaves on the clock (the next utterance starts after it)."""
 
     kind: str
     meta: dict
+    end_pts: float | None = None
 
 
 Item = AudioChunk | Coefficients | Frame | Event
@@ -782,6 +790,9 @@ class Session:
         self.events: list[Event] = []
         self.closed = False
         self._idle: weakref.ref | None = None  #: the idle stream running, if any
+        #: per utterance, the end of its last frame or coefficient row handed out: its
+        #: ``utterance_done``'s ``end_pts`` (one reader per utterance writes its entry)
+        self._picture_end: dict[int, float] = {}
 
     @property
     def fps(self) -> float:
@@ -961,6 +972,7 @@ class Session:
             kind = msg.meta.get("kind")
             ev = Event(kind, msg.meta)
             if kind == "utterance_done":
+                ev.end_pts = self._picture_end.pop(_utterance_of(msg), None)
                 return ev, True
             if kind == "error":
                 raise from_wire(msg.meta)
@@ -990,6 +1002,7 @@ class Session:
                                                meta={"utterance": utterance}))
             except GirisError:
                 pass
+        self._picture_end.pop(utterance, None)  # its utterance_done is dropped too
         with self._cond:
             for msg in self._backlog.pop(utterance, ()):
                 client._drop(msg)
@@ -1104,9 +1117,11 @@ class Session:
                               utterance=int(m.get("utterance", 0)), final=bool(m.get("final")),
                               text=m.get("text", ""), phonemes=m.get("phonemes"), trace=trace)
         if msg.type == P.COEFFS:
-            return Coefficients(values=msg.inline_array(msg.tensors[0]), first_frame=int(m["first_frame"]),
-                                fps=float(m["fps"]), pts=msg.pts, utterance=int(m.get("utterance", 0)),
-                                final=bool(m.get("final")), trace=trace)
+            c = Coefficients(values=msg.inline_array(msg.tensors[0]), first_frame=int(m["first_frame"]),
+                             fps=float(m["fps"]), pts=msg.pts, utterance=int(m.get("utterance", 0)),
+                             final=bool(m.get("final")), trace=trace)
+            self._picture_ends(c.utterance, (c.first_frame + len(c.values)) / c.fps)
+            return c
         if msg.type == P.FRAME:
             ref = msg.tensors[0]
             release = None
@@ -1115,9 +1130,15 @@ class Session:
                 release = lambda: self.client._release_refs(self.token, [ref])  # noqa: E731
             else:
                 image = msg.inline_array(ref)
-            return Frame(image=image, index=msg.seq, pts=msg.pts, utterance=int(m.get("utterance", 0)),
-                         final=bool(m.get("final")), _release=release, trace=trace)
+            f = Frame(image=image, index=msg.seq, pts=msg.pts, utterance=int(m.get("utterance", 0)),
+                      final=bool(m.get("final")), _release=release, trace=trace)
+            self._picture_ends(f.utterance, (f.index + 1) / self.fps)
+            return f
         return None
+
+    def _picture_ends(self, utterance: int, end: float) -> None:
+        """``utterance``'s picture reaches ``end`` (seconds on the session clock)."""
+        self._picture_end[utterance] = max(end, self._picture_end.get(utterance, end))
 
     def close(self) -> None:
         """Free all the session held on the server (also by ``with client.open_session(...)

@@ -327,3 +327,41 @@ def test_a_request_given_up_early_says_how_long_it_waited(tmp_path):
         c.close()
     with pytest.raises(BadInput, match="timeout must be a number of seconds > 0"):
         Client("ipc:///nowhere.sock", timeout=-1)
+
+
+def test_utterance_done_says_where_the_picture_ends_so_a_barge_in_stops_the_voice(make_server):
+    """Audio is sent ahead of its frames: after a live say was cancelled (a user barging
+    in) the client had its audio for seconds past the last frame it would get, and
+    nothing said where to stop playing it (a kiosk's avatar went on speaking, still)."""
+    from giris.runtime import AsyncClient, AudioChunk
+
+    srv = make_server()
+    s = srv.client().open_session(realtime=True)
+    audio, frames, done = [], [], None
+    for item in s.say(" ".join(["word"] * 40)):  # 8 s, made at once, paced to the clock
+        if isinstance(item, AudioChunk):
+            audio.append(item)
+        elif isinstance(item, Frame):
+            frames.append(item)
+            if len(frames) == 5:
+                assert s.cancel() != []
+        elif isinstance(item, Event) and item.kind == "utterance_done":
+            done = item
+    assert done.meta["cancelled"] and done.end_pts == pytest.approx(frames[-1].pts + 1 / s.fps)
+    heard = max(a.pts + len(a.pcm) / a.sample_rate for a in audio)
+    assert heard > done.end_pts + 0.5  # what a player must not play (the voice leads by ~1 s)
+    # a complete one ends with its last frame, which covers its audio; the next starts later
+    out = collect(s, "one two")
+    last = out["events"][-1]
+    assert last.meta["complete"] and last.end_pts == pytest.approx((out["frames"][-1][0] + 1) / s.fps)
+    assert out["audio"][0].pts >= heard and last.end_pts >= out["audio"][-1].pts + 0.2
+
+    async def twin() -> Event:
+        async with AsyncClient(srv.endpoint, timeout=20) as c:
+            a = await c.open_session(want=["coeffs"])
+            items = [item async for item in a.say("one two three")]
+            blocks = [i for i in items if hasattr(i, "values")]
+            rows = sum(len(b.values) for b in blocks)
+            assert items[-1].end_pts == pytest.approx((blocks[0].first_frame + rows) / 25)
+            return items[-1]
+    assert asyncio.run(twin()).end_pts is not None
