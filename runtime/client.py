@@ -844,7 +844,11 @@ class Session:
 
     def send_audio(self, pcm: np.ndarray, sample_rate: int, *, utterance: int | None = None,
                    final: bool = False, idle: bool = False) -> int:
-        """Live audio in: the avatar lip-syncs to it. Returns the utterance id.
+        """Live audio in: the avatar lip-syncs to it. Returns the utterance id: send the
+        next chunks with ``utterance=`` it (``final=True`` on the last: the mouth comes
+        to rest) and read what comes back with :meth:`stream` (a thread of its own for
+        one of the two: both go on at once); without ``utterance`` a chunk starts a new
+        utterance.
 
         ``pcm`` must be a 1-D ``int16`` numpy array (mono) and ``sample_rate`` an integer:
         anything else is a BadInput, not converted (a cast turned float audio in [-1, 1]
