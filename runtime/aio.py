@@ -96,6 +96,9 @@ class AsyncSession:
 
     @forwards_to(Session.close)
     async def close(self) -> None:
+        if self.sync.closed or self.sync.client._closed.is_set():
+            self.sync.close()  # nothing to wait for (the client's executor may be gone)
+            return
         await self._call(self.sync.close)
 
     async def __aenter__(self) -> "AsyncSession":

@@ -1146,14 +1146,18 @@ class Session:
 
     def close(self) -> None:
         """Free all the session held on the server (also by ``with client.open_session(...)
-        as session:``); a reader on another thread raises ``session_closed`` at once."""
+        as session:``); a reader on another thread raises ``session_closed`` at once.
+        Closing it again, or after its client was closed (which closed it), does nothing."""
         if self.closed:
             self.client._forget(self.token)  # closed by the server: forgotten for good
             return
         self.closed = True
         self._wake_readers()
         try:
-            if self.token not in self.client._ended:  # else it is closed already
+            # closed already: by the server (ended), or by the client's close(), after which
+            # this raised ServerGone (a task's ``async with session`` left after its client's
+            # ``async with`` failed at asyncio.run's shutdown)
+            if self.token not in self.client._ended and not self.client._closed.is_set():
                 self.client.request(P.Message(P.CLOSE_SESSION, session=self.token),
                                     timeout=1 if self.client._gone else 10)
         finally:

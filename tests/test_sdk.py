@@ -365,3 +365,31 @@ def test_utterance_done_says_where_the_picture_ends_so_a_barge_in_stops_the_voic
             assert items[-1].end_pts == pytest.approx((blocks[0].first_frame + rows) / 25)
             return items[-1]
     assert asyncio.run(twin()).end_pts is not None
+
+
+def test_a_session_closed_after_its_client_closes_quietly(make_server):
+    """The client's close() closes its sessions; closing one after it raised ServerGone:
+    a task's ``async with session`` left after the client's ``async with`` (asyncio.run
+    cancelling what was still running at its end) printed "unhandled exception during
+    asyncio.run() shutdown"."""
+    from giris.runtime import AsyncClient
+
+    srv = make_server()
+    c = Client(srv.endpoint, timeout=20)
+    s = c.open_session()
+    c.close()
+    s.close()
+    s.close()
+
+    async def service() -> None:
+        async def handler(client: AsyncClient) -> None:
+            async with await client.open_session() as session:
+                await asyncio.sleep(30)  # still talking when the service ends
+        async with AsyncClient(srv.endpoint, timeout=20) as client:
+            task = asyncio.create_task(handler(client))
+            await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):  # not ServerGone from its session's exit
+            await task
+    asyncio.run(service())
+    assert srv.client().status()["sessions"] == 0
