@@ -255,7 +255,8 @@ class Client:
         the streams sent, of ``"audio"``, ``"frames"``, ``"coeffs"`` (``["coeffs"]``
         alone renders nothing). ``seed``: the motion's. ``playout_delay``: for
         ``realtime`` sessions, seconds the stream starts behind its first frame so late
-        frames still leave on time (server default 0.12). Usable as a context manager."""
+        frames still leave on time (server default 0.12). ``timeout``: the wait for the
+        server's answer (default the client's). Usable as a context manager."""
         spec: dict[str, Any] = {"voice": voice, "emotion": emotion, "intensity": intensity,
                                 "fps": fps, "size": size, "rate": rate, "realtime": realtime,
                                 "zero_copy": zero_copy, "want": list(want), "seed": seed,
@@ -804,7 +805,9 @@ class Session:
         """Speak ``text``: yields AudioChunk, Coefficients (if wanted), Frame and Event items
         as they stream, and ends when the utterance is done. ``batch=True`` synthesizes the
         whole text before animating anything (the non-streaming baseline of the benchmarks);
-        ``trace``: see :meth:`start_say`."""
+        ``trace``: see :meth:`start_say`. ``timeout``: the longest wait for each item
+        (a silent server raises Timeout), not for the whole utterance; default the
+        client's."""
         utt = self.start_say(text, emotion=emotion, intensity=intensity, rate=rate, batch=batch,
                              trace=trace)
         return Speech(self, utt, self.stream(utt, timeout=timeout, cancel_on_exit=True))
