@@ -12,6 +12,14 @@ supervisor holding the whole utterance (1.8 GB at 512², and its heap stayed tha
 live frame that finds its client's queue full is dropped instead (late by then anyway).
 When a session closes, its frames and audio still waiting here go; a client that went
 away has everything of its own dropped at the first try.
+
+What waits for one client is bounded (``CLIENT_BACKLOG_BYTES``, each message counted at
+least ``MESSAGE_COST``): past it the client is not reading at all, and keeping its
+answers only fed the supervisor's heap (a client saying long texts and reading nothing
+grew it by 60 MB a second, one sending heartbeats without reading by 40 MB a second,
+without end). Its sessions close, what waited for it goes, it is sent one error
+(``limit_exceeded``) and a ``session_closed`` (``not_reading``) for each session, and,
+until it has read those, its requests are dropped unread.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from giris.runtime import protocol as P
-from giris.runtime.errors import GirisError
+from giris.runtime.errors import GirisError, LimitExceeded
 
 if TYPE_CHECKING:  # pragma: no cover
     from giris.supervisor.supervisor import Supervisor
@@ -34,6 +42,10 @@ log = logging.getLogger("giris.gateway")
 CLIENT_HWM = 64
 #: how often waiting messages are tried again
 RETRY_S = 0.005
+#: what may wait for one client (its messages' buffers) before it is given up on ...
+CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024
+#: ... each message counted at least this (a small reply costs the heap ~0.8 KiB)
+MESSAGE_COST = 1024
 
 MEDIA = frozenset({P.AUDIO, P.COEFFS, P.FRAME})
 
@@ -43,6 +55,10 @@ class Outbox:
         self.sup, self.sock = sup, sock
         #: client -> [message, copy it out of its pool when it leaves, that copy once made]
         self.waiting: dict[bytes, deque[list[Any]]] = {}
+        #: client -> what waits for it, counted as CLIENT_BACKLOG_BYTES is
+        self.backlog: dict[bytes, int] = {}
+        #: clients given up on: their requests are dropped until they read what waits
+        self.stalled: set[bytes] = set()
         self.dropped_frames = 0
 
     def to(self, client: bytes, msg: P.Message, inline: bool = False, droppable: bool = False) -> None:
@@ -61,13 +77,39 @@ class Outbox:
             q = self.waiting[client] = deque()
             log.debug("client not reading: its messages wait", extra={"client": client.hex()[:8]})
         q.append(entry)
+        self.backlog[client] = self.backlog.get(client, 0) + _cost(msg)
+        if self.backlog[client] > CLIENT_BACKLOG_BYTES and client not in self.stalled:
+            self._give_up(client)
+
+    def _give_up(self, client: bytes) -> None:
+        """``client`` reads nothing: its sessions close, what waits for it goes, and one
+        error tells it why (its requests are dropped until it has read what is left)."""
+        waited = self.backlog[client]
+        log.warning("client not reading: its sessions are closed", extra={
+            "client": client.hex()[:8], "bytes_waiting": waited})
+        self.stalled.add(client)
+        recs = self.sup.registry.of_client(client)
+        for rec in recs:
+            self.sup.gateway.close_session(rec, reason="not_reading", notify=False)
+        for e in self.waiting.pop(client, ()):
+            self.sup.pools.release_all(e[0])
+        err = LimitExceeded(f"{waited} bytes of answers waited for this client unread: its "
+                            f"sessions are closed and its requests ignored until it reads this",
+                            limit=CLIENT_BACKLOG_BYTES)
+        self.sup.delivery.count_error(err.code)
+        tell = [P.error(err)] + [P.event("session_closed", session=r.token, reason="not_reading")
+                                 for r in recs]
+        self.waiting[client] = deque([m, False, None] for m in tell)
+        self.backlog[client] = MESSAGE_COST * len(tell)
 
     def flush(self) -> None:
         for client, q in list(self.waiting.items()):
             while q and self._send(client, q[0]):
-                q.popleft()
+                self.backlog[client] -= _cost(q.popleft()[0])
             if not q:
                 del self.waiting[client]
+                self.backlog.pop(client, None)
+                self.stalled.discard(client)
 
     def next_due(self) -> float:
         return RETRY_S if self.waiting else 1.0
@@ -79,11 +121,12 @@ class Outbox:
 
     def forget(self, session: str) -> None:
         """A closed session's media still waiting go, their pool slots with them."""
-        for q in self.waiting.values():
+        for client, q in self.waiting.items():
             keep = deque()
             for e in q:
                 if e[0].session == session and e[0].type in MEDIA:
                     self.sup.pools.release_all(e[0])
+                    self.backlog[client] -= _cost(e[0])
                 else:
                     keep.append(e)
             q.clear()
@@ -124,3 +167,9 @@ class Outbox:
         if inline:
             self.sup.pools.release_all(msg)
         return True
+
+
+def _cost(msg: P.Message) -> int:
+    """What ``msg`` counts against its client's backlog: its inline buffers (a pool
+    frame's slot is bounded apart, by ``session_slots``), at least ``MESSAGE_COST``."""
+    return max(MESSAGE_COST, sum(memoryview(b).nbytes for b in msg.buffers))

@@ -1,0 +1,60 @@
+"""Careless or hostile clients of a real server: what they may cost it is bounded."""
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from giris.runtime import protocol as P
+from giris.supervisor.outbox import CLIENT_BACKLOG_BYTES, MESSAGE_COST
+
+
+def _dealer(endpoint: str) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def _ask(sock: zmq.Socket, type_: str, session: str = "", **meta) -> P.Message:
+    sock.send_multipart(P.encode(P.Message(type_, session=session, meta={"req": 1, **meta})))
+    assert sock.poll(10_000), "no answer"
+    return P.decode(sock.recv_multipart())
+
+
+def _read_all(sock: zmq.Socket, quiet_ms: int = 500) -> list[P.Message]:
+    out = []
+    while sock.poll(quiet_ms):
+        out.append(P.decode(sock.recv_multipart()))
+    return out
+
+
+def test_client_that_reads_nothing_is_given_up(make_server):
+    """A client that sends heartbeats as fast as it can and reads none of the answers
+    grew the supervisor's heap without end (~40 MB a second): now, past what may wait for
+    one client, its session closes, one error says why, and its requests are dropped
+    until it reads; then it is served again."""
+    srv = make_server()
+    observer = srv.client()
+    sock = _dealer(srv.endpoint)
+    token = _ask(sock, P.OPEN_SESSION, spec={"size": 64}).session
+    beat = P.encode(P.Message(P.HEARTBEAT))
+    deadline, st = time.monotonic() + 12, {}
+    while time.monotonic() < deadline:
+        for _ in range(20_000):
+            try:
+                sock.send_multipart(beat, flags=zmq.DONTWAIT)
+            except zmq.Again:
+                break
+        st = observer.status()
+        if st["sessions"] == 0:
+            break
+    assert st["sessions"] == 0, st["outbox"]
+    assert st["outbox"]["messages_waiting"] <= CLIENT_BACKLOG_BYTES // MESSAGE_COST + 1
+    got = _read_all(sock)
+    errors = [m for m in got if m.meta.get("kind") == "error"]
+    closed = [m for m in got if m.meta.get("kind") == "session_closed"]
+    assert [e.meta["code"] for e in errors] == ["limit_exceeded"]
+    assert [(m.session, m.meta["reason"]) for m in closed] == [(token, "not_reading")]
+    assert _ask(sock, P.HEARTBEAT).type == P.HEARTBEAT  # read up: served again
+    sock.close()
