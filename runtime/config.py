@@ -133,6 +133,9 @@ class Limits:
     #: ``say`` requests per session in any one second (``audio_in`` has a budget of its
     #: own in seconds of audio; ``cancel`` is not limited)
     max_requests_per_second: float = 20.0
+    #: utterances a session has asked for and not seen end (``utterance_done``), idle
+    #: streams included: one more ``say`` (or new ``audio_in`` utterance) is refused
+    max_utterances_per_session: int = 16
     min_size: int = 128
     max_size: int = 1024
     max_fps: float = 60.0

@@ -293,7 +293,6 @@ class Gateway:
             raise BadInput("emotion must be a string")
         if msg.meta.get("trace") is True:  # stamps of each process on the way (same-host clocks)
             meta["trace"] = [["gateway", time.monotonic()]]
-        self.yield_idle(rec)
         utt = self.new_utterance(rec)
         utt.closed_input = utt.from_text = True
         meta["utterance"] = utt.id
@@ -324,6 +323,8 @@ class Gateway:
         idle = msg.meta.get("idle", False)
         if type(idle) is not bool:
             raise BadInput("idle must be true or false")
+        if utt is None:
+            self.room(rec)  # before its audio is charged: nothing is, for a refused message
         try:
             rec.audio_check(pcm.shape[0] / sr, now)
         except LimitExceeded as e:
@@ -331,7 +332,6 @@ class Gateway:
                 self.end_utterance(rec, utt, e)
             raise
         if utt is None:
-            self.yield_idle(rec)
             utt = self.new_utterance(rec)
             utt.yields = idle
         utt.closed_input = final
@@ -401,7 +401,21 @@ class Gateway:
             if pool.owner_of(slot) == rec.tag:  # only your own slots
                 pool.release(slot, lease)
 
+    def room(self, rec: SessionRecord) -> None:
+        """Refuse a new utterance of ``rec`` past ``max_utterances_per_session`` in flight.
+        ``say``s within their rate, unbounded, queued up work and the books of it without
+        end (20 a second a session: ~1 GB an hour of records in the supervisor and of
+        texts in the tts, the session's speech hours deep)."""
+        cap = self.sup.config.limits.max_utterances_per_session
+        if len(rec.utterances) >= cap:
+            raise LimitExceeded(f"at most {cap} utterances in flight per session: wait for one "
+                                "to end (utterance_done) or cancel one", limit=cap,
+                                in_flight=len(rec.utterances))
+
     def new_utterance(self, rec: SessionRecord) -> Utterance:
+        """A new utterance of ``rec`` (if it has room), taking over from its idle streams."""
+        self.room(rec)
+        self.yield_idle(rec)
         now = time.monotonic()
         utt = Utterance(id=rec.next_utterance, said_at=now, last_progress=now)
         rec.next_utterance += 1

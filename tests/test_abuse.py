@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+import pytest
 import zmq
 
 from giris.runtime import protocol as P
+from giris.runtime.errors import LimitExceeded
 from giris.supervisor.outbox import CLIENT_BACKLOG_BYTES, MESSAGE_COST
+from tests.conftest import small_stages
 
 
 def _dealer(endpoint: str) -> zmq.Socket:
@@ -58,3 +62,23 @@ def test_client_that_reads_nothing_is_given_up(make_server):
     assert [(m.session, m.meta["reason"]) for m in closed] == [(token, "not_reading")]
     assert _ask(sock, P.HEARTBEAT).type == P.HEARTBEAT  # read up: served again
     sock.close()
+
+
+def test_a_session_holds_a_bounded_number_of_utterances_in_flight(make_server):
+    """``say``s within their rate were queued without end (650 of 66 s each in 25 s on
+    two sessions: 12 hours of speech, the books and texts of it growing in the
+    supervisor and the stages): past ``max_utterances_per_session`` in flight one more
+    is ``limit_exceeded``, saying so, and one that ends makes room again."""
+    srv = make_server({"limits": {"max_utterances_per_session": 3},
+                       "stages": small_stages(tts={"options": {"slow_s": 0.5}})})
+    session = srv.client().open_session()
+    said = [session.start_say("SLOW SLOW SLOW SLOW") for _ in range(3)]
+    with pytest.raises(LimitExceeded) as e:
+        session.start_say("one too many")
+    assert e.value.details["limit"] == 3 and e.value.details["in_flight"] == 3
+    assert "utterances in flight" in e.value.message
+    with pytest.raises(LimitExceeded):  # a new live-audio utterance too
+        session.send_audio(np.zeros(1600, np.int16), 16000)
+    assert session.cancel(said[0]) == [said[0]]
+    assert session.start_say("room again") > said[-1]
+    session.close()
