@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("giris.gateway")
 
+#: messages one connection may send in a second: every session of a client at its own
+#: ``audio_in`` limit fits (8 × 500). Past it the rest of that second's are dropped
+#: unread, the first of them answered ``rate_limited``: a client sending heartbeats as
+#: fast as it could kept the supervisor's core busy and a live client beside it missed
+#: its 25 FPS (frame gaps p99 117 ms, 325 ms under a flood of ``status``)
+CLIENT_MESSAGES_PER_S = 5000
+#: what a ``status`` counts against that, in messages (building one walks every worker
+#: and pool: ~50 times a heartbeat's work), so 100 a second at most
+STATUS_COST = 50
 
 
 class Gateway:
@@ -35,6 +44,10 @@ class Gateway:
         self.sock: zmq.Socket = None  # type: ignore[assignment]
         self._socket_file: tuple[str, int] | None = None  # (path, inode) of the ipc socket bound
         self.authenticator: Any = None
+        #: messages each connection sent in the second that began at ``_window_at``
+        self._sent: dict[bytes, int] = {}
+        self._told: set[bytes] = set()  # (those told they passed it, this second)
+        self._window_at = 0.0
 
     # ------------------------------------------------------------------ socket
     def bind(self, endpoint: str) -> None:
@@ -103,8 +116,8 @@ class Gateway:
             except zmq.Again:
                 return
             client = frames[0].bytes
-            if client in self.outbox.stalled:  # reads nothing: answering only fed our heap
-                continue
+            if client in self.outbox.stalled or self._flooding(client):
+                continue  # reads nothing (answering only fed our heap), or floods
             user = None
             if self.authenticator is not None:
                 try:
@@ -130,6 +143,26 @@ class Gateway:
                 self.to(client, P.error(GirisError(f"internal error: {type(e).__name__}"),
                                         req=req if _plain(req) else None))
 
+    def _flooding(self, client: bytes) -> bool:
+        """Whether ``client`` sent more than ``CLIENT_MESSAGES_PER_S`` this second (the
+        first one past it is answered ``rate_limited``). Counted before a message is
+        decoded: a flood costs a receive, not the work of an answer (a ``status``, known
+        once decoded, counts ``STATUS_COST``)."""
+        now = time.monotonic()
+        if now - self._window_at >= 1.0:
+            self._window_at, self._sent, self._told = now, {}, set()
+        n = self._sent[client] = self._sent.get(client, 0) + 1
+        if n <= CLIENT_MESSAGES_PER_S:
+            return False
+        if client not in self._told:
+            self._told.add(client)
+            err = LimitExceeded(f"more than {CLIENT_MESSAGES_PER_S} messages a second from one "
+                                "connection: the rest of this second's are dropped unanswered",
+                                code="rate_limited", limit=CLIENT_MESSAGES_PER_S)
+            self.sup.delivery.count_error(err.code)
+            self.to(client, P.error(err))
+        return True
+
     def to(self, client: bytes, msg: P.Message, inline: bool = False, droppable: bool = False) -> None:
         """Send to ``client`` in order (see :mod:`giris.supervisor.outbox`)."""
         self.outbox.to(client, msg, inline, droppable)
@@ -146,6 +179,7 @@ class Gateway:
         if msg.type == P.HEARTBEAT:
             self.to(client, P.Message(P.HEARTBEAT, meta={"req": req}))
         elif msg.type == P.STATUS:
+            self._sent[client] = self._sent.get(client, 0) + STATUS_COST - 1
             self.reply(client, req, status=self.sup.status())
         elif msg.type == P.OPEN_SESSION:
             self.open_session(client, user, msg)

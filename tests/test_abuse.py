@@ -9,6 +9,7 @@ import zmq
 
 from giris.runtime import protocol as P
 from giris.runtime.errors import LimitExceeded
+from giris.supervisor.gateway import CLIENT_MESSAGES_PER_S
 from giris.supervisor.outbox import CLIENT_BACKLOG_BYTES, MESSAGE_COST
 from tests.conftest import small_stages
 
@@ -34,27 +35,26 @@ def _read_all(sock: zmq.Socket, quiet_ms: int = 500) -> list[P.Message]:
 
 
 def test_client_that_reads_nothing_is_given_up(make_server):
-    """A client that sends heartbeats as fast as it can and reads none of the answers
-    grew the supervisor's heap without end (~40 MB a second): now, past what may wait for
-    one client, its session closes, one error says why, and its requests are dropped
-    until it reads; then it is served again."""
-    srv = make_server()
+    """A client saying long texts and reading none of it had everything kept for it: the
+    supervisor grew by 60 MB a second (1.9 GB in 30 s), and so did one sending heartbeats
+    without reading (40 MB a second). Past what may wait for one client its session
+    closes, one error says why, and its requests are dropped until it reads; then it is
+    served again."""
+    srv = make_server({"stages": small_stages(tts={"options": {"word_s": 1.0}})})
     observer = srv.client()
     sock = _dealer(srv.endpoint)
     token = _ask(sock, P.OPEN_SESSION, spec={"size": 64}).session
-    beat = P.encode(P.Message(P.HEARTBEAT))
+    text = " ".join(["word"] * 400)  # 400 s of 16 kHz audio: 12.8 MB a say
+    for i in range(8):
+        sock.send_multipart(P.encode(P.Message(P.SAY, session=token, meta={"req": i, "text": text})))
     deadline, st = time.monotonic() + 12, {}
     while time.monotonic() < deadline:
-        for _ in range(20_000):
-            try:
-                sock.send_multipart(beat, flags=zmq.DONTWAIT)
-            except zmq.Again:
-                break
         st = observer.status()
         if st["sessions"] == 0:
             break
+        time.sleep(0.2)
     assert st["sessions"] == 0, st["outbox"]
-    assert st["outbox"]["messages_waiting"] <= CLIENT_BACKLOG_BYTES // MESSAGE_COST + 1
+    assert st["outbox"]["messages_waiting"] <= CLIENT_BACKLOG_BYTES // MESSAGE_COST
     got = _read_all(sock)
     errors = [m for m in got if m.meta.get("kind") == "error"]
     closed = [m for m in got if m.meta.get("kind") == "session_closed"]
@@ -82,3 +82,25 @@ def test_a_session_holds_a_bounded_number_of_utterances_in_flight(make_server):
     assert session.cancel(said[0]) == [said[0]]
     assert session.start_say("room again") > said[-1]
     session.close()
+
+
+def test_a_connection_flooding_the_gateway_is_cut_to_its_rate(make_server):
+    """A client sending heartbeats as fast as it can had every one answered: the
+    supervisor's core went to it and a live client beside it missed its 25 FPS. Past
+    ``CLIENT_MESSAGES_PER_S`` in a second the rest are dropped unread, the first of them
+    answered ``rate_limited``; the next second it is served again."""
+    srv = make_server()
+    sock = _dealer(srv.endpoint)
+    beat = P.encode(P.Message(P.HEARTBEAT))
+    n = 4 * CLIENT_MESSAGES_PER_S
+    start = time.monotonic()
+    for _ in range(n):
+        sock.send_multipart(beat)
+    assert time.monotonic() - start < 1.0, "too slow a host to flood within a second"
+    got = _read_all(sock, quiet_ms=1500)
+    beats = sum(m.type == P.HEARTBEAT for m in got)
+    limited = [m for m in got if m.meta.get("code") == "rate_limited"]
+    assert 1 <= len(limited) <= 2 and limited[0].meta["details"]["limit"] == CLIENT_MESSAGES_PER_S
+    assert beats <= 2 * CLIENT_MESSAGES_PER_S < n
+    assert _ask(sock, P.HEARTBEAT).type == P.HEARTBEAT  # a second on: served again
+    sock.close()
