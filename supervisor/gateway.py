@@ -215,7 +215,7 @@ class Gateway:
                              code="stage_unavailable")
         if any(w.state != "ready" for w in sup.workers):
             raise GirisError("a stage is restarting; try again shortly", code="stage_unavailable")
-        self.check_session_limits(client)  # and again below, when it is added
+        self.check_session_limits(client, user)  # and again below, when it is added
         spec = self.validate_spec(msg.meta.get("spec", {}))
         sup.registry.admit_live(spec, limits.live_capacity)  # and again below, when it is added
         avatar = None
@@ -247,7 +247,7 @@ class Gateway:
                     total[dev] = total.get(dev, 0) + int(n)
             try:
                 # again: other sessions may have been added while the stages estimated
-                self.check_session_limits(client)
+                self.check_session_limits(client, user)
                 sup.registry.admit(total)
                 sup.registry.admit_live(spec, sup.config.limits.live_capacity)
             except GirisError as e:
@@ -281,9 +281,11 @@ class Gateway:
 
         sup.fan_out(control(True), estimated)
 
-    def check_session_limits(self, client: bytes) -> None:
+    def check_session_limits(self, client: bytes, user: str | None) -> None:
         """Raise LimitExceeded if one more session would pass ``max_sessions`` or
-        ``max_sessions_per_client``. Checked when the open comes and again when the
+        ``max_sessions_per_client``: a client is its CURVE key where it has one (each
+        connection of one key counted alone, a key took 8 sessions per connection it
+        opened), else its connection. Checked when the open comes and again when the
         session is added after the stages' estimates: checked only first, every open in
         flight together passed it (five back-to-back opens at ``max_sessions = 2``: five
         sessions)."""
@@ -291,8 +293,9 @@ class Gateway:
         if len(self.sup.registry) >= limits.max_sessions:
             raise LimitExceeded(f"server holds its maximum of {limits.max_sessions} sessions",
                                 limit=limits.max_sessions)
-        if len(self.sup.registry.of_client(client)) >= limits.max_sessions_per_client:
-            raise LimitExceeded(f"at most {limits.max_sessions_per_client} sessions per client",
+        if len(self.sup.registry.of_tenant(client, user)) >= limits.max_sessions_per_client:
+            raise LimitExceeded(f"at most {limits.max_sessions_per_client} sessions per client"
+                                + (" (its key, over all its connections)" if user else ""),
                                 limit=limits.max_sessions_per_client)
 
     def validate_spec(self, raw: Any) -> dict[str, Any]:

@@ -176,6 +176,13 @@ class SessionRegistry:
     def of_client(self, client: bytes) -> list[SessionRecord]:
         return [r for r in self.sessions.values() if r.client == client]
 
+    def of_tenant(self, client: bytes, user: str | None) -> list[SessionRecord]:
+        """The sessions of one client as limits count it: every connection of its CURVE
+        key (``user``), or its connection where it has no key."""
+        if user is None:
+            return self.of_client(client)
+        return [r for r in self.sessions.values() if r.user == user]
+
     def live_load(self) -> float:
         """The live sessions' load, in 512² sessions at 25 FPS (see ``live_load``)."""
         return sum(live_load(r.spec) for r in self.sessions.values())

@@ -12,7 +12,7 @@ import zmq
 import zmq.auth
 
 from giris.runtime.client import Client, Frame, Session
-from giris.runtime.errors import GirisError, SessionNotFound
+from giris.runtime.errors import GirisError, LimitExceeded, SessionNotFound
 from tests.conftest import Server, collect
 
 
@@ -149,3 +149,34 @@ def test_key_files_that_are_not_there_are_named(make_server, keys, tmp_path):
                                   "curve_client_keys": str(gone)}}, wait=False)
     assert srv.proc.wait(60) == 2
     assert f"server.curve_client_keys '{gone}' does not exist" in srv.logs()
+
+
+def test_sessions_per_client_count_every_connection_of_a_key(make_server, keys):
+    """``max_sessions_per_client`` was counted per connection: one key took that many
+    sessions on each connection it opened, up to the whole server. Over CURVE a client
+    is its key: its second connection gets no more, another key still gets its own."""
+    port = _free_port()
+    srv = make_server({"server": {"endpoint": f"tcp://127.0.0.1:{port}",
+                                  "curve_secret_key": str(keys["server_secret"]),
+                                  "curve_client_keys": str(keys["allow"])},
+                       "limits": {"max_sessions_per_client": 2}}, wait=False)
+    srv.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def connect(who: str) -> Client:
+        c = Client(srv.endpoint, server_key=str(keys["server_public"]), client_keys=str(keys[who]),
+                   timeout=20)
+        srv.clients.append(c)
+        return c
+
+    alice = connect("alice")
+    deadline = time.monotonic() + 60
+    while alice.status(timeout=5)["state"] != "serving":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    opened = [alice.open_session() for _ in range(2)]
+    with pytest.raises(LimitExceeded) as e:
+        connect("alice").open_session()  # another connection, the same key
+    assert e.value.details["limit"] == 2 and "its key" in e.value.message
+    connect("bob").open_session()
+    opened[0].close()
+    connect("alice").open_session()  # room again
