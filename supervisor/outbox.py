@@ -14,7 +14,8 @@ When a session closes, its frames and audio still waiting here go; a client that
 away has everything of its own dropped at the first try.
 
 What waits for one client is bounded (``CLIENT_BACKLOG_BYTES``, each message counted at
-least ``MESSAGE_COST``): past it the client is not reading at all, and keeping its
+least ``MESSAGE_COST``), and what waits for all of them (``OUTBOX_BYTES``: past it, the
+client with the most waiting): past it the client is not reading at all, and keeping its
 answers only fed the supervisor's heap (a client saying long texts and reading nothing
 grew it by 60 MB a second, one sending heartbeats without reading by 40 MB a second,
 without end). Its sessions close, what waited for it goes, it is sent one error
@@ -44,8 +45,11 @@ CLIENT_HWM = 64
 RETRY_S = 0.005
 #: what may wait for one client (its messages' buffers) before it is given up on ...
 CLIENT_BACKLOG_BYTES = 64 * 1024 * 1024
-#: ... each message counted at least this (a small reply costs the heap ~0.8 KiB)
+#: ... each message counted at least this (a small reply costs the heap ~0.8 KiB) ...
 MESSAGE_COST = 1024
+#: ... and what may wait for every client together: past it, the client with the most
+#: waiting is given up on (one bound per connection let many connections hold many times it)
+OUTBOX_BYTES = 4 * CLIENT_BACKLOG_BYTES
 
 MEDIA = frozenset({P.AUDIO, P.COEFFS, P.FRAME})
 
@@ -57,6 +61,7 @@ class Outbox:
         self.waiting: dict[bytes, deque[list[Any]]] = {}
         #: client -> what waits for it, counted as CLIENT_BACKLOG_BYTES is
         self.backlog: dict[bytes, int] = {}
+        self.total = 0  # (their sum)
         #: clients given up on: their requests are dropped until they read what waits
         self.stalled: set[bytes] = set()
         self.dropped_frames = 0
@@ -77,9 +82,19 @@ class Outbox:
             q = self.waiting[client] = deque()
             log.debug("client not reading: its messages wait", extra={"client": client.hex()[:8]})
         q.append(entry)
-        self.backlog[client] = self.backlog.get(client, 0) + _cost(msg)
+        self._charge(client, _cost(msg))
         if self.backlog[client] > CLIENT_BACKLOG_BYTES and client not in self.stalled:
             self._give_up(client)
+        elif self.total > OUTBOX_BYTES:
+            most = max((c for c in self.backlog if c not in self.stalled),
+                       key=self.backlog.__getitem__, default=None)
+            if most is not None:
+                self._give_up(most)
+
+    def _charge(self, client: bytes, n: int) -> None:
+        """Count ``n`` more bytes (fewer, when negative) waiting for ``client``."""
+        self.backlog[client] = self.backlog.get(client, 0) + n
+        self.total += n
 
     def _give_up(self, client: bytes) -> None:
         """``client`` reads nothing: its sessions close, what waits for it goes, and one
@@ -100,15 +115,15 @@ class Outbox:
         tell = [P.error(err)] + [P.event("session_closed", session=r.token, reason="not_reading")
                                  for r in recs]
         self.waiting[client] = deque([m, False, None] for m in tell)
-        self.backlog[client] = MESSAGE_COST * len(tell)
+        self._charge(client, MESSAGE_COST * len(tell) - self.backlog[client])
 
     def flush(self) -> None:
         for client, q in list(self.waiting.items()):
             while q and self._send(client, q[0]):
-                self.backlog[client] -= _cost(q.popleft()[0])
+                self._charge(client, -_cost(q.popleft()[0]))
             if not q:
                 del self.waiting[client]
-                self.backlog.pop(client, None)
+                self.total -= self.backlog.pop(client, 0)
                 self.stalled.discard(client)
 
     def next_due(self) -> float:
@@ -126,7 +141,7 @@ class Outbox:
             for e in q:
                 if e[0].session == session and e[0].type in MEDIA:
                     self.sup.pools.release_all(e[0])
-                    self.backlog[client] -= _cost(e[0])
+                    self._charge(client, -_cost(e[0]))
                 else:
                     keep.append(e)
             q.clear()

@@ -10,13 +10,14 @@ import zmq
 from giris.runtime import protocol as P
 from giris.runtime.errors import LimitExceeded
 from giris.supervisor.gateway import CLIENT_MESSAGES_PER_S
-from giris.supervisor.outbox import CLIENT_BACKLOG_BYTES, MESSAGE_COST
+from giris.supervisor.outbox import CLIENT_BACKLOG_BYTES, MESSAGE_COST, OUTBOX_BYTES
 from tests.conftest import small_stages
 
 
-def _dealer(endpoint: str) -> zmq.Socket:
+def _dealer(endpoint: str, rcvhwm: int = 1000) -> zmq.Socket:
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, rcvhwm)
     s.connect(endpoint)
     return s
 
@@ -104,3 +105,29 @@ def test_a_connection_flooding_the_gateway_is_cut_to_its_rate(make_server):
     assert beats <= 2 * CLIENT_MESSAGES_PER_S < n
     assert _ask(sock, P.HEARTBEAT).type == P.HEARTBEAT  # a second on: served again
     sock.close()
+
+
+def test_many_connections_reading_nothing_are_bounded_together(make_server):
+    """The bound per client held per connection: six connections each under it held
+    ~300 MB of unread speech in the supervisor together. Past ``OUTBOX_BYTES`` for
+    everyone, the client with the most waiting is given up on."""
+    srv = make_server({"stages": small_stages(tts={"options": {"word_s": 1.0}})})
+    observer = srv.client()
+    text = " ".join(["word"] * 400)  # 12.8 MB of audio a say
+    per = CLIENT_BACKLOG_BYTES // 12_800_000  # says one connection may leave unread
+    # (what ZeroMQ and the kernel take in for each, ~2 MB at RCVHWM 1, does not wait)
+    n = OUTBOX_BYTES // (per * 12_800_000 - 4_000_000) + 1
+    socks = [_dealer(srv.endpoint, rcvhwm=1) for _ in range(n)]
+    for sock in socks:
+        token = _ask(sock, P.OPEN_SESSION, spec={"size": 64}).session
+        for i in range(per):
+            sock.send_multipart(P.encode(P.Message(P.SAY, session=token, meta={"req": i, "text": text})))
+    deadline, st = time.monotonic() + 15, {}
+    while time.monotonic() < deadline:
+        st = observer.status()
+        if st["sessions"] < n:
+            break
+        time.sleep(0.2)
+    assert st["sessions"] < n, st["outbox"]
+    for sock in socks:
+        sock.close()
