@@ -396,6 +396,58 @@ def test_sad_and_angry_close_a_smiles_lips_over_its_teeth(engine):
             engine.close_session(s)
 
 
+def _chain_y(lm: np.ndarray, ids: list[int], x: np.ndarray) -> np.ndarray:
+    """The lip line through landmarks ``ids`` at columns ``x`` (piecewise linear)."""
+    p = lm[ids]
+    order = np.argsort(p[:, 0])
+    return np.interp(x, p[order, 0], p[order, 1])
+
+
+_UP_IN, _LO_IN = [48, 60, 61, 62, 63, 64, 54], [48, 60, 67, 66, 65, 64, 54]
+_UP_OUT, _LO_OUT = [48, 49, 50, 51, 52, 53, 54], [48, 59, 58, 57, 56, 55, 54]
+_Y = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _sealed_row(name: str, jaw: float = 0.0) -> np.ndarray:
+    """A frown (``sad1.0``: emotion and intensity) or a /p b m/ (``pbm``) at ``jaw``."""
+    if name == "pbm":
+        return row(jawOpen=jaw, mouthClose=0.6, mouthPressLeft=0.45, mouthPressRight=0.45)
+    r = _emotion_row(name[:-3], float(name[-3:]))
+    r[INDEX["jawOpen"]] = jaw
+    return r
+
+
+def _slit_darkest(img: np.ndarray, lm: np.ndarray) -> float:
+    """Darkest luma between the inner lips over the middle 70% of the mouth."""
+    luma = img.astype(np.float32) @ _Y
+    x0, x1 = lm[60, 0], lm[64, 0]
+    xs = np.arange(int(x0 + 0.15 * (x1 - x0)), int(x1 - 0.15 * (x1 - x0)))
+    up, lo = _chain_y(lm, _UP_IN[1:-1], xs), _chain_y(lm, _LO_IN[1:-1], xs)
+    return float(min(luma[int(np.ceil(a)):int(b) + 1, x].min(initial=255.0) for x, a, b in zip(xs, up, lo)))
+
+
+def test_a_frowns_mouth_opens_dark_from_the_closed_rest(engine):
+    """Speech under a frown opens the lips from the sealed rest; the mouth's interior
+    darkened in only past the portrait's own opening, so the lips parting at jawOpen
+    0.15-0.2 bared the (warp's squashed) teeth with no dark mouth between them (darkest
+    there 0.50-0.67 of the lip's luma at 512², 0.74-0.86 at 256²). It darkens in from the
+    closed rest now: the photo's teeth over a dark cavity (at 256² and 0.15 the drawn lips
+    leave a 1-2 px slit, less dark)."""
+    for size, limit in ((512, 0.3), (256, 0.5)):
+        s = engine.open_session({"size": size})
+        try:
+            lip = float(s.lip_rgb[0] @ _Y)
+            out = np.zeros((size, size, 3), np.uint8)
+            for name in ("sad0.6", "sad1.0", "angry1.0"):
+                for jaw in (0.15, 0.2):
+                    r = _sealed_row(name, jaw)
+                    engine.render(s, r, out)
+                    dark = _slit_darkest(out, s.rig.targets(r)[:68]) / lip
+                    assert dark < limit, (size, name, jaw, dark)
+        finally:
+            engine.close_session(s)
+
+
 def test_blink_changes_the_eyes(engine, session, neutral):
     out = frame(engine, session, eyeBlinkLeft=1.0, eyeBlinkRight=1.0)
     lm = session.rig.landmarks

@@ -493,11 +493,20 @@ class FaceRig:
         frown of ``FROWN_SEAL``, eased out again as the jaw opens to ``SEAL_JAW``. 0 on a
         portrait whose lips meet at rest (nothing to close) and without a frown (neutral,
         happy and speech alone keep the portrait's own mouth)."""
+        shut = self.frown_shut(coeffs)
+        if shut <= 0.0:
+            return 0.0
+        jaw = float(np.clip(coeffs[INDEX["jawOpen"]], 0.0, 1.0))
+        return float(shut * (1.0 - smoothstep(jaw / SEAL_JAW)))
+
+    def frown_shut(self, coeffs: np.ndarray) -> float:
+        """How closed a frown makes the portrait's parted lips at rest, whatever the jaw
+        (0 .. 1; ``lip_seal`` before speech opens them): the rest that speech opens the
+        mouth from, so the renderer darkens the mouth from a closed rest, not the photo's."""
         frown = 0.5 * float(coeffs[_FROWN[0]] + coeffs[_FROWN[1]])
         if frown <= 0.0 or not self.seal_moves.any():
             return 0.0
-        jaw = float(np.clip(coeffs[INDEX["jawOpen"]], 0.0, 1.0))
-        return float(smoothstep(frown / FROWN_SEAL) * (1.0 - smoothstep(jaw / SEAL_JAW)))
+        return float(smoothstep(frown / FROWN_SEAL))
 
     def project(self, pts: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
         """Apply the head pose of a 73-vector to face-frame points → image pixels (P, 2).

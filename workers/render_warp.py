@@ -37,7 +37,8 @@ Per frame (``render``):
    (dark at the back and in the corners, lit along the lower lip), and at wide openings a
    tongue and a row of lower teeth show.
    Parted lips drawn meeting on /p b m/ (``mouthClose``) and under a frown (the rig's
-   ``lip_seal``), from the frame's own lips stretched over the gap.
+   ``lip_seal``), from the frame's own lips stretched over the gap; as speech
+   parts a frown's sealed lips the cavity darkens in from that closed rest.
    Eyelids drawn down over each eye as ``eyeBlink*`` rises, after the rig has warped the
    upper lid part of the way (``face_rig.BLINK_WARP``): the frame's own skin between brow
    and lid resampled down to the lid's edge, the photo's lash band squeezed into a thin
@@ -683,13 +684,17 @@ class WarpRenderEngine(RenderEngine):
         pose = None
         if teeth is not None and any(row[INDEX[n]] for n in POSE):
             pose = _head_affine(state.rig, row)  # the teeth ride on the head, not the jaw
-        _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]), state.palette,
-               state.colour, teeth, pose)
+        seal, shut = 0.0, 0.0
         if state.lip_rgb is not None:
             # a /p b m/ closes them, and a frown (the rig's lip_seal) relaxes them shut
             seal = max(min(1.0, float(row[INDEX["mouthClose"]]) * CLOSE_SEAL), state.rig.lip_seal(row))
-            if seal > 0.02 * CLOSE_SEAL:
-                _seal(out, lm, iod, seal)
+            shut = state.rig.frown_shut(row)
+        drawn = seal > 0.02 * CLOSE_SEAL
+        cover = float(_smoothstep(seal)) if drawn else 0.0
+        _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]), state.palette,
+               state.colour, teeth, pose, shut, cover)
+        if drawn:
+            _seal(out, lm, iod, seal)
         for side, (upper, lower) in EYES.items():
             b = float(row[INDEX[f"eyeBlink{side}"]])
             if b > 0.02:
@@ -1068,29 +1073,40 @@ def _tooth_row(u: np.ndarray, length: float, pitch: float, show: float) -> tuple
 
 def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue: float,
            palette: np.ndarray, colour: float = 1.0, teeth: Teeth | None = None,
-           pose: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+           pose: tuple[np.ndarray, np.ndarray] | None = None, shut: float = 0.0,
+           cover: float = 0.0) -> None:
     """Draw the mouth interior between the inner lips (smooth curves through their
     landmarks), as much as they opened, in the portrait's own tones (``palette``) as
     saturated as the face (``colour``: 0 gray .. 1 full): a cavity dark at the back and
     in the corners, lit along the lower lip's inner edge, a tongue and the lower teeth at
     wide openings. With ``teeth`` (the portrait's own) those stay where the head puts them
     and the cavity fills only what opened around them; without, upper teeth are drawn.
+    ``shut`` (0 .. 1): how far a frown has closed the lips at rest (``FaceRig.frown_shut``):
+    the cavity darkens in from that closed rest (the lips parting from a sealed frown show
+    a dark mouth, not the photo's lit teeth alone); tongue and lower teeth still wait for
+    the opening past the portrait's own gap. ``cover`` (0 .. 1): how far drawn lips
+    (``_seal``) close the gap towards their meeting line after; only what they leave is drawn.
 
     Each part is a weight map over a colour; the maps are laid over each other and turned
     into colour once (one product), not blended colour by colour; sizes that vary little
     across the mouth are taken from its widest gap (a few array passes less a frame)."""
     gap = _chain_gap(lm)
     opened = gap - rest_gap
-    if opened <= 0.0:
+    dark = gap - rest_gap * (1.0 - shut)                    # opened from the (shut) rest
+    if dark <= 0.0 or cover > 0.0 and (1.0 - cover) * gap < 1.0:  # (drawn lips leave < 1 px)
         return
-    strength = float(_smoothstep(opened / (CAVITY_RAMP * iod)))
+    strength = float(_smoothstep(dark / (CAVITY_RAMP * iod)))
     tongue = min(max(tongue, 0.0), 1.0)
     up, lo = lm[UPPER_IN], lm[LOWER_IN]
     p0, p1 = lm[60], lm[64]
     ax, nrm, length = _frame(p0, p1)
     if length < 2:
         return
-    box = _box(np.concatenate([up, lo]), 1.5, out.shape)
+    edges = np.concatenate([up, lo])
+    if cover > 0.0:  # (the box: what the drawn lips leave open about their meeting line)
+        meet = up + LIP_MEET * (lo - up)
+        edges = np.concatenate([up + cover * (meet - up), lo + cover * (meet - lo)])
+    box = _box(edges, 1.5, out.shape)
     if box is None:
         return
     xs, ys = _pixels(box)
@@ -1168,7 +1184,7 @@ def _mouth(out: np.ndarray, lm: np.ndarray, iod: float, rest_gap: float, tongue:
         col += (photo - col) * w[..., None]
         # the photo's teeth replace the warp's (stretched) copy of them at once; the cavity
         # darkens in with the opening
-        alpha = inside * (w * float(_smoothstep(opened / (TEETH_RAMP * iod))) + (1 - w) * strength)
+        alpha = inside * (w * float(_smoothstep(dark / (TEETH_RAMP * iod))) + (1 - w) * strength)
     _blend(out, box, col, alpha)
 
 
