@@ -417,6 +417,40 @@ def _sealed_row(name: str, jaw: float = 0.0) -> np.ndarray:
     return r
 
 
+def _corner_darkest(img: np.ndarray, lm: np.ndarray, iod: float) -> float:
+    """Darkest luma (mean of the 3 darkest pixels) about a mouth corner, within 0.2 IOD of
+    it and between the outer lips' edges (±1 px), the darker of the two corners."""
+    luma = img.astype(np.float32) @ _Y
+    found = []
+    for k in (48, 54):
+        c, r = lm[k], 0.2 * iod
+        y0, x0 = int(c[1] - r), int(c[0] - r)
+        ys, xs = np.mgrid[y0:int(c[1] + r) + 1, x0:int(c[0] + r) + 1]
+        band = ((np.hypot(xs - c[0], ys - c[1]) < r) & (ys >= _chain_y(lm, _UP_OUT, xs) - 1)
+                & (ys <= _chain_y(lm, _LO_OUT, xs) + 1))
+        found.append(float(np.sort(luma[ys[band], xs[band]])[:3].mean()))
+    return min(found)
+
+
+def test_a_sealed_grins_corners_are_lip_not_shadow(engine):
+    """The grin's dark mouth corners (the shadow between its parted lips, past the inner
+    corners' landmarks) stayed as dark specks at the ends of the drawn seal, a sharp dark
+    line at each corner (darkest there 0.10-0.13 of the upper lip's luma at 512², 0.27-0.35
+    at 256²); they are lip now, faintly shaded (0.52-0.62)."""
+    for size in (512, 256):
+        s = engine.open_session({"size": size})
+        try:
+            lip = float(s.lip_rgb[0] @ _Y)
+            out = np.zeros((size, size, 3), np.uint8)
+            for name in ("pbm", "sad0.6", "sad1.0", "angry1.0"):
+                r = _sealed_row(name)
+                engine.render(s, r, out)
+                dark = _corner_darkest(out, s.rig.targets(r)[:68], s.rig.iod) / lip
+                assert dark > 0.45, (size, name, dark)
+        finally:
+            engine.close_session(s)
+
+
 def _slit_darkest(img: np.ndarray, lm: np.ndarray) -> float:
     """Darkest luma between the inner lips over the middle 70% of the mouth."""
     luma = img.astype(np.float32) @ _Y

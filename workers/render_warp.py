@@ -37,7 +37,8 @@ Per frame (``render``):
    (dark at the back and in the corners, lit along the lower lip), and at wide openings a
    tongue and a row of lower teeth show.
    Parted lips drawn meeting on /p b m/ (``mouthClose``) and under a frown (the rig's
-   ``lip_seal``), from the frame's own lips stretched over the gap; as speech
+   ``lip_seal``), from the frame's own lips stretched over the gap (a grin's dark corners
+   lifted to the lip's tone); as speech
    parts a frown's sealed lips the cavity darkens in from that closed rest.
    Eyelids drawn down over each eye as ``eyeBlink*`` rises, after the rig has warped the
    upper lid part of the way (``face_rig.BLINK_WARP``): the frame's own skin between brow
@@ -119,6 +120,14 @@ SEAL_UP_OUT, SEAL_LO_OUT = [48, 49, 50, 51, 52, 53, 54], [48, 59, 58, 57, 56, 55
 #: the inner edge, may be the warp's squashed teeth); how dark the seam where they meet
 SEAL_KEEP = 0.45
 SEAL_SEAM = 0.25
+#: a grin's dark mouth corners (the shadow between its parted lips, out past the inner
+#: corners' landmarks) are lifted within SEAL_CORNER (IOD) of each corner, channel by
+#: channel, to SEAL_FLOOR of the darker lip's colour (a closed mouth's corners are lip,
+#: faintly shaded; the paler lip's tone lifted the skin's shadow below them to a pink patch)
+SEAL_CORNER = 0.3
+SEAL_FLOOR = 0.85
+#: ... and up to SEAL_CORNER_EDGE (IOD) past the lips' outer edges there (the shadow's rim)
+SEAL_CORNER_EDGE = 0.04
 EYES = {  # ARKit side: (upper chain, lower chain) from outer to inner corner
     "Right": ([36, 37, 38, 39], [36, 41, 40, 39]),
     "Left": ([45, 44, 43, 42], [45, 46, 47, 42]),
@@ -694,7 +703,7 @@ class WarpRenderEngine(RenderEngine):
         _mouth(out, lm, iod, state.mouth_rest_gap, float(row[INDEX["tongueOut"]]), state.palette,
                state.colour, teeth, pose, shut, cover)
         if drawn:
-            _seal(out, lm, iod, seal)
+            _seal(out, lm, iod, seal, state.lip_rgb)
         for side, (upper, lower) in EYES.items():
             b = float(row[INDEX[f"eyeBlink{side}"]])
             if b > 0.02:
@@ -1210,14 +1219,17 @@ def _blend(out: np.ndarray, box: tuple[int, int, int, int], col: np.ndarray, alp
     np.copyto(region, blended.clip(0, 255).astype(np.uint8))
 
 
-def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float) -> None:
+def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float,
+          lips: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Draw parted lips meeting (``f`` 0 .. 1 of the way), for /p b m/ or a frown on a
     portrait whose lips are apart at rest: a smooth warp cannot close a gap (the teeth
     between the lips were only squashed, and the spline's lip edges sit a few pixels into
     them), so the lips are drawn over it, as the eyelids are on a blink, from the frame's
     own lips: each lip's outer part (``SEAL_KEEP`` of it, clear of the warp's edge) is
     stretched along the mouth's normal from its outer edge to the meeting line, the
-    identity at ``f`` 0 and at the outer edge (no outline), a soft seam where they meet."""
+    identity at ``f`` 0 and at the outer edge (no outline), a soft seam where they meet;
+    with ``lips`` (upper, lower colour) the grin's dark corners lifted to the lip's tone
+    (``SEAL_CORNER``)."""
     p0, p1 = lm[48], lm[54]
     ax, nrm, length = _frame(p0, p1)
     if length < 2:
@@ -1243,8 +1255,10 @@ def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float) -> None:
     reach_lo = v_lo - f * (v_lo - meet) - 0.5
     src_up = v_up - f * (1.0 - SEAL_KEEP) * (v_up - v_top)
     src_lo = v_lo + f * (1.0 - SEAL_KEEP) * (v_bot - v_lo)
-    in_up = (v >= v_top - 0.5) & (v < meet)
-    in_lo = (v >= meet) & (v <= v_bot + 0.5)
+    near = (1.0 - np.minimum(u, length - u) * (1.0 / (SEAL_CORNER * iod))).clip(0, 1)
+    rim = 0.5 if lips is None else near * (SEAL_CORNER_EDGE * iod) + 0.5
+    in_up = (v >= v_top - rim) & (v < meet)
+    in_lo = (v >= meet) & (v <= v_bot + rim)
     side = np.clip(u + 0.5, 0, 1) * np.clip(length - u + 0.5, 0, 1)
     a = (np.clip(reach_up - v + 0.5, 0, 1) * in_up + np.clip(v - reach_lo + 0.5, 0, 1) * in_lo) * side
     a *= min(1.0, f / 0.2)
@@ -1254,11 +1268,17 @@ def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float) -> None:
     v_s, t_s = v[yy, xx], a[yy, xx]
     up = in_up[yy, xx]
     top, bot = v_top[yy, xx], v_bot[yy, xx]
-    s_up = top + (v_s - top) * ((src_up[yy, xx] - top) / np.maximum(reach_up[yy, xx] - top, 1e-3))
-    s_lo = bot - (bot - v_s) * ((bot - src_lo[yy, xx]) / np.maximum(bot - reach_lo[yy, xx], 1e-3))
+    # (past the outer edge, by the corners: the pixels where they are)
+    k_up = (src_up[yy, xx] - top) / np.maximum(reach_up[yy, xx] - top, 1e-3) - 1
+    k_lo = (bot - src_lo[yy, xx]) / np.maximum(bot - reach_lo[yy, xx], 1e-3) - 1
+    s_up = v_s + (v_s - top).clip(0, None) * k_up
+    s_lo = v_s - (bot - v_s).clip(0, None) * k_lo
     dv = np.where(up, s_up, s_lo) - v_s
     py, px = yy + box[1], xx + box[0]
     col = _bilinear(out, px + dv * float(nrm[0]), py + dv * float(nrm[1]))
+    if lips is not None:  # no channel under SEAL_FLOOR of the darker lip's, near the corners
+        floor = np.minimum(lips[0], lips[1]) * SEAL_FLOOR
+        col += (floor - col).clip(0, None) * (near[yy, xx] * f)[:, None]
     seam = max(0.8, 0.015 * iod)
     col *= (1.0 - SEAL_SEAM * f * np.clip(1 - np.abs(v_s - meet[yy, xx]) / seam, 0, 1))[:, None]
     under = out[py, px].astype(np.float32)
