@@ -37,8 +37,8 @@ Per frame (``render``):
    (dark at the back and in the corners, lit along the lower lip), and at wide openings a
    tongue and a row of lower teeth show.
    Parted lips drawn meeting on /p b m/ (``mouthClose``) and under a frown (the rig's
-   ``lip_seal``), from the frame's own lips stretched over the gap (a grin's dark corners
-   lifted to the lip's tone); as speech
+   ``lip_seal``), from the frame's own lips stretched over the gap (smoothed along the
+   mouth as far as stretched, a grin's dark corners lifted to the lip's tone); as speech
    parts a frown's sealed lips the cavity darkens in from that closed rest.
    Eyelids drawn down over each eye as ``eyeBlink*`` rises, after the rig has warped the
    upper lid part of the way (``face_rig.BLINK_WARP``): the frame's own skin between brow
@@ -128,6 +128,10 @@ SEAL_CORNER = 0.3
 SEAL_FLOOR = 0.85
 #: ... and up to SEAL_CORNER_EDGE (IOD) past the lips' outer edges there (the shadow's rim)
 SEAL_CORNER_EDGE = 0.04
+#: the stretched lips are averaged along the mouth over ±SEAL_SMOOTH (IOD) as far as they
+#: are stretched: the stretch drew each column's texture (a highlight, a crease) out into a
+#: vertical streak
+SEAL_SMOOTH = 0.04
 EYES = {  # ARKit side: (upper chain, lower chain) from outer to inner corner
     "Right": ([36, 37, 38, 39], [36, 41, 40, 39]),
     "Left": ([45, 44, 43, 42], [45, 46, 47, 42]),
@@ -1228,8 +1232,8 @@ def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float,
     own lips: each lip's outer part (``SEAL_KEEP`` of it, clear of the warp's edge) is
     stretched along the mouth's normal from its outer edge to the meeting line, the
     identity at ``f`` 0 and at the outer edge (no outline), a soft seam where they meet;
-    with ``lips`` (upper, lower colour) the grin's dark corners lifted to the lip's tone
-    (``SEAL_CORNER``)."""
+    averaged along the mouth as far as stretched (``SEAL_SMOOTH``), and with ``lips``
+    (upper, lower colour) the grin's dark corners lifted to the lip's tone (``SEAL_CORNER``)."""
     p0, p1 = lm[48], lm[54]
     ax, nrm, length = _frame(p0, p1)
     if length < 2:
@@ -1275,13 +1279,25 @@ def _seal(out: np.ndarray, lm: np.ndarray, iod: float, f: float,
     s_lo = v_s - (bot - v_s).clip(0, None) * k_lo
     dv = np.where(up, s_up, s_lo) - v_s
     py, px = yy + box[1], xx + box[0]
-    col = _bilinear(out, px + dv * float(nrm[0]), py + dv * float(nrm[1]))
+    # the box and its copy averaged along the rows (±r px: the mouth runs along them), sampled
+    # at once; the average taken as far as the lip is stretched there (none at its outer edge)
+    x0, y0, x1, y1 = box
+    sharp = out[y0:y1, x0:x1].astype(np.float32)
+    both = np.concatenate([sharp, sharp], -1)
+    r = max(1, int(round(SEAL_SMOOTH * iod)))
+    if x1 - x0 > 2 * r:
+        both[:, r:-r, 3:] *= 0.5
+        both[:, r:-r, 3:] += 0.25 * (sharp[:, :-2 * r] + sharp[:, 2 * r:])
+    col = _bilinear(both, xx + dv * float(nrm[0]), yy + dv * float(nrm[1]))
+    stretched = np.where(up, v_s - top, bot - v_s) / np.maximum(
+        np.where(up, reach_up[yy, xx] - top, bot - reach_lo[yy, xx]), 1e-3)
+    col = col[:, :3] + (col[:, 3:] - col[:, :3]) * (stretched.clip(0, 1) * f)[:, None]
     if lips is not None:  # no channel under SEAL_FLOOR of the darker lip's, near the corners
         floor = np.minimum(lips[0], lips[1]) * SEAL_FLOOR
         col += (floor - col).clip(0, None) * (near[yy, xx] * f)[:, None]
     seam = max(0.8, 0.015 * iod)
     col *= (1.0 - SEAL_SEAM * f * np.clip(1 - np.abs(v_s - meet[yy, xx]) / seam, 0, 1))[:, None]
-    under = out[py, px].astype(np.float32)
+    under = sharp[yy, xx]
     out[py, px] = np.clip(under + (col - under) * t_s[:, None] + 0.5, 0, 255).astype(np.uint8)
 
 
