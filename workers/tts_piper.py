@@ -172,6 +172,13 @@ class PiperEngine(TTSEngine):
         self.noise_scale = o.get("noise_scale")
         self.noise_w_scale = o.get("noise_w_scale")
         self.use_cuda = context.device.startswith("cuda")
+        if self.use_cuda:
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                # said before the voice loads (seconds), and without ONNX Runtime's own
+                # warning that it falls back to the CPU
+                raise EngineError(_no_cuda(), code="engine_unavailable")
         self.cpus = sorted(os.sched_getaffinity(0))
         self.threads = int(o.get("threads") or len(self.cpus))
         self.background_threads = int(o.get("background_threads", 1))
