@@ -202,7 +202,8 @@ def _say(args: argparse.Namespace, signals: _Interruptible) -> int:
     runtime = client = session = writer = None
     done = False
     t0 = time.monotonic()
-    progress = Progress(enabled=not args.quiet and (sys.stderr.isatty() or bool(os.environ.get("GIRIS_PROGRESS"))))
+    progress = Progress(enabled=not args.quiet and _progress_wanted(os.environ.get("GIRIS_PROGRESS"),
+                                                                    sys.stderr.isatty()))
     try:
         if args.connect:
             _server_socket(args.connect)
@@ -413,6 +414,15 @@ def serve_config(args: argparse.Namespace) -> Config:
         raise GirisError(f"cannot listen on {cfg.server.endpoint}: inproc:// reaches only its own "
                          "process (an embedded Runtime); serve on ipc:// or tcp://", code="bad_endpoint")
     return cfg
+
+
+def _progress_wanted(setting: str | None, terminal: bool) -> bool:
+    """``GIRIS_PROGRESS``: unset or empty, a bar on a terminal only; ``0``, ``false``,
+    ``no`` or ``off``, never (a terminal recording a session); anything else, always (a
+    log that wants it). ``0`` used to turn it on, as any set value did."""
+    if not setting:
+        return terminal
+    return setting.strip().lower() not in ("0", "false", "no", "off")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

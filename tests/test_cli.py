@@ -627,6 +627,15 @@ def test_errors_start_a_line_of_their_own_and_quiet_is_quiet(tmp_path: Path):
     assert r.returncode == 2 and r.stderr.startswith("giris: error"), r.stderr
 
 
+def test_giris_progress_zero_means_no_bar():
+    """``GIRIS_PROGRESS=0`` turned the bar on, as any value did."""
+    from giris.supervisor.cli import _progress_wanted
+
+    assert [_progress_wanted(v, False) for v in (None, "", "1", "yes", "0", "false", "OFF", "no")] == \
+        [False, False, True, True, False, False, False, False]
+    assert [_progress_wanted(v, True) for v in (None, "", "1", "0", "off")] == [True, True, True, False, False]
+
+
 def test_the_global_log_flags_reach_the_embedded_workers(tmp_path: Path):
     """``giris --log-level INFO --log-json say``: the workers log at INFO, in JSON (they
     logged at WARNING, as plain text, whatever the flags)."""
