@@ -130,6 +130,39 @@ def test_odd_size_unusual_rate_and_ntsc_fps(tmp_path: Path) -> None:
     check_lengths(p, 30000 / 1001, frames)
 
 
+@pytest.mark.parametrize("sr, fps", [(22050, 25), (22050, 30), (22050, 24), (16000, 29.97),
+                                     (22000, 25)])  # 22 kHz: resampled to 48 kHz
+def test_a_sound_and_its_frame_play_together(tmp_path: Path, sr: int, fps: float) -> None:
+    """A burst of sound and a white frame written for the same instant are presented at
+    that instant by FFmpeg's demuxer and decoders (ffplay's, mpv's, Chrome's): the AAC
+    encoder's 1024 samples of priming are signalled (the audio track's edit list, which
+    the demuxer turns into samples to skip), not played as a 46 ms delay."""
+    out = tmp_path / "sync.mp4"
+    k0 = 13                                   # the flash's frame
+    rate = 30000 / 1001 if fps == 29.97 else fps
+    onset = round(k0 * sr / rate)             # its first sample: the same instant
+    pcm = np.zeros(2 * sr, np.int16)
+    n = sr // 50                              # 20 ms of 1 kHz
+    pcm[onset:onset + n] = (0.6 * 32767 * np.sin(2 * np.pi * 1000 * np.arange(n) / sr)).astype(np.int16)
+    with Mp4Writer(out, fps=fps, width=32, height=32, sample_rate=sr) as w:
+        for i in range(0, pcm.size, 1500):    # chunked as a session streams it
+            w.add_audio(pcm[i:i + 1500], i)
+        for i in range(40):
+            w.add_frame(flat(32, 32, 255 if i == k0 else 0), i)
+    with av.open(str(out)) as c:
+        first = next(p for p in c.demux(audio=0) if p.pts is not None)
+        frames = list(c.decode(audio=0))
+    assert first.pts == -AAC_FRAME            # the priming, before the presentation's start
+    assert frames[0].pts == 0                 # … and skipped: the first sample heard is at 0
+    x = np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+    heard = int(np.argmax(np.abs(x) > 0.05)) / frames[0].sample_rate
+    with av.open(str(out)) as c:
+        shown = next(float(f.pts * f.time_base) for f in c.decode(video=0)
+                     if f.to_ndarray(format="rgb24").mean() > 128)
+    assert shown == pytest.approx(k0 / rate, abs=1e-6)
+    assert abs(heard - shown) < 0.001, f"audio {1000 * (heard - shown):+.1f} ms off its frame"
+
+
 def test_video_only_gets_silence(tmp_path: Path) -> None:
     out = tmp_path / "silent.mp4"
     with Mp4Writer(out, fps=25, width=32, height=32, sample_rate=22050) as w:

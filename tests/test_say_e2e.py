@@ -412,3 +412,48 @@ def test_forked_workers_run_no_more_threads_than_fresh_ones(rt):
     got = threads(rt)
     for stage in ("coeffs", "motion", "render"):  # the pinned ones
         assert got[stage] <= want[stage], (got, want)
+
+
+def test_the_mp4_plays_the_voice_on_its_frames(rt, tmp_path):
+    """The MP4 as ``giris say`` writes it (its writer fed as it streams) against what the
+    client received: the decoded audio lines up with the PCM sample for sample (no AAC
+    priming heard as a delay) and decoded frame k is the client's frame k at k / fps, so the
+    lips keep the engines' timing in a player, not only in Giris's own pts."""
+    from giris.runtime.media import Mp4Writer
+
+    out = tmp_path / "sync.mp4"
+    s = rt.open_session(size=128, seed=3, fps=30)
+    chunks, frames, writer = [], {}, None
+    for item in s.say("Hello there. Bob made a map, and then he stopped.", timeout=120):
+        if isinstance(item, AudioChunk):
+            writer = writer or Mp4Writer(out, fps=s.fps, width=128, height=128,
+                                         sample_rate=item.sample_rate)
+            writer.add_audio(item.pcm, item.start_sample)
+            chunks.append((item.start_sample, item.pcm.copy(), item.sample_rate))
+        elif isinstance(item, Frame):
+            frames[item.index] = item.image.copy()
+            writer.add_frame(item.image, item.index)
+            item.release()
+    s.close()
+    writer.close()
+    sr = chunks[0][2]
+    pcm = np.zeros(max(a + len(p) for a, p, _ in chunks), np.float64)
+    for a, p, _ in chunks:
+        pcm[a:a + len(p)] = p / 32768
+    with av.open(str(out)) as c:
+        decoded = list(c.decode(audio=0))
+    assert decoded[0].sample_rate == sr and decoded[0].pts == 0   # the voice's rate, from 0
+    x = np.concatenate([f.to_ndarray().reshape(-1) for f in decoded]).astype(np.float64)[:pcm.size]
+    n = 1 << int(np.ceil(np.log2(2 * pcm.size)))
+    xc = np.fft.irfft(np.fft.rfft(x, n) * np.conj(np.fft.rfft(pcm, n)), n)
+    lag = (int(np.argmax(xc)) + n // 2) % n - n // 2              # samples the file is late
+    assert abs(lag / sr) < 0.005, f"decoded audio {1000 * lag / sr:+.1f} ms off the PCM"
+    with av.open(str(out)) as c:
+        shown = [(f.pts * f.time_base, f.to_ndarray(format="rgb24").astype(np.int16))
+                 for f in c.decode(video=0)]
+    assert len(shown) == len(frames) == math.ceil(pcm.size / sr * s.fps)
+    assert [t for t, _ in shown] == pytest.approx([k / s.fps for k in range(len(shown))], abs=1e-6)
+    client = np.stack([frames[k] for k in range(len(frames))]).astype(np.int16)
+    dec = np.stack([img for _, img in shown])
+    err = {d: float(np.abs(dec[2:-2] - client[2 + d:len(client) - 2 + d]).mean()) for d in range(-2, 3)}
+    assert min(err, key=err.get) == 0, f"the decoded frames are the client's shifted: {err}"
