@@ -6,6 +6,9 @@ pipeline dropped or has not delivered repeats the previous one instead of shifti
 later frame; audio gaps become silence for the same reason. The two streams end
 together: ``ceil(audio_seconds × fps)`` frames, and the audio padded with silence to that
 length, so nothing is cut mid-word and a player's progress bar ends where the speech does.
+The AAC encoder's priming (1024 samples) is left to FFmpeg's muxer, which signals it in the
+audio track's edit list: a player starts the sound on frame 0 (README: *The MP4's sound
+plays on its frames*).
 """
 from __future__ import annotations
 
